@@ -1,0 +1,2 @@
+"""Central side: Flower ServerApp, central simulation runner, hybrid coupling,
+FastAPI service and persistent store (SQLite by default)."""

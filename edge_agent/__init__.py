@@ -1,0 +1,2 @@
+"""Device side: Flower ClientApp, local encrypted store, risk and local gradient,
+ONNX forecast runner."""
