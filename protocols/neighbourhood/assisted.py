@@ -1,0 +1,110 @@
+"""Per-device state machine of the *assisted* neighbourhood sum (O(n_i) messages).
+
+Contact ``j`` sends target ``i`` the masked value ``w_ij * I_j + m_ji``, sealed under the
+(j, i) pair key so the relay cannot read it. The mask ``m_ji`` comes from a ChaCha20 keystream
+keyed by HKDF over the key ``j`` shares with the coordinator, bound to the message context;
+the coordinator recomputes it, and sends ``i`` (sealed) the sum of the masks of exactly the
+contributions it forwarded. ``i`` subtracts: it learns only the sum, unless it colludes with
+the coordinator. Phases: ``start`` (as contact) -> ``on_masked`` (as target).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from protocols.envelope import MessageContext
+from protocols.keys import derive_key, ring_keystream
+from protocols.neighbourhood.device import DeviceBase, NeighbourSum, Phase, wrap64
+from protocols.neighbourhood.errors import (
+    MissingMessageError,
+    ProtocolStateError,
+    UnexpectedMessageError,
+)
+from protocols.neighbourhood.keyring import Keyring
+from protocols.neighbourhood.messages import (
+    ASSISTED_PROTOCOL,
+    RELAY_ID,
+    STEP_MASKED,
+    STEP_MASKSUM,
+    AgentPlan,
+    Envelope,
+    decode_element,
+    decode_mask_sum,
+    encode_element,
+)
+
+__all__ = ["AssistedNeighbourhoodAgent", "mask_for"]
+
+MASK_LABEL = "lpm-nbhd-mask"
+
+
+def mask_for(keyring: Keyring, contact: str, context: MessageContext) -> int:
+    """Mask of ``contact``'s phase-1 message ``context``: known to it and the coordinator.
+
+    ``keyring`` is the contact's own keyring or the coordinator's.
+    """
+    peer = RELAY_ID if keyring.owner == contact else contact
+    key = derive_key(keyring.pair_key(peer), context, label=MASK_LABEL)
+    return int(ring_keystream(key, 1)[0])
+
+
+class AssistedNeighbourhoodAgent(DeviceBase):
+    """One device in the assisted variant: contact and target at once."""
+
+    protocol = ASSISTED_PROTOCOL
+
+    def start(
+        self,
+        plan: AgentPlan,
+        value: float,
+        *,
+        weights: Mapping[str, float] | None = None,
+        weight_sum: float | None = None,
+    ) -> list[Envelope]:
+        """Phase MASKED: one sealed masked contribution per target of ``plan``.
+
+        Arguments as in :meth:`PeerNeighbourhoodAgent.start`.
+        """
+        encoded = self._begin(plan, value, weights, weight_sum)
+        out = []
+        for nb in plan.memberships:
+            ctx = self._ctx(STEP_MASKED, self.agent_id, nb.target)
+            masked = wrap64(encoded[nb.target] + mask_for(self.keyring, self.agent_id, ctx))
+            out.append(self.keyring.seal_to(ctx, encode_element(masked)))
+        self.phase = Phase.SENT
+        return out
+
+    def on_masked(
+        self, envelopes: Sequence[Envelope], mask_sum: Envelope | None
+    ) -> NeighbourSum | None:
+        """As target: unmask the forwarded contributions with the coordinator's mask sum.
+
+        ``mask_sum is None`` means the coordinator refused or aborted this neighbourhood
+        (below the minimum after dropouts): no sum, and none can be computed.
+        """
+        if self.phase is not Phase.SENT or self.plan is None:
+            raise ProtocolStateError(f"on_masked() called in phase {self.phase.value}")
+        self.phase = Phase.DONE
+        own = self.plan.own
+        if own is None or mask_sum is None:
+            if own is None and (envelopes or mask_sum is not None):
+                raise UnexpectedMessageError("contributions received without a neighbourhood")
+            return None
+        expected = self._ctx(STEP_MASKSUM, RELAY_ID, self.agent_id)
+        if mask_sum.context != expected:
+            raise UnexpectedMessageError(f"mask-sum context {mask_sum.context!r} unexpected")
+        total_mask, contributors = decode_mask_sum(self.keyring.open_from(mask_sum))
+        got: dict[str, int] = {}
+        for env in envelopes:
+            self._check_context(env, STEP_MASKED)
+            if env.sender not in own.roster or env.sender in got:
+                raise UnexpectedMessageError(f"unexpected contribution from {env.sender!r}")
+            got[env.sender] = decode_element(self.keyring.open_from(env))
+        if set(contributors) != set(got) or len(contributors) != len(got):
+            raise MissingMessageError(
+                f"forwarded contributions {sorted(got)} != mask sum cover {sorted(contributors)}"
+            )
+        if not got:
+            raise MissingMessageError("a mask sum over no contributions")
+        missing = len(own.roster) - len(got)  # dropped real contacts (dummies never drop)
+        return self._finish(sum(got.values()) - total_mask, len(got), own.real_size - missing)

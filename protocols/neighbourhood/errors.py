@@ -1,0 +1,27 @@
+"""Exceptions of the secure neighbourhood sum."""
+
+from __future__ import annotations
+
+
+class NeighbourhoodError(Exception):
+    """Base class for every neighbourhood-sum failure."""
+
+
+class ProtocolStateError(NeighbourhoodError):
+    """A state-machine method was called in the wrong phase or twice."""
+
+
+class MalformedMessageError(NeighbourhoodError):
+    """A payload could not be parsed, or its shape does not match the plan."""
+
+
+class UnexpectedMessageError(NeighbourhoodError):
+    """A message came from a party that is not in the plan, or was duplicated."""
+
+
+class NeighbourSumOutOfRangeError(NeighbourhoodError):
+    """A decoded sum lies outside ``[0, sum(w)]``: tampering or a protocol fault."""
+
+
+class MissingMessageError(NeighbourhoodError):
+    """A message the plan requires did not arrive and the relay did not abort the step."""

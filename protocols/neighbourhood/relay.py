@@ -1,0 +1,336 @@
+"""Coordinator side of the neighbourhood sum: plans rosters, applies the size and dropout
+policy, runs the dummy contacts used for padding, routes sealed envelopes it cannot open and,
+in the assisted variant, sends each target the sum of the masks it forwarded.
+
+Message flow of one round (both variants; the transport is the caller's, e.g. Flower):
+
+1. ``attempt = relay.begin_round(round, online)``; every online device gets
+   ``attempt.plans[id]`` and ``relay.public_keys()`` (dummies included).
+2. Every device uploads ``agent.start(plan, I_j)`` (possibly an empty list: liveness).
+   ``attempt.route_phase1(uploads)`` returns per device what to deliver:
+   peer -> :class:`ShareDelivery` (``agent.on_shares``), assisted ->
+   :class:`MaskedDelivery` (``agent.on_masked``; done).
+3. Peer only: devices upload ``agent.on_shares(...)``; ``attempt.route_phase2(uploads)``
+   returns :class:`PartialDelivery` per device (``agent.on_partials``).
+4. Peer only: ``attempt.retry()`` gives the next attempt (fresh shares, survivors only) for
+   neighbourhoods aborted by a dropout, or ``None``.
+A device missing from an upload mapping has dropped for the rest of the round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from protocols.envelope import MessageContext
+from protocols.neighbourhood.assisted import AssistedNeighbourhoodAgent, mask_for
+from protocols.neighbourhood.device import DeviceBase, wrap64
+from protocols.neighbourhood.errors import (
+    NeighbourhoodError,
+    ProtocolStateError,
+    UnexpectedMessageError,
+)
+from protocols.neighbourhood.keyring import Keyring
+from protocols.neighbourhood.messages import (
+    ASSISTED_PROTOCOL,
+    PEER_PROTOCOL,
+    RELAY_ID,
+    STEP_MASKED,
+    STEP_MASKSUM,
+    STEP_PARTIALS,
+    STEP_SHARES,
+    AgentPlan,
+    Envelope,
+    Neighbourhood,
+    encode_mask_sum,
+    step_number,
+)
+from protocols.neighbourhood.peer import PeerNeighbourhoodAgent
+from protocols.neighbourhood.policy import NeighbourhoodPolicy, Outcome, Variant
+from protocols.ring import FixedPointRing
+
+__all__ = [
+    "MaskedDelivery",
+    "NeighbourhoodRelay",
+    "PartialDelivery",
+    "RelayAttempt",
+    "ShareDelivery",
+]
+
+DUMMY_PREFIX = "dummy:"
+
+
+@dataclass(frozen=True)
+class ShareDelivery:
+    """Peer phase-1 delivery: share bundles for the device and the aborted targets."""
+
+    envelopes: tuple[Envelope, ...]
+    aborted: frozenset[str]
+
+
+@dataclass(frozen=True)
+class PartialDelivery:
+    """Peer phase-2 delivery: partials of the device's neighbourhood, or aborted."""
+
+    envelopes: tuple[Envelope, ...]
+    aborted: bool
+
+
+@dataclass(frozen=True)
+class MaskedDelivery:
+    """Assisted delivery: forwarded contributions and the mask sum (``None``: refused)."""
+
+    envelopes: tuple[Envelope, ...]
+    mask_sum: Envelope | None
+
+
+class NeighbourhoodRelay:
+    """Relay (coordinator) for one run. ``contacts`` maps each target to its contacts."""
+
+    def __init__(
+        self,
+        contacts: Mapping[str, Sequence[str]],
+        *,
+        variant: Variant | str,
+        run_id: str,
+        policy: NeighbourhoodPolicy | None = None,
+        ring: FixedPointRing | None = None,
+    ) -> None:
+        self.variant = Variant(variant)
+        self.run_id = run_id
+        self.policy = policy or NeighbourhoodPolicy()
+        self.ring = ring or FixedPointRing()
+        self.contacts = {t: tuple(sorted(set(cs))) for t, cs in contacts.items()}
+        for t, cs in self.contacts.items():
+            if t in cs or any(c.startswith(DUMMY_PREFIX) or c == RELAY_ID for c in cs):
+                raise NeighbourhoodError(f"invalid contact list for {t!r}")
+        self.keyring = Keyring(RELAY_ID, run_id)
+        self._public: dict[str, bytes] = {RELAY_ID: self.keyring.public_bytes()}
+        self._dummies: dict[str, DeviceBase] = {}
+        self.outcome: dict[str, Outcome] = {}
+
+    @property
+    def protocol(self) -> str:
+        return PEER_PROTOCOL if self.variant is Variant.PEER else ASSISTED_PROTOCOL
+
+    def register(self, agent_id: str, public_key: bytes) -> None:
+        """Record a device's X25519 public key (authenticate it in the app layer)."""
+        if agent_id == RELAY_ID or agent_id.startswith(DUMMY_PREFIX):
+            raise NeighbourhoodError(f"reserved identifier {agent_id!r}")
+        self._public[agent_id] = bytes(public_key)
+        self.keyring.add_peers({agent_id: public_key})
+
+    def public_keys(self) -> dict[str, bytes]:
+        """Public keys of every party (devices, dummies, relay) to hand to devices."""
+        return dict(self._public)
+
+    def _dummy(self, ident: str) -> DeviceBase:
+        dev = self._dummies.get(ident)
+        if dev is None:
+            cls = PeerNeighbourhoodAgent if self.variant is Variant.PEER else \
+                AssistedNeighbourhoodAgent
+            dev = cls(ident, self.run_id, ring=self.ring, policy=self.policy)
+            self._dummies[ident] = dev
+            self._public[ident] = dev.keyring.public_bytes()
+            self.keyring.add_peers({ident: dev.keyring.public_bytes()})
+        return dev
+
+    def begin_round(self, round: int, online: Collection[str]) -> RelayAttempt:
+        """Plan attempt 0 of ``round`` for the ``online`` devices."""
+        online = frozenset(online)
+        unknown = online - set(self._public)
+        if unknown:
+            raise NeighbourhoodError(f"devices without a registered key: {sorted(unknown)}")
+        return self._plan(round, 0, online, [t for t in self.contacts if t in online])
+
+    def _plan(
+        self, rnd: int, attempt: int, alive: frozenset[str], targets: Sequence[str]
+    ) -> RelayAttempt:
+        hoods: dict[str, Neighbourhood] = {}
+        for t in targets:
+            live = [c for c in self.contacts[t] if c in alive]
+            if not live:
+                self.outcome[t] = Outcome.EMPTY
+                continue
+            if self.policy.refuses(len(live)):
+                self.outcome[t] = Outcome.REFUSED
+                continue
+            pad = [f"{DUMMY_PREFIX}{t}:{k}" for k in range(self.policy.padding_needed(len(live)))]
+            for d in pad:
+                self._dummy(d)
+            self.outcome[t] = Outcome.PADDED if pad else Outcome.OK
+            hoods[t] = Neighbourhood(t, tuple(live + pad), len(live))
+        members: dict[str, list[Neighbourhood]] = {}
+        for nb in hoods.values():
+            for c in nb.roster:
+                members.setdefault(c, []).append(nb)
+        for d in {c for nb in hoods.values() for c in nb.roster if c in self._dummies}:
+            self._dummies[d].keyring.add_peers(self._public)
+        parties = set(alive) if attempt == 0 else set(members) | set(hoods)
+        plans = {
+            a: AgentPlan(rnd, attempt, hoods.get(a), tuple(members.get(a, ())))
+            for a in sorted(parties | {d for d in members if d in self._dummies})
+        }
+        return RelayAttempt(self, rnd, attempt, alive, hoods, plans)
+
+
+@dataclass
+class RelayAttempt:
+    """One attempt of one round as the relay sees it (metadata and ciphertexts only)."""
+
+    relay: NeighbourhoodRelay
+    round: int
+    attempt: int
+    alive: frozenset[str]
+    hoods: dict[str, Neighbourhood]
+    all_plans: dict[str, AgentPlan]
+    aborted: set[str] = field(default_factory=set)
+    _phase: int = 0
+    _by_receiver: dict[str, list[Envelope]] = field(default_factory=dict)
+    _dummy_uploads: dict[str, Sequence[Envelope]] | None = None
+
+    @property
+    def plans(self) -> dict[str, AgentPlan]:
+        """Plans for the real devices (dummies are run by the relay)."""
+        return {a: p for a, p in self.all_plans.items() if a not in self.relay._dummies}
+
+    def _ctx_ok(self, env: Envelope, uploader: str, phase: int) -> None:
+        c = env.context
+        if (c.protocol, c.run_id, c.round, c.step, c.sender) != (
+            self.relay.protocol, self.relay.run_id, self.round,
+            step_number(self.attempt, phase), uploader,
+        ):
+            raise UnexpectedMessageError(f"upload from {uploader!r} has context {c!r}")
+
+    def _uploads_with_dummies(
+        self, uploads: Mapping[str, Sequence[Envelope]], make
+    ) -> dict[str, Sequence[Envelope]]:
+        extra = set(uploads) - set(self.all_plans)
+        if extra:
+            raise UnexpectedMessageError(f"uploads from devices without a plan: {sorted(extra)}")
+        if self._dummy_uploads is None:  # dummies run once, even if a routing call fails
+            self._dummy_uploads = {
+                d: make(dev) for d, dev in self.relay._dummies.items() if d in self.all_plans
+            }
+        return dict(uploads) | self._dummy_uploads
+
+    def route_phase1(self, uploads: Mapping[str, Sequence[Envelope]]):
+        """Route phase-1 uploads. Peer: ``{device: ShareDelivery}``; assisted:
+        ``{device: MaskedDelivery}`` for every live target (others get nothing)."""
+        if self._phase != 0:
+            raise ProtocolStateError("phase 1 already routed")
+        full = self._uploads_with_dummies(
+            uploads, lambda dev: dev.start(self.all_plans[dev.agent_id], 0.0))
+        live = set(full)
+        by_receiver: dict[str, list[Envelope]] = {}
+        for sender, envs in full.items():
+            plan = self.all_plans[sender]
+            allowed = (
+                {c for nb in plan.memberships for c in nb.roster} - {sender}
+                if self.relay.variant is Variant.PEER
+                else {nb.target for nb in plan.memberships}
+            )
+            for env in envs:
+                self._ctx_ok(env, sender, STEP_SHARES if self.relay.variant is Variant.PEER
+                             else STEP_MASKED)
+                if env.receiver not in allowed:
+                    raise UnexpectedMessageError(f"{sender!r} may not message {env.receiver!r}")
+                by_receiver.setdefault(env.receiver, []).append(env)
+        self._phase = 1
+        for t, nb in self.hoods.items():
+            if t not in live:
+                self.aborted.add(t)
+                self.relay.outcome[t] = Outcome.DROPPED
+        if self.relay.variant is Variant.PEER:
+            for t, nb in self.hoods.items():
+                if not set(nb.roster) <= live:
+                    self.aborted.add(t)
+            self._by_receiver = by_receiver
+            self._live = live
+            out = {}
+            for a in self.all_plans:
+                if a in live:
+                    targets = {nb.target for nb in self.all_plans[a].memberships}
+                    out[a] = ShareDelivery(tuple(by_receiver.get(a, ())),
+                                           frozenset(targets & self.aborted))
+            return self._finish_peer1(out)
+        return self._finish_assisted(by_receiver, live)
+
+    def _finish_peer1(self, out: dict[str, ShareDelivery]) -> dict[str, ShareDelivery]:
+        self._dummy_partials = {
+            d: self.relay._dummies[d].on_shares(out[d].envelopes, out[d].aborted)
+            for d in out if d in self.relay._dummies
+        }
+        return {a: d for a, d in out.items() if a not in self.relay._dummies}
+
+    def _finish_assisted(
+        self, by_receiver: dict[str, list[Envelope]], live: set[str]
+    ) -> dict[str, MaskedDelivery]:
+        relay = self.relay
+        out: dict[str, MaskedDelivery] = {}
+        for a in self.plans:
+            if a not in live:
+                continue
+            nb = self.hoods.get(a)
+            if nb is None or a in self.aborted:
+                out[a] = MaskedDelivery((), None)
+                continue
+            envs = [e for e in by_receiver.get(a, ()) if e.sender in nb.roster]
+            senders = [e.sender for e in envs]
+            real = sum(1 for s in senders if s not in relay._dummies)
+            if real == 0 or relay.policy.refuses(real):
+                relay.outcome[a] = Outcome.REFUSED if real else Outcome.EMPTY
+                out[a] = MaskedDelivery((), None)
+                continue
+            total = wrap64(sum(mask_for(relay.keyring, e.sender, e.context) for e in envs))
+            ctx = MessageContext(relay.protocol, relay.run_id, self.round,
+                                 step_number(self.attempt, STEP_MASKSUM), RELAY_ID, a)
+            out[a] = MaskedDelivery(tuple(envs),
+                                    relay.keyring.seal_to(ctx, encode_mask_sum(total, senders)))
+        for d in relay._dummies:
+            if d in self.all_plans:
+                relay._dummies[d].on_masked((), None)  # dummies are never targets
+        return out
+
+    def route_phase2(self, uploads: Mapping[str, Sequence[Envelope]]) -> dict[str, PartialDelivery]:
+        """Peer: route partials; aborts neighbourhoods whose members dropped since phase 1."""
+        if self.relay.variant is not Variant.PEER or self._phase != 1:
+            raise ProtocolStateError("route_phase2 is the peer variant's second phase")
+        full = dict(uploads) | self._dummy_partials
+        extra = set(uploads) - self._live
+        if extra:
+            raise UnexpectedMessageError(f"phase-2 uploads from dropped devices {sorted(extra)}")
+        live = set(full)
+        by_target: dict[str, list[Envelope]] = {}
+        for sender, envs in full.items():
+            allowed = {nb.target for nb in self.all_plans[sender].memberships}
+            for env in envs:
+                self._ctx_ok(env, sender, STEP_PARTIALS)
+                if env.receiver not in allowed:
+                    raise UnexpectedMessageError(f"{sender!r} may not message {env.receiver!r}")
+                by_target.setdefault(env.receiver, []).append(env)
+        self._phase = 2
+        for t, nb in self.hoods.items():
+            if t not in live or not set(nb.roster) <= live:
+                self.aborted.add(t)
+        self._live2 = live
+        for d in self.relay._dummies:
+            if d in self.all_plans:
+                self.relay._dummies[d].on_partials((), aborted=True)
+        return {
+            a: PartialDelivery(
+                () if a in self.aborted else tuple(by_target.get(a, ())),
+                a in self.hoods and a in self.aborted,
+            )
+            for a in self.plans if a in live
+        }
+
+    def retry(self) -> RelayAttempt | None:
+        """Peer: next attempt, survivors only, for aborted neighbourhoods whose target is live."""
+        if self._phase != 2:
+            raise ProtocolStateError("retry() after route_phase2 only")
+        survivors = frozenset(a for a in self._live2 if a not in self.relay._dummies)
+        targets = [t for t in sorted(self.aborted) if t in survivors]
+        if not targets:
+            return None
+        return self.relay._plan(self.round, self.attempt + 1, survivors, targets)

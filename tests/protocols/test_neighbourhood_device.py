@@ -1,0 +1,250 @@
+"""Per-device state machines and relay of the secure neighbourhood sum: correct sums,
+padding/refusal, dropouts at every phase with restarts, tampering, replay, misrouting,
+out-of-range sums and wrong-phase calls."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from protocols.envelope import EnvelopeError
+from protocols.neighbourhood import (
+    Envelope,
+    FleetNeighbourhoodSum,
+    MissingMessageError,
+    NeighbourhoodPolicy,
+    NeighbourhoodRelay,
+    NeighbourSumOutOfRangeError,
+    Outcome,
+    ProtocolStateError,
+    UnexpectedMessageError,
+)
+from protocols.neighbourhood.local import make_devices, run_round
+from protocols.neighbourhood.messages import encode_element
+
+VARIANTS = ["peer", "assisted"]
+
+
+def small_graph(n: int = 14, edges: int = 30, seed: int = 0) -> dict[str, set[str]]:
+    rng = random.Random(seed)
+    ids = [f"d{i:02d}" for i in range(n)]
+    contacts: dict[str, set[str]] = {a: set() for a in ids}
+    while sum(len(c) for c in contacts.values()) < 2 * edges:
+        a, b = rng.sample(ids[:-2], 2)
+        contacts[a].add(b)
+        contacts[b].add(a)
+    contacts[ids[-2]] = {ids[0]}  # a one-contact neighbourhood
+    contacts[ids[0]].add(ids[-2])
+    return contacts  # ids[-1] has no contacts
+
+
+def values_for(contacts, seed=1) -> dict[str, float]:
+    rng = random.Random(seed)
+    return {a: float(rng.random() < 0.5) for a in contacts}
+
+
+def truth(contacts, values, gone=(), weights=None):
+    weights = weights or {}
+    return {
+        t: sum(values[c] * weights.get(c, {}).get(t, 1.0) for c in cs if c not in gone)
+        for t, cs in contacts.items()
+    }
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_device_learns_its_weighted_sum(variant: str) -> None:
+    contacts = small_graph()
+    values = values_for(contacts)
+    rng = random.Random(2)
+    weights = {c: {t: round(rng.uniform(0.1, 2.0), 3) for t in contacts if c in contacts[t]}
+               for c in contacts}
+    relay = NeighbourhoodRelay(contacts, variant=variant, run_id="run-a",
+                               policy=NeighbourhoodPolicy(min_size=1))
+    devices = make_devices(relay, list(contacts))
+    for rnd in range(2):
+        res = run_round(relay, devices, values, rnd, weights=weights)
+        exp = truth(contacts, values, weights=weights)
+        for t, cs in contacts.items():
+            if not cs:
+                assert res[t] is None and relay.outcome[t] is Outcome.EMPTY
+            else:
+                assert res[t].value == pytest.approx(exp[t], abs=len(cs) * 2.0**-16)
+                assert res[t].real_contributors == len(cs)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fleet_and_per_device_agree(variant: str) -> None:
+    contacts = small_graph(seed=3)
+    values = values_for(contacts, seed=4)
+    ids = sorted(contacts)
+    pos = {a: i for i, a in enumerate(ids)}
+    rows = [sorted(pos[c] for c in contacts[a]) for a in ids]
+    indptr = torch.tensor([0] + [len(r) for r in rows]).cumsum(0)
+    indices = torch.tensor([c for r in rows for c in r], dtype=torch.int64)
+    pol = NeighbourhoodPolicy(min_size=3)
+    fleet = FleetNeighbourhoodSum(indptr, indices, variant=variant, policy=pol)
+    sums = fleet.step(torch.tensor([values[a] for a in ids])).sums
+    relay = NeighbourhoodRelay(contacts, variant=variant, run_id="run-b", policy=pol)
+    res = run_round(relay, make_devices(relay, ids), values, 0)
+    for a in ids:
+        assert (res[a].value if res[a] is not None else 0.0) == float(sums[pos[a]])
+        assert int(fleet.step(torch.zeros(len(ids))).outcome[pos[a]]) == int(relay.outcome[a])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_below_minimum_pad_or_refuse(variant: str) -> None:
+    contacts = small_graph(seed=5)
+    values = values_for(contacts, seed=6)
+    small = [t for t, cs in contacts.items() if 0 < len(cs) < 3]
+    assert small
+    relay = NeighbourhoodRelay(contacts, variant=variant, run_id="pad",
+                               policy=NeighbourhoodPolicy(min_size=3))
+    res = run_round(relay, make_devices(relay, list(contacts)), values, 0)
+    exp = truth(contacts, values)
+    for t in small:
+        assert relay.outcome[t] is Outcome.PADDED and res[t].value == exp[t]
+        assert res[t].contributors == 3 and res[t].real_contributors == len(contacts[t])
+    relay = NeighbourhoodRelay(contacts, variant=variant, run_id="refuse",
+                               policy=NeighbourhoodPolicy(min_size=3, below_minimum="refuse"))
+    res = run_round(relay, make_devices(relay, list(contacts)), values, 0)
+    for t in small:
+        assert relay.outcome[t] is Outcome.REFUSED and res[t] is None
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("phase", [0, 1])
+def test_dropouts_are_excluded_cleanly(variant: str, phase: int) -> None:
+    contacts = small_graph(seed=7)
+    values = values_for(contacts, seed=8)
+    hub = max(contacts, key=lambda a: len(contacts[a]))
+    victim = sorted(contacts[hub])[0]
+    relay = NeighbourhoodRelay(contacts, variant=variant, run_id="drop",
+                               policy=NeighbourhoodPolicy(min_size=2, below_minimum="refuse"))
+    res = run_round(relay, make_devices(relay, list(contacts)), values, 0,
+                    drop_at={victim: phase})
+    dropped = variant == "peer" or phase == 0  # assisted contacts have only phase 0
+    gone = {victim} if dropped else set()
+    exp = truth(contacts, values, gone=gone)
+    assert (victim not in res) == dropped
+    for t, r in res.items():
+        live = [c for c in contacts[t] if c not in gone]
+        if len(live) >= 2:
+            assert r is not None and r.value == exp[t], t
+            assert r.real_contributors == len(live)
+        else:
+            assert r is None
+    if variant == "peer" and dropped:
+        assert res[hub].attempt == 1  # aborted and restarted without the victim
+
+
+def _round_envelopes(variant: str):
+    contacts = {"a": {"b", "c", "d"}, "b": {"a", "c", "d"}, "c": {"a", "b"}, "d": {"a", "b"}}
+    relay = NeighbourhoodRelay(contacts, variant=variant, run_id="tamper",
+                               policy=NeighbourhoodPolicy(min_size=2))
+    devices = make_devices(relay, sorted(contacts))
+    attempt = relay.begin_round(0, set(contacts))
+    for d in devices.values():
+        d.keyring.add_peers(relay.public_keys())
+    ups = {a: devices[a].start(p, 1.0) for a, p in attempt.plans.items()}
+    return relay, devices, attempt, ups
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_tampered_replayed_misrouted_envelopes_are_rejected(variant: str) -> None:
+    relay, devices, attempt, ups = _round_envelopes(variant)
+    env = ups["c"][0]
+    flipped = bytearray(env.blob)
+    flipped[-1] ^= 1
+    with pytest.raises(EnvelopeError):
+        devices[env.receiver].keyring.open_from(Envelope(env.context, bytes(flipped)))
+    # misrouted: delivered to someone else
+    other = next(a for a in devices if a not in (env.sender, env.receiver))
+    with pytest.raises(UnexpectedMessageError):
+        devices[other].keyring.open_from(env)
+    # context rewritten by the relay (e.g. replay into another round): authentication fails
+    moved = Envelope(type(env.context)(env.context.protocol, env.context.run_id, 5,
+                                       env.context.step, env.sender, env.receiver), env.blob)
+    with pytest.raises(EnvelopeError):
+        devices[env.receiver].keyring.open_from(moved)
+    # the relay refuses uploads claiming another sender or addressed outside the plan
+    with pytest.raises(UnexpectedMessageError):
+        attempt.route_phase1({**ups, "d": ups["c"]})
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_replay_from_previous_round_is_rejected(variant: str) -> None:
+    contacts = small_graph(seed=9)
+    values = values_for(contacts)
+    relay = NeighbourhoodRelay(contacts, variant=variant, run_id="replay",
+                               policy=NeighbourhoodPolicy(min_size=1))
+    devices = make_devices(relay, list(contacts))
+    att = relay.begin_round(0, set(contacts))
+    for d in devices.values():
+        d.keyring.add_peers(relay.public_keys())
+    old = {a: devices[a].start(p, values[a]) for a, p in att.plans.items()}
+    deliveries = att.route_phase1(old)
+    # finish round 0 honestly
+    if variant == "peer":
+        ups = {a: devices[a].on_shares(d.envelopes, d.aborted) for a, d in deliveries.items()}
+        for a, d in att.route_phase2(ups).items():
+            devices[a].on_partials(d.envelopes, d.aborted)
+    else:
+        for a, d in deliveries.items():
+            devices[a].on_masked(d.envelopes, d.mask_sum)
+    att1 = relay.begin_round(1, set(contacts))
+    new = {a: devices[a].start(p, values[a]) for a, p in att1.plans.items()}
+    with pytest.raises(UnexpectedMessageError):
+        att1.route_phase1({**new, "d00": old["d00"]})
+    # a device also rejects an old envelope slipped into its inbox
+    target = old["d00"][0].receiver
+    if variant == "peer":
+        d1 = att1.route_phase1(new)
+        with pytest.raises(UnexpectedMessageError):
+            devices[target].on_shares(d1[target].envelopes + (old["d00"][0],), ())
+    else:
+        d1 = att1.route_phase1(new)
+        with pytest.raises(UnexpectedMessageError):
+            devices[target].on_masked(d1[target].envelopes + (old["d00"][0],),
+                                      d1[target].mask_sum)
+
+
+def test_inflated_partial_is_detected_by_the_range_check() -> None:
+    """A malicious holder adds 2^40 to its (correctly sealed) partial: the target refuses."""
+    relay, devices, attempt, ups = _round_envelopes("peer")
+    deliveries = attempt.route_phase1(ups)
+    up2 = {a: devices[a].on_shares(d.envelopes, d.aborted) for a, d in deliveries.items()}
+    cheat = devices["c"]
+    forged = []
+    for env in up2["c"]:  # c seals a forged partial under its real pair key
+        forged.append(cheat.keyring.seal_to(env.context, encode_element(1 << 40)))
+    up2["c"] = forged
+    routed = attempt.route_phase2(up2)
+    with pytest.raises(NeighbourSumOutOfRangeError):
+        devices["a"].on_partials(routed["a"].envelopes, routed["a"].aborted)
+
+
+def test_assisted_lying_contact_is_detected_by_the_range_check() -> None:
+    relay, devices, attempt, ups = _round_envelopes("assisted")
+    env = next(e for e in ups["c"] if e.receiver == "a")
+    ups["c"] = [e for e in ups["c"] if e.receiver != "a"] + [
+        devices["c"].keyring.seal_to(env.context, encode_element(-(1 << 30)))
+    ]
+    routed = attempt.route_phase1(ups)
+    with pytest.raises(NeighbourSumOutOfRangeError):
+        devices["a"].on_masked(routed["a"].envelopes, routed["a"].mask_sum)
+
+
+def test_wrong_phase_and_missing_messages() -> None:
+    relay, devices, attempt, ups = _round_envelopes("peer")
+    with pytest.raises(ProtocolStateError):
+        devices["a"].on_partials((), False)
+    with pytest.raises(ProtocolStateError):
+        devices["a"].start(attempt.plans["a"], 1.0)
+    deliveries = attempt.route_phase1(ups)
+    short = deliveries["a"].envelopes[:-1]
+    with pytest.raises(MissingMessageError):
+        devices["a"].on_shares(short, deliveries["a"].aborted)
+    with pytest.raises(ProtocolStateError):
+        attempt.route_phase1(ups)
