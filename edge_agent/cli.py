@@ -1,0 +1,85 @@
+"""`lpm edge …` commands: what a device runs locally."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edge_agent.forecast import DeviceState, forecast_from_bundle
+from mobile_export.errors import MobileExportError
+
+edge_app = typer.Typer(help="Device-side commands (edge agent).", no_args_is_help=True)
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _trusted_key(value: str) -> bytes:
+    """A 64-hex-character Ed25519 public key, or a file containing one."""
+    text = Path(value).read_text().strip() if Path(value).is_file() else value.strip()
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise typer.BadParameter("trusted key must be 32 bytes as 64 hex characters (or a file)")
+    return raw
+
+
+@edge_app.command("forecast")
+def forecast(
+    bundle: Annotated[Path, typer.Option(help="Signed model bundle (.lpmb) from the coordinator.")],
+    trusted_key: Annotated[
+        str, typer.Option(help="Coordinator's Ed25519 public key: 64 hex chars, or a file.")
+    ],
+    prevalence: Annotated[
+        str, typer.Option(help="Public exposure per layer (household,work,community), daily.")
+    ] = "0.02,0.02,0.02",
+    prevalence_csv: Annotated[
+        Path | None, typer.Option(help="Per-day forecast: a row per day, a column per layer.")
+    ] = None,
+    days: Annotated[int, typer.Option(min=1, help="Horizon (ignored with --prevalence-csv).")] = 7,
+    contacts: Annotated[str, typer.Option(help="Usual contacts per day per layer.")] = "3,8,6",
+    age_susceptibility: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    susceptible: Annotated[bool, typer.Option(help="Is this device's person susceptible?")] = True,
+    samples: Annotated[int, typer.Option(min=0, help="Monte Carlo samples (0 = none).")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Seed of the Monte Carlo uniforms.")] = None,
+) -> None:
+    """Rank everyday behaviour options by forecast infection risk over the next days."""
+    if prevalence_csv is not None:
+        forecast_rows = np.loadtxt(prevalence_csv, delimiter=",", ndmin=2, dtype=np.float32)
+    else:
+        forecast_rows = np.tile(np.array(_floats(prevalence, "prevalence"), np.float32), (days, 1))
+    state = DeviceState(
+        susceptible=susceptible,
+        age_susceptibility=age_susceptibility,
+        usual_contacts=tuple(_floats(contacts, "contacts")),
+    )
+    try:
+        ranked = forecast_from_bundle(
+            bundle, _trusted_key(trusted_key), state, forecast_rows, samples=samples, seed=seed
+        )
+    except MobileExportError as exc:
+        typer.echo(f"refused: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    table = Table(title=f"Infection risk over the next {forecast_rows.shape[0]} days")
+    for column in ("rank", "option", "risk", "∂risk/∂β", *(["MC risk"] if samples else [])):
+        table.add_column(column, justify="left" if column == "option" else "right")
+    for r in ranked:
+        mc = [] if r.mc_risk is None else [f"{r.mc_risk:.4f}"]
+        table.add_row(str(r.rank), r.option.name, f"{r.risk:.4f}", f"{r.drisk_dbeta:.4f}", *mc)
+    Console(width=100).print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Mount the `edge` command group on the `lpm` app."""
+    app.add_typer(edge_app, name="edge")

@@ -1,0 +1,338 @@
+"""Signed model bundles: one file holding a manifest, its Ed25519 signature and the .ort model.
+
+File layout (all lengths unsigned 32-bit big-endian, nothing may follow the model)::
+
+    b"LPMBNDL\\x01"                      8-byte magic, format version 1
+    u32 len | manifest                   canonical JSON (UTF-8, sorted keys, no spaces)
+    u32 len | signature                  64-byte Ed25519 signature (length 0 = unsigned)
+    u32 len | model                      onnxruntime .ort flatbuffer
+
+The signature covers ``SIGNATURE_DOMAIN + manifest`` and the manifest pins the model's sha256
+and size, so the signature covers the model too. A device checks, in this order: container
+layout → signature under the key it trusts → manifest fields → model hash and size; only then
+are the model bytes handed to onnxruntime (``mobile_export.runtime``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import onnx
+import onnxruntime as ort
+import torch
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from mobile_export.errors import (
+    BundleFormatError,
+    BundleIntegrityError,
+    BundleSignatureError,
+)
+from mobile_export.export import export_artifacts
+from mobile_export.model import (
+    DEFAULT_HORIZON,
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    STATE_FIELDS,
+    THETA_FIELDS,
+    PersonalForecast,
+    Theta,
+)
+
+MAGIC = b"LPMBNDL\x01"
+SIGNATURE_DOMAIN = b"lpm-edge/mobile-bundle/v1\x00"
+BUNDLE_FORMAT = "lpm-forecast-bundle"
+FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 64 * 1024
+MAX_MODEL_BYTES = 8 * 1024 * 1024
+_U32 = struct.Struct(">I")
+
+
+class Signer(Protocol):
+    """Anything that signs with Ed25519 and exposes its raw 32-byte public key
+    (``protocols.keys.IdentityKey`` fits)."""
+
+    def sign(self, data: bytes) -> bytes: ...
+
+    def public_bytes(self) -> bytes: ...
+
+
+SigningKey = Ed25519PrivateKey | Signer
+PublicKey = Ed25519PublicKey | bytes
+
+
+def _io_schema(layers: int) -> dict[str, list[dict[str, Any]]]:
+    L = str(layers)
+    shapes_in = {
+        "state": [str(len(STATE_FIELDS))],
+        "contacts": ["K", L],
+        "isolation": ["K"],
+        "mask": ["K"],
+        "prevalence": ["T", L],
+        "theta": [str(len(THETA_FIELDS))],
+        "uniforms": ["T", "M", "K"],
+    }
+    shapes_out = {
+        "risk": ["K"],
+        "daily_risk": ["T", "K"],
+        "drisk_dbeta": ["K"],
+        "mc_infection_day": ["M", "K"],
+    }
+    return {
+        "inputs": [{"name": n, "dtype": "float32", "shape": shapes_in[n]} for n in INPUT_NAMES],
+        "outputs": [{"name": n, "dtype": "float32", "shape": shapes_out[n]} for n in OUTPUT_NAMES],
+    }
+
+
+def canonical_json(obj: Mapping[str, Any]) -> bytes:
+    """The canonical byte form of a manifest (what is signed)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _public_raw(key: PublicKey) -> bytes:
+    if isinstance(key, Ed25519PublicKey):
+        return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    if isinstance(key, bytes | bytearray) and len(key) == 32:
+        return bytes(key)
+    raise TypeError("a trusted public key is an Ed25519PublicKey or its 32 raw bytes")
+
+
+def _signer_public_raw(key: SigningKey) -> bytes:
+    if isinstance(key, Ed25519PrivateKey):
+        return _public_raw(key.public_key())
+    if hasattr(key, "sign") and hasattr(key, "public_bytes"):
+        raw = key.public_bytes()
+        return _public_raw(raw if isinstance(raw, bytes) else bytes(raw))
+    raise TypeError("a signing key is an Ed25519PrivateKey or an object with sign/public_bytes")
+
+
+def make_manifest(
+    model_bytes: bytes,
+    *,
+    theta: Theta,
+    layers: tuple[str, ...],
+    isolation_applies: tuple[float, ...],
+    opset: int,
+    model_version: str,
+    signer_public_key: bytes,
+    created: datetime | None = None,
+) -> dict[str, Any]:
+    """The manifest for ``model_bytes`` (an .ort model)."""
+    created = created or datetime.now(UTC)
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_version": model_version,
+        "created": created.astimezone(UTC).isoformat(timespec="seconds"),
+        "model_format": "ort",
+        "model_sha256": hashlib.sha256(model_bytes).hexdigest(),
+        "model_size": len(model_bytes),
+        "opset": opset,
+        "theta": {"beta": float(theta.beta), "dt": float(theta.dt)},
+        "layers": list(layers),
+        "isolation_applies": list(isolation_applies),
+        "state_fields": list(STATE_FIELDS),
+        "theta_fields": list(THETA_FIELDS),
+        "default_horizon": DEFAULT_HORIZON,
+        **_io_schema(len(layers)),
+        "signer": signer_public_key.hex(),
+        "producer": {
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+        },
+    }
+
+
+def pack(manifest_bytes: bytes, signature: bytes, model_bytes: bytes) -> bytes:
+    """Assemble the container bytes (no checks: use :func:`build_bundle`)."""
+    out = bytearray(MAGIC)
+    for part in (manifest_bytes, signature, model_bytes):
+        out += _U32.pack(len(part))
+        out += part
+    return bytes(out)
+
+
+def unpack(blob: bytes) -> tuple[bytes, bytes, bytes]:
+    """Split container bytes into (manifest, signature, model); strict about the layout."""
+    if len(blob) < len(MAGIC) or blob[: len(MAGIC)] != MAGIC:
+        raise BundleFormatError("not an lpm model bundle (bad magic or unsupported version)")
+    parts: list[bytes] = []
+    pos = len(MAGIC)
+    limits = (MAX_MANIFEST_BYTES, 1024, MAX_MODEL_BYTES)
+    for name, limit in zip(("manifest", "signature", "model"), limits, strict=True):
+        if pos + _U32.size > len(blob):
+            raise BundleFormatError(f"bundle truncated before the {name} length")
+        (length,) = _U32.unpack_from(blob, pos)
+        pos += _U32.size
+        if length > limit:
+            raise BundleFormatError(f"bundle {name} is {length} bytes, limit {limit}")
+        if pos + length > len(blob):
+            raise BundleFormatError(f"bundle truncated inside the {name}")
+        parts.append(blob[pos : pos + length])
+        pos += length
+    if pos != len(blob):
+        raise BundleFormatError(f"{len(blob) - pos} unexpected bytes after the model")
+    return parts[0], parts[1], parts[2]
+
+
+def build_bundle(
+    model_or_theta: PersonalForecast | Theta | None,
+    signing_key: SigningKey,
+    out_path: str | os.PathLike[str],
+    *,
+    theta: Theta | None = None,
+    model_version: str = "1",
+    created: datetime | None = None,
+) -> Path:
+    """Export, convert to .ort, write a signed bundle to ``out_path`` and return its path.
+
+    ``model_or_theta`` is a :class:`PersonalForecast` (θ from ``theta``, default
+    :class:`Theta`) or a :class:`Theta` (default model). The export is cached per process, so
+    re-signing with a new θ costs milliseconds.
+    """
+    if isinstance(model_or_theta, Theta):
+        if theta is not None:
+            raise TypeError("give θ once: either as model_or_theta or as theta=")
+        model, theta = PersonalForecast(), model_or_theta
+    elif model_or_theta is None or isinstance(model_or_theta, PersonalForecast):
+        model, theta = model_or_theta or PersonalForecast(), theta or Theta()
+    else:
+        raise TypeError("model_or_theta must be a PersonalForecast, a Theta or None")
+    if not (theta.beta >= 0 and theta.dt > 0):
+        raise ValueError(f"θ out of range: {theta}")
+    artifacts = export_artifacts(model)
+    public = _signer_public_raw(signing_key)
+    manifest = make_manifest(
+        artifacts.ort,
+        theta=theta,
+        layers=model.layers,
+        isolation_applies=tuple(float(v) for v in model.isolation_applies.flatten().tolist()),
+        opset=artifacts.opset,
+        model_version=model_version,
+        signer_public_key=public,
+        created=created,
+    )
+    manifest_bytes = canonical_json(manifest)
+    signature = signing_key.sign(SIGNATURE_DOMAIN + manifest_bytes)
+    out = Path(out_path)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(pack(manifest_bytes, signature, artifacts.ort))
+    tmp.replace(out)
+    return out
+
+
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A bundle whose signature, manifest and model hash have been checked."""
+
+    manifest: dict[str, Any]
+    model: bytes
+
+    @property
+    def theta(self) -> Theta:
+        return Theta(**self.manifest["theta"])
+
+
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "format": str,
+    "format_version": int,
+    "model_version": str,
+    "created": str,
+    "model_format": str,
+    "model_sha256": str,
+    "model_size": int,
+    "opset": int,
+    "theta": dict,
+    "layers": list,
+    "isolation_applies": list,
+    "state_fields": list,
+    "theta_fields": list,
+    "default_horizon": int,
+    "inputs": list,
+    "outputs": list,
+}
+
+
+def _check_manifest(manifest: Any) -> dict[str, Any]:
+    if not isinstance(manifest, dict):
+        raise BundleFormatError("manifest is not a JSON object")
+    for field, kind in _REQUIRED.items():
+        if not isinstance(manifest.get(field), kind):
+            raise BundleFormatError(f"manifest field {field!r} missing or of the wrong type")
+    if manifest["format"] != BUNDLE_FORMAT or manifest["format_version"] != FORMAT_VERSION:
+        raise BundleFormatError(
+            f"unsupported bundle {manifest['format']!r} v{manifest['format_version']}"
+        )
+    if manifest["model_format"] != "ort":
+        raise BundleFormatError(f"unsupported model format {manifest['model_format']!r}")
+    if not 1 <= manifest["opset"] <= 21:
+        raise BundleFormatError(f"opset {manifest['opset']} outside 1..21")
+    theta = manifest["theta"]
+    if set(theta) != set(THETA_FIELDS) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in theta.values()
+    ):
+        raise BundleFormatError(f"manifest θ must have numeric fields {THETA_FIELDS}")
+    if manifest["state_fields"] != list(STATE_FIELDS):
+        raise BundleFormatError("manifest state layout differs from this runtime's")
+    if manifest["theta_fields"] != list(THETA_FIELDS):
+        raise BundleFormatError("manifest θ layout differs from this runtime's")
+    if len(manifest["layers"]) != len(manifest["isolation_applies"]) or not manifest["layers"]:
+        raise BundleFormatError("manifest layers and isolation_applies disagree")
+    expected = _io_schema(len(manifest["layers"]))
+    if manifest["inputs"] != expected["inputs"] or manifest["outputs"] != expected["outputs"]:
+        raise BundleFormatError("manifest input/output schema differs from this runtime's")
+    return manifest
+
+
+def verify_bundle_bytes(blob: bytes, trusted_public_key: PublicKey) -> VerifiedBundle:
+    """Check a bundle's bytes; raise a :class:`~mobile_export.errors.BundleError` subclass
+    unless it is well formed, signed by ``trusted_public_key`` and its model matches."""
+    trusted = Ed25519PublicKey.from_public_bytes(_public_raw(trusted_public_key))
+    manifest_bytes, signature, model = unpack(blob)
+    if not signature:
+        raise BundleSignatureError("bundle is unsigned")
+    if len(signature) != 64:
+        raise BundleSignatureError(f"signature is {len(signature)} bytes, expected 64")
+    try:
+        trusted.verify(signature, SIGNATURE_DOMAIN + manifest_bytes)
+    except InvalidSignature:
+        raise BundleSignatureError(
+            "bundle signature does not verify under the trusted key "
+            "(tampered manifest or signed by another key)"
+        ) from None
+    try:
+        manifest = json.loads(manifest_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleFormatError(f"signed manifest is not valid JSON: {exc}") from exc
+    manifest = _check_manifest(manifest)
+    if len(model) != manifest["model_size"]:
+        raise BundleIntegrityError(
+            f"model is {len(model)} bytes, the signed manifest says {manifest['model_size']}"
+        )
+    if hashlib.sha256(model).hexdigest() != manifest["model_sha256"]:
+        raise BundleIntegrityError("model sha256 differs from the signed manifest (tampered)")
+    return VerifiedBundle(manifest=manifest, model=model)
+
+
+def read_verified_bundle(
+    path: str | os.PathLike[str], trusted_public_key: PublicKey
+) -> VerifiedBundle:
+    """Read and verify a bundle file (see :func:`verify_bundle_bytes`)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise BundleFormatError(f"cannot read bundle {path}: {exc}") from exc
+    if size > MAX_MODEL_BYTES + MAX_MANIFEST_BYTES + 1024 + 64:
+        raise BundleFormatError(f"bundle {path} is {size} bytes, too large")
+    return verify_bundle_bytes(path.read_bytes(), trusted_public_key)
