@@ -1,0 +1,266 @@
+"""Signed bundles: round trip through onnxruntime, and every kind of refusal."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import typer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from onnx import TensorProto, helper
+from typer.testing import CliRunner
+
+from edge_agent.cli import register as register_edge
+from edge_agent.forecast import DeviceState, default_options, rank_options
+from mobile_export.bundle import (
+    SIGNATURE_DOMAIN,
+    build_bundle,
+    canonical_json,
+    pack,
+    read_verified_bundle,
+    unpack,
+)
+from mobile_export.errors import (
+    BundleFormatError,
+    BundleIntegrityError,
+    BundleSchemaError,
+    BundleSignatureError,
+    ForecastInputError,
+)
+from mobile_export.export import convert_to_ort
+from mobile_export.model import PersonalForecast, Theta, example_inputs
+from mobile_export.runtime import load_verified_bundle
+
+THETA = Theta(beta=0.42, dt=1.0)
+
+
+@pytest.fixture(scope="module")
+def coordinator_key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, coordinator_key) -> Path:
+    return build_bundle(THETA, coordinator_key, tmp_path_factory.mktemp("b") / "forecast.lpmb")
+
+
+def _raw(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def _write(tmp_path: Path, blob: bytes) -> Path:
+    path = tmp_path / "bundle.lpmb"
+    path.write_bytes(blob)
+    return path
+
+
+def _resign(manifest: dict, model: bytes, key: Ed25519PrivateKey) -> bytes:
+    manifest_bytes = canonical_json(manifest)
+    return pack(manifest_bytes, key.sign(SIGNATURE_DOMAIN + manifest_bytes), model)
+
+
+def test_round_trip_matches_torch(bundle: Path, coordinator_key) -> None:
+    session = load_verified_bundle(bundle, coordinator_key.public_key())
+    assert session.theta == THETA
+    manifest = session.manifest
+    assert manifest["opset"] <= 21 and manifest["model_format"] == "ort"
+    assert manifest["signer"] == _raw(coordinator_key).hex()
+    assert bundle.stat().st_size <= 50_000
+    inputs = example_inputs(7, 8, 16, seed=5, theta=THETA)
+    result = session.run(*[t.numpy() for t in inputs[:5]], uniforms=inputs[6].numpy())
+    with torch.no_grad():
+        risk, daily, drisk, day = PersonalForecast()(*inputs)
+    np.testing.assert_allclose(result.risk, risk.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(result.daily_risk, daily.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(result.drisk_dbeta, drisk.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(result.mc_infection_day, day.numpy().astype(np.int64))
+    assert list(result.ranking()) == list(np.argsort(risk.numpy(), kind="stable"))
+    # θ override: the coordinator's θ is an input, not baked in
+    doubled = session.run(*[t.numpy() for t in inputs[:5]], theta=Theta(beta=0.84, dt=1.0))
+    assert np.all(doubled.risk > result.risk)
+    assert doubled.mc_risk is None
+
+
+def test_identity_key_style_signer(tmp_path: Path) -> None:
+    """Any object with sign()/public_bytes() signs (protocols.keys.IdentityKey's shape)."""
+
+    class Identity:
+        def __init__(self) -> None:
+            self._key = Ed25519PrivateKey.generate()
+
+        def sign(self, data: bytes) -> bytes:
+            return self._key.sign(data)
+
+        def public_bytes(self) -> bytes:
+            return _raw(self._key)
+
+    signer = Identity()
+    path = build_bundle(None, signer, tmp_path / "b.lpmb", theta=THETA, model_version="7")
+    assert read_verified_bundle(path, signer.public_bytes()).manifest["model_version"] == "7"
+
+
+def _flip(blob: bytes, index: int) -> bytes:
+    return blob[:index] + bytes([blob[index] ^ 0x01]) + blob[index + 1 :]
+
+
+def _tampered(blob: bytes) -> dict[str, tuple[bytes, type[Exception]]]:
+    manifest_bytes, signature, model = unpack(blob)
+    model_start = len(blob) - len(model)
+    sig_start = model_start - 4 - len(signature)
+    return {
+        "model byte": (_flip(blob, model_start + len(model) // 2), BundleIntegrityError),
+        "manifest byte": (_flip(blob, 12 + 5), BundleSignatureError),
+        "signature byte": (_flip(blob, sig_start + 3), BundleSignatureError),
+        "unsigned": (pack(manifest_bytes, b"", model), BundleSignatureError),
+        "short signature": (pack(manifest_bytes, signature[:63], model), BundleSignatureError),
+        "truncated": (blob[:-1], BundleFormatError),
+        "trailing bytes": (blob + b"\x00", BundleFormatError),
+        "bad magic": (b"NOTABNDL" + blob[8:], BundleFormatError),
+        "empty": (b"", BundleFormatError),
+        "huge length": (blob[:8] + b"\xff\xff\xff\xff" + blob[12:], BundleFormatError),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "model byte",
+        "manifest byte",
+        "signature byte",
+        "unsigned",
+        "short signature",
+        "truncated",
+        "trailing bytes",
+        "bad magic",
+        "empty",
+        "huge length",
+    ],
+)
+def test_tampered_bundles_are_refused(
+    case: str, bundle: Path, coordinator_key, tmp_path: Path
+) -> None:
+    bad, error = _tampered(bundle.read_bytes())[case]
+    with pytest.raises(error):
+        load_verified_bundle(_write(tmp_path, bad), coordinator_key.public_key())
+
+
+def test_wrong_key_and_attacker_resigned(bundle: Path, coordinator_key, tmp_path: Path) -> None:
+    attacker = Ed25519PrivateKey.generate()
+    with pytest.raises(BundleSignatureError, match="trusted key"):
+        load_verified_bundle(bundle, attacker.public_key())
+    manifest_bytes, _, model = unpack(bundle.read_bytes())
+    manifest = json.loads(manifest_bytes)
+    manifest["theta"]["beta"] = 5.0  # a malicious θ, re-signed by the attacker
+    forged = _write(tmp_path, _resign(manifest, model, attacker))
+    with pytest.raises(BundleSignatureError):
+        load_verified_bundle(forged, coordinator_key.public_key())
+    assert load_verified_bundle(forged, _raw(attacker)).theta.beta == 5.0  # sanity: it is valid
+
+
+def test_signed_but_inconsistent_bundles(bundle: Path, coordinator_key, tmp_path: Path) -> None:
+    """Even the trusted key cannot make the device load a model its manifest does not pin."""
+    trusted = coordinator_key.public_key()
+    manifest_bytes, _, model = unpack(bundle.read_bytes())
+    manifest = json.loads(manifest_bytes)
+
+    def signed(m: dict, mdl: bytes = model) -> Path:
+        return _write(tmp_path, _resign(m, mdl, coordinator_key))
+
+    with pytest.raises(BundleIntegrityError, match="sha256"):
+        load_verified_bundle(signed({**manifest, "model_sha256": "00" * 32}), trusted)
+    with pytest.raises(BundleIntegrityError, match="bytes"):
+        load_verified_bundle(signed({**manifest, "model_size": len(model) + 1}), trusted)
+    for bad in (
+        {**manifest, "opset": 22},
+        {**manifest, "format_version": 2},
+        {**manifest, "model_format": "onnx"},
+        {**manifest, "theta": {"beta": "0.5", "dt": 1.0}},
+        {k: v for k, v in manifest.items() if k != "model_sha256"},
+        {**manifest, "state_fields": ["susceptible"]},
+    ):
+        with pytest.raises(BundleFormatError):
+            load_verified_bundle(signed(bad), trusted)
+    not_json = b"{not json"
+    with pytest.raises(BundleFormatError, match="JSON"):
+        path = _write(
+            tmp_path, pack(not_json, coordinator_key.sign(SIGNATURE_DOMAIN + not_json), model)
+        )
+        load_verified_bundle(path, trusted)
+    # a different, valid model whose hash the manifest does pin: refused by the schema check
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["state"], ["risk"])],
+        "other",
+        [helper.make_tensor_value_info("state", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("risk", TensorProto.FLOAT, [3])],
+    )
+    other = convert_to_ort(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString()
+    )
+    onnx.checker.check_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    swapped = {
+        **manifest,
+        "model_sha256": hashlib.sha256(other).hexdigest(),
+        "model_size": len(other),
+    }
+    with pytest.raises(BundleSchemaError):
+        load_verified_bundle(signed(swapped, other), trusted)
+
+
+def test_bad_queries_are_refused(bundle: Path, coordinator_key) -> None:
+    session = load_verified_bundle(bundle, coordinator_key.public_key())
+    state, contacts, isolation, mask, prevalence, _, uniforms = (
+        t.numpy() for t in example_inputs(7, 4, 3)
+    )
+    good = dict(
+        state=state, contacts=contacts, isolation=isolation, mask=mask, prevalence=prevalence
+    )
+    bad_cases = [
+        {"contacts": contacts[:, :2]},
+        {"contacts": -contacts},
+        {"isolation": isolation[:3]},
+        {"mask": mask + 2},
+        {"prevalence": prevalence[:0]},
+        {"prevalence": prevalence * np.nan},
+        {"state": state[:2]},
+        {"state": np.array([1.0, 1.0, -3.0])},
+        {"contacts": [["a", "b", "c"]] * 4},
+    ]
+    for change in bad_cases:
+        with pytest.raises(ForecastInputError):
+            session.run(**{**good, **change})
+    with pytest.raises(ForecastInputError):
+        session.run(**good, uniforms=np.ones_like(uniforms))
+    with pytest.raises(ForecastInputError):
+        session.run(**good, uniforms=uniforms[:, :, :2])
+    with pytest.raises(ForecastInputError):
+        session.run(**good, theta=Theta(beta=-1.0))
+
+
+def test_rank_options_and_cli(bundle: Path, coordinator_key, tmp_path: Path) -> None:
+    session = load_verified_bundle(bundle, _raw(coordinator_key))
+    state = DeviceState(usual_contacts=(3.0, 8.0, 6.0))
+    prevalence = np.full((7, 3), 0.03, dtype=np.float32)
+    ranked = rank_options(session, state, default_options(state), prevalence, samples=500, seed=1)
+    risks = [r.risk for r in ranked]
+    assert risks == sorted(risks) and [r.rank for r in ranked] == list(range(1, 9))
+    names = [r.option.name for r in ranked]
+    assert names[0] == "self-isolate + mask" and names[-1] == "as usual"
+    assert all(r.mc_risk is not None and 0 <= r.mc_risk <= 1 for r in ranked)
+
+    app = typer.Typer()
+    register_edge(app)
+    runner = CliRunner()
+    args = ["edge", "forecast", "--bundle", str(bundle), "--prevalence", "0.03,0.03,0.03"]
+    ok = runner.invoke(app, [*args, "--trusted-key", _raw(coordinator_key).hex()])
+    assert ok.exit_code == 0, ok.output
+    lines = [line for line in ok.output.splitlines() if "self-isolate + mask" in line]
+    assert lines and lines[0].split("│")[1].strip() == "1"
+    other = _raw(Ed25519PrivateKey.generate()).hex()
+    wrong = runner.invoke(app, [*args, "--trusted-key", other])
+    assert wrong.exit_code == 2 and "BundleSignatureError" in wrong.output
