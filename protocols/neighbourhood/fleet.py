@@ -19,6 +19,7 @@ Per-device isolation is what :mod:`protocols.neighbourhood.peer` and
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -58,6 +59,8 @@ class FleetStepStats:
     envelopes: int = 0  # AEAD calls in fleet mode
     keystream_calls: int = 0
     keystream_elements: int = 0
+    seconds_keystream: float = 0.0  # ChaCha20 keystream generation
+    seconds_envelopes: float = 0.0  # sealing + opening
     per_phase: dict[str, int] = field(default_factory=dict)
 
 
@@ -206,6 +209,7 @@ class FleetNeighbourhoodSum:
     def _fill_keystream(
         self, out: torch.Tensor, rnd: int, step: int, tag: str, stats: FleetStepStats
     ) -> None:
+        t0 = time.perf_counter()
         flat = out.view(-1)
         for k, lo in enumerate(range(0, flat.numel(), self.chunk_elems)):
             hi = min(lo + self.chunk_elems, flat.numel())
@@ -214,11 +218,13 @@ class FleetNeighbourhoodSum:
             ring_keystream(key, hi - lo, out=flat[lo:hi])
             stats.keystream_calls += 1
             stats.keystream_elements += hi - lo
+        stats.seconds_keystream += time.perf_counter() - t0
 
     def _relay(
         self, t: torch.Tensor, rnd: int, step: int, tag: str, stats: FleetStepStats
     ) -> torch.Tensor:
         """Seal ``t`` in chunk envelopes, hand them over, open them: the relayed tensor."""
+        t0 = time.perf_counter()
         t = t.contiguous()
         raw = t.view(-1).numpy().view(np.uint8)
         out = torch.empty_like(t)
@@ -233,6 +239,7 @@ class FleetNeighbourhoodSum:
             stats.sealed_bytes += len(blob)
             stats.envelopes += 1
             dst[lo:hi] = np.frombuffer(open_envelope(key, ctx, blob), dtype=np.uint8)
+        stats.seconds_envelopes += time.perf_counter() - t0
         stats.ring_elements_relayed += t.numel()
         phase = tag.rstrip("0123456789")
         stats.per_phase[phase] = stats.per_phase.get(phase, 0) + t.numel()
