@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
@@ -29,7 +29,7 @@ def wrap64(value: int) -> int:
     return value - _MOD if value >= 1 << 63 else value
 
 
-class Phase(str, Enum):
+class Phase(StrEnum):
     """Phases of a device state machine within one attempt."""
 
     IDLE = "idle"

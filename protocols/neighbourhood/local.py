@@ -61,7 +61,7 @@ def run_round(
                 for t, nb in attempt.hoods.items()}
         first = attempt.attempt == 0
 
-        def drops(a: str, phase: int) -> bool:
+        def drops(a: str, phase: int, first: bool = first) -> bool:
             if a in gone or (first and drop_at.get(a) == phase):
                 gone.add(a)
                 return True

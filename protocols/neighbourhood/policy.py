@@ -5,28 +5,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
+from enum import IntEnum, StrEnum
 
 import torch
 
 from protocols.neighbourhood.errors import NeighbourSumOutOfRangeError
 
 
-class Variant(str, Enum):
+class Variant(StrEnum):
     """Which protocol computes the sum."""
 
     PEER = "peer"  # GMW-style additive sharing among the contacts; O(n_i^2) messages
     ASSISTED = "assisted"  # masks known to the coordinator; O(n_i) messages
 
 
-class BelowMinimum(str, Enum):
+class BelowMinimum(StrEnum):
     """What happens to a neighbourhood with fewer than ``min_size`` live contacts."""
 
     PAD = "pad"  # the relay adds dummy contacts that contribute exactly 0
     REFUSE = "refuse"  # no sum is computed; the agent falls back to the public estimate
 
 
-class Outcome(int, Enum):
+class Outcome(IntEnum):
     """Per-agent outcome of one step (stored as int8 in fleet mode)."""
 
     OK = 0

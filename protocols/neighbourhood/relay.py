@@ -237,7 +237,7 @@ class RelayAttempt:
                     raise UnexpectedMessageError(f"{sender!r} may not message {env.receiver!r}")
                 by_receiver.setdefault(env.receiver, []).append(env)
         self._phase = 1
-        for t, nb in self.hoods.items():
+        for t in self.hoods:
             if t not in live:
                 self.aborted.add(t)
                 self.relay.outcome[t] = Outcome.DROPPED

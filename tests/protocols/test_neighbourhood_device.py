@@ -8,11 +8,14 @@ import random
 
 import pytest
 import torch
-
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from protocols.envelope import EnvelopeError
+
 from protocols.neighbourhood import (
     Envelope,
     FleetNeighbourhoodSum,
+    MalformedMessageError,
     MissingMessageError,
     NeighbourhoodPolicy,
     NeighbourhoodRelay,
@@ -22,7 +25,13 @@ from protocols.neighbourhood import (
     UnexpectedMessageError,
 )
 from protocols.neighbourhood.local import make_devices, run_round
-from protocols.neighbourhood.messages import encode_element
+from protocols.neighbourhood.messages import (
+    decode_element,
+    decode_mask_sum,
+    decode_tagged,
+    encode_element,
+    encode_tagged,
+)
 
 VARIANTS = ["peer", "assisted"]
 
@@ -248,3 +257,26 @@ def test_wrong_phase_and_missing_messages() -> None:
         devices["a"].on_shares(short, deliveries["a"].aborted)
     with pytest.raises(ProtocolStateError):
         attempt.route_phase1(ups)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_payload_parsers_reject_garbage_cleanly(buf: bytes) -> None:
+    for parse in (decode_tagged, decode_element, decode_mask_sum):
+        try:
+            parse(buf)
+        except MalformedMessageError:
+            pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.text(max_size=20), st.integers(-(2**63), 2**63 - 1)),
+                max_size=20, unique_by=lambda e: e[0]))
+def test_tagged_payload_round_trip(entries) -> None:
+    buf = encode_tagged(entries)
+    assert decode_tagged(buf) == entries
+    with pytest.raises(MalformedMessageError):
+        decode_tagged(buf + b"\x00")
+    if entries:
+        with pytest.raises(MalformedMessageError):
+            decode_tagged(buf[:-1])
