@@ -15,8 +15,8 @@ import numpy as np
 
 from mobile_export.bundle import PublicKey
 from mobile_export.errors import ForecastInputError
-from mobile_export.model import Theta
 from mobile_export.runtime import ForecastResult, ForecastSession, load_verified_bundle
+from mobile_export.schema import Theta
 
 
 @dataclass(frozen=True)

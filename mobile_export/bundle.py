@@ -23,11 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import onnx
-import onnxruntime as ort
-import torch
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -37,16 +34,10 @@ from mobile_export.errors import (
     BundleIntegrityError,
     BundleSignatureError,
 )
-from mobile_export.export import export_artifacts
-from mobile_export.model import (
-    DEFAULT_HORIZON,
-    INPUT_NAMES,
-    OUTPUT_NAMES,
-    STATE_FIELDS,
-    THETA_FIELDS,
-    PersonalForecast,
-    Theta,
-)
+from mobile_export.schema import STATE_FIELDS, THETA_FIELDS, Theta, io_schema
+
+if TYPE_CHECKING:
+    from mobile_export.model import PersonalForecast
 
 MAGIC = b"LPMBNDL\x01"
 SIGNATURE_DOMAIN = b"lpm-edge/mobile-bundle/v1\x00"
@@ -68,29 +59,6 @@ class Signer(Protocol):
 
 SigningKey = Ed25519PrivateKey | Signer
 PublicKey = Ed25519PublicKey | bytes
-
-
-def _io_schema(layers: int) -> dict[str, list[dict[str, Any]]]:
-    L = str(layers)
-    shapes_in = {
-        "state": [str(len(STATE_FIELDS))],
-        "contacts": ["K", L],
-        "isolation": ["K"],
-        "mask": ["K"],
-        "prevalence": ["T", L],
-        "theta": [str(len(THETA_FIELDS))],
-        "uniforms": ["T", "M", "K"],
-    }
-    shapes_out = {
-        "risk": ["K"],
-        "daily_risk": ["T", "K"],
-        "drisk_dbeta": ["K"],
-        "mc_infection_day": ["M", "K"],
-    }
-    return {
-        "inputs": [{"name": n, "dtype": "float32", "shape": shapes_in[n]} for n in INPUT_NAMES],
-        "outputs": [{"name": n, "dtype": "float32", "shape": shapes_out[n]} for n in OUTPUT_NAMES],
-    }
 
 
 def canonical_json(obj: Mapping[str, Any]) -> bytes:
@@ -124,6 +92,8 @@ def make_manifest(
     opset: int,
     model_version: str,
     signer_public_key: bytes,
+    producer: Mapping[str, str],
+    default_horizon: int,
     created: datetime | None = None,
 ) -> dict[str, Any]:
     """The manifest for ``model_bytes`` (an .ort model)."""
@@ -142,14 +112,10 @@ def make_manifest(
         "isolation_applies": list(isolation_applies),
         "state_fields": list(STATE_FIELDS),
         "theta_fields": list(THETA_FIELDS),
-        "default_horizon": DEFAULT_HORIZON,
-        **_io_schema(len(layers)),
+        "default_horizon": default_horizon,
+        **io_schema(len(layers)),
         "signer": signer_public_key.hex(),
-        "producer": {
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__,
-        },
+        "producer": dict(producer),
     }
 
 
@@ -198,8 +164,15 @@ def build_bundle(
 
     ``model_or_theta`` is a :class:`PersonalForecast` (θ from ``theta``, default
     :class:`Theta`) or a :class:`Theta` (default model). The export is cached per process, so
-    re-signing with a new θ costs milliseconds.
+    re-signing with a new θ costs milliseconds. Imports torch (the device side does not).
     """
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from mobile_export.export import export_artifacts
+    from mobile_export.model import DEFAULT_HORIZON, PersonalForecast
+
     if isinstance(model_or_theta, Theta):
         if theta is not None:
             raise TypeError("give θ once: either as model_or_theta or as theta=")
@@ -220,6 +193,12 @@ def build_bundle(
         opset=artifacts.opset,
         model_version=model_version,
         signer_public_key=public,
+        producer={
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+        },
+        default_horizon=DEFAULT_HORIZON,
         created=created,
     )
     manifest_bytes = canonical_json(manifest)
@@ -288,7 +267,7 @@ def _check_manifest(manifest: Any) -> dict[str, Any]:
         raise BundleFormatError("manifest θ layout differs from this runtime's")
     if len(manifest["layers"]) != len(manifest["isolation_applies"]) or not manifest["layers"]:
         raise BundleFormatError("manifest layers and isolation_applies disagree")
-    expected = _io_schema(len(manifest["layers"]))
+    expected = io_schema(len(manifest["layers"]))
     if manifest["inputs"] != expected["inputs"] or manifest["outputs"] != expected["outputs"]:
         raise BundleFormatError("manifest input/output schema differs from this runtime's")
     return manifest

@@ -28,47 +28,34 @@ exported graph carries an ONNX ``Scan`` with a dynamic T.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch._higher_order_ops.scan import scan
 
-LAYERS: tuple[str, ...] = ("household", "work", "community")
-"""Contact layers, in column order of ``contacts`` and ``prevalence``."""
-
-ISOLATION_APPLIES: tuple[float, ...] = (0.0, 1.0, 1.0)
-"""a_l: 1 where the isolation factor removes contacts of layer l, 0 where it does not."""
-
-STATE_FIELDS: tuple[str, ...] = ("susceptible", "age_susceptibility", "baseline_degree")
-"""Layout of the ``state`` input vector."""
-
-THETA_FIELDS: tuple[str, ...] = ("beta", "dt")
-"""Layout of the ``theta`` input vector."""
-
-INPUT_NAMES: tuple[str, ...] = (
-    "state",
-    "contacts",
-    "isolation",
-    "mask",
-    "prevalence",
-    "theta",
-    "uniforms",
+from mobile_export.schema import (
+    DEFAULT_HORIZON,
+    INPUT_NAMES,
+    ISOLATION_APPLIES,
+    LAYERS,
+    OUTPUT_NAMES,
+    STATE_FIELDS,
+    THETA_FIELDS,
+    Theta,
 )
-OUTPUT_NAMES: tuple[str, ...] = ("risk", "daily_risk", "drisk_dbeta", "mc_infection_day")
 
-DEFAULT_HORIZON = 7
-
-
-@dataclass(frozen=True)
-class Theta:
-    """Calibrated parameters θ the coordinator ships with a bundle."""
-
-    beta: float = 0.5
-    dt: float = 1.0
-
-    def as_tensor(self) -> Tensor:
-        return torch.tensor([self.beta, self.dt], dtype=torch.float32)
+__all__ = [
+    "DEFAULT_HORIZON",
+    "INPUT_NAMES",
+    "ISOLATION_APPLIES",
+    "LAYERS",
+    "OUTPUT_NAMES",
+    "STATE_FIELDS",
+    "THETA_FIELDS",
+    "PersonalForecast",
+    "Theta",
+    "example_inputs",
+]
 
 
 class PersonalForecast(nn.Module):

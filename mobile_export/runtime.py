@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from mobile_export.bundle import PublicKey, VerifiedBundle, read_verified_bundle
 from mobile_export.errors import BundleSchemaError, ForecastInputError
-from mobile_export.model import INPUT_NAMES, OUTPUT_NAMES, STATE_FIELDS, Theta
+from mobile_export.schema import INPUT_NAMES, OUTPUT_NAMES, STATE_FIELDS, Theta
 
 ArrayLike = np.ndarray | Sequence[Any]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -264,3 +266,13 @@ def test_rank_options_and_cli(bundle: Path, coordinator_key, tmp_path: Path) -> 
     other = _raw(Ed25519PrivateKey.generate()).hex()
     wrong = runner.invoke(app, [*args, "--trusted-key", other])
     assert wrong.exit_code == 2 and "BundleSignatureError" in wrong.output
+
+
+def test_device_side_needs_no_torch() -> None:
+    """Verifying and running a bundle imports neither torch nor onnx (a phone has neither)."""
+    code = (
+        "import sys, edge_agent.forecast, edge_agent.cli, mobile_export.runtime; "
+        "bad = {'torch', 'onnx'} & set(sys.modules); assert not bad, bad"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
