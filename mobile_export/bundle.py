@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from mobile_export.errors import (
     BundleFormatError,
     BundleIntegrityError,
+    BundleRollbackError,
     BundleSignatureError,
 )
 from mobile_export.schema import STATE_FIELDS, THETA_FIELDS, Theta, io_schema
@@ -221,6 +222,11 @@ class VerifiedBundle:
     def theta(self) -> Theta:
         return Theta(**self.manifest["theta"])
 
+    @property
+    def created(self) -> datetime:
+        """When the coordinator signed it (store it; pass it as ``not_before`` next time)."""
+        return datetime.fromisoformat(self.manifest["created"])
+
 
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "format": str,
@@ -273,9 +279,16 @@ def _check_manifest(manifest: Any) -> dict[str, Any]:
     return manifest
 
 
-def verify_bundle_bytes(blob: bytes, trusted_public_key: PublicKey) -> VerifiedBundle:
+def verify_bundle_bytes(
+    blob: bytes, trusted_public_key: PublicKey, *, not_before: datetime | None = None
+) -> VerifiedBundle:
     """Check a bundle's bytes; raise a :class:`~mobile_export.errors.BundleError` subclass
-    unless it is well formed, signed by ``trusted_public_key`` and its model matches."""
+    unless it is well formed, signed by ``trusted_public_key`` and its model matches.
+
+    ``not_before`` (timezone-aware) refuses validly signed but older bundles with
+    :class:`~mobile_export.errors.BundleRollbackError`: pass the ``created`` time of the
+    bundle the device last accepted, so a relay cannot replay a stale θ.
+    """
     trusted = Ed25519PublicKey.from_public_bytes(_public_raw(trusted_public_key))
     manifest_bytes, signature, model = unpack(blob)
     if not signature:
@@ -300,11 +313,27 @@ def verify_bundle_bytes(blob: bytes, trusted_public_key: PublicKey) -> VerifiedB
         )
     if hashlib.sha256(model).hexdigest() != manifest["model_sha256"]:
         raise BundleIntegrityError("model sha256 differs from the signed manifest (tampered)")
+    if not_before is not None:
+        if not_before.tzinfo is None:
+            raise TypeError("not_before must be timezone-aware")
+        try:
+            created = datetime.fromisoformat(manifest["created"])
+        except ValueError as exc:
+            raise BundleFormatError(f"manifest 'created' is not ISO-8601: {exc}") from exc
+        if created.tzinfo is None:
+            raise BundleFormatError("manifest 'created' has no timezone")
+        if created < not_before:
+            raise BundleRollbackError(
+                f"bundle created {created.isoformat()} is older than {not_before.isoformat()}"
+            )
     return VerifiedBundle(manifest=manifest, model=model)
 
 
 def read_verified_bundle(
-    path: str | os.PathLike[str], trusted_public_key: PublicKey
+    path: str | os.PathLike[str],
+    trusted_public_key: PublicKey,
+    *,
+    not_before: datetime | None = None,
 ) -> VerifiedBundle:
     """Read and verify a bundle file (see :func:`verify_bundle_bytes`)."""
     path = Path(path)
@@ -314,4 +343,4 @@ def read_verified_bundle(
         raise BundleFormatError(f"cannot read bundle {path}: {exc}") from exc
     if size > MAX_MODEL_BYTES + MAX_MANIFEST_BYTES + 1024 + 64:
         raise BundleFormatError(f"bundle {path} is {size} bytes, too large")
-    return verify_bundle_bytes(path.read_bytes(), trusted_public_key)
+    return verify_bundle_bytes(path.read_bytes(), trusted_public_key, not_before=not_before)

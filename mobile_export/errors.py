@@ -27,6 +27,10 @@ class BundleIntegrityError(BundleError):
     """The model bytes do not match the sha256/size in the signed manifest."""
 
 
+class BundleRollbackError(BundleError):
+    """The bundle is validly signed but older than one the device already accepted."""
+
+
 class BundleSchemaError(BundleError):
     """The model's inputs/outputs disagree with the schema in the signed manifest."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -80,6 +81,7 @@ class ForecastSession:
             raise BundleSchemaError(f"onnxruntime refused the verified model: {exc}") from exc
         self.manifest = bundle.manifest
         self.theta = bundle.theta
+        self.created = bundle.created
         self.layers: tuple[str, ...] = tuple(bundle.manifest["layers"])
         self.default_horizon: int = bundle.manifest["default_horizon"]
         self._check_schema()
@@ -158,11 +160,17 @@ class ForecastSession:
 
 
 def load_verified_bundle(
-    path: str | os.PathLike[str], trusted_public_key: PublicKey, *, threads: int = 1
+    path: str | os.PathLike[str],
+    trusted_public_key: PublicKey,
+    *,
+    not_before: datetime | None = None,
+    threads: int = 1,
 ) -> ForecastSession:
     """Verify the bundle at ``path`` against ``trusted_public_key``, then load it.
 
     Raises a :class:`~mobile_export.errors.BundleError` subclass if the bundle is malformed,
-    unsigned, signed by another key, tampered with, or its model disagrees with its manifest.
+    unsigned, signed by another key, tampered with, older than ``not_before``, or its model
+    disagrees with its manifest.
     """
-    return ForecastSession(read_verified_bundle(path, trusted_public_key), threads=threads)
+    bundle = read_verified_bundle(path, trusted_public_key, not_before=not_before)
+    return ForecastSession(bundle, threads=threads)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from mobile_export.bundle import (
 from mobile_export.errors import (
     BundleFormatError,
     BundleIntegrityError,
+    BundleRollbackError,
     BundleSchemaError,
     BundleSignatureError,
     ForecastInputError,
@@ -276,3 +278,20 @@ def test_device_side_needs_no_torch() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_rollback_is_refused(tmp_path: Path, coordinator_key) -> None:
+    old = build_bundle(
+        THETA, coordinator_key, tmp_path / "old.lpmb", created=datetime(2026, 1, 1, tzinfo=UTC)
+    )
+    new = build_bundle(
+        Theta(beta=0.3),
+        coordinator_key,
+        tmp_path / "new.lpmb",
+        created=datetime(2026, 2, 1, tzinfo=UTC),
+    )
+    accepted = load_verified_bundle(new, coordinator_key.public_key())
+    assert accepted.created == datetime(2026, 2, 1, tzinfo=UTC)
+    assert load_verified_bundle(new, coordinator_key.public_key(), not_before=accepted.created)
+    with pytest.raises(BundleRollbackError):
+        load_verified_bundle(old, coordinator_key.public_key(), not_before=accepted.created)
