@@ -128,7 +128,11 @@ class DeviceBase:
         assert self.plan is not None and self.plan.own is not None
         decoded = self.ring.decode(torch.tensor([wrap64(total)], dtype=torch.int64))
         check_range(decoded, torch.tensor([self._weight_sum], dtype=torch.float64),
-                    n_summands, self.ring.frac_bits, self.policy.range_tolerance_ulps)
+                    n_summands, self.ring.frac_bits, self.policy.range_tolerance_ulps,
+                    self.policy.effective_noise_bound)
+        value = float(decoded[0])
+        if self.policy.noisy:
+            value = min(max(value, 0.0), self._weight_sum)
         return NeighbourSum(self.agent_id, self.plan.round, self.plan.attempt,
-                            float(decoded[0]), n_summands,
+                            value, n_summands,
                             self.plan.own.real_size if real is None else real)

@@ -37,6 +37,7 @@ from protocols.neighbourhood.messages import (
     STEP_PARTIALS,
     STEP_SHARES,
 )
+from protocols.neighbourhood.noise import discrete_laplace
 from protocols.neighbourhood.policy import (
     NeighbourhoodPolicy,
     Outcome,
@@ -110,6 +111,7 @@ def _build_plan(
     weights: torch.Tensor,
     live: torch.Tensor | None,
     policy: NeighbourhoodPolicy,
+    noise_member: bool = False,
 ) -> _Plan:
     n = indptr.numel() - 1
     deg = indptr[1:] - indptr[:-1]
@@ -147,7 +149,11 @@ def _build_plan(
         edge = torch.where(real, start + slot, torch.zeros_like(slot))
         sources = torch.where(real, indices[edge] if indices.numel() else edge, n)
         w = torch.where(real, weights[edge] if weights.numel() else 0.0, 0.0).to(torch.float64)
-        classes.append(_SizeClass(d, targets, sources.contiguous(), w.contiguous()))
+        if noise_member:  # a relay-run member contributing the target's noise (slot n+1+i)
+            sources = torch.cat([sources, (n + 1 + targets).unsqueeze(1)], dim=1)
+            w = torch.cat([w, torch.ones(c, 1, dtype=torch.float64)], dim=1)
+        classes.append(_SizeClass(d + int(noise_member), targets, sources.contiguous(),
+                                  w.contiguous()))
     return _Plan(classes, outcome, weight_sums, deg)
 
 
@@ -194,8 +200,11 @@ class FleetNeighbourhoodSum:
         self.chunk_elems = int(chunk_elems)
         max_w = float(self.weights.max()) if self.weights.numel() else 0.0
         max_deg = int((self.indptr[1:] - self.indptr[:-1]).max()) if self.n else 0
-        self.ring.check_headroom(max(max_w, 1.0), max(max_deg + self.policy.min_size, 1))
-        self._plan = _build_plan(self.indptr, self.indices, self.weights, None, self.policy)
+        self.ring.check_headroom(max(max_w, 1.0, self.policy.effective_noise_bound),
+                                 max(max_deg + self.policy.min_size + 1, 1))
+        self._noise_member = self.policy.noisy and self.variant is Variant.PEER
+        self._plan = _build_plan(self.indptr, self.indices, self.weights, None, self.policy,
+                                 self._noise_member)
         self._round = 0
 
     @property
@@ -245,6 +254,14 @@ class FleetNeighbourhoodSum:
         stats.per_phase[phase] = stats.per_phase.get(phase, 0) + t.numel()
         return out
 
+    def _noise(self, rnd: int) -> torch.Tensor:
+        if not self.policy.noisy:
+            return torch.zeros(self.n, dtype=torch.int64)
+        key = derive_key(self._secret, self._ctx(rnd, STEP_MASKSUM, "relay", "noise"),
+                         label="nbhd-fleet-noise")
+        return discrete_laplace(key, self.n, self.policy.noise_scale,
+                                self.policy.effective_noise_bound, self.ring.frac_bits)
+
     # ------------------------------------------------------------------ protocol steps
     def _encode(self, values: torch.Tensor, cls: _SizeClass) -> torch.Tensor:
         return self.ring.encode(cls.weights * values[cls.sources])
@@ -278,7 +295,9 @@ class FleetNeighbourhoodSum:
         self._fill_keystream(masks, rnd, STEP_MASKED, f"masks{d}", stats)
         masked = self._encode(values, cls) + masks  # contact j -> target i, sealed to i
         masked = self._relay(masked, rnd, STEP_MASKED, f"masked{d}", stats)
-        mask_sums = self._relay(masks.sum(dim=1), rnd, STEP_MASKSUM, f"masksum{d}", stats)
+        # the coordinator folds the (optional) noise into the mask sum: the target gets s + eta
+        mask_sums = masks.sum(dim=1) - self._eta[cls.targets]
+        mask_sums = self._relay(mask_sums, rnd, STEP_MASKSUM, f"masksum{d}", stats)
         return masked.sum(dim=1) - mask_sums
 
     def step(
@@ -309,8 +328,12 @@ class FleetNeighbourhoodSum:
                 raise NeighbourhoodError("dropped mask must have one entry per agent")
             if bool(dropped.any()):
                 plan = _build_plan(self.indptr, self.indices, self.weights, ~dropped,
-                                   self.policy)
-        ext = torch.cat([values, torch.zeros(1, dtype=torch.float64)])  # slot n: dummy zero
+                                   self.policy, self._noise_member)
+        # slot n: the dummies' zero; slots n+1..2n: per-target noise of the relay-run party
+        eta = self._noise(rnd)
+        ext = torch.cat([values, torch.zeros(1, dtype=torch.float64),
+                         eta.to(torch.float64) * 2.0**-self.ring.frac_bits])
+        self._eta = eta
         stats = FleetStepStats()
         sums = torch.full((self.n,), float("nan"), dtype=torch.float64)
         sums[plan.outcome == int(Outcome.EMPTY)] = 0.0
@@ -322,8 +345,11 @@ class FleetNeighbourhoodSum:
         for cls in plan.classes:
             ring_sum = run(ext, cls, rnd, stats)
             decoded = self.ring.decode(ring_sum)
-            check_range(decoded, plan.weight_sums[cls.targets], cls.d, self.ring.frac_bits,
-                        self.policy.range_tolerance_ulps)
+            wsum = plan.weight_sums[cls.targets]
+            check_range(decoded, wsum, cls.d, self.ring.frac_bits,
+                        self.policy.range_tolerance_ulps, self.policy.effective_noise_bound)
+            if self.policy.noisy:
+                decoded = torch.minimum(decoded.clamp(min=0.0), wsum)
             sums[cls.targets] = decoded
         return FleetStepResult(sums, plan.outcome.clone(), stats)
 

@@ -56,7 +56,19 @@ class PeerNeighbourhoodAgent(DeviceBase):
         (default 1); ``weight_sum`` is ``sum_j w_ij`` over this device's own real contacts
         (default: their number), used to range-check its own decoded sum.
         """
-        encoded = self._begin(plan, value, weights, weight_sum)
+        return self._emit_shares(self._begin(plan, value, weights, weight_sum))
+
+    def start_encoded(self, plan: AgentPlan, encoded: Mapping[str, int]) -> list[Envelope]:
+        """Phase SHARES with ring-encoded contributions given per target: for relay-run
+        parties only (the noise member contributes a noise value outside [0, 1])."""
+        self._begin(plan, 0.0, None, None)
+        if set(encoded) != {nb.target for nb in plan.memberships}:
+            raise UnexpectedMessageError("encoded contributions do not match the plan")
+        return self._emit_shares(dict(encoded))
+
+    def _emit_shares(self, encoded: Mapping[str, int]) -> list[Envelope]:
+        plan = self.plan
+        assert plan is not None
         bundles: dict[str, list[tuple[str, int]]] = defaultdict(list)
         self._kept: dict[str, int] = {}
         for nb in plan.memberships:

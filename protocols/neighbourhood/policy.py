@@ -47,14 +47,26 @@ class NeighbourhoodPolicy:
     ``public_prevalence``: the public estimate used for refused neighbourhoods.
     ``range_tolerance_ulps``: slack, in units of the fixed-point resolution per summand, of the
     range check ``0 <= S <= sum(w)``.
+    ``noise_scale``: optional discrete-Laplace noise (scale in contribution units, 0 = off)
+    that a relay-run party folds into every sum before the target sees it, clipped to
+    ``noise_bound`` (default ``10 * noise_scale``); noisy sums are range-checked against
+    ``[-bound, sum(w) + bound]`` and then clamped to ``[0, sum(w)]``.
     """
 
     min_size: int = 3
     below_minimum: BelowMinimum = BelowMinimum.PAD
     public_prevalence: float = 0.0
     range_tolerance_ulps: float = 1.0
+    noise_scale: float = 0.0
+    noise_bound: float | None = None
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_scale) and self.noise_scale >= 0.0):
+            raise ValueError("noise_scale must be finite and >= 0")
+        if self.noise_bound is not None and not (
+            math.isfinite(self.noise_bound) and self.noise_bound >= 0.0
+        ):
+            raise ValueError("noise_bound must be finite and >= 0")
         if self.min_size < 1:
             raise ValueError(f"min_size must be >= 1, got {self.min_size}")
         if not 0.0 <= self.public_prevalence <= 1.0:
@@ -62,6 +74,16 @@ class NeighbourhoodPolicy:
         if self.range_tolerance_ulps < 0 or not math.isfinite(self.range_tolerance_ulps):
             raise ValueError("range_tolerance_ulps must be finite and >= 0")
         object.__setattr__(self, "below_minimum", BelowMinimum(self.below_minimum))
+
+    @property
+    def noisy(self) -> bool:
+        return self.noise_scale > 0.0
+
+    @property
+    def effective_noise_bound(self) -> float:
+        if not self.noisy:
+            return 0.0
+        return 10.0 * self.noise_scale if self.noise_bound is None else self.noise_bound
 
     def padding_needed(self, live_contacts: int) -> int:
         """Dummy contacts to add to a neighbourhood with ``live_contacts`` (0 if none)."""
@@ -82,14 +104,16 @@ def check_range(
     n_summands: torch.Tensor | int,
     frac_bits: int,
     tolerance_ulps: float = 1.0,
+    extra: float = 0.0,
 ) -> None:
     """Raise :class:`NeighbourSumOutOfRangeError` if any decoded sum is outside
-    ``[0, sum(w)]`` (with ``tolerance_ulps * 2**-frac_bits`` slack per summand)."""
+    ``[0, sum(w)]`` (with ``tolerance_ulps * 2**-frac_bits`` slack per summand, plus
+    ``extra`` for the noise bound)."""
     sums = torch.as_tensor(sums, dtype=torch.float64)
     weight_sums = torch.as_tensor(weight_sums, dtype=torch.float64)
     slack = torch.as_tensor(n_summands, dtype=torch.float64) * (
         tolerance_ulps * 2.0**-frac_bits
-    )
+    ) + extra
     bad = (sums < -slack) | (sums > weight_sums + slack) | ~torch.isfinite(sums)
     if bool(bad.any()):
         where = torch.nonzero(bad).flatten()

@@ -19,6 +19,7 @@ A device missing from an upload mapping has dropped for the rest of the round.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -45,6 +46,7 @@ from protocols.neighbourhood.messages import (
     encode_mask_sum,
     step_number,
 )
+from protocols.neighbourhood.noise import discrete_laplace
 from protocols.neighbourhood.peer import PeerNeighbourhoodAgent
 from protocols.neighbourhood.policy import NeighbourhoodPolicy, Outcome, Variant
 from protocols.ring import FixedPointRing
@@ -58,6 +60,7 @@ __all__ = [
 ]
 
 DUMMY_PREFIX = "dummy:"
+NOISE_PREFIX = "dummy:noise:"
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,13 @@ class NeighbourhoodRelay:
             self.keyring.add_peers({ident: dev.keyring.public_bytes()})
         return dev
 
+    def sample_noise(self) -> int:
+        """One noise value in ring units (0 unless the policy asks for noise)."""
+        if not self.policy.noisy:
+            return 0
+        return int(discrete_laplace(os.urandom(32), 1, self.policy.noise_scale,
+                                    self.policy.effective_noise_bound, self.ring.frac_bits)[0])
+
     def begin_round(self, round: int, online: Collection[str]) -> RelayAttempt:
         """Plan attempt 0 of ``round`` for the ``online`` devices."""
         online = frozenset(online)
@@ -156,9 +166,11 @@ class NeighbourhoodRelay:
                 self.outcome[t] = Outcome.REFUSED
                 continue
             pad = [f"{DUMMY_PREFIX}{t}:{k}" for k in range(self.policy.padding_needed(len(live)))]
+            self.outcome[t] = Outcome.PADDED if pad else Outcome.OK
+            if self.policy.noisy and self.variant is Variant.PEER:
+                pad.append(f"{NOISE_PREFIX}{t}")  # relay-run member sharing the noise
             for d in pad:
                 self._dummy(d)
-            self.outcome[t] = Outcome.PADDED if pad else Outcome.OK
             hoods[t] = Neighbourhood(t, tuple(live + pad), len(live))
         members: dict[str, list[Neighbourhood]] = {}
         for nb in hoods.values():
@@ -214,13 +226,20 @@ class RelayAttempt:
             }
         return dict(uploads) | self._dummy_uploads
 
+    def _run_dummy(self, dev: DeviceBase) -> list[Envelope]:
+        plan = self.all_plans[dev.agent_id]
+        if dev.agent_id.startswith(NOISE_PREFIX):
+            assert isinstance(dev, PeerNeighbourhoodAgent)
+            return dev.start_encoded(plan, {nb.target: self.relay.sample_noise()
+                                            for nb in plan.memberships})
+        return dev.start(plan, 0.0)
+
     def route_phase1(self, uploads: Mapping[str, Sequence[Envelope]]):
         """Route phase-1 uploads. Peer: ``{device: ShareDelivery}``; assisted:
         ``{device: MaskedDelivery}`` for every live target (others get nothing)."""
         if self._phase != 0:
             raise ProtocolStateError("phase 1 already routed")
-        full = self._uploads_with_dummies(
-            uploads, lambda dev: dev.start(self.all_plans[dev.agent_id], 0.0))
+        full = self._uploads_with_dummies(uploads, self._run_dummy)
         live = set(full)
         by_receiver: dict[str, list[Envelope]] = {}
         for sender, envs in full.items():
@@ -282,7 +301,8 @@ class RelayAttempt:
                 relay.outcome[a] = Outcome.REFUSED if real else Outcome.EMPTY
                 out[a] = MaskedDelivery((), None)
                 continue
-            total = wrap64(sum(mask_for(relay.keyring, e.sender, e.context) for e in envs))
+            total = wrap64(sum(mask_for(relay.keyring, e.sender, e.context) for e in envs)
+                           - relay.sample_noise())  # optional noise folded into the mask sum
             ctx = MessageContext(relay.protocol, relay.run_id, self.round,
                                  step_number(self.attempt, STEP_MASKSUM), RELAY_ID, a)
             out[a] = MaskedDelivery(tuple(envs),

@@ -280,3 +280,16 @@ def test_tagged_payload_round_trip(entries) -> None:
     if entries:
         with pytest.raises(MalformedMessageError):
             decode_tagged(buf[:-1])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_optional_noise_per_device(variant: str) -> None:
+    contacts = {"t": {f"c{k}" for k in range(6)}} | {f"c{k}": {"t"} for k in range(6)}
+    values = {a: (1.0 if a in ("c0", "c1", "c2") else 0.0) for a in contacts}
+    pol = NeighbourhoodPolicy(min_size=1, noise_scale=0.3, noise_bound=1.0)
+    relay = NeighbourhoodRelay(contacts, variant=variant, run_id="noise", policy=pol)
+    devices = make_devices(relay, sorted(contacts))
+    got = [run_round(relay, devices, values, r)["t"].value for r in range(40)]
+    assert all(2.0 <= v <= 4.0 for v in got)
+    assert len(set(got)) > 30  # fresh noise every round
+    assert abs(sum(got) / len(got) - 3.0) < 0.25

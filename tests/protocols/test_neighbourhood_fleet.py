@@ -164,3 +164,25 @@ def test_fleet_masks_depend_on_the_full_secret_and_round() -> None:
         assert torch.equal(res.sums, central(indptr, indices, infected))
         seen.append(torch.cat([c.flatten() for c in captured]))
     assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], seen[2])
+
+
+@pytest.mark.parametrize("variant", ["peer", "assisted"])
+def test_optional_noise_is_bounded_centred_and_laplace_sized(variant: str) -> None:
+    n = 4000
+    indptr, indices = random_csr(n, 14, seed=12)
+    values = torch.full((n,), 0.5, dtype=torch.float64)
+    pol = NeighbourhoodPolicy(noise_scale=0.2)  # bound 2.0
+    fleet = FleetNeighbourhoodSum(indptr, indices, variant=variant, policy=pol)
+    sums = fleet.step(values).sums
+    truth = central(indptr, indices, values)
+    degree = (indptr[1:] - indptr[:-1]).double()
+    assert bool((sums >= 0).all()) and bool((sums <= degree).all())  # clamped to [0, sum w]
+    inside = (truth >= 2.0) & (truth <= degree - 2.0)  # no clamping possible there
+    resid = (sums - truth)[inside]
+    assert resid.numel() > 2000
+    assert bool((resid.abs() <= 2.0 + 1e-9).all())
+    assert abs(float(resid.mean())) < 0.03  # discrete Laplace: sd = 0.2 * sqrt(2) = 0.283
+    assert 0.25 < float(resid.std()) < 0.32
+    assert float((resid == 0).double().mean()) < 0.01  # noise is on the ulp grid, not 0
+    again = fleet.step(values).sums  # fresh noise each step
+    assert not torch.equal(again, sums)
