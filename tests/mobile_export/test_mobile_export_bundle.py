@@ -214,6 +214,10 @@ def test_signed_but_inconsistent_bundles(bundle: Path, coordinator_key, tmp_path
     }
     with pytest.raises(BundleSchemaError):
         load_verified_bundle(signed(swapped, other), trusted)
+    garbage = b"\x00" * 100  # pinned by hash, but not a model onnxruntime can load
+    pinned = {**manifest, "model_sha256": hashlib.sha256(garbage).hexdigest(), "model_size": 100}
+    with pytest.raises(BundleSchemaError, match="onnxruntime refused"):
+        load_verified_bundle(signed(pinned, garbage), trusted)
 
 
 def test_bad_queries_are_refused(bundle: Path, coordinator_key) -> None:

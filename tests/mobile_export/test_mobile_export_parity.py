@@ -8,7 +8,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from mobile_export.export import OPSET, export_artifacts
+from mobile_export.errors import ExportError
+from mobile_export.export import OPSET, export_artifacts, export_onnx
 from mobile_export.model import INPUT_NAMES, OUTPUT_NAMES, PersonalForecast, example_inputs
 
 
@@ -80,3 +81,8 @@ def test_parity_at_uniform_boundaries(artifacts) -> None:
     np.testing.assert_array_equal(got[3], expected[3].numpy())
     assert (got[3][0] == np.where(expected[0].numpy() > 0, 0, -1)).all()
     assert (got[3][1] == -1).all()
+
+
+def test_opset_above_21_is_refused() -> None:
+    with pytest.raises(ExportError, match="opset 22"):
+        export_onnx(opset=22)
