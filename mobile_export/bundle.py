@@ -204,9 +204,11 @@ def build_bundle(
     )
     manifest_bytes = canonical_json(manifest)
     signature = signing_key.sign(SIGNATURE_DOMAIN + manifest_bytes)
+    blob = pack(manifest_bytes, signature, artifacts.ort)
+    verify_bundle_bytes(blob, public)  # a signer whose public_bytes() lies is caught here
     out = Path(out_path)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(pack(manifest_bytes, signature, artifacts.ort))
+    tmp.write_bytes(blob)
     tmp.replace(out)
     return out
 

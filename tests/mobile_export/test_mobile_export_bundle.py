@@ -108,6 +108,14 @@ def test_identity_key_style_signer(tmp_path: Path) -> None:
     path = build_bundle(None, signer, tmp_path / "b.lpmb", theta=THETA, model_version="7")
     assert read_verified_bundle(path, signer.public_bytes()).manifest["model_version"] == "7"
 
+    class Liar(Identity):
+        def public_bytes(self) -> bytes:
+            return _raw(Ed25519PrivateKey.generate())
+
+    with pytest.raises(BundleSignatureError):
+        build_bundle(THETA, Liar(), tmp_path / "liar.lpmb")
+    assert not (tmp_path / "liar.lpmb").exists()
+
 
 def _flip(blob: bytes, index: int) -> bytes:
     return blob[:index] + bytes([blob[index] ^ 0x01]) + blob[index + 1 :]
