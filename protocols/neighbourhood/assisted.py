@@ -44,7 +44,7 @@ def mask_for(keyring: Keyring, contact: str, context: MessageContext) -> int:
     ``keyring`` is the contact's own keyring or the coordinator's.
     """
     peer = RELAY_ID if keyring.owner == contact else contact
-    key = derive_key(keyring.pair_key(peer), context, label=MASK_LABEL)
+    key = derive_key(keyring.mask_key(peer), context, label=MASK_LABEL)
     return int(ring_keystream(key, 1)[0])
 
 

@@ -15,6 +15,7 @@ from protocols.neighbourhood.errors import UnexpectedMessageError
 from protocols.neighbourhood.messages import Envelope
 
 PAIR_LABEL = "lpm-nbhd-pair"
+MASK_ROOT_LABEL = "lpm-nbhd-mask-root"
 
 
 class Keyring:
@@ -25,7 +26,8 @@ class Keyring:
         self.run_id = run_id
         self._key = key if key is not None else AgreementKey.generate()
         self._public: dict[str, bytes] = {}
-        self._pair: dict[str, bytes] = {}
+        self._pair: dict[str, tuple[bytes, bytes]] = {}
+        self._keys: dict[tuple[str, str], bytes] = {}
 
     def public_bytes(self) -> bytes:
         """This device's X25519 public key (published through the relay)."""
@@ -41,19 +43,32 @@ class Keyring:
                 raise UnexpectedMessageError(f"public key of {peer!r} changed within the run")
             self._public[peer] = bytes(pub)
 
-    def pair_key(self, peer: str) -> bytes:
-        """Symmetric key shared with ``peer`` for this run (HKDF over X25519)."""
+    def _shared(self, peer: str) -> tuple[bytes, bytes]:
         cached = self._pair.get(peer)
-        if cached is not None:
-            return cached
-        pub = self._public.get(peer)
-        if pub is None:
-            raise UnexpectedMessageError(f"no public key for {peer!r}")
-        lo, hi = sorted((self.owner, peer))
-        info = f"{self.run_id}\x00{lo}\x00{hi}".encode()
-        key = derive_key(self._key.exchange(pub), info, label=PAIR_LABEL)
-        self._pair[peer] = key
+        if cached is None:
+            pub = self._public.get(peer)
+            if pub is None:
+                raise UnexpectedMessageError(f"no public key for {peer!r}")
+            lo, hi = sorted((self.owner, peer))
+            info = f"{self.run_id}\x00{lo}\x00{hi}".encode()
+            cached = (self._key.exchange(pub), info)
+            self._pair[peer] = cached
+        return cached
+
+    def _derived(self, peer: str, label: str) -> bytes:
+        key = self._keys.get((peer, label))
+        if key is None:
+            secret, info = self._shared(peer)
+            key = self._keys[(peer, label)] = derive_key(secret, info, label=label)
         return key
+
+    def pair_key(self, peer: str) -> bytes:
+        """Envelope key shared with ``peer`` for this run (HKDF over X25519)."""
+        return self._derived(peer, PAIR_LABEL)
+
+    def mask_key(self, peer: str) -> bytes:
+        """Mask root key shared with ``peer`` (the coordinator), separate from envelopes."""
+        return self._derived(peer, MASK_ROOT_LABEL)
 
     def seal_to(self, context: MessageContext, payload: bytes) -> Envelope:
         """Seal ``payload`` from this device to ``context.receiver``."""
