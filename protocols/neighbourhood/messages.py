@@ -10,7 +10,7 @@ phase``, so a restarted attempt never reuses a context.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from protocols.envelope import MessageContext
@@ -30,6 +30,8 @@ STEP_MASKSUM = 1  # coordinator -> target i: sum of the masks of the forwarded c
 
 MAX_ID_BYTES = 256
 MAX_ENTRIES = 1 << 16
+MAX_BLOB = 1 << 24
+_MAGIC = b"NBE1"
 
 
 def step_number(attempt: int, phase: int) -> int:
@@ -63,6 +65,17 @@ class Neighbourhood:
             raise ValueError("real_size must be in [1, len(roster)]")
 
 
+    def to_dict(self) -> dict:
+        return {"target": self.target, "roster": list(self.roster), "real_size": self.real_size}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Neighbourhood:
+        try:
+            return cls(str(d["target"]), tuple(str(x) for x in d["roster"]), int(d["real_size"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MalformedMessageError(f"bad neighbourhood: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class AgentPlan:
     """What the relay tells one agent for one attempt of one round.
@@ -75,6 +88,24 @@ class AgentPlan:
     attempt: int
     own: Neighbourhood | None
     memberships: tuple[Neighbourhood, ...]
+
+    def to_dict(self) -> dict:
+        """JSON-compatible form (for a transport record)."""
+        return {
+            "round": self.round,
+            "attempt": self.attempt,
+            "own": None if self.own is None else self.own.to_dict(),
+            "memberships": [m.to_dict() for m in self.memberships],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> AgentPlan:
+        try:
+            own = None if d["own"] is None else Neighbourhood.from_dict(d["own"])
+            return cls(int(d["round"]), int(d["attempt"]), own,
+                       tuple(Neighbourhood.from_dict(m) for m in d["memberships"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MalformedMessageError(f"bad plan: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -91,6 +122,37 @@ class Envelope:
     @property
     def receiver(self) -> str:
         return self.context.receiver
+
+    def to_bytes(self) -> bytes:
+        """Wire form: context fields, then the blob (for transport records)."""
+        c = self.context
+        out = bytearray(_MAGIC)
+        for text in (c.protocol, c.run_id, c.sender, c.receiver):
+            _pack_id(out, text)
+        if not (0 <= c.round < 2**63 and 0 <= c.step < 2**63):
+            raise MalformedMessageError("round/step out of range")
+        out += struct.pack("<QQI", c.round, c.step, len(self.blob))
+        return bytes(out) + self.blob
+
+    @classmethod
+    def from_bytes(cls, buf: bytes) -> Envelope:
+        """Inverse of :meth:`to_bytes`; rejects truncated, oversized or trailing data."""
+        buf = bytes(buf)
+        if not buf.startswith(_MAGIC):
+            raise MalformedMessageError("not a neighbourhood envelope")
+        pos, fields = len(_MAGIC), []
+        for _ in range(4):
+            text, pos = _unpack_id(buf, pos)
+            fields.append(text)
+        if pos + 20 > len(buf):
+            raise MalformedMessageError("truncated envelope header")
+        rnd, step, size = struct.unpack_from("<QQI", buf, pos)
+        pos += 20
+        if size > MAX_BLOB or pos + size != len(buf):
+            raise MalformedMessageError("envelope blob length mismatch")
+        protocol, run_id, sender, receiver = fields
+        ctx = MessageContext(protocol, run_id, rnd, step, sender, receiver)
+        return cls(ctx, buf[pos:])
 
 
 # ---------------------------------------------------------------------------- payloads

@@ -294,3 +294,53 @@ def test_optional_noise_per_device(variant: str) -> None:
     assert all(2.0 <= v <= 4.0 for v in got)
     assert len(set(got)) > 30  # fresh noise every round
     assert abs(sum(got) / len(got) - 3.0) < 0.25
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_wire_forms_round_trip_through_bytes_and_dicts(variant: str) -> None:
+    """A round where every envelope and plan crosses the 'transport' as bytes / JSON dicts."""
+    import json
+
+    from protocols.neighbourhood import AgentPlan
+
+    contacts = small_graph(seed=11)
+    values = values_for(contacts, seed=12)
+    relay = NeighbourhoodRelay(contacts, variant=variant, run_id="wire",
+                               policy=NeighbourhoodPolicy(min_size=2))
+    devices = make_devices(relay, list(contacts))
+
+    def wire(envs):
+        return [Envelope.from_bytes(e.to_bytes()) for e in envs]
+
+    att = relay.begin_round(0, set(contacts))
+    plans = {a: AgentPlan.from_dict(json.loads(json.dumps(p.to_dict())))
+             for a, p in att.plans.items()}
+    assert plans == att.plans
+    for d in devices.values():
+        d.keyring.add_peers(relay.public_keys())
+    ups = {a: wire(devices[a].start(p, values[a])) for a, p in plans.items()}
+    d1 = att.route_phase1(ups)
+    exp = truth(contacts, values)
+    if variant == "peer":
+        ups2 = {a: wire(devices[a].on_shares(wire(d.envelopes), d.aborted))
+                for a, d in d1.items()}
+        res = {a: devices[a].on_partials(wire(d.envelopes), d.aborted)
+               for a, d in att.route_phase2(ups2).items()}
+    else:
+        res = {a: devices[a].on_masked(wire(d.envelopes),
+                                       None if d.mask_sum is None else wire([d.mask_sum])[0])
+               for a, d in d1.items()}
+    for t, r in res.items():
+        if r is not None:
+            assert r.value == exp[t]
+    assert sum(r is not None for r in res.values()) >= len(contacts) - 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=120))
+def test_envelope_parser_rejects_garbage_cleanly(buf: bytes) -> None:
+    for data in (buf, b"NBE1" + buf):
+        try:
+            Envelope.from_bytes(data)
+        except MalformedMessageError:
+            pass
