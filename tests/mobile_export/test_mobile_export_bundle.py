@@ -40,6 +40,7 @@ from mobile_export.errors import (
 from mobile_export.export import convert_to_ort
 from mobile_export.model import PersonalForecast, Theta, example_inputs
 from mobile_export.runtime import load_verified_bundle
+from protocols.keys import IdentityKey
 
 THETA = Theta(beta=0.42, dt=1.0)
 
@@ -91,29 +92,19 @@ def test_round_trip_matches_torch(bundle: Path, coordinator_key) -> None:
     assert doubled.mc_risk is None
 
 
-def test_identity_key_style_signer(tmp_path: Path) -> None:
-    """Any object with sign()/public_bytes() signs (protocols.keys.IdentityKey's shape)."""
-
-    class Identity:
-        def __init__(self) -> None:
-            self._key = Ed25519PrivateKey.generate()
-
-        def sign(self, data: bytes) -> bytes:
-            return self._key.sign(data)
-
-        def public_bytes(self) -> bytes:
-            return _raw(self._key)
-
-    signer = Identity()
+def test_signed_with_protocols_identity_key(tmp_path: Path) -> None:
+    """The coordinator's protocols.keys.IdentityKey signs bundles directly."""
+    signer = IdentityKey.generate()
     path = build_bundle(None, signer, tmp_path / "b.lpmb", theta=THETA, model_version="7")
     assert read_verified_bundle(path, signer.public_bytes()).manifest["model_version"] == "7"
 
-    class Liar(Identity):
+    class Liar(IdentityKey):
         def public_bytes(self) -> bytes:
             return _raw(Ed25519PrivateKey.generate())
 
+    liar = Liar.from_private_bytes(IdentityKey.generate().private_bytes())
     with pytest.raises(BundleSignatureError):
-        build_bundle(THETA, Liar(), tmp_path / "liar.lpmb")
+        build_bundle(THETA, liar, tmp_path / "liar.lpmb")
     assert not (tmp_path / "liar.lpmb").exists()
 
 
