@@ -110,6 +110,7 @@ class DeviceBase:
                 raise NeighbourhoodError("weight_sum must be finite and >= 0")
         self.plan = plan
         self._last = (plan.round, plan.attempt)
+        self.keyring.forget_before(plan.round)
         return encoded
 
     def _ctx(self, phase: int, sender: str, receiver: str) -> MessageContext:

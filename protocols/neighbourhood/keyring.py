@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from protocols.envelope import MessageContext, open_envelope, seal
+from protocols.envelope import MessageContext, ReplayGuard, open_envelope, seal
 from protocols.keys import AgreementKey, derive_key
 from protocols.neighbourhood.errors import UnexpectedMessageError
 from protocols.neighbourhood.messages import Envelope
@@ -28,6 +28,7 @@ class Keyring:
         self._public: dict[str, bytes] = {}
         self._pair: dict[str, tuple[bytes, bytes]] = {}
         self._keys: dict[tuple[str, str], bytes] = {}
+        self._guard = ReplayGuard()
 
     def public_bytes(self) -> bytes:
         """This device's X25519 public key (published through the relay)."""
@@ -77,10 +78,19 @@ class Keyring:
         return Envelope(context, seal(self.pair_key(context.receiver), context, payload))
 
     def open_from(self, envelope: Envelope) -> bytes:
-        """Open an envelope addressed to this device (authenticated, context-bound)."""
+        """Open an envelope addressed to this device (authenticated, context-bound, at most
+        once: a second delivery raises ``ReplayedEnvelopeError``)."""
         if envelope.context.receiver != self.owner:
             raise UnexpectedMessageError(
                 f"envelope for {envelope.context.receiver!r} delivered to {self.owner!r}"
             )
-        return open_envelope(self.pair_key(envelope.context.sender), envelope.context,
-                             envelope.blob)
+        self._guard.check(envelope.context)
+        payload = open_envelope(self.pair_key(envelope.context.sender), envelope.context,
+                                envelope.blob, expected_receiver=self.owner)
+        self._guard.accept(envelope.context)
+        return payload
+
+    def forget_before(self, round_: int) -> None:
+        """Drop replay memory of older rounds (the state machines only accept the current
+        round's contexts anyway)."""
+        self._guard.forget_before(round_)

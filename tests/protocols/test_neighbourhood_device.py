@@ -10,8 +10,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from protocols.envelope import EnvelopeError
 
+from protocols.envelope import EnvelopeError
 from protocols.neighbourhood import (
     Envelope,
     FleetNeighbourhoodSum,
@@ -344,3 +344,13 @@ def test_envelope_parser_rejects_garbage_cleanly(buf: bytes) -> None:
             Envelope.from_bytes(data)
         except MalformedMessageError:
             pass
+
+
+def test_same_envelope_twice_is_a_replay() -> None:
+    from protocols.envelope import ReplayedEnvelopeError
+
+    relay, devices, attempt, ups = _round_envelopes("assisted")
+    env = ups["c"][0]
+    devices[env.receiver].keyring.open_from(env)
+    with pytest.raises(ReplayedEnvelopeError):
+        devices[env.receiver].keyring.open_from(env)
