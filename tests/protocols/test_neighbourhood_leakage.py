@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from protocols.envelope import open_envelope
 from protocols.neighbourhood import NeighbourhoodPolicy, NeighbourhoodRelay
 from protocols.neighbourhood.local import make_devices
 from protocols.neighbourhood.messages import decode_element, decode_tagged
@@ -33,6 +34,11 @@ def assert_uniform_and_equal(world0: list[int], world1: list[int]) -> None:
     assert stats.ks_2samp(u0, u1).pvalue > ALPHA
 
 
+def view(device, env) -> bytes:
+    """What ``device`` reads from ``env`` (opened without consuming its replay guard)."""
+    return open_envelope(device.keyring.pair_key(env.sender), env.context, env.blob)
+
+
 def peer_views(flip_value: float, rounds: int) -> dict[str, list]:
     """Run ``rounds`` peer rounds with I_a = flip_value; collect the views."""
     relay = NeighbourhoodRelay(CONTACTS, variant="peer", run_id="leak", policy=POLICY)
@@ -50,13 +56,12 @@ def peer_views(flip_value: float, rounds: int) -> dict[str, list]:
         a_to_b = next(e for e in ups["a"] if e.receiver == "b")
         views["relay_blob"].append(a_to_b.blob)
         d1 = att.route_phase1(ups)
-        got = {e.sender: dict(decode_tagged(devices["b"].keyring.open_from(e)))
-               for e in d1["b"].envelopes}
+        got = {e.sender: dict(decode_tagged(view(devices["b"], e))) for e in d1["b"].envelopes}
         views["b_from_a"].append(got["a"]["t"])
         ups2 = {x: devices[x].on_shares(d.envelopes, d.aborted) for x, d in d1.items()}
         d2 = att.route_phase2(ups2)
         from_b = next(e for e in d2["t"].envelopes if e.sender == "b")
-        views["t_partial_b"].append(decode_element(devices["t"].keyring.open_from(from_b)))
+        views["t_partial_b"].append(decode_element(view(devices["t"], from_b)))
         for x, d in d2.items():
             devices[x].on_partials(d.envelopes, d.aborted)
     return views
@@ -77,7 +82,7 @@ def assisted_views(flip_value: float, rounds: int) -> dict[str, list]:
         views["relay_blob"].append(ups["a"][0].blob)
         d1 = att.route_phase1(ups)
         from_a = next(e for e in d1["t"].envelopes if e.sender == "a")
-        views["t_from_a"].append(decode_element(devices["t"].keyring.open_from(from_a)))
+        views["t_from_a"].append(decode_element(view(devices["t"], from_a)))
         res = {x: devices[x].on_masked(d.envelopes, d.mask_sum) for x, d in d1.items()}
         assert res["t"].value == flip_value + 2.0
     return views
