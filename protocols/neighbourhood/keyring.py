@@ -10,12 +10,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from protocols.envelope import MessageContext, ReplayGuard, open_envelope, seal
-from protocols.keys import AgreementKey, derive_key
+from protocols.keys import AgreementKey, IdentityKey, derive_key, verify_signature
 from protocols.neighbourhood.errors import UnexpectedMessageError
-from protocols.neighbourhood.messages import Envelope
+from protocols.neighbourhood.messages import DUMMY_PREFIX, RELAY_ID, Envelope
 
 PAIR_LABEL = "lpm-nbhd-pair"
 MASK_ROOT_LABEL = "lpm-nbhd-mask-root"
+KEY_STATEMENT = b"lpm-nbhd-agreement-key/1\x00"
+
+
+def key_statement(run_id: str, agent_id: str, public_key: bytes) -> bytes:
+    """The message an identity key signs to vouch for ``agent_id``'s agreement key."""
+    return KEY_STATEMENT + run_id.encode() + b"\x00" + agent_id.encode() + b"\x00" + public_key
 
 
 class Keyring:
@@ -62,6 +68,27 @@ class Keyring:
             secret, info = self._shared(peer)
             key = self._keys[(peer, label)] = derive_key(secret, info, label=label)
         return key
+
+    def sign_public(self, identity: IdentityKey) -> bytes:
+        """Signature of ``identity`` over this keyring's key statement."""
+        return identity.sign(key_statement(self.run_id, self.owner, self.public_bytes()))
+
+    def add_signed_peers(
+        self, signed: Mapping[str, tuple[bytes, bytes]], identities: Mapping[str, bytes]
+    ) -> None:
+        """Register peers' keys after verifying each signature against the peer's Ed25519
+        identity from ``identities`` (relay-run dummies: the relay's identity). Raises
+        ``SignatureError`` for a substituted key, ``UnexpectedMessageError`` for an unknown
+        identity; nothing is registered unless every entry verifies."""
+        checked: dict[str, bytes] = {}
+        for peer, (pub, sig) in signed.items():
+            who = RELAY_ID if peer.startswith(DUMMY_PREFIX) else peer
+            identity = identities.get(who)
+            if identity is None:
+                raise UnexpectedMessageError(f"no identity key for {who!r}")
+            verify_signature(identity, sig, key_statement(self.run_id, peer, pub))
+            checked[peer] = pub
+        self.add_peers(checked)
 
     def pair_key(self, peer: str) -> bytes:
         """Envelope key shared with ``peer`` for this run (HKDF over X25519)."""

@@ -19,6 +19,7 @@ from protocols.neighbourhood.errors import MalformedMessageError
 PEER_PROTOCOL = "lpm-nbhd-peer/1"
 ASSISTED_PROTOCOL = "lpm-nbhd-assisted/1"
 RELAY_ID = "relay"
+DUMMY_PREFIX = "dummy:"  # relay-run dummy contacts (padding, noise); signed by the relay
 
 STEPS_PER_ATTEMPT = 4
 # peer phases

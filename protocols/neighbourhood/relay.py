@@ -24,6 +24,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from protocols.envelope import MessageContext
+from protocols.keys import IdentityKey, verify_signature
 from protocols.neighbourhood.assisted import AssistedNeighbourhoodAgent, mask_for
 from protocols.neighbourhood.device import DeviceBase, wrap64
 from protocols.neighbourhood.errors import (
@@ -31,9 +32,10 @@ from protocols.neighbourhood.errors import (
     ProtocolStateError,
     UnexpectedMessageError,
 )
-from protocols.neighbourhood.keyring import Keyring
+from protocols.neighbourhood.keyring import Keyring, key_statement
 from protocols.neighbourhood.messages import (
     ASSISTED_PROTOCOL,
+    DUMMY_PREFIX,
     PEER_PROTOCOL,
     RELAY_ID,
     STEP_MASKED,
@@ -59,8 +61,7 @@ __all__ = [
     "ShareDelivery",
 ]
 
-DUMMY_PREFIX = "dummy:"
-NOISE_PREFIX = "dummy:noise:"
+NOISE_PREFIX = DUMMY_PREFIX + "noise:"
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,11 @@ class NeighbourhoodRelay:
         run_id: str,
         policy: NeighbourhoodPolicy | None = None,
         ring: FixedPointRing | None = None,
+        identity: IdentityKey | None = None,
     ) -> None:
         self.variant = Variant(variant)
+        self.identity = identity
+        self._signatures: dict[str, bytes] = {}
         self.run_id = run_id
         self.policy = policy or NeighbourhoodPolicy()
         self.ring = ring or FixedPointRing()
@@ -108,7 +112,8 @@ class NeighbourhoodRelay:
             if t in cs or any(c.startswith(DUMMY_PREFIX) or c == RELAY_ID for c in cs):
                 raise NeighbourhoodError(f"invalid contact list for {t!r}")
         self.keyring = Keyring(RELAY_ID, run_id)
-        self._public: dict[str, bytes] = {RELAY_ID: self.keyring.public_bytes()}
+        self._public: dict[str, bytes] = {}
+        self._publish(RELAY_ID, self.keyring)
         self._dummies: dict[str, DeviceBase] = {}
         self.outcome: dict[str, Outcome] = {}
 
@@ -116,16 +121,44 @@ class NeighbourhoodRelay:
     def protocol(self) -> str:
         return PEER_PROTOCOL if self.variant is Variant.PEER else ASSISTED_PROTOCOL
 
-    def register(self, agent_id: str, public_key: bytes) -> None:
-        """Record a device's X25519 public key (authenticate it in the app layer)."""
+    def _publish(self, ident: str, keyring: Keyring) -> None:
+        self._public[ident] = keyring.public_bytes()
+        if self.identity is not None:
+            self._signatures[ident] = keyring.sign_public(self.identity)
+
+    def register(
+        self,
+        agent_id: str,
+        public_key: bytes,
+        signature: bytes | None = None,
+        identity_public: bytes | None = None,
+    ) -> None:
+        """Record a device's X25519 public key. With ``identity_public`` (the device's
+        Ed25519 key, from the app's enrolment) the ``signature`` over the key statement is
+        verified (``SignatureError`` otherwise) and kept for :meth:`signed_public_keys`."""
         if agent_id == RELAY_ID or agent_id.startswith(DUMMY_PREFIX):
             raise NeighbourhoodError(f"reserved identifier {agent_id!r}")
+        if identity_public is not None:
+            if signature is None:
+                raise NeighbourhoodError(f"{agent_id!r}: identity given without a signature")
+            verify_signature(identity_public, signature,
+                             key_statement(self.run_id, agent_id, public_key))
+        if signature is not None:
+            self._signatures[agent_id] = bytes(signature)
         self._public[agent_id] = bytes(public_key)
         self.keyring.add_peers({agent_id: public_key})
 
     def public_keys(self) -> dict[str, bytes]:
         """Public keys of every party (devices, dummies, relay) to hand to devices."""
         return dict(self._public)
+
+    def signed_public_keys(self) -> dict[str, tuple[bytes, bytes]]:
+        """``{party: (public key, signature)}`` for :meth:`Keyring.add_signed_peers`; the
+        relay's own and its dummies' keys are signed with the relay's ``identity``."""
+        missing = sorted(set(self._public) - set(self._signatures))
+        if missing:
+            raise NeighbourhoodError(f"no signature for the keys of {missing}")
+        return {p: (k, self._signatures[p]) for p, k in self._public.items()}
 
     def _dummy(self, ident: str) -> DeviceBase:
         dev = self._dummies.get(ident)
@@ -134,7 +167,7 @@ class NeighbourhoodRelay:
                 AssistedNeighbourhoodAgent
             dev = cls(ident, self.run_id, ring=self.ring, policy=self.policy)
             self._dummies[ident] = dev
-            self._public[ident] = dev.keyring.public_bytes()
+            self._publish(ident, dev.keyring)
             self.keyring.add_peers({ident: dev.keyring.public_bytes()})
         return dev
 

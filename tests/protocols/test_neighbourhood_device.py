@@ -21,6 +21,7 @@ from protocols.neighbourhood import (
     NeighbourhoodRelay,
     NeighbourSumOutOfRangeError,
     Outcome,
+    PeerNeighbourhoodAgent,
     ProtocolStateError,
     UnexpectedMessageError,
 )
@@ -354,3 +355,38 @@ def test_same_envelope_twice_is_a_replay() -> None:
     devices[env.receiver].keyring.open_from(env)
     with pytest.raises(ReplayedEnvelopeError):
         devices[env.receiver].keyring.open_from(env)
+
+
+def test_signed_keys_stop_a_relay_that_substitutes_a_key() -> None:
+    from protocols.keys import IdentityKey, SignatureError
+    from protocols.neighbourhood.keyring import Keyring
+
+    contacts = {"a": {"b", "c"}, "b": {"a", "c"}, "c": {"a", "b"}}
+    relay_id = IdentityKey.generate()
+    relay = NeighbourhoodRelay(contacts, variant="peer", run_id="signed", identity=relay_id,
+                               policy=NeighbourhoodPolicy(min_size=3))
+    ids = {a: IdentityKey.generate() for a in contacts}
+    devices = {a: PeerNeighbourhoodAgent(a, "signed") for a in contacts}
+    for a, dev in devices.items():
+        relay.register(a, dev.keyring.public_bytes(), dev.keyring.sign_public(ids[a]),
+                       ids[a].public_bytes())
+    with pytest.raises(SignatureError):  # a registration signed by someone else
+        relay.register("a", devices["a"].keyring.public_bytes(),
+                       devices["a"].keyring.sign_public(ids["b"]), ids["a"].public_bytes())
+    att = relay.begin_round(0, set(contacts))  # min 3 of 2 contacts: padded with a dummy
+    trusted = {a: k.public_bytes() for a, k in ids.items()} | {"relay": relay_id.public_bytes()}
+    signed = relay.signed_public_keys()
+    assert any(p.startswith("dummy:") for p in signed)
+    for dev in devices.values():
+        dev.keyring.add_signed_peers(signed, trusted)
+    ups = {a: devices[a].start(p, 1.0) for a, p in att.plans.items()}
+    d1 = att.route_phase1(ups)
+    ups2 = {a: devices[a].on_shares(d.envelopes, d.aborted) for a, d in d1.items()}
+    res = {a: devices[a].on_partials(d.envelopes, d.aborted)
+           for a, d in att.route_phase2(ups2).items()}
+    assert all(r.value == 2.0 for r in res.values())
+    # a relay that swaps b's key for one it controls is caught by a fresh device
+    mitm = Keyring("b", "signed")
+    forged = dict(signed) | {"b": (mitm.public_bytes(), signed["b"][1])}
+    with pytest.raises(SignatureError):
+        Keyring("z", "signed").add_signed_peers(forged, trusted)
