@@ -316,7 +316,7 @@ class FleetNeighbourhoodSum:
         """
         rnd = self._round if round is None else int(round)
         self._round = rnd + 1
-        values = torch.as_tensor(infected).flatten().to(torch.float64)
+        values = torch.as_tensor(infected).detach().flatten().to("cpu", torch.float64)
         if values.numel() != self.n:
             raise NeighbourhoodError(f"expected {self.n} values, got {values.numel()}")
         if bool(((values < 0) | (values > 1) | ~torch.isfinite(values)).any()):
@@ -357,7 +357,7 @@ class FleetNeighbourhoodSum:
         """Neighbour-sum hook: ``infected -> sum_j w_ij I_j`` in ``infected``'s float dtype."""
         out = self.step(infected).sums
         dtype = infected.dtype if infected.is_floating_point() else torch.float32
-        return out.to(dtype)
+        return out.to(infected.device, dtype)
 
     def hook(self, start_round: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
         """A neighbour-sum hook whose context round starts at ``start_round``."""
