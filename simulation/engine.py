@@ -1,0 +1,161 @@
+"""Run a substep model over a population for a number of days, differentiably.
+
+``simulate`` is the one entry point for CPU and CUDA (``device=``). Randomness is common
+random numbers: the uniforms of day t come from :func:`step_uniforms` (seed, day), so an
+external runner (e.g. a decentralised run where the neighbour sum comes from the secure
+protocol) reproduces the same events exactly. ``checkpoint_days`` recomputes chunks of days
+in the backward pass instead of storing them (memory ↔ time).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from simulation.estimators import get_estimator
+from simulation.kernels import NeighbourSum
+from simulation.population import ContactGraph, Population
+from simulation.substeps import State, StepContext, SubstepModel
+
+__all__ = ["SimulationError", "Trajectory", "simulate", "step_uniforms", "resolve_device"]
+
+
+class SimulationError(ValueError):
+    """Invalid simulation settings."""
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """Validate a device string; clear error if CUDA is asked for but absent."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SimulationError("device 'cuda' requested but no CUDA GPU is available")
+    if dev.type not in ("cpu", "cuda"):
+        raise SimulationError(f"unsupported device {device!r} (use 'cpu' or 'cuda')")
+    return dev
+
+
+def step_uniforms(
+    seed: int, day: int, n: int, device: str | torch.device = "cpu", streams: int = 2
+) -> torch.Tensor:
+    """Uniforms [streams, n] for one day, reproducible from (seed, day) on a given device.
+
+    Modelling randomness only (torch's generator): never use it for anything secret.
+    """
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev)
+    gen.manual_seed((int(seed) * 1_000_003 + int(day) * 7919 + 1) % (2**63 - 1))
+    return torch.rand(streams, n, generator=gen, device=dev)
+
+
+@dataclass
+class Trajectory:
+    """Daily series (tensors of length days + 1, differentiable) and the final state."""
+
+    series: dict[str, torch.Tensor]
+    final_state: State
+    days: int
+    meta: dict[str, object] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.series[name]
+
+    @property
+    def total_infections(self) -> torch.Tensor:
+        return self.series["new_infections"].sum()
+
+    def to_frame(self):  # -> pandas.DataFrame
+        import pandas as pd
+
+        data = {k: v.detach().cpu().numpy() for k, v in self.series.items()}
+        return pd.DataFrame({"day": range(self.days + 1), **data})
+
+
+def _graph_of(population: Population | ContactGraph) -> ContactGraph:
+    return population.graph if isinstance(population, Population) else population
+
+
+def simulate(
+    model: SubstepModel,
+    population: Population | ContactGraph,
+    days: int,
+    seed: int = 0,
+    *,
+    estimator: str = "straight_through",
+    device: str | torch.device = "cpu",
+    neighbour_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    checkpoint_days: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    initial_state: State | None = None,
+) -> Trajectory:
+    """Simulate ``days`` days; returns the daily compartment totals and new infections.
+
+    ``neighbour_sum`` replaces the central CSR sum (it gets the per-agent infectious vector
+    and must return Σ_j w_ij x_j per agent). ``progress(day)`` is called after each day.
+    """
+    if days < 0:
+        raise SimulationError("days must be >= 0")
+    if checkpoint_days is not None and checkpoint_days < 1:
+        raise SimulationError("checkpoint_days must be >= 1")
+    dev = resolve_device(device)
+    graph = _graph_of(population)
+    merged = graph.merged()
+    n = merged.n
+    attributes = population.attributes if isinstance(population, Population) else {}
+    attributes = {k: v.to(dev) for k, v in attributes.items()}
+    if "age_band" not in attributes:
+        attributes["age_band"] = torch.zeros(n, dtype=torch.int8, device=dev)
+    op = neighbour_sum or NeighbourSum(merged, dev)
+    degree = merged.degree().to(dev).float()
+    est = get_estimator(estimator)
+    model = model.to(dev)
+
+    gen = torch.Generator().manual_seed(int(seed))
+    state = initial_state if initial_state is not None else model.initial_state(n, gen, dev)
+    keys = sorted(state)
+    streams = model.n_uniform_streams()
+    series: dict[str, list[torch.Tensor]] = {c: [state[c].sum()] for c in model.compartments}
+    series["new_infections"] = [state["new_infections"].sum()]
+
+    def run_days(start: int, stop: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        st = dict(zip(keys, tensors, strict=True))
+        outs = []
+        for day in range(start, stop):
+            ctx = StepContext(
+                day=day,
+                dt=1.0,
+                uniforms=step_uniforms(seed, day, n, dev, streams),
+                estimator=est,
+                neighbour_sum=op,
+                degree=degree,
+                attributes=attributes,
+            )
+            st = model.step(st, ctx)
+            outs.append(torch.stack([st[c].sum() for c in (*model.compartments, "new_infections")]))
+        return (*(st[k] for k in keys), torch.stack(outs))
+
+    chunk = checkpoint_days or days or 1
+    day = 0
+    while day < days:
+        stop = min(day + chunk, days)
+        tensors = tuple(state[k] for k in keys)
+        if checkpoint_days is not None and torch.is_grad_enabled():
+            out = checkpoint(run_days, day, stop, *tensors, use_reentrant=False)
+        else:
+            out = run_days(day, stop, *tensors)
+        state = dict(zip(keys, out[:-1], strict=True))
+        daily = out[-1]
+        for j, c in enumerate((*model.compartments, "new_infections")):
+            series[c].extend(daily[:, j].unbind(0))
+        if progress is not None:
+            for d in range(day, stop):
+                progress(d)
+        day = stop
+    return Trajectory(
+        {k: torch.stack(v) for k, v in series.items()},
+        state,
+        days,
+        {"seed": seed, "estimator": estimator, "device": str(dev), "n": n},
+    )
