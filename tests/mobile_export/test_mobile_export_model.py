@@ -38,35 +38,37 @@ def test_baseline_option_is_the_sir_hazard() -> None:
     assert risk[0].item() == pytest.approx(1.0 - survival, abs=1e-6)
 
 
-def test_sir_module_agrees_when_available() -> None:
-    sir = pytest.importorskip("simulation.models.sir")
-    if not hasattr(sir, "infection_probability"):
-        pytest.skip("simulation.models.sir.infection_probability has not landed")
+def test_project_sir_agrees() -> None:
+    """One day, baseline option: risk and ∂risk/∂β equal simulation.models.sir's p_i and
+    closed-form ∂p_i/∂β with Σ_j I_j = Σ_l c_l π_l (several devices, incl. n_i = 0 and S = 0)."""
+    from simulation.models.sir import infection_probability, infection_probability_dbeta
+
     model = PersonalForecast()
-    contacts = torch.tensor([[1.0, 4.0, 5.0]])
+    beta, dt = 0.45, 0.7
     prevalence = torch.tensor([[0.1, 0.2, 0.3]])
-    theta = torch.tensor([0.5, 1.0])
+    theta = torch.tensor([beta, dt])
     zeros = torch.zeros(1)
-    risk, *_ = _run(
-        model,
-        (
-            torch.tensor([1.0, 1.0, 10.0]),
-            contacts,
-            zeros,
-            zeros,
-            prevalence,
-            theta,
-            torch.zeros(1, 0, 1),
-        ),
-    )
-    expected = sir.infection_probability(
-        torch.tensor([float((contacts[0] * prevalence[0]).sum())]),
-        torch.tensor([1.0]),
-        torch.tensor([10.0]),
-        torch.tensor(0.5),
-        1.0,
-    )
-    assert risk[0].item() == pytest.approx(float(expected.reshape(-1)[0]), abs=1e-6)
+    for contacts, susceptible in (
+        ([1.0, 4.0, 5.0], 1.0),
+        ([0.0, 0.0, 0.0], 1.0),
+        ([2.0, 0.0, 9.0], 0.0),
+        ([6.0, 1.0, 0.5], 1.0),
+    ):
+        c = torch.tensor([contacts])
+        degree = float(c.sum())
+        state = torch.tensor([susceptible, 1.0, degree])
+        risk, _, drisk, _ = _run(
+            model, (state, c, zeros, zeros, prevalence, theta, torch.zeros(1, 0, 1))
+        )
+        args = (
+            torch.tensor([float((c[0] * prevalence[0]).sum())]),
+            torch.tensor([susceptible]),
+            torch.tensor([degree]),
+            torch.tensor(beta),
+            dt,
+        )
+        assert risk[0].item() == pytest.approx(infection_probability(*args).item(), abs=1e-6)
+        assert drisk[0].item() == pytest.approx(infection_probability_dbeta(*args).item(), abs=1e-6)
 
 
 def test_protective_factors() -> None:
