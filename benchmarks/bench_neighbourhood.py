@@ -20,31 +20,22 @@ from protocols.neighbourhood import FleetNeighbourhoodSum, NeighbourhoodPolicy, 
 from protocols.neighbourhood.local import make_devices, run_round
 from protocols.neighbourhood.messages import PEER_PROTOCOL, encode_element, encode_tagged
 from protocols.neighbourhood.relay import NeighbourhoodRelay
+from simulation.kernels import NeighbourSum
+from simulation.population import random_contact_graph
 
 TARGET_S = {Variant.PEER: 2.0, Variant.ASSISTED: 0.5}
 ID = "agent-000000"  # representative device identifier for per-device byte counts
 
 
-def random_graph(n: int, degree: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Undirected Erdos-Renyi-like contact graph as CSR (benchmark data)."""
-    g = torch.Generator().manual_seed(seed)
-    m = int(n * degree / 2)
-    a, b = torch.randint(0, n, (m,), generator=g), torch.randint(0, n, (m,), generator=g)
-    keep = a != b
-    src, dst = torch.cat([a[keep], b[keep]]), torch.cat([b[keep], a[keep]])
-    key = torch.unique(src * n + dst)
-    src, dst = key // n, key % n
-    indptr = torch.zeros(n + 1, dtype=torch.int64)
-    indptr[1:] = torch.cumsum(torch.bincount(src, minlength=n), 0)
-    return indptr, dst
-
-
-def timed(fn, repeats: int) -> tuple[float, object]:
+def timed(fn, repeats: int, spread: list[float] | None = None) -> tuple[float, object]:
+    """Median seconds of ``repeats`` calls (all timings appended to ``spread``)."""
     out, times = None, []
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
+    if spread is not None:
+        spread.extend(times)
     return statistics.median(times), out
 
 
@@ -108,14 +99,16 @@ def main() -> None:
     p.add_argument("--n", type=int, default=150_000)
     p.add_argument("--degree", type=float, default=10.0)
     p.add_argument("--prevalence", type=float, default=0.1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    indptr, indices = random_graph(args.n, args.degree, args.seed)
+    merged = random_contact_graph(args.n, args.degree, seed=args.seed).merged()
+    indptr, indices = merged.indptr, merged.indices.to(torch.int64)
     n, edges = args.n, indices.numel()
+    kernel = NeighbourSum(merged, "cpu")
     g = torch.Generator().manual_seed(args.seed + 1)
     infected = (torch.rand(n, generator=g) < args.prevalence).to(torch.float32)
     target_of_edge = torch.repeat_interleave(torch.arange(n), indptr[1:] - indptr[:-1])
@@ -125,10 +118,21 @@ def main() -> None:
                                                               infected[indices])
 
     t_plain, ref = timed(plain, args.repeats)
+    kernel.plain(infected)  # warm-up (numba compilation)
+    t_kernel, ref_kernel = timed(lambda: kernel.plain(infected), args.repeats)
+    assert torch.equal(ref, ref_kernel)
+    # numba's OpenMP layer resets torch's intra-op thread count (measured: 1 -> 2), which made
+    # every torch op below 10-20x slower on this loaded 2-core machine: restore it
+    leaked = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     print(f"graph: {n} agents, {edges} directed edges (mean degree {edges / n:.2f}); "
           f"torch threads {args.threads}; timings are medians of {args.repeats}, measured on "
           f"a shared, possibly loaded machine: same-run ratios are what count")
-    print(f"plaintext central sum (index_add): {t_plain * 1e3:.1f} ms")
+    if leaked != args.threads:
+        print(f"note: the numba kernel changed torch's thread count to {leaked}; reset to "
+              f"{args.threads}")
+    print(f"plaintext central sum: simulation kernel {t_kernel * 1e3:.1f} ms, torch index_add "
+          f"{t_plain * 1e3:.1f} ms (ratios below are against the kernel)")
     t_sender = per_sender_keystream_s(n, round(args.degree))
     print(f"one ChaCha20 keystream call per sender ({n} calls): {t_sender:.3f} s "
           f"(fleet mode keys per chunk instead; see docs/neighbourhood.md)")
@@ -137,12 +141,14 @@ def main() -> None:
         fleet = FleetNeighbourhoodSum(indptr, indices, variant=variant,
                                       policy=NeighbourhoodPolicy(min_size=3))
         t_plan = time.perf_counter() - t0
-        t_step, res = timed(lambda f=fleet: f.step(infected), args.repeats)
+        spread: list[float] = []
+        t_step, res = timed(lambda f=fleet: f.step(infected), args.repeats, spread)
         exact = torch.equal(res.sums.float(), ref)
         st = res.stats
         ok = "MET" if t_step <= TARGET_S[variant] else "MISSED"
-        print(f"\n[{variant.value}] one step: {t_step:.3f} s  (target <= {TARGET_S[variant]} s: "
-              f"{ok}); {t_step / t_plain:.0f}x the plaintext sum; plan (once) {t_plan:.2f} s; "
+        print(f"\n[{variant.value}] one step: {t_step:.3f} s median, {min(spread):.3f}-"
+              f"{max(spread):.3f} s range  (target <= {TARGET_S[variant]} s: "
+              f"{ok}); {t_step / t_kernel:.0f}x the plaintext sum; plan (once) {t_plan:.2f} s; "
               f"sums equal plaintext: {exact}")
         print(f"  keystream {st.seconds_keystream:.3f} s for {st.keystream_elements} ring "
               f"elements in {st.keystream_calls} ChaCha20 calls; envelopes (seal+open) "
