@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 from protocols.envelope import open_envelope
-from protocols.neighbourhood import NeighbourhoodPolicy, NeighbourhoodRelay
+from protocols.neighbourhood import (
+    FleetNeighbourhoodSum,
+    NeighbourhoodPolicy,
+    NeighbourhoodRelay,
+)
 from protocols.neighbourhood.local import make_devices
 from protocols.neighbourhood.messages import decode_element, decode_tagged
 
@@ -132,3 +137,35 @@ def test_the_statistics_detect_a_leaky_view() -> None:
     top1 = [x + (1 << 62) for x in top0]
     with pytest.raises(AssertionError):
         assert_uniform_and_equal(top0, top1)
+
+
+def fleet_views(variant: str, flip_value: float, rounds: int) -> list[int]:
+    """Fleet mode, star graph (target 0, contacts 1-4): the element contact 1 sends through
+    the relay (peer: its share for holder 2; assisted: its masked value for target 0), as the
+    receiver opens it, over ``rounds`` steps with I_1 = flip_value."""
+    indptr = torch.tensor([0, 4, 5, 6, 7, 8])
+    indices = torch.tensor([1, 2, 3, 4, 0, 0, 0, 0])
+    fleet = FleetNeighbourhoodSum(indptr, indices, variant=variant,
+                                  policy=NeighbourhoodPolicy(min_size=1))
+    seen: list[int] = []
+    relay = fleet._relay
+    wanted = "shares4" if variant == "peer" else "masked4"
+
+    def spy(t, rnd, step, tag, stats):
+        out = relay(t, rnd, step, tag, stats)
+        if tag == wanted:
+            seen.append(int(out[0, 0]))
+        return out
+
+    fleet._relay = spy
+    values = torch.tensor([0.0, flip_value, 1.0, 0.0, 1.0])
+    for _ in range(rounds):
+        assert float(fleet.step(values).sums[0]) == flip_value + 2.0
+    assert len(seen) == rounds
+    return seen
+
+
+@pytest.mark.parametrize("variant", ["peer", "assisted"])
+def test_fleet_relayed_elements_do_not_depend_on_one_input(variant: str) -> None:
+    assert_uniform_and_equal(fleet_views(variant, 0.0, SAMPLES),
+                             fleet_views(variant, 1.0, SAMPLES))
