@@ -39,6 +39,7 @@ from protocols.neighbourhood.messages import (
 )
 from protocols.neighbourhood.noise import discrete_laplace
 from protocols.neighbourhood.policy import (
+    BelowMinimum,
     NeighbourhoodPolicy,
     Outcome,
     Variant,
@@ -127,7 +128,7 @@ def _build_plan(
     outcome = torch.full((n,), int(Outcome.OK), dtype=torch.int8)
     small = (deg > 0) & (deg < policy.min_size)
     outcome[deg == 0] = int(Outcome.EMPTY)
-    if policy.below_minimum.value == "pad":
+    if policy.below_minimum is BelowMinimum.PAD:
         outcome[small] = int(Outcome.PADDED)
         size = torch.where(small, torch.full_like(deg, policy.min_size), deg)
     else:

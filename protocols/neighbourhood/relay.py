@@ -231,8 +231,10 @@ class RelayAttempt:
     all_plans: dict[str, AgentPlan]
     aborted: set[str] = field(default_factory=set)
     _phase: int = 0
-    _by_receiver: dict[str, list[Envelope]] = field(default_factory=dict)
     _dummy_uploads: dict[str, Sequence[Envelope]] | None = None
+    _dummy_partials: dict[str, list[Envelope]] = field(default_factory=dict)
+    _live: set[str] = field(default_factory=set)  # uploaded in phase 1
+    _live2: set[str] = field(default_factory=set)  # uploaded in phase 2
 
     @property
     def plans(self) -> dict[str, AgentPlan]:
@@ -297,7 +299,6 @@ class RelayAttempt:
             for t, nb in self.hoods.items():
                 if not set(nb.roster) <= live:
                     self.aborted.add(t)
-            self._by_receiver = by_receiver
             self._live = live
             out = {}
             for a in self.all_plans:
