@@ -89,11 +89,13 @@ def simulate(
     checkpoint_days: int | None = None,
     progress: Callable[[int], None] | None = None,
     initial_state: State | None = None,
+    extras: dict[str, torch.Tensor] | None = None,
 ) -> Trajectory:
     """Simulate ``days`` days; returns the daily compartment totals and new infections.
 
     ``neighbour_sum`` replaces the central CSR sum (it gets the per-agent infectious vector
     and must return Σ_j w_ij x_j per agent). ``progress(day)`` is called after each day.
+    ``extras`` reach every substep as ``ctx.extras`` (e.g. ``{"beta_t": β per day}``).
     """
     if days < 0:
         raise SimulationError("days must be >= 0")
@@ -131,6 +133,7 @@ def simulate(
                 neighbour_sum=op,
                 degree=degree,
                 attributes=attributes,
+                extras=extras if extras is not None else {},
             )
             st = model.step(st, ctx)
             outs.append(torch.stack([st[c].sum() for c in (*model.compartments, "new_infections")]))

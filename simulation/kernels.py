@@ -97,6 +97,11 @@ class _NeighbourSumFn(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         return ctx.op._apply(grad.contiguous(), reuse=False), None
 
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor, _op):  # type: ignore[override]
+        # linear operator: forward-mode tangent is the same sum of the input tangent
+        return ctx.op._apply(tangent.contiguous(), reuse=False)
+
 
 def neighbour_sum(layer: CSRLayer, x: torch.Tensor) -> torch.Tensor:
     """One-off differentiable neighbour sum (builds a :class:`NeighbourSum`)."""

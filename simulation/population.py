@@ -108,6 +108,7 @@ class ContactGraph:
 
     layers: dict[str, CSRLayer]
     layer_weights: dict[str, float] = field(default_factory=dict)
+    _merged: dict[bool, CSRLayer] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -120,8 +121,16 @@ class ContactGraph:
     def merged(self, weighted: bool = True) -> CSRLayer:
         """All layers in one CSR; weights are layer weights (× per-edge weights), summed
         where two layers join the same pair."""
-        if len(self.layers) == 1 and not weighted:
-            return next(iter(self.layers.values()))
+        if weighted not in self._merged:
+            self._merged[weighted] = self._merge(weighted)
+        return self._merged[weighted]
+
+    def _merge(self, weighted: bool) -> CSRLayer:
+        if len(self.layers) == 1:
+            name, layer = next(iter(self.layers.items()))
+            unit = float(self.layer_weights.get(name, 1.0)) == 1.0 and layer.weights is None
+            if unit or not weighted:  # already the merged graph (weights all one)
+                return CSRLayer(layer.indptr, layer.indices)
         n = self.n
         srcs, dsts, ws = [], [], []
         for name, layer in self.layers.items():

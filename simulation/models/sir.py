@@ -61,7 +61,9 @@ class Infection(Substep):
         return {"infected_contacts": ctx.neighbour_sum(state["I"])}
 
     def policy(self, state, obs, ctx):
-        return {"p": infection_probability(obs["infected_contacts"], state["S"], ctx.degree, self.beta, ctx.dt)}
+        beta_t = ctx.extras.get("beta_t")  # optional time-varying β (e.g. from CalibNN)
+        beta = self.beta if beta_t is None else beta_t[ctx.day]
+        return {"p": infection_probability(obs["infected_contacts"], state["S"], ctx.degree, beta, ctx.dt)}
 
     def transition(self, state, action, ctx):
         new = ctx.estimator(action["p"], ctx.uniforms[0])
