@@ -25,7 +25,9 @@ def assert_same_run(n: int, days: int, variant: str, seed: int) -> float:
     graph = random_contact_graph(n, 10.0, seed=seed)
     model = SIR(beta=0.5, gamma=0.1, initial_infected=0.01)
     with torch.no_grad():
+        threads = torch.get_num_threads()
         central = simulate(model, graph, days, seed)
+        torch.set_num_threads(threads)  # the numba kernel's OpenMP layer changes it
         secure = simulate(model, graph, days, seed,
                           neighbour_sum=fleet_for(graph, variant).hook())
     for name, series in central.series.items():
