@@ -23,6 +23,7 @@ _COMMAND_MODULES = (
     "mobile_export.cli",
     "edge_agent.cli",
     "coordinator.cli",
+    "coordinator.calibrate_cli",
 )
 
 for _name in _COMMAND_MODULES:

@@ -40,10 +40,14 @@ def _cpu_sum(layer: CSRLayer, x: torch.Tensor, out: torch.Tensor | None) -> torc
     if out is None or out.shape != xc.shape or out.dtype != xc.dtype:
         out = torch.empty_like(xc)
     args = (layer.indptr.numpy(), layer.indices.numpy())
+    # numba follows torch's thread setting; numba's pool may reset torch's, so restore it
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     if layer.weights is None:
         _csr_sum(*args, xc.numpy(), out.numpy())
     else:
         _csr_sum_weighted(*args, layer.weights.numpy(), xc.numpy(), out.numpy())
+    torch.set_num_threads(threads)
     return out
 
 
