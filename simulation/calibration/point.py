@@ -31,7 +31,7 @@ def calibrate(
     params: dict[str, torch.nn.Parameter] | Iterable[tuple[str, torch.nn.Parameter]],
     *,
     steps: int = 50,
-    lr: float = 0.05,
+    lr: float | dict[str, float] = 0.05,
     lr_decay: float = 1.0,
     tol: float | None = None,
     progress: Callable[[int, float], None] | None = None,
@@ -41,15 +41,16 @@ def calibrate(
 
     ``report()`` maps the current parameters to the values recorded in the result
     (default: each parameter's scalar value). The learning rate is multiplied by
-    ``lr_decay`` after every step. Stops early when the loss changes less than ``tol``.
+    ``lr_decay`` after every step; ``lr`` may be a dict giving each parameter its own rate. Stops early when the loss changes less than ``tol``.
     """
     named = dict(params)
     if not named:
         raise CalibrationError("no parameters to calibrate")
-    if steps < 1 or lr <= 0:
-        raise CalibrationError("need steps >= 1 and lr > 0")
+    rates = lr if isinstance(lr, dict) else dict.fromkeys(named, lr)
+    if steps < 1 or set(rates) != set(named) or min(rates.values()) <= 0:
+        raise CalibrationError("need steps >= 1 and a positive lr for every parameter")
     report = report or (lambda: {k: float(v.detach().mean()) for k, v in named.items()})
-    opt = torch.optim.Adam(named.values(), lr=lr)
+    opt = torch.optim.Adam([{"params": [p], "lr": rates[k]} for k, p in named.items()])
     schedule = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=lr_decay)
     losses: list[float] = []
     history: list[dict[str, float]] = []
