@@ -5,8 +5,9 @@ age-specific (per age band); transmission runs over all contact layers with laye
 Intervention substeps (testing, isolation, vaccination) are ordinary substeps, inserted in
 the model's registry before ``infection``; behaviour models add their own the same way.
 
-State: ``S E I R M`` indicators, ``isolated`` (0–1 reduction of a person's contacts),
-``vaccinated``, and ``new_infections`` / ``new_deaths`` of the day.
+State: ``S E I R M`` indicators, ``isolated`` (0–1 reduction of a person's contacts after a
+positive test), ``behaviour`` (0–1 voluntary contact reduction of the day, written by behaviour
+policies such as ``simulation.behaviour``), ``vaccinated``, and ``new_infections`` / ``new_deaths`` of the day.
 """
 
 from __future__ import annotations
@@ -81,9 +82,10 @@ class Vaccination(Substep):
 
 
 class Transmission(Substep):
-    """S → E with hazard β · susceptibility(age) · (1 − vacc) · Σ_j w_ij I_j (1 − iso_j) / n_i."""
+    """S → E with hazard β · susceptibility(age) · (1 − vacc) · Σ_j w_ij I_j (1 − iso_j) / n_i
+    (isolation and voluntary behaviour cut both sides of a contact)."""
 
-    reads = ("S", "I", "isolated", "vaccinated")
+    reads = ("S", "I", "isolated", "behaviour", "vaccinated")
     writes = ("S", "E", "new_infections")
 
     def __init__(self, beta: float, susceptibility: tuple[float, ...], vaccine_efficacy: float):
@@ -93,13 +95,16 @@ class Transmission(Substep):
         self.vaccine_efficacy = vaccine_efficacy
 
     def observe(self, state, ctx):
-        infectious = state["I"] * (1 - state["isolated"])
+        infectious = state["I"] * (1 - state["isolated"]) * (1 - state["behaviour"])
         return {"pressure": ctx.neighbour_sum(infectious)}
 
     def policy(self, state, obs, ctx):
         age = ctx.attributes["age_band"].long()
         sus = torch.exp(self.log_susceptibility)[age]
-        protect = (1 - state["isolated"]) * (1 - self.vaccine_efficacy * state["vaccinated"])
+        protect = (
+            (1 - state["isolated"]) * (1 - state["behaviour"])
+            * (1 - self.vaccine_efficacy * state["vaccinated"])
+        )
         hazard = self.beta * sus * protect * state["S"] * ctx.dt * obs["pressure"] / ctx.degree.clamp(min=1)
         return {"p": -torch.expm1(-hazard)}
 
@@ -192,6 +197,7 @@ class SEIRM(SubstepModel):
             "R": zeros.clone(),
             "M": zeros.clone(),
             "isolated": zeros.clone(),
+            "behaviour": zeros.clone(),
             "vaccinated": zeros.clone(),
             "tested_positive": zeros.clone(),
             "new_infections": infected.clone(),

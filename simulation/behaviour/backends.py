@@ -1,0 +1,175 @@
+"""Behaviour backends: answer "would a person of archetype k take action a today?".
+
+``RuleBasedBackend`` is the default: isolation propensity rises with local prevalence and
+falls with pandemic fatigue and financial pressure; a stimulus payment relieves the
+pressure. ``LLMBackend`` asks any OpenAI-compatible chat endpoint (``/v1/chat/completions``)
+with caching, retries and timeouts. Both return, for each query, M answers in [0, 1] whose
+mean estimates p_a(k, t) (LPM paper Eq. 4–5).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import httpx
+
+__all__ = ["ACTIONS", "BehaviourBackend", "BehaviourBackendError", "LLMBackend", "RuleBasedBackend", "Situation"]
+
+ACTIONS = ("isolate", "mask", "test")
+
+
+class BehaviourBackendError(RuntimeError):
+    """A backend could not answer (endpoint down, timeout, unparseable reply)."""
+
+
+@dataclass(frozen=True)
+class Situation:
+    """What an archetype knows today (all public or archetype-level, never individual)."""
+
+    archetype: dict[str, int]
+    day: int
+    local_prevalence: float  # fraction infectious in the archetype's areas
+    fatigue: float  # 0 fresh – 1 exhausted (days of restrictions so far)
+    stimulus: float  # payment in dollars available to people who isolate
+
+    def describe(self) -> str:
+        a = self.archetype
+        return (
+            f"age band {a['age_band'] * 10}-{a['age_band'] * 10 + 9}, income band {a['income']} of 0-2, "
+            f"occupation {['none', 'student', 'worker'][a['occupation']]}, "
+            f"health status {['susceptible', 'exposed', 'infectious', 'recovered'][a['status']]}; "
+            f"day {self.day}; local prevalence {self.local_prevalence:.2%}; "
+            f"fatigue {self.fatigue:.2f}; stimulus ${self.stimulus:.0f}"
+        )
+
+
+class BehaviourBackend(Protocol):
+    def query(self, situation: Situation, action: str, m: int) -> list[float]:
+        """M answers in [0, 1] for (archetype situation, action)."""
+        ...
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+@dataclass
+class RuleBasedBackend:
+    """Transparent logistic rules; the M samples vary the prevalence perception by ±25 %."""
+
+    base: float = -3.0
+    prevalence_weight: float = 60.0
+    fatigue_weight: float = 1.5
+    pressure_weight: float = 1.2
+    stimulus_per_pressure: float = 1000.0  # dollars that remove one unit of financial pressure
+    symptomatic_boost: float = 2.5
+
+    def financial_pressure(self, archetype: dict[str, int], stimulus: float) -> float:
+        pressure = {0: 1.0, 1: 0.5, 2: 0.1}[archetype["income"]]
+        if archetype["occupation"] == 2:
+            pressure += 0.5  # workers lose wages when they isolate
+        return max(pressure - stimulus / self.stimulus_per_pressure, 0.0)
+
+    def query(self, situation: Situation, action: str, m: int) -> list[float]:
+        if action not in ACTIONS:
+            raise BehaviourBackendError(f"unknown action {action!r}")
+        if m < 1:
+            raise ValueError("m must be >= 1")
+        a = situation.archetype
+        pressure = self.financial_pressure(a, situation.stimulus)
+        age_caution = 0.15 * a["age_band"]
+        sick = self.symptomatic_boost if a["status"] == 2 else 0.0
+        answers = []
+        for j in range(m):
+            perceived = situation.local_prevalence * (0.75 + 0.5 * (j + 0.5) / m)
+            x = self.base + self.prevalence_weight * perceived + age_caution + sick - self.fatigue_weight * situation.fatigue
+            if action == "isolate":
+                x -= self.pressure_weight * pressure
+            elif action == "mask":
+                x += 1.0
+            else:  # test
+                x += 0.5 * sick - 0.5
+            answers.append(_sigmoid(x))
+        return answers
+
+
+class LLMBackend:
+    """Asks an OpenAI-compatible chat endpoint; answers "yes"/"no" become 1/0.
+
+    Replies are cached by (model, prompt, sample index); transient failures are retried
+    with exponential backoff; every request has a timeout. Errors raise
+    :class:`BehaviourBackendError` with the endpoint's message.
+    """
+
+    def __init__(self, base_url: str, model: str = "default", *, api_key: str | None = None,
+                 timeout: float = 10.0, retries: int = 3, backoff: float = 0.2,
+                 temperature: float = 0.7) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.retries = retries
+        self.backoff = backoff
+        self.temperature = temperature
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(timeout=timeout, headers=headers)
+        self._cache: dict[str, float] = {}
+        self.requests = 0
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _prompt(self, situation: Situation, action: str) -> list[dict[str, str]]:
+        question = {
+            "isolate": "Will you stay home and isolate today?",
+            "mask": "Will you wear a mask in public today?",
+            "test": "Will you get tested today?",
+        }[action]
+        return [
+            {"role": "system", "content": "You role-play a New York City resident during the COVID-19 pandemic. Answer only yes or no."},
+            {"role": "user", "content": f"You are: {situation.describe()}. {question}"},
+        ]
+
+    def _ask(self, messages: list[dict[str, str]], sample: int) -> float:
+        key = hashlib.sha256(json.dumps([self.model, messages, sample]).encode()).hexdigest()
+        if key in self._cache:
+            return self._cache[key]
+        body = {"model": self.model, "messages": messages, "temperature": self.temperature,
+                "max_tokens": 3, "seed": sample}
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                self.requests += 1
+                resp = self._client.post(f"{self.base_url}/v1/chat/completions", json=body)
+                if resp.status_code >= 500 or resp.status_code == 429:
+                    raise httpx.HTTPStatusError(f"status {resp.status_code}", request=resp.request, response=resp)
+                if resp.status_code >= 400:
+                    raise BehaviourBackendError(f"endpoint refused the request: {resp.status_code} {resp.text[:200]}")
+                text = resp.json()["choices"][0]["message"]["content"].strip().lower()
+                break
+            except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+                last = exc
+                if attempt == self.retries:
+                    raise BehaviourBackendError(f"endpoint failed after {attempt + 1} tries: {exc}") from exc
+                time.sleep(self.backoff * 2**attempt)
+            except (KeyError, IndexError, TypeError, ValueError) as exc:
+                raise BehaviourBackendError(f"unparseable reply from endpoint: {exc}") from exc
+        else:  # pragma: no cover - loop always breaks or raises
+            raise BehaviourBackendError(str(last))
+        if text.startswith("yes"):
+            value = 1.0
+        elif text.startswith("no"):
+            value = 0.0
+        else:
+            raise BehaviourBackendError(f"expected yes or no, got {text[:40]!r}")
+        self._cache[key] = value
+        return value
+
+    def query(self, situation: Situation, action: str, m: int) -> list[float]:
+        if action not in ACTIONS:
+            raise BehaviourBackendError(f"unknown action {action!r}")
+        messages = self._prompt(situation, action)
+        return [self._ask(messages, j) for j in range(m)]

@@ -1,0 +1,142 @@
+"""Behaviour archetypes: grouping, rule backend, LLM backend against a real local server, policy."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from simulation.behaviour import (
+    ArchetypeSpec,
+    BehaviourBackendError,
+    LLMBackend,
+    RuleBasedBackend,
+    Situation,
+    add_archetype_behaviour,
+    assign_archetypes,
+)
+from simulation.behaviour.scenario import run_stimulus_comparison
+from simulation.engine import simulate
+from simulation.models import SEIRM
+from simulation.population import synthesize
+
+
+class _FakeOpenAI(BaseHTTPRequestHandler):
+    """OpenAI-compatible /v1/chat/completions: 'yes' when prevalence ≥ 1 %, with scripted faults."""
+
+    fail_next = 0
+    calls = 0
+    reply = None
+
+    def do_POST(self):  # noqa: N802
+        cls = type(self)
+        cls.calls += 1
+        if self.path != "/v1/chat/completions":
+            self.send_response(404)
+            self.end_headers()
+            return
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if cls.fail_next > 0:
+            cls.fail_next -= 1
+            self.send_response(503)
+            self.end_headers()
+            return
+        prompt = body["messages"][-1]["content"]
+        prevalence = float(prompt.split("local prevalence ")[1].split("%")[0])
+        answer = cls.reply or ("yes" if prevalence >= 1.0 else "no")
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def fake_llm():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _FakeOpenAI.fail_next, _FakeOpenAI.calls, _FakeOpenAI.reply = 0, 0, None
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _situation(prev=0.02, status=0, income=0, occupation=2, stimulus=0.0, fatigue=0.0):
+    return Situation({"age_band": 3, "income": income, "occupation": occupation, "status": status},
+                     10, prev, fatigue, stimulus)
+
+
+def test_archetypes_cover_static_and_dynamic_attributes():
+    pop = synthesize("tiny", seed=0)
+    model = SEIRM()
+    state = model.initial_state(pop.n, torch.Generator().manual_seed(0), torch.device("cpu"))
+    spec = ArchetypeSpec()
+    ids = assign_archetypes(spec, pop.attributes, state)
+    assert ids.min() >= 0 and ids.max() < spec.count == 324
+    i = int(torch.nonzero(state["I"] > 0)[0])
+    assert spec.decode(int(ids[i]))["status"] == 2
+    state["I"][i], state["R"][i] = 0.0, 1.0  # the agent recovers: it changes archetype
+    assert spec.decode(int(assign_archetypes(spec, pop.attributes, state)[i]))["status"] == 3
+    assert spec.decode(int(ids[i]))["age_band"] == int(pop.attributes["age_band"][i])
+
+
+def test_rule_backend_directions():
+    b = RuleBasedBackend()
+    mean = lambda s: sum(b.query(s, "isolate", 5)) / 5  # noqa: E731
+    assert mean(_situation(prev=0.05)) > mean(_situation(prev=0.001))
+    assert mean(_situation(fatigue=1.0)) < mean(_situation(fatigue=0.0))
+    assert mean(_situation(stimulus=500)) > mean(_situation(stimulus=0))
+    assert mean(_situation(income=2)) > mean(_situation(income=0))
+    with pytest.raises(BehaviourBackendError):
+        b.query(_situation(), "dance", 3)
+
+
+def test_llm_backend_against_local_server_caches_and_retries(fake_llm):
+    llm = LLMBackend(fake_llm, retries=2, backoff=0.01, timeout=5)
+    assert llm.query(_situation(prev=0.02), "isolate", 4) == [1.0] * 4
+    assert llm.query(_situation(prev=0.001), "isolate", 4) == [0.0] * 4
+    calls = _FakeOpenAI.calls
+    llm.query(_situation(prev=0.02), "isolate", 4)  # cached
+    assert _FakeOpenAI.calls == calls
+    _FakeOpenAI.fail_next = 2  # two 503s, then success
+    assert llm.query(_situation(prev=0.03), "mask", 1) == [1.0]
+    _FakeOpenAI.fail_next = 10
+    with pytest.raises(BehaviourBackendError, match="failed after 3 tries"):
+        llm.query(_situation(prev=0.04), "mask", 1)
+    _FakeOpenAI.fail_next, _FakeOpenAI.reply = 0, "maybe"
+    with pytest.raises(BehaviourBackendError, match="yes or no"):
+        llm.query(_situation(prev=0.05), "test", 1)
+    llm.close()
+
+
+def test_llm_backend_unreachable_endpoint_is_a_clear_error():
+    llm = LLMBackend("http://127.0.0.1:9", retries=0, timeout=1)
+    with pytest.raises(BehaviourBackendError):
+        llm.query(_situation(), "isolate", 1)
+
+
+def test_llm_backend_drives_the_simulation(fake_llm):
+    pop = synthesize("tiny", seed=1)
+    model = SEIRM(beta=0.8)
+    llm = LLMBackend(fake_llm, backoff=0.01)
+    policy = add_archetype_behaviour(model, backend=llm, samples=2)
+    tr = simulate(model, pop, 8, seed=1)
+    assert len(policy.queries_per_day) == 8
+    assert all(q % (3 * 2) == 0 for q in policy.queries_per_day)  # K_present × A × M
+    assert torch.all(sum(tr[c] for c in ("S", "E", "I", "R", "M")) == pop.n)
+
+
+def test_stimulus_reduces_infections():
+    pop = synthesize("nyc", seed=0, scale=0.002)
+    cmp = run_stimulus_comparison(pop, 45, 500, seed=0)
+    assert cmp.stimulus.total_infections < cmp.baseline.total_infections
+    assert cmp.queries_per_day > 0
+    base = SEIRM(beta=0.6)
+    with torch.no_grad():
+        none = simulate(base, pop, 45, seed=0)
+    assert cmp.baseline.total_infections < none.total_infections  # behaviour reduces spread
