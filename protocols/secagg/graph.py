@@ -1,0 +1,43 @@
+"""The SecAgg+ communication graph: a k-regular random graph (Harary graph on a random
+permutation), derived deterministically from public round randomness.
+
+Clients sit on a ring in an order fixed by a ChaCha20 keystream under a key derived from the
+graph seed; each is joined to its k/2 nearest positions on either side. Every client can
+recompute its own neighbours; nobody can choose them after the seed is fixed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from protocols.keys import derive_key, ring_keystream
+
+__all__ = ["neighbour_graph"]
+
+
+def _permutation(seed: bytes, n: int) -> np.ndarray:
+    key = derive_key(seed, b"", label="secagg/graph-permutation")
+    draws = ring_keystream(key, n).numpy().view(np.uint64)
+    return np.argsort(draws, kind="stable")
+
+
+def neighbour_graph(seed: bytes, n: int, degree: int) -> list[tuple[int, ...]]:
+    """Sorted neighbour indices of each of ``n`` clients in a ``degree``-regular graph.
+
+    ``degree`` must be even, or ``n - 1`` (complete graph).
+    """
+    if n < 2 or not 1 <= degree <= n - 1:
+        raise ValueError(f"bad graph size n={n}, degree={degree}")
+    if degree == n - 1:
+        everyone = list(range(n))
+        return [tuple(everyone[:i] + everyone[i + 1 :]) for i in range(n)]
+    if degree % 2:
+        raise ValueError("degree must be even unless the graph is complete")
+    order = _permutation(seed, n)  # order[pos] = client
+    pos = np.empty(n, dtype=np.int64)
+    pos[order] = np.arange(n)
+    half = degree // 2
+    offsets = np.concatenate([np.arange(-half, 0), np.arange(1, half + 1)])
+    nbr_pos = (pos[:, None] + offsets[None, :]) % n
+    nbrs = np.sort(order[nbr_pos], axis=1)
+    return [tuple(int(v) for v in row) for row in nbrs]
