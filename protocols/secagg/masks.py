@@ -1,0 +1,76 @@
+"""Key derivation and mask generation for SecAgg+.
+
+All keys are HKDF-SHA256 outputs bound to (protocol, run, round, step, sender, receiver);
+masks are ChaCha20 keystreams under the full 256-bit derived key (no 32-bit seeding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from protocols.envelope import MessageContext
+from protocols.keys import AgreementKey, derive_key, ring_keystream
+from protocols.secagg.config import PROTOCOL, RoundConfig
+from protocols.secagg.messages import Step
+
+__all__ = [
+    "add_pairwise_mask",
+    "channel_key",
+    "context",
+    "pairwise_mask_key",
+    "self_mask_key",
+    "signed_key_statement",
+]
+
+
+def context(cfg: RoundConfig, step: Step, sender: int, receiver: int) -> MessageContext:
+    """The message context of ``step`` between two roster indices (``-1`` = server)."""
+    ids = cfg.client_ids
+    return MessageContext(
+        PROTOCOL,
+        cfg.run_id,
+        cfg.round,
+        int(step),
+        "server" if sender < 0 else ids[sender],
+        "server" if receiver < 0 else ids[receiver],
+    )
+
+
+def signed_key_statement(cfg: RoundConfig, index: int, c_pk: bytes, s_pk: bytes) -> bytes:
+    """What a client signs: its two public keys bound to this run, round and identity."""
+    return b"secagg/advertise" + context(cfg, Step.ADVERTISE, index, -1).to_bytes() + c_pk + s_pk
+
+
+def _pair(cfg: RoundConfig, step: Step, a: int, b: int) -> MessageContext:
+    lo, hi = min(a, b), max(a, b)
+    return context(cfg, step, lo, hi)
+
+
+def channel_key(cfg: RoundConfig, own: AgreementKey, me: int, peer: int, peer_pk: bytes) -> bytes:
+    """Symmetric key for the share envelopes between ``me`` and ``peer``."""
+    secret = own.exchange(peer_pk)
+    return derive_key(secret, _pair(cfg, Step.SHARE_KEYS, me, peer), label="secagg/share-channel")
+
+
+def pairwise_mask_key(
+    cfg: RoundConfig, own: AgreementKey, me: int, peer: int, peer_pk: bytes
+) -> bytes:
+    """Seed of the pairwise mask between ``me`` and ``peer`` (same for both ends)."""
+    secret = own.exchange(peer_pk)
+    return derive_key(secret, _pair(cfg, Step.MASKED_INPUT, me, peer), label="secagg/pairwise-mask")
+
+
+def self_mask_key(cfg: RoundConfig, index: int, seed: bytes) -> bytes:
+    """Key of client ``index``'s self mask b_i from its random 32-byte seed."""
+    return derive_key(seed, context(cfg, Step.MASKED_INPUT, index, index), label="secagg/self-mask")
+
+
+def add_pairwise_mask(
+    acc: torch.Tensor, key: bytes, me: int, peer: int, buf: torch.Tensor, sign: int = 1
+) -> None:
+    """acc += sign · (+mask if me < peer else −mask), wrapping mod 2^64 (buf is scratch)."""
+    ring_keystream(key, buf.numel(), out=buf)
+    if (me < peer) == (sign > 0):
+        acc.add_(buf)
+    else:
+        acc.sub_(buf)
