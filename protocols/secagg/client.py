@@ -16,8 +16,14 @@ import numpy as np
 import torch
 
 from protocols.envelope import EnvelopeError, ReplayGuard, open_envelope, seal
-from protocols.keys import AgreementKey, IdentityKey, InvalidKeyError, SignatureError, \
-    ring_keystream, verify_signature
+from protocols.keys import (
+    AgreementKey,
+    IdentityKey,
+    InvalidKeyError,
+    SignatureError,
+    ring_keystream,
+    verify_signature,
+)
 from protocols.secagg import masks
 from protocols.secagg.config import RoundConfig
 from protocols.secagg.errors import (
@@ -30,7 +36,7 @@ from protocols.secagg.errors import (
     StaleMessageError,
     TamperedShareError,
 )
-from protocols.secagg.graph import neighbour_graph
+from protocols.secagg.graph import neighbours_of
 from protocols.secagg.messages import (
     SERVER,
     Advertise,
@@ -96,12 +102,15 @@ class SecAggClient:
         self.index = index
         self._identity = identity
         self._registry = tuple(identity_registry)
-        self.neighbours = frozenset(neighbour_graph(config.graph_seed, config.n, config.degree)[index])
+        self.neighbours = frozenset(
+            neighbours_of(config.graph_seed, config.n, config.degree, index)
+        )
         self.stage = ClientStage.ADVERTISE
         self._guard = ReplayGuard()
         self._c_key: AgreementKey | None = None
         self._s_key: AgreementKey | None = None
         self._peer_keys: dict[int, tuple[bytes, bytes]] = {}  # U1 neighbours: (c_pk, s_pk)
+        self._channel: dict[int, bytes] = {}  # U1 neighbours: share-channel keys
         self._b_seed: bytes | None = None
         self._held: dict[int, tuple[bytes, bytes]] = {}  # U2 neighbours: their shares for me
 
@@ -154,14 +163,16 @@ class SecAggClient:
         b_shares = share_secret(b_seed, xs, cfg.threshold)
         sk_shares = share_secret(self._s_key.private_bytes(), xs, cfg.threshold)
         envs = []
-        for j, bs, ss in zip(order, b_shares, sk_shares):
+        channel = {}
+        for j, bs, ss in zip(order, b_shares, sk_shares, strict=True):
             try:
-                key = masks.channel_key(cfg, self._c_key, self.index, j, peers[j][0])
+                channel[j] = masks.channel_key(cfg, self._c_key, self.index, j, peers[j][0])
             except InvalidKeyError as exc:
                 raise ProtocolViolationError(f"neighbour {j} advertised an invalid key") from exc
             ctx = masks.context(cfg, Step.SHARE_KEYS, self.index, j)
-            envs.append((j, seal(key, ctx, SharePayload(self.index, j, bs, ss).encode())))
+            envs.append((j, seal(channel[j], ctx, SharePayload(self.index, j, bs, ss).encode())))
         self._peer_keys = peers
+        self._channel = channel
         self._b_seed = b_seed
         self.stage = ClientStage.MASKED_INPUT
         return ShareBundle(self._header(MsgType.SHARES), tuple(envs)).encode()
@@ -181,10 +192,9 @@ class SecAggClient:
                 raise ProtocolViolationError(f"envelope from {j}, who is not a live neighbour")
             ctx = masks.context(cfg, Step.SHARE_KEYS, j, self.index)
             self._guard.check(ctx)
-            key = masks.channel_key(cfg, self._c_key, self.index, j, self._peer_keys[j][0])
             try:
                 payload = SharePayload.decode(
-                    open_envelope(key, ctx, env, expected_receiver=cfg.client_ids[self.index])
+                    open_envelope(self._channel[j], ctx, env, expected_receiver=cfg.client_ids[self.index])
                 )
             except EnvelopeError as exc:
                 raise TamperedShareError(f"share envelope from {j} rejected: {exc}") from exc
@@ -243,6 +253,7 @@ class SecAggClient:
             else:
                 out.append((j, ShareKind.MASK_KEY, sk_share))
         self._held = {}
+        self._channel = {}
         self._c_key = self._s_key = None
         self._b_seed = None
         self.stage = ClientStage.DONE

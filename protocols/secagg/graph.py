@@ -12,7 +12,7 @@ import numpy as np
 
 from protocols.keys import derive_key, ring_keystream
 
-__all__ = ["neighbour_graph"]
+__all__ = ["neighbour_graph", "neighbours_of"]
 
 
 def _permutation(seed: bytes, n: int) -> np.ndarray:
@@ -40,4 +40,20 @@ def neighbour_graph(seed: bytes, n: int, degree: int) -> list[tuple[int, ...]]:
     offsets = np.concatenate([np.arange(-half, 0), np.arange(1, half + 1)])
     nbr_pos = (pos[:, None] + offsets[None, :]) % n
     nbrs = np.sort(order[nbr_pos], axis=1)
-    return [tuple(int(v) for v in row) for row in nbrs]
+    return [tuple(row) for row in nbrs.tolist()]
+
+
+def neighbours_of(seed: bytes, n: int, degree: int, index: int) -> tuple[int, ...]:
+    """Sorted neighbours of one client (what a client computes: O(n log n), not O(n·k))."""
+    if not 0 <= index < n:
+        raise ValueError(f"index {index} outside [0, {n})")
+    if n < 2 or not 1 <= degree <= n - 1:
+        raise ValueError(f"bad graph size n={n}, degree={degree}")
+    if degree == n - 1:
+        return tuple(j for j in range(n) if j != index)
+    if degree % 2:
+        raise ValueError("degree must be even unless the graph is complete")
+    order = _permutation(seed, n)
+    p = int(np.flatnonzero(order == index)[0])
+    half = degree // 2
+    return tuple(sorted(int(order[(p + o) % n]) for o in range(-half, half + 1) if o))

@@ -318,7 +318,7 @@ class MaskedInput:
 
 def _index_list(r: _Reader, n: int, limit: int) -> tuple[int, ...]:
     vals = tuple(_index(r.u32(), n) for _ in range(_count(r, limit)))
-    if any(b <= a for a, b in zip(vals, vals[1:])):
+    if any(b <= a for a, b in zip(vals, vals[1:], strict=False)):
         raise MalformedMessageError("index list must be strictly increasing")
     return vals
 

@@ -18,8 +18,13 @@ from enum import Enum
 
 import torch
 
-from protocols.keys import AgreementKey, InvalidKeyError, SignatureError, ring_keystream, \
-    verify_signature
+from protocols.keys import (
+    AgreementKey,
+    InvalidKeyError,
+    SignatureError,
+    ring_keystream,
+    verify_signature,
+)
 from protocols.secagg import masks
 from protocols.secagg.client import check_header
 from protocols.secagg.config import RoundConfig

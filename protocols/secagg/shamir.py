@@ -125,7 +125,7 @@ def reconstruct_secret(shares: dict[int, bytes], threshold: int) -> bytes:
     out = []
     for c in range(CHUNKS):
         acc = 0
-        for lj, v in zip(lam, vals):
+        for lj, v in zip(lam, vals, strict=True):
             acc += lj * v[c]
         out.append(acc % PRIME)
     return _unchunk(out)
