@@ -98,7 +98,8 @@ def _stimulus_scenario(pop, days: int, amount: float, seed: int, device: str, ou
     png = cmp.plot(out / "stimulus.png")
     base, stim = int(cmp.baseline.total_infections), int(cmp.stimulus.total_infections)
     console.print(f"behaviour queries per day (K×A×M): {cmp.queries_per_day:.0f} "
-                  f"({cmp.archetypes} archetypes present × 3 actions × 5 samples)")
+                  f"(K = {cmp.archetypes:.1f} archetypes present on average × A = {cmp.actions} actions "
+                  f"× M = {cmp.samples} samples; {pop.n:,} agents)")
     console.print(f"infections: {base:,} without, {stim:,} with ${amount:.0f} "
                   f"({(stim - base) / max(base, 1):+.1%}); wrote {png}")
 

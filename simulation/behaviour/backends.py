@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from typing import Protocol
 
 import httpx
+import numpy as np
 
 __all__ = ["ACTIONS", "BehaviourBackend", "BehaviourBackendError", "LLMBackend", "RuleBasedBackend", "Situation"]
 
@@ -49,18 +49,22 @@ class Situation:
 
 
 class BehaviourBackend(Protocol):
+    """Anything with ``query``; a backend may also offer a vectorised
+    ``query_batch(situations, m) -> array [K, A, M]`` that the policy uses when present."""
+
     def query(self, situation: Situation, action: str, m: int) -> list[float]:
         """M answers in [0, 1] for (archetype situation, action)."""
         ...
 
 
-def _sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x))
-
-
 @dataclass
 class RuleBasedBackend:
-    """Transparent logistic rules; the M samples vary the prevalence perception by ±25 %."""
+    """Transparent logistic rules; the M samples vary the prevalence perception by ±25 %.
+
+    logit p = base + w_prev · perceived prevalence + 0.15 · age band + symptomatic boost
+    − w_fatigue · fatigue, then per action: isolate − w_pressure · financial pressure,
+    mask + 1, test + boost/2 − 0.5. A stimulus payment reduces financial pressure.
+    """
 
     base: float = -3.0
     prevalence_weight: float = 60.0
@@ -70,32 +74,30 @@ class RuleBasedBackend:
     symptomatic_boost: float = 2.5
 
     def financial_pressure(self, archetype: dict[str, int], stimulus: float) -> float:
+        """Wage-loss pressure of isolating: higher for low income and for workers."""
         pressure = {0: 1.0, 1: 0.5, 2: 0.1}[archetype["income"]]
         if archetype["occupation"] == 2:
             pressure += 0.5  # workers lose wages when they isolate
         return max(pressure - stimulus / self.stimulus_per_pressure, 0.0)
 
+    def query_batch(self, situations: list[Situation], m: int) -> np.ndarray:
+        """Answers for many situations at once: array [len(situations), A, M]."""
+        if m < 1:
+            raise ValueError("m must be >= 1")
+        prev = np.array([s.local_prevalence for s in situations])[:, None]
+        perceived = prev * (0.75 + 0.5 * (np.arange(m) + 0.5) / m)[None, :]  # [K, M]
+        sick = np.array([self.symptomatic_boost if s.archetype["status"] == 2 else 0.0 for s in situations])
+        common = (self.base + 0.15 * np.array([s.archetype["age_band"] for s in situations]) + sick
+                  - self.fatigue_weight * np.array([s.fatigue for s in situations]))
+        pressure = np.array([self.financial_pressure(s.archetype, s.stimulus) for s in situations])
+        shift = np.stack([-self.pressure_weight * pressure, np.ones_like(sick), 0.5 * sick - 0.5], 1)  # [K, A]
+        x = self.prevalence_weight * perceived[:, None, :] + (common[:, None] + shift)[:, :, None]
+        return 1.0 / (1.0 + np.exp(-x))
+
     def query(self, situation: Situation, action: str, m: int) -> list[float]:
         if action not in ACTIONS:
             raise BehaviourBackendError(f"unknown action {action!r}")
-        if m < 1:
-            raise ValueError("m must be >= 1")
-        a = situation.archetype
-        pressure = self.financial_pressure(a, situation.stimulus)
-        age_caution = 0.15 * a["age_band"]
-        sick = self.symptomatic_boost if a["status"] == 2 else 0.0
-        answers = []
-        for j in range(m):
-            perceived = situation.local_prevalence * (0.75 + 0.5 * (j + 0.5) / m)
-            x = self.base + self.prevalence_weight * perceived + age_caution + sick - self.fatigue_weight * situation.fatigue
-            if action == "isolate":
-                x -= self.pressure_weight * pressure
-            elif action == "mask":
-                x += 1.0
-            else:  # test
-                x += 0.5 * sick - 0.5
-            answers.append(_sigmoid(x))
-        return answers
+        return self.query_batch([situation], m)[0, ACTIONS.index(action)].tolist()
 
 
 class LLMBackend:
@@ -171,5 +173,7 @@ class LLMBackend:
     def query(self, situation: Situation, action: str, m: int) -> list[float]:
         if action not in ACTIONS:
             raise BehaviourBackendError(f"unknown action {action!r}")
+        if m < 1:
+            raise ValueError("m must be >= 1")
         messages = self._prompt(situation, action)
         return [self._ask(messages, j) for j in range(m)]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from simulation.behaviour.backends import ACTIONS
 from simulation.behaviour.policy import ArchetypePolicy, add_archetype_behaviour
 from simulation.engine import Trajectory, simulate
 from simulation.models import SEIRM
@@ -18,11 +19,15 @@ __all__ = ["StimulusComparison", "run_stimulus_comparison"]
 
 @dataclass
 class StimulusComparison:
+    """Both trajectories plus the behaviour query accounting (queries/day = K × A × M)."""
+
     baseline: Trajectory
     stimulus: Trajectory
     amount: float
     queries_per_day: float
-    archetypes: int
+    archetypes: float  # mean archetypes present per day (K)
+    actions: int  # A
+    samples: int  # M
 
     def plot(self, path: str | Path) -> Path:
         import matplotlib
@@ -36,7 +41,7 @@ class StimulusComparison:
             ax.plot(traj["new_infections"].detach().numpy(), label=f"{label}: {int(traj.total_infections):,} infections")
         ax.set_xlabel("day")
         ax.set_ylabel("new infections per day")
-        ax.set_title(f"Stimulus scenario · {self.archetypes} archetypes · {self.queries_per_day:.0f} queries/day (K×A×M)")
+        ax.set_title(f"Stimulus scenario · {self.archetypes:.0f} archetypes · {self.queries_per_day:.0f} queries/day (K×A×M)")
         ax.legend()
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -48,7 +53,12 @@ def run_stimulus_comparison(
     population: Population, days: int, amount: float, *, seed: int = 0, beta: float = 0.6,
     samples: int = 5, device: str = "cpu", progress=None,
 ) -> StimulusComparison:
-    """Run SEIRM + archetype behaviour twice (0 and ``amount`` dollars) with the same seed."""
+    """Run SEIRM + archetype behaviour twice (0 and ``amount`` dollars) with the same seed
+    and population; ``progress`` is called once per simulated day of either run."""
+    if days < 1:
+        raise ValueError("days must be >= 1")
+    if amount < 0:
+        raise ValueError("stimulus amount must be >= 0")
     runs = []
     policies: list[ArchetypePolicy] = []
     for stimulus in (0.0, amount):
@@ -57,5 +67,6 @@ def run_stimulus_comparison(
         with torch.no_grad():
             runs.append(simulate(model, population, days, seed, device=device, progress=progress))
     q = policies[1].queries_per_day
-    archetypes = int(policies[1].last_probabilities.abs().sum(1).gt(0).sum()) if policies[1].last_probabilities is not None else 0
-    return StimulusComparison(runs[0], runs[1], amount, sum(q) / max(len(q), 1), archetypes)
+    per_day = sum(q) / max(len(q), 1)
+    return StimulusComparison(runs[0], runs[1], amount, per_day, per_day / (len(ACTIONS) * samples),
+                              len(ACTIONS), samples)

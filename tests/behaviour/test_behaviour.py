@@ -140,3 +140,74 @@ def test_stimulus_reduces_infections():
     with torch.no_grad():
         none = simulate(base, pop, 45, seed=0)
     assert cmp.baseline.total_infections < none.total_infections  # behaviour reduces spread
+
+
+class _Never:
+    """A backend whose archetypes never act."""
+
+    def query(self, situation, action, m):
+        return [0.0] * m
+
+
+def test_inactive_behaviour_leaves_seirm_unchanged_and_counts_kam():
+    pop = synthesize("tiny", seed=2)
+    with torch.no_grad():
+        plain = simulate(SEIRM(beta=0.8), pop, 10, seed=3)
+        model = SEIRM(beta=0.8)
+        policy = add_archetype_behaviour(model, backend=_Never(), samples=3)
+        quiet = simulate(model, pop, 10, seed=3)
+    for c in ("S", "E", "I", "R", "M", "new_infections"):
+        assert torch.equal(plain[c], quiet[c]), c
+    spec = policy.spec
+    state = SEIRM(beta=0.8).initial_state(pop.n, torch.Generator().manual_seed(3), torch.device("cpu"))
+    present = int(torch.unique(assign_archetypes(spec, pop.attributes, state)).numel())
+    assert policy.queries_per_day[0] == present * 3 * 3  # K × A × M on day 0
+
+
+def test_bad_settings_are_rejected():
+    from simulation.behaviour import ArchetypePolicy
+
+    with pytest.raises(ValueError):
+        ArchetypePolicy(samples=0)
+    with pytest.raises(ValueError):
+        ArchetypePolicy(stimulus=-1)
+
+
+def test_rule_batch_matches_single_queries():
+    b = RuleBasedBackend()
+    sits = [_situation(prev=p, status=st, income=inc, stimulus=s)
+            for p, st, inc, s in ((0.01, 0, 0, 0), (0.05, 2, 1, 500), (0.0, 3, 2, 1000))]
+    batch = b.query_batch(sits, 4)
+    assert batch.shape == (3, 3, 4)
+    for i, s in enumerate(sits):
+        for a, action in enumerate(("isolate", "mask", "test")):
+            assert batch[i, a].tolist() == pytest.approx(b.query(s, action, 4), rel=1e-12)
+
+
+def test_conditional_draws_are_independent_bernoullis():
+    from simulation.behaviour.policy import conditional_draws
+
+    n = 400_000
+    u = torch.rand(n, generator=torch.Generator().manual_seed(5))
+    p = torch.tensor([0.3, 0.6, 0.05])[:, None].expand(3, n)
+    iso, mask, test = conditional_draws(p, u)
+    se = 4 * (0.25 / n) ** 0.5
+    for draw, pa in ((iso, 0.3), (mask, 0.6), (test, 0.05)):
+        assert abs(draw.mean().item() - pa) < se
+    assert abs((iso * mask).mean().item() - 0.18) < se  # independence, not comonotone
+    assert abs((mask * test).mean().item() - 0.03) < se
+
+
+def test_fused_kernel_equals_torch_path():
+    pop = synthesize("nyc", seed=0, scale=0.002)
+    runs = {}
+    for fused in (True, False):
+        model = SEIRM(beta=0.7)
+        pol = add_archetype_behaviour(model, fused=fused, stimulus=300)
+        with torch.no_grad():
+            runs[fused] = (simulate(model, pop, 20, seed=4), pol)
+    (a, pa), (b, pb) = runs[True], runs[False]
+    assert pa.queries_per_day == pb.queries_per_day
+    assert torch.equal(a.final_state["behaviour"], b.final_state["behaviour"])
+    assert torch.equal(a["new_infections"], b["new_infections"])
+    assert a.final_state["behaviour"].gt(0).any()
