@@ -20,6 +20,7 @@ from protocols.secagg.errors import (
     SecAggError,
     StageError,
     StaleMessageError,
+    TamperedMessageError,
     TamperedShareError,
 )
 from protocols.secagg.quantize import InputSpec
@@ -38,6 +39,7 @@ __all__ = [
     "SecAggError",
     "StageError",
     "StaleMessageError",
+    "TamperedMessageError",
     "TamperedShareError",
     "default_degree",
     "default_threshold",

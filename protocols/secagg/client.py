@@ -51,6 +51,8 @@ from protocols.secagg.messages import (
     Step,
     UnmaskRequest,
     UnmaskResponse,
+    add_mac,
+    strip_mac,
 )
 from protocols.secagg.shamir import ShamirError, decode_share, share_secret
 
@@ -112,6 +114,7 @@ class SecAggClient:
         self._peer_keys: dict[int, tuple[bytes, bytes]] = {}  # U1 neighbours: (c_pk, s_pk)
         self._channel: dict[int, bytes] = {}  # U1 neighbours: share-channel keys
         self._b_seed: bytes | None = None
+        self._mac: bytes = b""  # HMAC key shared with the server
         self._held: dict[int, tuple[bytes, bytes]] = {}  # U2 neighbours: their shares for me
 
     # -- helpers ---------------------------------------------------------------------
@@ -119,6 +122,13 @@ class SecAggClient:
         if self.stage is not stage:
             raise StageError(f"client {self.index} is in stage {self.stage.value}, "
                              f"not {stage.value}")
+
+    @property
+    def _limit(self) -> int:
+        return 400 + 136 * (self.config.degree + 2)
+
+    def _body(self, blob: bytes) -> bytes:
+        return strip_mac(self._mac, blob, self._limit)
 
     def _header(self, mtype: MsgType) -> Header:
         return Header(mtype, self.config.run_id, self.config.round, self.index, SERVER)
@@ -130,7 +140,11 @@ class SecAggClient:
         c_key, s_key = AgreementKey.generate(), AgreementKey.generate()
         c_pk, s_pk = c_key.public_bytes(), s_key.public_bytes()
         sig = self._identity.sign(masks.signed_key_statement(self.config, self.index, c_pk, s_pk))
-        self._c_key, self._s_key = c_key, s_key
+        try:
+            mac = masks.server_mac_key(self.config, c_key, self.index, self.config.server_pk)
+        except InvalidKeyError as exc:
+            raise ProtocolViolationError("the round's server key is invalid") from exc
+        self._c_key, self._s_key, self._mac = c_key, s_key, mac
         self.stage = ClientStage.SHARE_KEYS
         return Advertise(self._header(MsgType.ADVERTISE), c_pk, s_pk, sig).encode()
 
@@ -140,7 +154,7 @@ class SecAggClient:
         them, each share sealed to its receiver."""
         self._expect(ClientStage.SHARE_KEYS)
         cfg = self.config
-        roster = Roster.decode(roster_blob, cfg.n, cfg.degree)
+        roster = Roster.decode(self._body(roster_blob), cfg.n, cfg.degree)
         check_header(cfg, roster.header, SERVER, self.index)
         peers: dict[int, tuple[bytes, bytes]] = {}
         for e in roster.entries:
@@ -175,14 +189,14 @@ class SecAggClient:
         self._channel = channel
         self._b_seed = b_seed
         self.stage = ClientStage.MASKED_INPUT
-        return ShareBundle(self._header(MsgType.SHARES), tuple(envs)).encode()
+        return add_mac(self._mac, ShareBundle(self._header(MsgType.SHARES), tuple(envs)).encode())
 
     # -- stage 2 ---------------------------------------------------------------------
     def masked_input(self, delivery_blob: bytes, x: torch.Tensor | np.ndarray) -> bytes:
         """Open the neighbours' share envelopes, then return y = x + b_i + Σ ±s_ij."""
         self._expect(ClientStage.MASKED_INPUT)
         cfg = self.config
-        delivery = Delivery.decode(delivery_blob, cfg.n, cfg.degree)
+        delivery = Delivery.decode(self._body(delivery_blob), cfg.n, cfg.degree)
         check_header(cfg, delivery.header, SERVER, self.index)
         held: dict[int, tuple[bytes, bytes]] = {}
         ctxs = []
@@ -221,7 +235,7 @@ class SecAggClient:
             self._guard.accept(ctx)
         self._held = held
         self.stage = ClientStage.UNMASK
-        return MaskedInput(self._header(MsgType.MASKED), y).encode()
+        return add_mac(self._mac, MaskedInput(self._header(MsgType.MASKED), y).encode())
 
     # -- stage 3 ---------------------------------------------------------------------
     def unmask(self, request_blob: bytes) -> bytes:
@@ -229,7 +243,7 @@ class SecAggClient:
         it survived or the mask-key share if it dropped: never both, and only once."""
         self._expect(ClientStage.UNMASK)
         cfg = self.config
-        req = UnmaskRequest.decode(request_blob, cfg.n, cfg.degree + 1)
+        req = UnmaskRequest.decode(self._body(request_blob), cfg.n, cfg.degree + 1)
         check_header(cfg, req.header, SERVER, self.index)
         surv, drop = set(req.survivors), set(req.dropped)
         if surv & drop:
@@ -257,4 +271,5 @@ class SecAggClient:
         self._c_key = self._s_key = None
         self._b_seed = None
         self.stage = ClientStage.DONE
-        return UnmaskResponse(self._header(MsgType.UNMASK_RESPONSE), tuple(out)).encode()
+        msg = UnmaskResponse(self._header(MsgType.UNMASK_RESPONSE), tuple(out)).encode()
+        return add_mac(self._mac, msg)

@@ -33,7 +33,9 @@ class RoundConfig:
     """Everything public about one aggregation round.
 
     ``client_ids`` is the roster (index = position); ``graph_seed`` is public randomness that
-    fixes the neighbour graph; ``min_survivors`` is the smallest number of inputs the server
+    fixes the neighbour graph; ``server_pk`` is the server's X25519 key for this round (every
+    client–server message after the signed key advertisement carries an HMAC under a key
+    agreed with it); ``min_survivors`` is the smallest number of inputs the server
     may reveal a sum of.
     """
 
@@ -42,6 +44,7 @@ class RoundConfig:
     client_ids: tuple[str, ...]
     spec: InputSpec
     graph_seed: bytes
+    server_pk: bytes
     degree: int = 0
     threshold: int = 0
     min_survivors: int = 0
@@ -56,6 +59,8 @@ class RoundConfig:
             raise ValueError("client ids must be non-empty str of at most 255 bytes")
         if not isinstance(self.graph_seed, bytes) or len(self.graph_seed) != 32:
             raise ValueError("graph_seed must be 32 bytes")
+        if not isinstance(self.server_pk, bytes) or len(self.server_pk) != 32:
+            raise ValueError("server_pk must be 32 bytes")
         if not isinstance(self.round, int) or not 0 <= self.round < 2**63:
             raise ValueError("round must be an int in [0, 2^63)")
         if self.degree == 0:

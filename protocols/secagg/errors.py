@@ -41,6 +41,10 @@ class BadSignatureError(SecAggError):
     """A signed key advertisement does not verify under the sender's identity key."""
 
 
+class TamperedMessageError(SecAggError):
+    """A client–server message failed its HMAC (tampered, or keyed for another party)."""
+
+
 class TamperedShareError(SecAggError):
     """An encrypted share failed authentication (tampered, misrouted or replayed)."""
 

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from protocols.keys import IdentityKey
+from protocols.keys import AgreementKey, IdentityKey
 from protocols.secagg.client import SecAggClient
 from protocols.secagg.config import RoundConfig
 from protocols.secagg.quantize import InputSpec
 from protocols.secagg.server import SecAggServer
 
-__all__ = ["STAGES", "RoundResult", "make_round", "run_round"]
+__all__ = ["STAGES", "RoundResult", "RoundSetup", "make_round", "run_round"]
 
 STAGES = ("advertise", "share_keys", "masked_input", "unmask")
 
@@ -35,6 +35,26 @@ class RoundResult:
     server: SecAggServer | None = field(default=None, repr=False)
 
 
+@dataclass
+class RoundSetup:
+    """A round's public config plus the parties' secret keys (for in-process runs)."""
+
+    config: RoundConfig
+    identities: list[IdentityKey]
+    server_key: AgreementKey
+
+    @property
+    def registry(self) -> list[bytes]:
+        return [k.public_bytes() for k in self.identities]
+
+    def server(self) -> SecAggServer:
+        return SecAggServer(self.config, self.registry, self.server_key)
+
+    def clients(self) -> list[SecAggClient]:
+        reg = self.registry
+        return [SecAggClient(self.config, i, k, reg) for i, k in enumerate(self.identities)]
+
+
 def make_round(
     n: int,
     spec: InputSpec,
@@ -45,25 +65,26 @@ def make_round(
     threshold: int = 0,
     min_survivors: int = 0,
     identities: Sequence[IdentityKey] | None = None,
-) -> tuple[RoundConfig, list[IdentityKey]]:
-    """A round config with a fresh public graph seed, and identities for its clients."""
+) -> RoundSetup:
+    """A round config with a fresh public graph seed and server key, and client identities."""
     ids = list(identities) if identities is not None else [IdentityKey.generate() for _ in range(n)]
+    server_key = AgreementKey.generate()
     cfg = RoundConfig(
         run_id=run_id,
         round=round_,
         client_ids=tuple(f"client-{i}" for i in range(n)),
         spec=spec,
         graph_seed=os.urandom(32),
+        server_pk=server_key.public_bytes(),
         degree=degree,
         threshold=threshold,
         min_survivors=min_survivors,
     )
-    return cfg, ids
+    return RoundSetup(cfg, ids, server_key)
 
 
 def run_round(
-    config: RoundConfig,
-    identities: Sequence[IdentityKey],
+    setup: RoundSetup,
     inputs: Sequence[torch.Tensor | np.ndarray],
     dropouts: Mapping[str, set[int]] | None = None,
 ) -> RoundResult:
@@ -73,9 +94,9 @@ def run_round(
     unknown = set(dropouts) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}")
-    registry = [k.public_bytes() for k in identities]
-    server = SecAggServer(config, registry)
-    clients = [SecAggClient(config, i, identities[i], registry) for i in range(config.n)]
+    config = setup.config
+    server = setup.server()
+    clients = setup.clients()
     up = down = 0
     gone: set[int] = set()
 

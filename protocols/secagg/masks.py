@@ -19,6 +19,7 @@ __all__ = [
     "context",
     "pairwise_mask_key",
     "self_mask_key",
+    "server_mac_key",
     "signed_key_statement",
 ]
 
@@ -58,6 +59,12 @@ def pairwise_mask_key(
     """Seed of the pairwise mask between ``me`` and ``peer`` (same for both ends)."""
     secret = own.exchange(peer_pk)
     return derive_key(secret, _pair(cfg, Step.MASKED_INPUT, me, peer), label="secagg/pairwise-mask")
+
+
+def server_mac_key(cfg: RoundConfig, own: AgreementKey, client: int, peer_pk: bytes) -> bytes:
+    """HMAC key between client ``client`` and the server (either end computes it)."""
+    secret = own.exchange(peer_pk)
+    return derive_key(secret, context(cfg, Step.ADVERTISE, client, -1), label="secagg/server-mac")
 
 
 def self_mask_key(cfg: RoundConfig, index: int, seed: bytes) -> bytes:

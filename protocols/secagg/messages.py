@@ -10,6 +10,8 @@ header against their own context.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -18,7 +20,11 @@ import numpy as np
 import torch
 
 from protocols.envelope import NONCE_BYTES, TAG_BYTES
-from protocols.secagg.errors import MalformedMessageError, OversizedMessageError
+from protocols.secagg.errors import (
+    MalformedMessageError,
+    OversizedMessageError,
+    TamperedMessageError,
+)
 from protocols.secagg.shamir import SHARE_BYTES
 
 __all__ = [
@@ -35,7 +41,9 @@ __all__ = [
     "Step",
     "UnmaskRequest",
     "UnmaskResponse",
+    "add_mac",
     "parse_header",
+    "strip_mac",
 ]
 
 MAGIC = b"SAG1"
@@ -46,6 +54,29 @@ SHARE_PAYLOAD_BYTES = 8 + 2 * SHARE_BYTES
 ENVELOPE_BYTES = NONCE_BYTES + SHARE_PAYLOAD_BYTES + TAG_BYTES
 MAX_MESSAGE_BYTES = (1 << 29) + 1024  # above the largest masked vector InputSpec allows
 _U32 = struct.Struct(">I")
+MAC_BYTES = 32
+
+
+def add_mac(key: bytes, body: bytes) -> bytes:
+    """Append an HMAC-SHA256 tag over ``body``."""
+    return body + hmac.new(key, body, hashlib.sha256).digest()
+
+
+def strip_mac(key: bytes, blob: object, max_bytes: int) -> bytes:
+    """Check size and HMAC of ``blob``; return the body. Raises
+    :class:`OversizedMessageError`, :class:`MalformedMessageError` or
+    :class:`TamperedMessageError`."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise MalformedMessageError(f"message must be bytes, got {type(blob).__name__}")
+    blob = bytes(blob)
+    if len(blob) > max_bytes + MAC_BYTES:
+        raise OversizedMessageError(f"message of {len(blob)} bytes exceeds {max_bytes}")
+    if len(blob) < MAC_BYTES:
+        raise MalformedMessageError("message shorter than its MAC")
+    body, tag = blob[:-MAC_BYTES], blob[-MAC_BYTES:]
+    if not hmac.compare_digest(hmac.new(key, body, hashlib.sha256).digest(), tag):
+        raise TamperedMessageError("message MAC does not verify")
+    return body
 
 
 class Step(IntEnum):

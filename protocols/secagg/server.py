@@ -50,6 +50,8 @@ from protocols.secagg.messages import (
     ShareKind,
     UnmaskRequest,
     UnmaskResponse,
+    add_mac,
+    strip_mac,
 )
 from protocols.secagg.shamir import ShamirError, decode_share, reconstruct_secret
 
@@ -69,9 +71,15 @@ class SecAggServer:
     """The aggregator's side of one SecAgg+ round; :attr:`result` is the int64 ring sum of
     the survivors' encoded inputs, :meth:`decoded` the decoded sum."""
 
-    def __init__(self, config: RoundConfig, identity_registry: Sequence[bytes]) -> None:
+    def __init__(
+        self, config: RoundConfig, identity_registry: Sequence[bytes], server_key: AgreementKey
+    ) -> None:
         if len(identity_registry) != config.n:
             raise ValueError("identity registry must have one key per roster client")
+        if server_key.public_bytes() != config.server_pk:
+            raise ValueError("server key does not match the round's server_pk")
+        self._key = server_key
+        self._macs: dict[int, bytes] = {}
         self.config = config
         self._registry = tuple(identity_registry)
         self.graph = neighbour_graph(config.graph_seed, config.n, config.degree)
@@ -142,6 +150,12 @@ class SecAggServer:
     def _out_header(self, mtype: MsgType, receiver: int) -> Header:
         return Header(mtype, self.config.run_id, self.config.round, SERVER, receiver)
 
+    def _body(self, sender: int, blob: bytes) -> bytes:
+        if sender not in self._macs:
+            raise ProtocolViolationError(f"client {sender} has not advertised keys")
+        limit = 400 + max(136 * self.config.degree, 8 * self.config.spec.length)
+        return strip_mac(self._macs[sender], blob, limit)
+
     def _prune(self, alive: set[int]) -> frozenset[int]:
         """Largest subset in which every client keeps ≥ threshold live neighbours."""
         t = self.config.threshold
@@ -169,7 +183,12 @@ class SecAggServer:
             verify_signature(self._registry[sender], msg.signature, stmt)
         except (SignatureError, InvalidKeyError) as exc:
             raise BadSignatureError(f"key advertisement of {sender} does not verify") from exc
+        try:
+            mac = masks.server_mac_key(self.config, self._key, sender, msg.c_pk)
+        except InvalidKeyError as exc:
+            raise ProtocolViolationError(f"client {sender} advertised an invalid key") from exc
         self._adverts[sender] = msg
+        self._macs[sender] = mac
 
     def _close_advertise(self) -> dict[int, bytes]:
         u1 = self._prune(set(self._adverts))
@@ -181,14 +200,16 @@ class SecAggServer:
                 for j in sorted(self._nbrs[i] & u1)
                 for a in (self._adverts[j],)
             )
-            out[i] = Roster(self._out_header(MsgType.ROSTER, i), entries).encode()
+            out[i] = add_mac(
+                self._macs[i], Roster(self._out_header(MsgType.ROSTER, i), entries).encode()
+            )
         self.u1 = u1
         self.stage = ServerStage.SHARE_KEYS
         return out
 
     # -- stage 1 ---------------------------------------------------------------------
     def _on_shares(self, sender: int, blob: bytes) -> None:
-        msg = ShareBundle.decode(blob, self.config.n, self.config.degree)
+        msg = ShareBundle.decode(self._body(sender, blob), self.config.n, self.config.degree)
         self._check(sender, msg.header, self._bundles, self.u1)  # type: ignore[arg-type]
         receivers = {j for j, _ in msg.envelopes}
         if receivers != self._nbrs[sender] & self.u1:
@@ -205,7 +226,9 @@ class SecAggServer:
                 if j in u2:
                     inbox[j].append((i, env))
         out = {
-            j: Delivery(self._out_header(MsgType.DELIVERY, j), tuple(envs)).encode()
+            j: add_mac(
+                self._macs[j], Delivery(self._out_header(MsgType.DELIVERY, j), tuple(envs)).encode()
+            )
             for j, envs in inbox.items()
         }
         self.u2 = u2
@@ -215,7 +238,7 @@ class SecAggServer:
 
     # -- stage 2 ---------------------------------------------------------------------
     def _on_masked(self, sender: int, blob: bytes) -> None:
-        msg = MaskedInput.decode(blob, self.config.n, self.config.spec.length)
+        msg = MaskedInput.decode(self._body(sender, blob), self.config.n, self.config.spec.length)
         self._check(sender, msg.header, self._masked, self.u2)  # type: ignore[arg-type]
         self._masked[sender] = msg.vector
 
@@ -244,14 +267,14 @@ class SecAggServer:
                 tuple(sorted(nb & dropped)),
             )
             self._requests[i] = req
-            out[i] = req.encode()
+            out[i] = add_mac(self._macs[i], req.encode())
         self.u3, self.dropped = u3, dropped
         self.stage = ServerStage.UNMASK
         return out
 
     # -- stage 3 ---------------------------------------------------------------------
     def _on_unmask(self, sender: int, blob: bytes) -> None:
-        msg = UnmaskResponse.decode(blob, self.config.n, self.config.degree)
+        msg = UnmaskResponse.decode(self._body(sender, blob), self.config.n, self.config.degree)
         self._check(sender, msg.header, self._responses, self.u3)  # type: ignore[arg-type]
         req = self._requests[sender]
         expected = {j: ShareKind.SELF_MASK for j in req.survivors if j != sender}
