@@ -1,0 +1,228 @@
+"""Hybrid population ("dual agents", LPM paper §6): K physical agents, the rest synthetic.
+
+The contact graph is split in two: edges between two synthetic agents (summed centrally by
+the coordinator's CSR kernel) and *cross* edges, those with at least one physical endpoint.
+Cross edges are summed by the secure neighbourhood protocol: a physical agent's whole
+neighbour sum and a synthetic agent's sum over its physical contacts. In fleet mode (a
+simulated fleet) that is :class:`protocols.neighbourhood.FleetNeighbourhoodSum`; with real
+devices (Flower) the ServerApp passes the protocol's sums in ``step(cross_sums=...)``.
+Randomness is the central run's (``simulation.engine.step_uniforms``), so a hybrid run equals
+the centralised run with the same seed.
+
+Documented limit: a synthetic agent run by the coordinator learns its sum over its physical
+contacts (that is the coupling); with one physical contact that sum is the contact's status.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from protocols.neighbourhood import FleetNeighbourhoodSum, NeighbourhoodPolicy
+from simulation.engine import step_uniforms
+from simulation.estimators import get_estimator
+from simulation.kernels import NeighbourSum
+from simulation.models import SIR, infection_probability, infection_probability_dbeta
+from simulation.population import ContactGraph, CSRLayer, Population
+from simulation.substeps import State, StepContext
+
+__all__ = ["HybridError", "GraphSplit", "split_graph", "HybridSimulation", "agent_name",
+           "area_prevalence"]
+
+
+class HybridError(ValueError):
+    """Invalid hybrid-population settings."""
+
+
+def agent_name(i: int) -> str:
+    """Protocol identifier of agent ``i`` (pseudonymous handle used on the wire)."""
+    return f"a{int(i)}"
+
+
+@dataclass
+class GraphSplit:
+    """The merged graph split into central (synthetic–synthetic) and cross edges."""
+
+    n: int
+    physical: torch.Tensor  # int64 [K], sorted
+    is_physical: torch.Tensor  # bool [n]
+    central: CSRLayer
+    cross: CSRLayer
+    degree: torch.Tensor  # float32 [n], merged degree n_i
+
+    def cross_contacts(self) -> dict[str, list[tuple[str, float]]]:
+        """``{target: [(contact, w_target,contact)]}`` over cross edges (non-empty rows)."""
+        out: dict[str, list[tuple[str, float]]] = {}
+        ip, ix = self.cross.indptr, self.cross.indices
+        w = self.cross.weights
+        for t in torch.nonzero(ip[1:] > ip[:-1]).flatten().tolist():
+            a, b = int(ip[t]), int(ip[t + 1])
+            out[agent_name(t)] = [(agent_name(int(ix[k])), 1.0 if w is None else float(w[k]))
+                                  for k in range(a, b)]
+        return out
+
+
+def _sub_csr(layer: CSRLayer, keep: torch.Tensor) -> CSRLayer:
+    n = layer.n
+    rows = torch.repeat_interleave(torch.arange(n), layer.indptr[1:] - layer.indptr[:-1])
+    counts = torch.bincount(rows[keep], minlength=n)
+    indptr = torch.zeros(n + 1, dtype=torch.int64)
+    indptr[1:] = torch.cumsum(counts, 0)
+    weights = None if layer.weights is None else layer.weights[keep].contiguous()
+    return CSRLayer(indptr, layer.indices[keep].contiguous(), weights)
+
+
+def split_graph(graph: Population | ContactGraph, physical: torch.Tensor) -> GraphSplit:
+    """Split ``graph``'s merged layer around the ``physical`` agent indices."""
+    merged = (graph.graph if isinstance(graph, Population) else graph).merged()
+    n = merged.n
+    phys = torch.unique(torch.as_tensor(physical, dtype=torch.int64))
+    if phys.numel() == 0 or int(phys.min()) < 0 or int(phys.max()) >= n:
+        raise HybridError(f"physical agents must be 1..{n} distinct indices in [0, {n})")
+    is_phys = torch.zeros(n, dtype=torch.bool)
+    is_phys[phys] = True
+    rows = torch.repeat_interleave(torch.arange(n), merged.indptr[1:] - merged.indptr[:-1])
+    cross = is_phys[rows] | is_phys[merged.indices.long()]
+    return GraphSplit(n, phys, is_phys, _sub_csr(merged, ~cross), _sub_csr(merged, cross),
+                      merged.degree().float())
+
+
+def area_prevalence(infected: torch.Tensor, area: torch.Tensor | None) -> dict[str, float]:
+    """Public exposure: prevalence per area (``{"all": ...}`` without areas)."""
+    if area is None:
+        return {"all": float(infected.float().mean())}
+    a = area.long()
+    num = torch.bincount(a, weights=infected.double())
+    den = torch.bincount(a).clamp(min=1)
+    return {str(k): float(v) for k, v in enumerate((num / den).tolist())}
+
+
+class HybridSimulation:
+    """Day-by-day SIR over a hybrid population (physical agents in fleet or remote mode).
+
+    ``remote=False`` (fleet mode): the coordinator simulates the physical agents too (a
+    simulated fleet) and sums cross edges with :class:`FleetNeighbourhoodSum`.
+    ``remote=True``: physical agents live on devices; their rows here stay zero, the caller
+    passes the protocol's cross sums to :meth:`step` and adds the devices' counts.
+    """
+
+    def __init__(
+        self,
+        model: SIR,
+        population: Population | ContactGraph,
+        physical: torch.Tensor,
+        seed: int = 0,
+        *,
+        variant: str = "assisted",
+        policy: NeighbourhoodPolicy | None = None,
+        remote: bool = False,
+        secret: bytes | None = None,
+    ) -> None:
+        if not isinstance(model, SIR):
+            raise HybridError("hybrid mode supports the SIR model")
+        self.model = model
+        self.seed = int(seed)
+        self.remote = remote
+        self.split = split_graph(population, physical)
+        self.area = population.attributes.get("area") if isinstance(population, Population) \
+            else None
+        n = self.split.n
+        self._central = NeighbourSum(self.split.central, "cpu")
+        self._fleet = None if remote else FleetNeighbourhoodSum(
+            self.split.cross.indptr, self.split.cross.indices, self.split.cross.weights,
+            variant=variant, policy=policy, run_id="hybrid", secret=secret)
+        gen = torch.Generator().manual_seed(self.seed)
+        with torch.no_grad():
+            self.state: State = model.initial_state(n, gen, torch.device("cpu"))
+        self._initial_physical = {k: v[self.split.physical].clone() for k, v in self.state.items()}
+        if remote:
+            self._zero_physical()
+        self.day = 0  # next day to simulate
+        self._estimator = get_estimator("straight_through")
+        self.attributes = {"age_band": torch.zeros(n, dtype=torch.int8)}
+
+    def _zero_physical(self) -> None:
+        for v in self.state.values():
+            v[self.split.physical] = 0.0
+
+    @property
+    def physical_initial_state(self) -> dict[str, torch.Tensor]:
+        """Initial S/I/R of the physical agents (what each simulated device starts from)."""
+        return self._initial_physical
+
+    def counts(self) -> dict[str, float]:
+        return {c: float(self.state[c].sum()) for c in (*self.model.compartments,
+                                                         "new_infections")}
+
+    def step(self, cross_sums: torch.Tensor | None = None) -> dict[str, object]:
+        """Simulate day ``self.day``; returns the day's aggregates (counts, risk, ∂p/∂β)."""
+        n = self.split.n
+        if self.remote and cross_sums is None:
+            raise HybridError("remote mode needs the protocol's cross sums")
+        day = self.day
+        captured: dict[str, torch.Tensor] = {}
+
+        def neighbour_sum(infected: torch.Tensor) -> torch.Tensor:
+            central = self._central(infected)
+            if cross_sums is not None:
+                cross = torch.as_tensor(cross_sums, dtype=torch.float64)
+            else:
+                cross = self._fleet.step(infected, round=day).sums
+            cross = torch.nan_to_num(cross, nan=0.0).to(central.dtype)
+            total = central + cross
+            captured["sums"] = total
+            return total
+
+        with torch.no_grad():
+            ctx = StepContext(day=day, dt=1.0, uniforms=step_uniforms(self.seed, day, n, "cpu", 2),
+                              estimator=self._estimator, neighbour_sum=neighbour_sum,
+                              degree=self.split.degree, attributes=self.attributes, extras={})
+            susceptible = self.state["S"].clone()
+            self.state = self.model.step(self.state, ctx)
+            torch.set_num_threads(1)  # the numba kernel may have changed torch's threads
+            if self.remote:
+                self._zero_physical()
+            phys = self.split.physical
+            beta = self.model.beta.detach()
+            sums_p = captured["sums"][phys]
+            p = infection_probability(sums_p, susceptible[phys], self.split.degree[phys], beta)
+            dp = infection_probability_dbeta(sums_p, susceptible[phys], self.split.degree[phys],
+                                             beta)
+        self.day += 1
+        agg: dict[str, object] = {**self.counts(),
+                                  "exposure": area_prevalence(self.state["I"], self.area)}
+        if not self.remote:
+            agg.update({
+                "physical_I": float(self.state["I"][phys].sum()),
+                "physical_new_infections": float(self.state["new_infections"][phys].sum()),
+                "physical_expected_new": float(p.sum()),
+                "physical_dp_dbeta": float(dp.sum()),
+            })
+        return agg
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_bytes(self) -> bytes:
+        """The state (and next day) as compressed bytes for the store's checkpoint."""
+        buf = io.BytesIO()
+        np.savez_compressed(buf, day=np.array(self.day),
+                            **{k: v.numpy().astype(np.uint8) for k, v in self.state.items()})
+        return buf.getvalue()
+
+    def load_state(self, blob: bytes) -> None:
+        """Restore a checkpoint written by :meth:`state_bytes`."""
+        with np.load(io.BytesIO(blob)) as z:
+            self.day = int(z["day"])
+            self.state = {k: torch.from_numpy(z[k].astype(np.float32)) for k in self.state}
+
+
+def run_fleet_days(sim: HybridSimulation, days: int,
+                   on_day: Callable[[int, dict[str, object]], None] | None = None) -> None:
+    """Advance ``days`` days, calling ``on_day(day_number, aggregates)`` after each."""
+    for _ in range(days):
+        agg = sim.step()
+        if on_day is not None:
+            on_day(sim.day, agg)
