@@ -7,17 +7,22 @@ builds the app; serve it with uvicorn (``lpm coordinator``).
 
 
 import csv
-import logging
 import hmac
 import io
+import logging
 import threading
 import time
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, \
-    generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from pydantic import BaseModel, Field
 
 from coordinator.runner import RunConfig, RunConfigError, execute_run
