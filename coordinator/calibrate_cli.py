@@ -27,11 +27,17 @@ def calibrate_command(
     data: Path | None = typer.Option(None, help="NYC cases CSV (default: the bundled copy)."),
     out: Path = typer.Option(Path("out/calibrate"), help="Output directory."),
     seed: int = typer.Option(0),
+    institutions: str | None = typer.Option(
+        None, help="Private multi-institution calibration under MPC, e.g. BX,BK,MN,QN,SI "
+        "(each institution process reads only its own column of --data)."),
 ) -> None:
     """Calibrate by gradient descent through the simulator; writes JSON and a PNG."""
     from simulation.calibration.data import DataError
 
     out.mkdir(parents=True, exist_ok=True)
+    if institutions is not None:
+        _institutional(institutions, data, steps, out)
+        return
     if scenario == "synthetic":
         from simulation.calibration.synthetic import recover_beta
 
@@ -66,6 +72,28 @@ def calibrate_command(
                   f"MAPE {fit.quality['mape_7day']:.1%}, ascertainment {fit.ascertainment:.1%}, "
                   f"reporting delay {fit.delay_mean:.1f} d; {fit.runs} runs in {fit.seconds:.0f} s")
     console.print(f"wrote {png} and {out / 'nyc_first_wave.json'}")
+
+
+def _institutional(institutions: str, data: Path | None, steps: int, out: Path) -> None:
+    from importlib import resources
+
+    from coordinator.institutional import run_institutional_calibration
+
+    names = [s.strip().upper() for s in institutions.split(",") if s.strip()]
+    path = data or Path(str(resources.files("simulation.data").joinpath("nyc_cases_2020.csv")))
+    with _bar() as bar:
+        task = bar.add_task(f"MPC calibration ({len(names)} institutions)", total=steps, loss="-")
+        try:
+            run = run_institutional_calibration(path, names, steps=steps,
+                                                progress=lambda s, v: bar.update(task, completed=s + 1, loss=f"{v:.3f}"))
+        except (ValueError, FileNotFoundError) as exc:
+            raise typer.BadParameter(str(exc)) from exc
+    console.print(f"coordinator learned only loss and gradient: final loss {run.losses[-1]:.3f} "
+                  f"(from {run.losses[0]:.3f}); θ = " + ", ".join(f"{k} {v:.3f}" for k, v in run.theta.items()))
+    console.print(f"{run.seconds_per_round:.2f} s and {run.bytes_per_round / 1e3:.1f} kB (coordinator traffic) per MPC round")
+    (out / "institutional.json").write_text(json.dumps({"losses": run.losses, "theta": run.theta,
+                                                         "seconds_per_round": run.seconds_per_round,
+                                                         "bytes_per_round": run.bytes_per_round}, indent=2))
 
 
 def sensitivity_command(
