@@ -11,6 +11,7 @@ used on CUDA and for estimators other than straight-through.
 from __future__ import annotations
 
 import numba
+import numpy as np
 
 __all__ = ["observe_kernel", "sample_kernel"]
 
@@ -30,25 +31,20 @@ def observe_kernel(static, area, s, e, i, n_areas, ids, pair, area_inf):  # prag
         area_inf[a] += i[j]
 
 
-@numba.njit(cache=True, inline="always")
-def _draw(p, x):  # pragma: no cover - compiled
-    """One Bernoulli(p) from uniform x, and the leftover uniform."""
-    if x < p:
-        return 1.0, x / p
-    if p < 1.0:
-        return 0.0, (x - p) / (1.0 - p)
-    return 0.0, 0.0
-
-
-@numba.njit(parallel=True, cache=True, fastmath=False)
-def sample_kernel(ids, table, u, iso_effect, mask_effect, reduction, test):  # pragma: no cover
+@numba.njit(cache=True, fastmath=False)
+def sample_kernel(ids, table, inv_p, inv_q, u, iso_effect, mask_effect, reduction, test):  # pragma: no cover
     """Per agent: isolate, mask, test ~ Bernoulli(table[k]) from one uniform; writes the
-    contact reduction 1 − (1 − iso_effect·iso)(1 − mask_effect·mask) and the test flag."""
-    for j in numba.prange(ids.size):
+    contact reduction 1 − (1 − iso_effect·iso)(1 − mask_effect·mask) and the test flag.
+
+    Branch-free (arithmetic select) with reciprocal tables inv_p = 1/p, inv_q = 1/(1 − p)
+    (float32, clamped), so it matches ``policy.conditional_draws`` bit for bit."""
+    one = np.float32(1.0)
+    for j in range(ids.size):
         k = ids[j]
         x = u[j]
-        iso, x = _draw(table[k, 0], x)
-        mask, x = _draw(table[k, 1], x)
-        tst, x = _draw(table[k, 2], x)
-        reduction[j] = 1.0 - (1.0 - iso_effect * iso) * (1.0 - mask_effect * mask)
-        test[j] = tst
+        h0 = np.float32(x < table[k, 0])
+        x = h0 * (x * inv_p[k, 0]) + (one - h0) * ((x - table[k, 0]) * inv_q[k, 0])
+        h1 = np.float32(x < table[k, 1])
+        x = h1 * (x * inv_p[k, 1]) + (one - h1) * ((x - table[k, 1]) * inv_q[k, 1])
+        test[j] = np.float32(x < table[k, 2])
+        reduction[j] = 1.0 - (1.0 - iso_effect * h0) * (1.0 - mask_effect * h1)

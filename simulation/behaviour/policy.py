@@ -17,7 +17,13 @@ from __future__ import annotations
 import torch
 
 from simulation.behaviour.archetypes import ArchetypeSpec, assign_archetypes, static_code
-from simulation.behaviour.backends import ACTIONS, BehaviourBackend, BehaviourBackendError, RuleBasedBackend, Situation
+from simulation.behaviour.backends import (
+    ACTIONS,
+    BehaviourBackend,
+    BehaviourBackendError,
+    RuleBasedBackend,
+    Situation,
+)
 from simulation.behaviour.kernels import observe_kernel, sample_kernel
 from simulation.estimators import straight_through
 from simulation.models.seirm import SEIRM
@@ -28,15 +34,21 @@ __all__ = ["ArchetypePolicy", "add_archetype_behaviour", "conditional_draws"]
 
 def conditional_draws(p: torch.Tensor, u: torch.Tensor, estimator=straight_through) -> list[torch.Tensor]:
     """Sample independent Bernoulli(p[a]) for each row a of ``p`` [A, n] from one uniform
-    ``u`` [n]: a = 1[u < p]; the leftover uniform u/p or (u − p)/(1 − p) feeds the next."""
-    tiny = torch.finfo(u.dtype).tiny
+    ``u`` [n]: a = 1[u < p]; the leftover uniform u/p or (u − p)/(1 − p) feeds the next.
+    Each draw uses up about log2(1/p) of the uniform's 24 bits; ample for three actions."""
+    inv_p, inv_q = _reciprocals(p)
     out = []
     x = u
-    for pa in p:
+    for pa, ip, iq in zip(p, inv_p, inv_q, strict=True):
         out.append(estimator(pa, x))
-        hit = x < pa
-        x = torch.where(hit, x / pa.clamp(min=tiny), ((x - pa) / (1 - pa).clamp(min=tiny)).clamp(0, 1))
+        x = torch.where(x < pa, x * ip, (x - pa) * iq)
     return out
+
+
+def _reciprocals(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """1/p and 1/(1 − p), clamped away from division by zero."""
+    tiny = torch.finfo(p.dtype).tiny
+    return 1 / p.clamp(min=tiny), 1 / (1 - p).clamp(min=tiny)
 
 
 class ArchetypePolicy(Substep):
@@ -165,7 +177,9 @@ class ArchetypePolicy(Substep):
             n = ids.numel()
             reduction = torch.empty(n, dtype=torch.float32)
             test = self._buffer("test", n, torch.float32)
-            sample_kernel(ids.numpy(), table.numpy(), u.contiguous().numpy(), self.isolation_effect,
+            inv_p, inv_q = _reciprocals(table)
+            sample_kernel(ids.numpy(), table.numpy(), inv_p.numpy(), inv_q.numpy(), u.contiguous().numpy(),
+                          self.isolation_effect,
                           self.mask_effect, reduction.numpy(), test.numpy())
         else:
             p = table.T[:, ids.long()]  # [A, n]
