@@ -183,3 +183,17 @@ def test_cli_writes_series_and_png(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert bad.returncode != 0 and "unknown preset" in bad.stderr
+
+
+def test_bitpacked_and_float_kernels_agree():
+    from simulation.kernels import _cpu_sum
+
+    layer = random_contact_graph(5000, 9, seed=3).merged()
+    op = NeighbourSum(layer)
+    binary = (torch.rand(5000) < 0.2).float()
+    assert torch.equal(op.plain(binary), _cpu_sum(layer, binary, None, None))
+    fractional = torch.rand(5000)  # not 0/1: must fall back to the float kernel
+    assert torch.allclose(op.plain(fractional), _cpu_sum(layer, fractional, None, None))
+    weighted = synthesize("tiny", seed=0).graph.merged()
+    x = (torch.rand(weighted.n) < 0.3).float()
+    assert torch.allclose(NeighbourSum(weighted).plain(x), _cpu_sum(weighted, x, None, None))
