@@ -1,6 +1,7 @@
-"""Archetypes: agents grouped by static attributes (age band, income, occupation) and dynamic
-ones (disease status, employment). Dynamic attributes change daily, so agents move between
-archetypes over time; the grouping is a mixed-radix code, computed in one pass."""
+"""Archetypes: agents grouped by static attributes (age band, income band, occupation) and a
+dynamic one (disease status S/E/I/R). Disease status changes daily, so agents move between
+archetypes over time; the grouping is a mixed-radix code, computed in one pass. (Employment
+is not a separate dynamic attribute yet: the synthetic population has none.)"""
 
 from __future__ import annotations
 

@@ -39,12 +39,15 @@ def sample_kernel(ids, table, inv_p, inv_q, u, iso_effect, mask_effect, reductio
     Branch-free (arithmetic select) with reciprocal tables inv_p = 1/p, inv_q = 1/(1 − p)
     (float32, clamped), so it matches ``policy.conditional_draws`` bit for bit."""
     one = np.float32(1.0)
+    ie = np.float32(iso_effect)
+    me = np.float32(mask_effect)
     for j in range(ids.size):
         k = ids[j]
+        p, rp, rq = table[k], inv_p[k], inv_q[k]
         x = u[j]
-        h0 = np.float32(x < table[k, 0])
-        x = h0 * (x * inv_p[k, 0]) + (one - h0) * ((x - table[k, 0]) * inv_q[k, 0])
-        h1 = np.float32(x < table[k, 1])
-        x = h1 * (x * inv_p[k, 1]) + (one - h1) * ((x - table[k, 1]) * inv_q[k, 1])
-        test[j] = np.float32(x < table[k, 2])
-        reduction[j] = 1.0 - (1.0 - iso_effect * h0) * (1.0 - mask_effect * h1)
+        h0 = np.float32(x < p[0])
+        x = h0 * (x * rp[0]) + (one - h0) * ((x - p[0]) * rq[0])
+        h1 = np.float32(x < p[1])
+        x = h1 * (x * rp[1]) + (one - h1) * ((x - p[1]) * rq[1])
+        test[j] = np.float32(x < p[2])
+        reduction[j] = one - (one - ie * h0) * (one - me * h1)
