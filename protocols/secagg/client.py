@@ -101,6 +101,7 @@ class SecAggClient:
         if identity.public_bytes() != identity_registry[index]:
             raise ValueError("identity key does not match the registry entry")
         self.config = config
+        self._ctx = masks.Contexts(config)
         self.index = index
         self._identity = identity
         self._registry = tuple(identity_registry)
@@ -139,9 +140,9 @@ class SecAggClient:
         self._expect(ClientStage.ADVERTISE)
         c_key, s_key = AgreementKey.generate(), AgreementKey.generate()
         c_pk, s_pk = c_key.public_bytes(), s_key.public_bytes()
-        sig = self._identity.sign(masks.signed_key_statement(self.config, self.index, c_pk, s_pk))
+        sig = self._identity.sign(masks.signed_key_statement(self._ctx, self.index, c_pk, s_pk))
         try:
-            mac = masks.server_mac_key(self.config, c_key, self.index, self.config.server_pk)
+            mac = masks.server_mac_key(self._ctx, c_key, self.index, self.config.server_pk)
         except InvalidKeyError as exc:
             raise ProtocolViolationError("the round's server key is invalid") from exc
         self._c_key, self._s_key, self._mac = c_key, s_key, mac
@@ -160,7 +161,7 @@ class SecAggClient:
         for e in roster.entries:
             if e.index not in self.neighbours:
                 raise ProtocolViolationError(f"roster names {e.index}, not a neighbour")
-            stmt = masks.signed_key_statement(cfg, e.index, e.c_pk, e.s_pk)
+            stmt = masks.signed_key_statement(self._ctx, e.index, e.c_pk, e.s_pk)
             try:
                 verify_signature(self._registry[e.index], e.signature, stmt)
             except (SignatureError, InvalidKeyError) as exc:
@@ -180,7 +181,7 @@ class SecAggClient:
         channel = {}
         for j, bs, ss in zip(order, b_shares, sk_shares, strict=True):
             try:
-                channel[j] = masks.channel_key(cfg, self._c_key, self.index, j, peers[j][0])
+                channel[j] = masks.channel_key(self._ctx, self._c_key, self.index, j, peers[j][0])
             except InvalidKeyError as exc:
                 raise ProtocolViolationError(f"neighbour {j} advertised an invalid key") from exc
             ctx = masks.context(cfg, Step.SHARE_KEYS, self.index, j)
@@ -226,10 +227,10 @@ class SecAggClient:
                                    f"threshold is {cfg.threshold}")
         y = cfg.spec.encode(x).clone()
         buf = torch.empty(cfg.spec.length, dtype=torch.int64)
-        ring_keystream(masks.self_mask_key(cfg, self.index, self._b_seed), buf.numel(), out=buf)
+        ring_keystream(masks.self_mask_key(self._ctx, self.index, self._b_seed), buf.numel(), out=buf)
         y.add_(buf)
         for j in sorted(held):
-            key = masks.pairwise_mask_key(cfg, self._s_key, self.index, j, self._peer_keys[j][1])
+            key = masks.pairwise_mask_key(self._ctx, self._s_key, self.index, j, self._peer_keys[j][1])
             masks.add_pairwise_mask(y, key, self.index, j, buf)
         for ctx in ctxs:
             self._guard.accept(ctx)

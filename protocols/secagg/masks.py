@@ -6,6 +6,8 @@ masks are ChaCha20 keystreams under the full 256-bit derived key (no 32-bit seed
 
 from __future__ import annotations
 
+import struct
+
 import torch
 
 from protocols.envelope import MessageContext
@@ -14,6 +16,7 @@ from protocols.secagg.config import PROTOCOL, RoundConfig
 from protocols.secagg.messages import Step
 
 __all__ = [
+    "Contexts",
     "add_pairwise_mask",
     "channel_key",
     "context",
@@ -37,39 +40,69 @@ def context(cfg: RoundConfig, step: Step, sender: int, receiver: int) -> Message
     )
 
 
-def signed_key_statement(cfg: RoundConfig, index: int, c_pk: bytes, s_pk: bytes) -> bytes:
+def _field(value: str) -> bytes:
+    raw = value.encode()
+    return bytes([len(raw)]) + raw
+
+
+class Contexts:
+    """Pre-encoded context fields of one round: ``info(step, a, b)`` equals
+    ``context(cfg, step, a, b).to_bytes()`` without building a MessageContext per key."""
+
+    def __init__(self, cfg: RoundConfig) -> None:
+        self.cfg = cfg
+        self._head = _field(PROTOCOL) + _field(cfg.run_id)
+        self._ids = [_field(c) for c in cfg.client_ids]
+        self._server = _field("server")
+        self._steps = {int(s): struct.pack(">QQ", cfg.round, int(s)) for s in Step}
+
+    def info(self, step: Step, sender: int, receiver: int) -> bytes:
+        return b"".join((
+            self._head,
+            self._steps[int(step)],
+            self._server if sender < 0 else self._ids[sender],
+            self._server if receiver < 0 else self._ids[receiver],
+        ))
+
+
+def _contexts(cfg: RoundConfig | Contexts) -> Contexts:
+    return cfg if isinstance(cfg, Contexts) else Contexts(cfg)
+
+
+def signed_key_statement(cfg: RoundConfig | Contexts, index: int, c_pk: bytes, s_pk: bytes) -> bytes:
     """What a client signs: its two public keys bound to this run, round and identity."""
-    return b"secagg/advertise" + context(cfg, Step.ADVERTISE, index, -1).to_bytes() + c_pk + s_pk
+    return b"secagg/advertise" + _contexts(cfg).info(Step.ADVERTISE, index, -1) + c_pk + s_pk
 
 
-def _pair(cfg: RoundConfig, step: Step, a: int, b: int) -> MessageContext:
-    lo, hi = min(a, b), max(a, b)
-    return context(cfg, step, lo, hi)
+def _pair(cfg: RoundConfig | Contexts, step: Step, a: int, b: int) -> bytes:
+    return _contexts(cfg).info(step, min(a, b), max(a, b))
 
 
-def channel_key(cfg: RoundConfig, own: AgreementKey, me: int, peer: int, peer_pk: bytes) -> bytes:
+def channel_key(cfg: RoundConfig | Contexts, own: AgreementKey, me: int, peer: int, peer_pk: bytes) -> bytes:
     """Symmetric key for the share envelopes between ``me`` and ``peer``."""
     secret = own.exchange(peer_pk)
     return derive_key(secret, _pair(cfg, Step.SHARE_KEYS, me, peer), label="secagg/share-channel")
 
 
 def pairwise_mask_key(
-    cfg: RoundConfig, own: AgreementKey, me: int, peer: int, peer_pk: bytes
+    cfg: RoundConfig | Contexts, own: AgreementKey, me: int, peer: int, peer_pk: bytes
 ) -> bytes:
     """Seed of the pairwise mask between ``me`` and ``peer`` (same for both ends)."""
     secret = own.exchange(peer_pk)
     return derive_key(secret, _pair(cfg, Step.MASKED_INPUT, me, peer), label="secagg/pairwise-mask")
 
 
-def server_mac_key(cfg: RoundConfig, own: AgreementKey, client: int, peer_pk: bytes) -> bytes:
+def server_mac_key(cfg: RoundConfig | Contexts, own: AgreementKey, client: int, peer_pk: bytes) -> bytes:
     """HMAC key between client ``client`` and the server (either end computes it)."""
     secret = own.exchange(peer_pk)
-    return derive_key(secret, context(cfg, Step.ADVERTISE, client, -1), label="secagg/server-mac")
+    info = _contexts(cfg).info(Step.ADVERTISE, client, -1)
+    return derive_key(secret, info, label="secagg/server-mac")
 
 
-def self_mask_key(cfg: RoundConfig, index: int, seed: bytes) -> bytes:
+def self_mask_key(cfg: RoundConfig | Contexts, index: int, seed: bytes) -> bytes:
     """Key of client ``index``'s self mask b_i from its random 32-byte seed."""
-    return derive_key(seed, context(cfg, Step.MASKED_INPUT, index, index), label="secagg/self-mask")
+    info = _contexts(cfg).info(Step.MASKED_INPUT, index, index)
+    return derive_key(seed, info, label="secagg/self-mask")
 
 
 def add_pairwise_mask(

@@ -81,6 +81,7 @@ class SecAggServer:
         self._key = server_key
         self._macs: dict[int, bytes] = {}
         self.config = config
+        self._ctx = masks.Contexts(config)
         self._registry = tuple(identity_registry)
         self.graph = neighbour_graph(config.graph_seed, config.n, config.degree)
         self._nbrs = [frozenset(g) for g in self.graph]
@@ -178,13 +179,13 @@ class SecAggServer:
     def _on_advertise(self, sender: int, blob: bytes) -> None:
         msg = Advertise.decode(blob, self.config.n)
         self._check(sender, msg.header, self._adverts, None)  # type: ignore[arg-type]
-        stmt = masks.signed_key_statement(self.config, sender, msg.c_pk, msg.s_pk)
+        stmt = masks.signed_key_statement(self._ctx, sender, msg.c_pk, msg.s_pk)
         try:
             verify_signature(self._registry[sender], msg.signature, stmt)
         except (SignatureError, InvalidKeyError) as exc:
             raise BadSignatureError(f"key advertisement of {sender} does not verify") from exc
         try:
-            mac = masks.server_mac_key(self.config, self._key, sender, msg.c_pk)
+            mac = masks.server_mac_key(self._ctx, self._key, sender, msg.c_pk)
         except InvalidKeyError as exc:
             raise ProtocolViolationError(f"client {sender} advertised an invalid key") from exc
         self._adverts[sender] = msg
@@ -307,14 +308,14 @@ class SecAggServer:
         try:
             for i in sorted(self.u3):
                 seed = reconstruct_secret(shares[i], cfg.threshold)
-                ring_keystream(masks.self_mask_key(cfg, i, seed), buf.numel(), out=buf)
+                ring_keystream(masks.self_mask_key(self._ctx, i, seed), buf.numel(), out=buf)
                 total.sub_(buf)
             for d in sorted(self.dropped):
                 sk = AgreementKey.from_private_bytes(reconstruct_secret(shares[d], cfg.threshold))
                 if sk.public_bytes() != self._adverts[d].s_pk:
                     raise ProtocolViolationError(f"reconstructed mask key of {d} is inconsistent")
                 for i in sorted(self._nbrs[d] & self.u3):
-                    key = masks.pairwise_mask_key(cfg, sk, d, i, self._adverts[i].s_pk)
+                    key = masks.pairwise_mask_key(self._ctx, sk, d, i, self._adverts[i].s_pk)
                     masks.add_pairwise_mask(total, key, i, d, buf, sign=-1)
         except (ShamirError, InvalidKeyError) as exc:
             raise ProtocolViolationError(f"share reconstruction failed: {exc}") from exc

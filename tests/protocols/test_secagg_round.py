@@ -251,3 +251,14 @@ def test_unmask_request_cannot_ask_for_both_shares_of_a_peer() -> None:
     with pytest.raises(StageError):  # a second request is refused: one kind per peer, once
         c.unmask(reqs[0])
     assert reply
+
+
+def test_cached_context_encoding_matches_message_context() -> None:
+    from protocols.secagg import masks
+    from protocols.secagg.messages import Step
+
+    setup = make_round(5, InputSpec("int", 4, 10), run_id="r-é", round_=9)
+    ctxs = masks.Contexts(setup.config)
+    for step in Step:
+        for a, b in ((0, 4), (3, -1), (-1, 2), (1, 1)):
+            assert ctxs.info(step, a, b) == masks.context(setup.config, step, a, b).to_bytes()
