@@ -122,7 +122,14 @@ class LLMBackend:
         self.requests = 0
 
     def close(self) -> None:
+        """Close the HTTP connection pool."""
         self._client.close()
+
+    def __enter__(self) -> LLMBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _prompt(self, situation: Situation, action: str) -> list[dict[str, str]]:
         question = {

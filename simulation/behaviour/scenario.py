@@ -38,8 +38,9 @@ class StimulusComparison:
         path = Path(path)
         fig, ax = plt.subplots(figsize=(8, 4.5))
         for traj, label in ((self.baseline, "no stimulus"), (self.stimulus, f"${self.amount:.0f} stimulus")):
-            ax.plot(traj["new_infections"].detach().numpy(), label=f"{label}: {int(traj.total_infections):,} infections")
-        ax.set_xlabel("day")
+            daily = traj["new_infections"].detach().cpu().numpy()
+            ax.plot(range(1, len(daily)), daily[1:], label=f"{label}: {int(traj.total_infections):,} infections")
+        ax.set_xlabel("day (day-0 seed infections not drawn)")
         ax.set_ylabel("new infections per day")
         ax.set_title(f"Stimulus scenario · {self.archetypes:.0f} archetypes · {self.queries_per_day:.0f} queries/day (K×A×M)")
         ax.legend()

@@ -59,7 +59,7 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
 @pytest.fixture()
 def fake_llm():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     _FakeOpenAI.fail_next, _FakeOpenAI.calls, _FakeOpenAI.reply = 0, 0, None
     yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -115,8 +115,7 @@ def test_llm_backend_against_local_server_caches_and_retries(fake_llm):
 
 
 def test_llm_backend_unreachable_endpoint_is_a_clear_error():
-    llm = LLMBackend("http://127.0.0.1:9", retries=0, timeout=1)
-    with pytest.raises(BehaviourBackendError):
+    with LLMBackend("http://127.0.0.1:9", retries=0, timeout=1) as llm, pytest.raises(BehaviourBackendError):
         llm.query(_situation(), "isolate", 1)
 
 
@@ -128,6 +127,9 @@ def test_llm_backend_drives_the_simulation(fake_llm):
     tr = simulate(model, pop, 8, seed=1)
     assert len(policy.queries_per_day) == 8
     assert all(q % (3 * 2) == 0 for q in policy.queries_per_day)  # K_present × A × M
+    assert set(policy.last_probabilities.unique().tolist()) <= {0.0, 1.0}  # yes/no answers
+    assert _FakeOpenAI.calls <= sum(policy.queries_per_day)  # cache: never more calls than queries
+    llm.close()
     assert torch.all(sum(tr[c] for c in ("S", "E", "I", "R", "M")) == pop.n)
 
 
@@ -211,3 +213,14 @@ def test_fused_kernel_equals_torch_path():
     assert torch.equal(a.final_state["behaviour"], b.final_state["behaviour"])
     assert torch.equal(a["new_infections"], b["new_infections"])
     assert a.final_state["behaviour"].gt(0).any()
+
+
+@pytest.mark.parametrize("estimator", ["straight_through", "expected"])
+def test_gradients_flow_through_seirm_with_behaviour(estimator):
+    pop = synthesize("tiny", seed=0)
+    model = SEIRM(beta=0.8)
+    policy = add_archetype_behaviour(model, stimulus=200)
+    tr = simulate(model, pop, 6, seed=0, estimator=estimator)
+    tr.total_infections.backward()
+    assert torch.isfinite(model.beta.grad) and model.beta.grad != 0
+    assert len(policy.queries_per_day) == 6
