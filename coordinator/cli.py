@@ -1,0 +1,93 @@
+"""`lpm demo`, `lpm fleet`, `lpm coordinator`: the coordinator's commands."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["register"]
+
+
+def demo(
+    out: Annotated[Path, typer.Option(help="Output folder (store, bundle, PNG, CSV).")] = Path(
+        "demo-out"),
+    devices: Annotated[int, typer.Option(min=1)] = 50,
+    days: Annotated[int, typer.Option(min=2)] = 8,
+    scale: Annotated[float, typer.Option(min=0.001, max=1.0)] = 0.67,
+    seed: int = 0,
+) -> None:
+    """The full story: synthetic city + simulated devices, secure daily rounds, calibration,
+    signed ONNX bundle, device forecast, results over HTTP."""
+    from coordinator.demo import run_demo
+
+    run_demo(out, devices=devices, days=days, scale=scale, seed=seed)
+
+
+def fleet(
+    devices: Annotated[int, typer.Option(min=1, help="Simulated devices (Flower ClientApps).")],
+    days: Annotated[int, typer.Option(min=1)] = 5,
+    population: str = "tiny",
+    scale: float = 1.0,
+    seed: int = 0,
+    db: Annotated[Path, typer.Option(help="Coordinator SQLite store.")] = Path(
+        "lpm-coordinator.db"),
+) -> None:
+    """Run a hybrid run with N simulated devices on Flower's simulation engine."""
+    from coordinator.fleet import run_fleet
+    from coordinator.runner import RunConfig
+    from coordinator.store import CoordinatorStore
+
+    cfg = RunConfig(population=population, scale=scale, days=days, seed=seed, devices=devices)
+    store = CoordinatorStore(db)
+    rid = store.create_run(cfg.to_dict(), days)
+    store.set_status(rid, "running")
+    try:
+        run_fleet(cfg, store=store, run_id=rid, on_day=lambda d, r: typer.echo(
+            f"day {d}: S={r['S']:.0f} I={r['I']:.0f} R={r['R']:.0f} "
+            f"devices infected={r['physical_I']}"))
+    except Exception as exc:
+        store.set_status(rid, "failed", f"{type(exc).__name__}: {exc}")
+        raise
+    store.set_status(rid, "completed")
+    typer.echo(f"run {rid} stored in {db}")
+
+
+def coordinator(
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    db: Annotated[Path, typer.Option(help="Coordinator SQLite store.")] = Path(
+        "lpm-coordinator.db"),
+    resume: Annotated[bool, typer.Option(help="Resume unfinished runs at start.")] = True,
+) -> None:
+    """HTTP service + run loop. The write token comes from $LPM_COORDINATOR_TOKEN (or is
+    generated and printed). Flower deployments run `flwr run .` against a SuperLink; the
+    ServerApp writes to the same store (run config key `db`)."""
+    import threading
+
+    import uvicorn
+
+    from coordinator.runner import execute_run
+    from coordinator.service import create_app
+    from coordinator.store import CoordinatorStore
+
+    token = os.environ.get("LPM_COORDINATOR_TOKEN") or secrets.token_urlsafe(24)
+    if "LPM_COORDINATOR_TOKEN" not in os.environ:
+        typer.echo(f"write token (set LPM_COORDINATOR_TOKEN to choose one): {token}")
+    store = CoordinatorStore(db)
+    if resume:
+        for rec in store.list_runs():
+            if rec.status in ("running", "pending") and "devices" in rec.config:
+                typer.echo(f"resuming run {rec.id} from day {rec.completed_days}")
+                threading.Thread(target=execute_run, args=(store, rec.id), daemon=True).start()
+    uvicorn.run(create_app(store, token), host=host, port=port, log_level="info")
+
+
+def register(app: typer.Typer) -> None:
+    """Mount the coordinator commands on the `lpm` app."""
+    app.command("demo")(demo)
+    app.command("fleet")(fleet)
+    app.command("coordinator")(coordinator)
