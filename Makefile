@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/lpm simulate --preset oxford --days 60 --out out/demo
+	$(VENV)/bin/lpm demo --out out/demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
