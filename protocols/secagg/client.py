@@ -8,6 +8,7 @@ unchanged: everything is validated before anything is stored.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from enum import Enum
@@ -274,3 +275,48 @@ class SecAggClient:
         self.stage = ClientStage.DONE
         msg = UnmaskResponse(self._header(MsgType.UNMASK_RESPONSE), tuple(out)).encode()
         return add_mac(self._mac, msg)
+
+    # -- persistence (devices whose runtime keeps no Python objects between messages) --
+    def export_state(self) -> bytes:
+        """Serialise the round state, private keys included: store it only on the device."""
+        def hx(b: bytes | None) -> str:
+            return "" if b is None else b.hex()
+
+        return json.dumps({
+            "stage": self.stage.value,
+            "c": hx(self._c_key.private_bytes() if self._c_key else None),
+            "s": hx(self._s_key.private_bytes() if self._s_key else None),
+            "mac": hx(self._mac), "b": hx(self._b_seed),
+            "peers": {str(j): [c.hex(), s.hex()] for j, (c, s) in self._peer_keys.items()},
+            "channel": {str(j): k.hex() for j, k in self._channel.items()},
+            "held": {str(j): [b.hex(), s.hex()] for j, (b, s) in self._held.items()},
+        }).encode()
+
+    @classmethod
+    def restore(
+        cls,
+        config: RoundConfig,
+        index: int,
+        identity: IdentityKey,
+        identity_registry: Sequence[bytes],
+        state: bytes,
+    ) -> SecAggClient:
+        """Rebuild a client from :meth:`export_state` output."""
+        c = cls(config, index, identity, identity_registry)
+        try:
+            d = json.loads(state.decode())
+            c.stage = ClientStage(d["stage"])
+            c._c_key = AgreementKey.from_private_bytes(bytes.fromhex(d["c"])) if d["c"] else None
+            c._s_key = AgreementKey.from_private_bytes(bytes.fromhex(d["s"])) if d["s"] else None
+            c._mac = bytes.fromhex(d["mac"])
+            c._b_seed = bytes.fromhex(d["b"]) if d["b"] else None
+            c._peer_keys = {int(j): (bytes.fromhex(a), bytes.fromhex(b))
+                            for j, (a, b) in d["peers"].items()}
+            c._channel = {int(j): bytes.fromhex(k) for j, k in d["channel"].items()}
+            c._held = {int(j): (bytes.fromhex(a), bytes.fromhex(b))
+                       for j, (a, b) in d["held"].items()}
+        except (ValueError, KeyError, TypeError, InvalidKeyError) as exc:
+            raise MalformedMessageError(f"invalid client state: {exc}") from exc
+        for j in c._held:  # envelopes already accepted stay rejected
+            c._guard.accept(masks.context(config, Step.SHARE_KEYS, j, index))
+        return c

@@ -3,9 +3,11 @@ input specification and the public graph seed."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
+from protocols.secagg.errors import MalformedMessageError
 from protocols.secagg.quantize import InputSpec
 
 __all__ = ["PROTOCOL", "RoundConfig", "default_degree", "default_threshold"]
@@ -82,3 +84,31 @@ class RoundConfig:
     @property
     def n(self) -> int:
         return len(self.client_ids)
+
+    def to_bytes(self) -> bytes:
+        """Canonical JSON encoding (for transports that carry the public config)."""
+        return json.dumps({
+            "run_id": self.run_id, "round": self.round, "client_ids": list(self.client_ids),
+            "spec": [self.spec.kind, self.spec.length, self.spec.bound, self.spec.frac_bits],
+            "graph_seed": self.graph_seed.hex(), "server_pk": self.server_pk.hex(),
+            "degree": self.degree, "threshold": self.threshold,
+            "min_survivors": self.min_survivors,
+        }, sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RoundConfig:
+        """Parse :meth:`to_bytes`; raises :class:`MalformedMessageError` on anything else."""
+        try:
+            d = json.loads(bytes(data).decode())
+            kind, length, bound, frac = d["spec"]
+            return cls(
+                run_id=str(d["run_id"]), round=int(d["round"]),
+                client_ids=tuple(str(c) for c in d["client_ids"]),
+                spec=InputSpec(str(kind), int(length), float(bound), int(frac)),
+                graph_seed=bytes.fromhex(d["graph_seed"]),
+                server_pk=bytes.fromhex(d["server_pk"]),
+                degree=int(d["degree"]), threshold=int(d["threshold"]),
+                min_survivors=int(d["min_survivors"]),
+            )
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise MalformedMessageError(f"invalid round config: {exc}") from exc
