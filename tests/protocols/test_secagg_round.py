@@ -262,3 +262,39 @@ def test_cached_context_encoding_matches_message_context() -> None:
     for step in Step:
         for a, b in ((0, 4), (3, -1), (-1, 2), (1, 1)):
             assert ctxs.info(step, a, b) == masks.context(setup.config, step, a, b).to_bytes()
+
+
+def test_client_state_and_config_round_trip_through_bytes() -> None:
+    from protocols.secagg import MalformedMessageError, RoundConfig
+    from protocols.secagg.client import SecAggClient
+
+    setup = make_round(6, InputSpec("float", 4, 1.0), degree=4, threshold=3)
+    cfg = setup.config
+    assert RoundConfig.from_bytes(cfg.to_bytes()) == cfg
+    with pytest.raises(MalformedMessageError):
+        RoundConfig.from_bytes(b"{not json")
+    server, clients = setup.server(), setup.clients()
+    reg = setup.registry
+
+    def reload(i: int) -> None:
+        blob = clients[i].export_state()
+        clients[i] = SecAggClient.restore(cfg, i, setup.identities[i], reg, blob)
+
+    xs = [torch.linspace(-1, 1, 4, dtype=torch.float64) * i / 6 for i in range(6)]
+    for i, c in enumerate(clients):
+        server.receive(i, c.advertise_keys())
+        reload(i)
+    deliveries = {}
+    for i, m in server.advance().items():
+        server.receive(i, clients[i].share_keys(m))
+        reload(i)
+    deliveries = server.advance()
+    for i, m in deliveries.items():
+        server.receive(i, clients[i].masked_input(m, xs[i]))
+        reload(i)
+    with pytest.raises(StageError):  # a restored client still refuses a replayed delivery
+        clients[0].masked_input(deliveries[0], xs[0])
+    for i, m in server.advance().items():
+        server.receive(i, clients[i].unmask(m))
+    server.advance()
+    assert (server.decoded() - torch.stack(xs).sum(0)).abs().max() <= cfg.spec.error_bound(6)

@@ -1,0 +1,106 @@
+"""SecAgg+ over Flower's Message API: the coordinator relays the protocols.secagg server
+state machine's bytes to the devices' ClientApp (``edge_agent.secagg_flower``).
+
+:func:`run_secagg_round` drives one round over a ``Grid``: enrol (identity keys), advertise,
+share keys, masked input, unmask. A device that errors or does not answer within the
+timeout counts as dropped at that stage; the server decides whether the round survives.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from protocols.keys import AgreementKey
+from protocols.secagg import InputSpec, RoundConfig, SecAggError
+from protocols.secagg.server import SecAggServer
+
+__all__ = ["SecAggRoundResult", "run_secagg_round", "wait_for_nodes"]
+
+_TYPE = "query.secagg"
+
+
+class SecAggRoundResult:
+    """Decoded sum, the node ids in it, the roster order and each node's reported
+    partition id (simulation engine; −1 elsewhere)."""
+
+    def __init__(self, total: torch.Tensor, survivors: list[int], nodes: list[int],
+                 partition_ids: dict[int, int]) -> None:
+        self.total, self.survivors, self.nodes = total, survivors, nodes
+        self.partition_ids = partition_ids
+
+
+def wait_for_nodes(grid: Grid, n: int, wait: float = 120.0) -> list[int]:
+    """The first ``n`` connected node ids (fewer if ``wait`` seconds pass)."""
+    deadline = time.time() + wait
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= n or time.time() > deadline:
+            return nodes[:n]
+        time.sleep(0.5)
+
+
+def _exchange(grid: Grid, contents: dict[int, ConfigRecord], timeout: float,
+              group: str) -> dict[int, ConfigRecord]:
+    msgs = [Message(RecordDict({"cfg": c}), dst_node_id=n, message_type=_TYPE, group_id=group)
+            for n, c in contents.items()]
+    out: dict[int, ConfigRecord] = {}
+    for r in grid.send_and_receive(msgs, timeout=timeout):
+        if not r.has_error():
+            out[r.metadata.src_node_id] = r.content.config_records["cfg"]
+    return out
+
+
+def run_secagg_round(
+    grid: Grid,
+    nodes: Iterable[int],
+    spec: InputSpec,
+    *,
+    input_ref: str,
+    run_id: str = "secagg",
+    round_: int = 0,
+    silent: dict[str, set[int]] | None = None,
+    timeout: float = 120.0,
+    **round_kw: int,
+) -> SecAggRoundResult:
+    """One SecAgg+ round over ``nodes``; ``silent`` (tests) lists node ids not contacted at a
+    stage, as if they had dropped."""
+    nodes = sorted(nodes)
+    silent = silent or {}
+    replies = _exchange(grid, {n: ConfigRecord({"stage": "enrol"}) for n in nodes}, timeout,
+                        f"{run_id}/{round_}/enrol")
+    nodes = [n for n in nodes if n in replies]
+    registry = [bytes(replies[n]["identity"]) for n in nodes]  # type: ignore[arg-type]
+    key = AgreementKey.generate()
+    cfg = RoundConfig(run_id, round_, tuple(str(n) for n in nodes), spec, os.urandom(32),
+                      key.public_bytes(), **round_kw)
+    server = SecAggServer(cfg, registry, key)
+    index = {n: i for i, n in enumerate(nodes)}
+    cfg_bytes = cfg.to_bytes()
+    gone: set[int] = set()
+
+    def stage(name: str, contents: dict[int, ConfigRecord]) -> None:
+        gone.update(silent.get(name, set()))
+        live = {n: c for n, c in contents.items() if n not in gone}
+        for n, r in _exchange(grid, live, timeout, f"{run_id}/{round_}/{name}").items():
+            try:
+                server.receive(index[n], bytes(r["payload"]))  # type: ignore[arg-type]
+            except SecAggError:
+                gone.add(n)  # rejected: treated as a dropout
+
+    stage("advertise", {n: ConfigRecord({"stage": "advertise", "config": cfg_bytes,
+                                         "registry": registry, "index": index[n]})
+                        for n in nodes})
+    for name in ("share_keys", "masked_input", "unmask"):
+        out = server.advance()
+        extra = {"input": input_ref} if name == "masked_input" else {}
+        stage(name, {nodes[i]: ConfigRecord({"stage": name, "payload": b, **extra})
+                     for i, b in out.items()})
+    server.advance()
+    pids = {n: int(replies[n].get("partition_id", -1)) for n in nodes}  # type: ignore[arg-type]
+    return SecAggRoundResult(server.decoded(), [nodes[i] for i in sorted(server.u3)], nodes, pids)
