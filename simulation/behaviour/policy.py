@@ -96,6 +96,7 @@ class ArchetypePolicy(Substep):
         self.last_probabilities: torch.Tensor | None = None  # [K, A] of the latest day
         self._static: tuple[object, torch.Tensor, torch.Tensor, int] | None = None
         self._buffers: dict[str, torch.Tensor] = {}
+        self._flips: dict[str, bool] = {}
 
     def fatigue(self, day: int) -> float:
         """Pandemic fatigue, 0 at the start rising linearly to 1 after ``fatigue_days``."""
@@ -110,7 +111,15 @@ class ArchetypePolicy(Substep):
             self._static = (key, code.int(), area.int(), int(area.max()) + 1)
         return self._static[1], self._static[2], self._static[3]
 
-    def _buffer(self, name: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    def _buffer(self, name: str, n: int, dtype: torch.dtype, *, saved: bool = False) -> torch.Tensor:
+        """A reused scratch tensor. ``saved=True`` marks tensors that autograd may keep for
+        backward or that stay in the state: those are fresh while grad is on (numpy writes
+        bypass torch's version counter) and ping-pong between two buffers otherwise."""
+        if saved:
+            if torch.is_grad_enabled():
+                return torch.empty(n, dtype=dtype)
+            flip = self._flips[name] = not self._flips.get(name, False)
+            name = f"{name}{int(flip)}"
         buf = self._buffers.get(name)
         if buf is None or buf.numel() != n or buf.dtype != dtype:
             buf = self._buffers[name] = torch.empty(n, dtype=dtype)
@@ -175,8 +184,8 @@ class ArchetypePolicy(Substep):
         table, ids, u = action["table"], action["ids"], ctx.uniforms[self.stream]
         if self._use_kernels(state, ctx):
             n = ids.numel()
-            reduction = torch.empty(n, dtype=torch.float32)
-            test = self._buffer("test", n, torch.float32)
+            reduction = self._buffer("reduction", n, torch.float32, saved=True)
+            test = self._buffer("test", n, torch.float32, saved=True)
             inv_p, inv_q = _reciprocals(table)
             sample_kernel(ids.numpy(), table.numpy(), inv_p.numpy(), inv_q.numpy(), u.contiguous().numpy(),
                           self.isolation_effect,

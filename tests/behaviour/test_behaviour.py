@@ -224,3 +224,14 @@ def test_gradients_flow_through_seirm_with_behaviour(estimator):
     tr.total_infections.backward()
     assert torch.isfinite(model.beta.grad) and model.beta.grad != 0
     assert len(policy.queries_per_day) == 6
+
+
+def test_fused_and_torch_paths_give_the_same_gradient():
+    pop = synthesize("tiny", seed=3)
+    grads = []
+    for fused in (True, False):
+        model = SEIRM(beta=0.9)
+        add_archetype_behaviour(model, fused=fused)
+        simulate(model, pop, 8, seed=2).total_infections.backward()
+        grads.append(model.beta.grad.item())
+    assert grads[0] == pytest.approx(grads[1], rel=1e-5)
