@@ -3,17 +3,22 @@ serialised) against a plain-sum round (each client encodes and serialises its ve
 server parses and sums), in the same run. Reports seconds per round, the client/server split
 and bytes on the wire.
 
-Flower's legacy ``SecAggPlusWorkflow`` is not re-run here (it needs the Ray simulation
-engine and minutes per configuration); DESIGN.md §4 records 10–12 s per round at 200
-clients (9 shares) measured on this machine, 0.7 s plain.
+With ``--flower`` it also times Flower's legacy ``SecAggPlusWorkflow`` (9 shares, threshold
+5) and Flower's plain FedAvg round on the Ray simulation engine, each in a subprocess; those
+times include Flower's simulated transport, so compare Flower-vs-Flower and ours-vs-ours.
+DESIGN.md §4 records 10–12 s per round at 200 clients for Flower's SecAgg+.
 
     .venv/bin/python benchmarks/bench_secagg.py [--sizes 50 200 1000] [--lengths 16 10000]
+        [--flower]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -75,12 +80,76 @@ def plain_round(spec: InputSpec, xs: list[torch.Tensor]) -> tuple[float, int]:
     return dt, sum(map(len, blobs))
 
 
+def flower_worker(n: int, length: int, mode: str, rounds: int = 2) -> None:
+    """Run Flower's legacy workflow (``mode`` = "secagg" or "plain"); print seconds/round."""
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common import Context, ndarrays_to_parameters
+    from flwr.server import LegacyContext, ServerApp, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+    from flwr.simulation import run_simulation
+
+    class _Client(NumPyClient):  # type: ignore[misc]
+        def fit(self, parameters, config):  # type: ignore[no-untyped-def]
+            return [np.full(length, 0.5, dtype=np.float32)], 1, {}
+
+    def client_fn(context: Context):  # type: ignore[no-untyped-def]
+        return _Client().to_client()
+
+    client_app = ClientApp(client_fn=client_fn, mods=[secaggplus_mod] if mode == "secagg" else [])
+    server_app = ServerApp()
+    took: list[float] = []
+
+    @server_app.main()
+    def _main(grid, context):  # type: ignore[no-untyped-def]
+        strategy = FedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=n,
+                          min_available_clients=n,
+                          initial_parameters=ndarrays_to_parameters([np.zeros(length, np.float32)]))
+        ctx = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds),
+                            strategy=strategy)
+        fit = SecAggPlusWorkflow(num_shares=9, reconstruction_threshold=5) \
+            if mode == "secagg" else None
+        wf = DefaultWorkflow(fit_workflow=fit) if fit else DefaultWorkflow()
+        t = time.perf_counter()
+        wf(grid, ctx)
+        took.append(time.perf_counter() - t)
+
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n,
+                   backend_config={"client_resources": {"num_cpus": 0.5, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": 2, "include_dashboard": False,
+                                                 "logging_level": "error",
+                                                 "log_to_driver": False}})
+    print(f"FLOWER {took[0] / rounds:.2f}", flush=True)
+
+
+def flower_time(n: int, length: int, mode: str, timeout: float = 300) -> str:
+    """Seconds per round of Flower's legacy path, run in a subprocess (or why not)."""
+    try:
+        out = subprocess.run(
+            [sys.executable, __file__, "--flower-worker", str(n), str(length), mode],
+            capture_output=True, text=True, timeout=timeout, check=False,
+        ).stdout
+    except subprocess.TimeoutExpired:
+        return f"> {timeout:.0f}"
+    lines = [ln for ln in out.splitlines() if ln.startswith("FLOWER ")]
+    return lines[-1].split()[1] if lines else "failed"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[50, 200, 1000])
     ap.add_argument("--lengths", type=int, nargs="+", default=[16, 10_000])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--flower", action="store_true", help="also time Flower's legacy path")
+    ap.add_argument("--flower-worker", nargs=3, metavar=("N", "LEN", "MODE"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.flower_worker:
+        n, length, mode = args.flower_worker
+        flower_worker(int(n), int(length), mode)
+        return
     torch.set_num_threads(1)
     print(f"{'N':>5} {'len':>6} {'k':>3} {'t':>3} | {'secagg s':>9} {'(min-max)':>13} "
           f"{'client':>7} {'server':>7} | {'plain s':>8} | {'ratio':>7} | "
@@ -115,7 +184,14 @@ def main() -> None:
                 f"{up / 1e6:>7.2f} {down / 1e6:>7.2f} {plains[0][1] / 1e6:>8.2f} | {target}",
                 flush=True,
             )
-    print(f"Flower SecAggPlusWorkflow at N=200: {FLOWER_200_S}")
+    if args.flower:
+        print("Flower legacy path on the Ray simulation engine, s/round (2 rounds, first "
+              "includes warm-up), 16 entries:")
+        for n in [n for n in args.sizes if n <= 200]:
+            sec, plain = flower_time(n, 16, "secagg"), flower_time(n, 16, "plain")
+            print(f"  N={n}: SecAggPlusWorkflow {sec} s, plain FedAvg {plain} s", flush=True)
+    else:
+        print(f"Flower SecAggPlusWorkflow at N=200: {FLOWER_200_S}")
     print(f"numpy {np.__version__}, torch {torch.__version__}, one thread, one process")
 
 
