@@ -32,15 +32,18 @@ def observe_kernel(static, area, s, e, i, n_areas, ids, pair, area_inf):  # prag
 
 
 @numba.njit(cache=True, fastmath=False)
-def sample_kernel(ids, table, inv_p, inv_q, u, iso_effect, mask_effect, reduction, test):  # pragma: no cover
+def sample_kernel(ids, table, inv_p, inv_q, u, iso_effect, mask_effect, sensitivity,
+                  infectious, tested, reduction, test, positive, fuse_positive):  # pragma: no cover
     """Per agent: isolate, mask, test ~ Bernoulli(table[k]) from one uniform; writes the
-    contact reduction 1 − (1 − iso_effect·iso)(1 − mask_effect·mask) and the test flag.
+    contact reduction 1 − (1 − iso_effect·iso)(1 − mask_effect·mask), and either the test
+    flag (``fuse_positive`` False) or max(tested, infectious·test·sensitivity) (True).
 
     Branch-free (arithmetic select) with reciprocal tables inv_p = 1/p, inv_q = 1/(1 − p)
     (float32, clamped), so it matches ``policy.conditional_draws`` bit for bit."""
     one = np.float32(1.0)
     ie = np.float32(iso_effect)
     me = np.float32(mask_effect)
+    sens = np.float32(sensitivity)
     for j in range(ids.size):
         k = ids[j]
         p, rp, rq = table[k], inv_p[k], inv_q[k]
@@ -49,5 +52,9 @@ def sample_kernel(ids, table, inv_p, inv_q, u, iso_effect, mask_effect, reductio
         x = h0 * (x * rp[0]) + (one - h0) * ((x - p[0]) * rq[0])
         h1 = np.float32(x < p[1])
         x = h1 * (x * rp[1]) + (one - h1) * ((x - p[1]) * rq[1])
-        test[j] = np.float32(x < p[2])
+        h2 = np.float32(x < p[2])
         reduction[j] = one - (one - ie * h0) * (one - me * h1)
+        if fuse_positive:
+            positive[j] = max(tested[j], infectious[j] * h2 * sens)
+        else:
+            test[j] = h2

@@ -184,17 +184,24 @@ class ArchetypePolicy(Substep):
         table, ids, u = action["table"], action["ids"], ctx.uniforms[self.stream]
         if self._use_kernels(state, ctx):
             n = ids.numel()
-            reduction = self._buffer("reduction", n, torch.float32, saved=True)
-            test = self._buffer("test", n, torch.float32, saved=True)
             inv_p, inv_q = _reciprocals(table)
+            infectious, tested = state["I"], state["tested_positive"]
+            # without autograd the tested-positive update is fused into the kernel as well
+            fuse = not (torch.is_grad_enabled() and (infectious.requires_grad or tested.requires_grad))
+            reduction = self._buffer("reduction", n, torch.float32, saved=True)
+            test = self._buffer("test", n if not fuse else 1, torch.float32, saved=True)
+            positive = self._buffer("positive", n if fuse else 1, torch.float32, saved=True)
             sample_kernel(ids.numpy(), table.numpy(), inv_p.numpy(), inv_q.numpy(), u.contiguous().numpy(),
-                          self.isolation_effect,
-                          self.mask_effect, reduction.numpy(), test.numpy())
+                          self.isolation_effect, self.mask_effect, self.test_sensitivity,
+                          infectious.detach().contiguous().numpy(), tested.detach().contiguous().numpy(),
+                          reduction.numpy(), test.numpy(), positive.numpy(), fuse)
+            if not fuse:
+                positive = torch.maximum(tested, infectious * test * self.test_sensitivity)
         else:
             p = table.T[:, ids.long()]  # [A, n]
             iso, mask, test = conditional_draws(p, u, ctx.estimator)
             reduction = 1 - (1 - self.isolation_effect * iso) * (1 - self.mask_effect * mask)
-        positive = torch.maximum(state["tested_positive"], state["I"] * test * self.test_sensitivity)
+            positive = torch.maximum(state["tested_positive"], state["I"] * test * self.test_sensitivity)
         return {"behaviour": reduction, "tested_positive": positive}
 
 
