@@ -218,7 +218,7 @@ def config_from_context(context: Context) -> RunConfig:
 
     return RunConfig(population=get("population", "tiny"), scale=get("scale", 1.0),
                      days=get("num-days", 5), seed=get("seed", 0),
-                     devices=get("devices", 10_000), beta=get("beta", 0.5),
+                     devices=max(get("devices", 0), 1), beta=get("beta", 0.5),
                      gamma=get("gamma", 0.1), initial_infected=get("initial-infected", 0.01))
 
 
@@ -230,9 +230,14 @@ def main(grid: Grid, context: Context) -> None:
     db = str(context.run_config.get("db", "lpm-coordinator.db"))
     store = CoordinatorStore(db)
     run_id = str(context.run_config.get("run-id", "")) or None
-    n_nodes = len(list(grid.get_node_ids()))
-    if cfg.devices > n_nodes:
-        cfg = RunConfig(**{**cfg.to_dict(), "devices": max(n_nodes, 1)})
+    if int(context.run_config.get("devices", 0)) <= 0:  # 0: every node connected (stable 5 s)
+        seen, stable_since, deadline = -1, time.time(), time.time() + 300
+        while (time.time() - stable_since < 5.0 or seen == 0) and time.time() < deadline:
+            n_nodes = len(list(grid.get_node_ids()))
+            if n_nodes != seen:
+                seen, stable_since = n_nodes, time.time()
+            time.sleep(0.5)
+        cfg = RunConfig(**{**cfg.to_dict(), "devices": seen})
     run_id = run_id or store.create_run(cfg.to_dict(), cfg.days)
     store.set_status(run_id, "running")
     try:
