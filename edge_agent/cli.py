@@ -80,6 +80,37 @@ def forecast(
     Console(width=100).print(table)
 
 
+@edge_app.command("run")
+def run(
+    superlink: Annotated[str, typer.Option(help="SuperLink address host:port.")] = "127.0.0.1:9093",
+    insecure: Annotated[bool, typer.Option(help="Plain HTTP (local tests only).")] = False,
+    root_certificates: Annotated[Path | None, typer.Option(help="CA bundle for TLS.")] = None,
+    port: Annotated[int, typer.Option(help="This node's local runtime API port.")] = 9094,
+    auth_private_key: Annotated[Path | None, typer.Option(help="SuperNode auth key.")] = None,
+    auth_public_key: Annotated[Path | None, typer.Option(help="SuperNode auth public key.")] = None,
+) -> None:
+    """Run this device as a Flower SuperNode; the coordinator's ServerApp drives its ClientApp
+    (edge_agent.client_app:app) over the SuperLink."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("flower-supernode", path=f"{Path(sys.executable).parent}:"
+                       f"{os.environ.get('PATH', '')}")
+    if exe is None:
+        raise typer.BadParameter("flower-supernode is not installed")
+    if not insecure and root_certificates is None:
+        raise typer.BadParameter("give --root-certificates for TLS, or --insecure")
+    args = [exe, "--superlink", superlink, "--port", str(port)]
+    args += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates)]
+    if auth_private_key is not None and auth_public_key is not None:
+        args += ["--auth-supernode-private-key", str(auth_private_key),
+                 "--auth-supernode-public-key", str(auth_public_key)]
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    raise typer.Exit(subprocess.call(args))
+
+
 def register(app: typer.Typer) -> None:
     """Mount the `edge` command group on the `lpm` app."""
     app.add_typer(edge_app, name="edge")
