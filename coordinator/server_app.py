@@ -238,7 +238,8 @@ def main(grid: Grid, context: Context) -> None:
                 seen, stable_since = n_nodes, time.time()
             time.sleep(0.5)
         cfg = RunConfig(**{**cfg.to_dict(), "devices": seen})
-    run_id = run_id or store.create_run(cfg.to_dict(), cfg.days)
+    if run_id is None or run_id not in {r.id for r in store.list_runs()}:
+        run_id = store.create_run(cfg.to_dict(), cfg.days, run_id=run_id)
     store.set_status(run_id, "running")
     try:
         FederatedRun(grid, cfg, store=store, run_id=run_id,

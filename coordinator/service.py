@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -82,15 +82,7 @@ def create_app(store: CoordinatorStore, token: str, *, execute: bool = True) -> 
     runs_started = Counter("lpm_runs_started_total", "Runs started", registry=registry)
     threads: dict[str, threading.Thread] = {}
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        latency.labels(path).observe(time.perf_counter() - t0)
-        requests.labels(path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_MetricsMiddleware, latency=latency, requests=requests)
 
     def require_token(
         cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
@@ -106,7 +98,7 @@ def create_app(store: CoordinatorStore, token: str, *, execute: bool = True) -> 
             raise HTTPException(404, f"no run {run_id!r}") from None
 
     @app.get("/health")
-    def health() -> dict[str, str]:
+    async def health() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.post("/runs", status_code=201, dependencies=[Depends(require_token)])
@@ -128,11 +120,11 @@ def create_app(store: CoordinatorStore, token: str, *, execute: bool = True) -> 
         return [_status(r) for r in store.list_runs()]
 
     @app.get("/runs/{run_id}")
-    def run_status(run_id: str) -> RunStatus:
+    async def run_status(run_id: str) -> RunStatus:
         return _status(get(run_id))
 
     @app.get("/runs/{run_id}/series")
-    def series(run_id: str, format: Annotated[str, Query(pattern="^(json|csv)$")] = "json"):
+    async def series(run_id: str, format: Annotated[str, Query(pattern="^(json|csv)$")] = "json"):
         get(run_id)
         rows = store.series(run_id)
         if format == "json":
@@ -186,6 +178,34 @@ def create_app(store: CoordinatorStore, token: str, *, execute: bool = True) -> 
 
     app.state.run_threads = threads
     return app
+
+
+class _MetricsMiddleware:
+    """Pure ASGI middleware: request count and latency per route (cheaper than
+    BaseHTTPMiddleware, which runs every request through an extra task)."""
+
+    def __init__(self, app, latency: Histogram, requests: Counter) -> None:
+        self.app, self.latency, self.requests = app, latency, requests
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            self.latency.labels(path).observe(time.perf_counter() - t0)
+            self.requests.labels(path, str(status["code"])).inc()
 
 
 def _run_quietly(store: CoordinatorStore, run_id: str) -> None:
