@@ -231,7 +231,12 @@ class SecAggClient:
         ring_keystream(masks.self_mask_key(self._ctx, self.index, self._b_seed), buf.numel(), out=buf)
         y.add_(buf)
         for j in sorted(held):
-            key = masks.pairwise_mask_key(self._ctx, self._s_key, self.index, j, self._peer_keys[j][1])
+            try:
+                key = masks.pairwise_mask_key(
+                    self._ctx, self._s_key, self.index, j, self._peer_keys[j][1]
+                )
+            except InvalidKeyError as exc:
+                raise ProtocolViolationError(f"neighbour {j} advertised an invalid key") from exc
             masks.add_pairwise_mask(y, key, self.index, j, buf)
         for ctx in ctxs:
             self._guard.accept(ctx)

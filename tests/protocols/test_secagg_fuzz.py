@@ -327,3 +327,22 @@ def test_state_snapshot_helper_detects_changes() -> None:
     s.clients[0].advertise_keys()
     assert not _same(before, _state(s.clients[0]))
     assert dataclasses.is_dataclass(s.setup.config)
+
+
+def test_low_order_public_key_is_rejected_at_the_server() -> None:
+    from protocols.secagg import ProtocolViolationError, masks
+    from protocols.secagg.messages import SERVER, Advertise, Header, MsgType
+
+    s = Staged()
+    cfg = s.setup.config
+    zero = bytes(32)  # low-order X25519 point: the shared secret would be all zeros
+    ok = s.clients[1].advertise_keys()
+    s_pk = Advertise.decode(ok, N).s_pk
+    sig = s.setup.identities[1].sign(masks.signed_key_statement(cfg, 1, zero, s_pk))
+    bad = Advertise(Header(MsgType.ADVERTISE, cfg.run_id, cfg.round, 1, SERVER), zero, s_pk,
+                    sig).encode()
+    before = _state(s.server)
+    with pytest.raises(ProtocolViolationError):
+        s.server.receive(1, bad)
+    assert _same(before, _state(s.server))
+    s.server.receive(1, ok)
