@@ -52,17 +52,20 @@ class Contexts:
     def __init__(self, cfg: RoundConfig) -> None:
         self.cfg = cfg
         self._head = _field(PROTOCOL) + _field(cfg.run_id)
-        self._ids = [_field(c) for c in cfg.client_ids]
+        self._ids: dict[int, bytes] = {}  # encoded lazily: a client touches only k + 1 ids
         self._server = _field("server")
         self._steps = {int(s): struct.pack(">QQ", cfg.round, int(s)) for s in Step}
 
+    def _id(self, index: int) -> bytes:
+        if index < 0:
+            return self._server
+        f = self._ids.get(index)
+        if f is None:
+            f = self._ids[index] = _field(self.cfg.client_ids[index])
+        return f
+
     def info(self, step: Step, sender: int, receiver: int) -> bytes:
-        return b"".join((
-            self._head,
-            self._steps[int(step)],
-            self._server if sender < 0 else self._ids[sender],
-            self._server if receiver < 0 else self._ids[receiver],
-        ))
+        return b"".join((self._head, self._steps[int(step)], self._id(sender), self._id(receiver)))
 
 
 def _contexts(cfg: RoundConfig | Contexts) -> Contexts:
