@@ -1,4 +1,5 @@
-"""Coordinator HTTP read latency under load: 100 concurrent asyncio+httpx clients on
+"""Coordinator HTTP read latency under load: 100 concurrent asyncio+httpx clients (keep-alive
+connections opened before timing) on
 GET /runs/{id}/series (60 stored days) against a uvicorn process on 127.0.0.1; GET /health is
 the same-run baseline. Target: p99 ≤ 50 ms. Prints p50/p99 and the ratio to the baseline."""
 
@@ -38,7 +39,11 @@ async def _load(url: str, path: str, clients: int, per_client: int) -> tuple[np.
     errors = [0]
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as c:
+        ready = asyncio.Barrier(clients)
+
         async def worker() -> None:
+            await c.get("/health")  # open this client's keep-alive connection (not measured)
+            await ready.wait()
             for _ in range(per_client):
                 t = time.perf_counter()
                 try:

@@ -9,6 +9,7 @@ builds the app; serve it with uvicorn (``lpm coordinator``).
 import csv
 import hmac
 import io
+import json
 import logging
 import threading
 import time
@@ -81,6 +82,7 @@ def create_app(store: CoordinatorStore, token: str, *, execute: bool = True) -> 
     latency = Histogram("lpm_http_request_seconds", "HTTP latency", ["path"], registry=registry)
     runs_started = Counter("lpm_runs_started_total", "Runs started", registry=registry)
     threads: dict[str, threading.Thread] = {}
+    series_cache: dict[str, tuple[int | None, bytes]] = {}  # run -> (last day, JSON body)
 
     app.add_middleware(_MetricsMiddleware, latency=latency, requests=requests)
 
@@ -125,10 +127,16 @@ def create_app(store: CoordinatorStore, token: str, *, execute: bool = True) -> 
 
     @app.get("/runs/{run_id}/series")
     async def series(run_id: str, format: Annotated[str, Query(pattern="^(json|csv)$")] = "json"):
+        version = store.last_day(run_id) if run_id in series_cache else None
+        cached = series_cache.get(run_id)
+        if format == "json" and cached is not None and cached[0] == version:
+            return Response(cached[1], media_type="application/json")
         get(run_id)
         rows = store.series(run_id)
         if format == "json":
-            return {"run_id": run_id, "series": rows}
+            body = json.dumps({"run_id": run_id, "series": rows}).encode()
+            series_cache[run_id] = (rows[-1]["day"] if rows else None, body)
+            return Response(body, media_type="application/json")
         buf = io.StringIO()
         cols = [c for c in _FLAT if any(c in r for r in rows)] or ["day"]
         w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")

@@ -190,6 +190,12 @@ class CoordinatorStore:
             "SELECT day, aggregates FROM rounds WHERE run_id = ? ORDER BY day", (run_id,))
         return [{"day": d, **json.loads(a)} for d, a in rows]
 
+    def last_day(self, run_id: str) -> int | None:
+        """Last completed day (``None`` if none); a cheap change marker for caches."""
+        row = self._con().execute("SELECT MAX(day) FROM rounds WHERE run_id = ?",
+                                  (run_id,)).fetchone()
+        return None if row is None else row[0]
+
     def resume(self, run_id: str) -> ResumePoint | None:
         """Last completed round and its state, or ``None`` if no day completed yet."""
         self.get_run(run_id)
