@@ -73,7 +73,7 @@ def _calibrate(cfg: RunConfig, observed: torch.Tensor, steps: int, console: Cons
             "losses": res.losses, "steps": res.runs, "seconds": res.seconds}
 
 
-def run_demo(out_dir: Path, *, devices: int = 50, days: int = 8, scale: float = 0.67,
+def run_demo(out_dir: Path, *, devices: int = 50, days: int = 20, scale: float = 0.67,
              seed: int = 0, calibration_steps: int = 5, console: Console | None = None) -> dict:
     """Run the demo; writes the store, bundle and PNG under ``out_dir``; returns a summary."""
     import httpx
