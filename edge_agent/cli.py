@@ -86,8 +86,10 @@ def run(
     insecure: Annotated[bool, typer.Option(help="Plain HTTP (local tests only).")] = False,
     root_certificates: Annotated[Path | None, typer.Option(help="CA bundle for TLS.")] = None,
     port: Annotated[int, typer.Option(help="This node's local runtime API port.")] = 9094,
-    auth_private_key: Annotated[Path | None, typer.Option(help="SuperNode auth key.")] = None,
-    auth_public_key: Annotated[Path | None, typer.Option(help="SuperNode auth public key.")] = None,
+    auth_private_key: Annotated[
+        Path | None, typer.Option(help="SuperNode auth private key (EC, OpenSSH format).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Host of this node's local runtime API.")] = "127.0.0.1",
 ) -> None:
     """Run this device as a Flower SuperNode; the coordinator's ServerApp drives its ClientApp
     (edge_agent.client_app:app) over the SuperLink."""
@@ -102,11 +104,10 @@ def run(
         raise typer.BadParameter("flower-supernode is not installed")
     if not insecure and root_certificates is None:
         raise typer.BadParameter("give --root-certificates for TLS, or --insecure")
-    args = [exe, "--superlink", superlink, "--port", str(port)]
+    args = [exe, "--superlink", superlink, "--host", host, "--port", str(port)]
     args += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates)]
-    if auth_private_key is not None and auth_public_key is not None:
-        args += ["--auth-supernode-private-key", str(auth_private_key),
-                 "--auth-supernode-public-key", str(auth_public_key)]
+    if auth_private_key is not None:  # flwr 1.41 derives the public key from the private key
+        args += ["--auth-supernode-private-key", str(auth_private_key)]
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     raise typer.Exit(subprocess.call(args))
 
