@@ -46,7 +46,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             os.killpg(p.pid, signal.SIGKILL)
 
 
-@pytest.mark.slow
+# In the default run on purpose (~65–90 s): the one real deployment-engine check CI makes.
 @pytest.mark.timeout(600)
 def test_superlink_three_supernodes_flwr_run(tmp_path):
     if shutil.which("flower-superlink", path=str(BIN)) is None:
