@@ -1,13 +1,14 @@
 """Real processes on 127.0.0.1 over TLS with SuperNode authentication: a CA and a SuperLink
 certificate made here with `cryptography`, `flower-superlink --enable-supernode-auth`, three
 devices registered with `flwr supernode register` and started with `lpm edge run
---root-certificates … --auth-supernode-private-key …`, one unregistered device refused, then
+--root-certificates … --auth-supernode-private-key …`, one device with an unregistered key refused (exit non-zero), then
 `flwr run` over TLS; the series equals the centralised run."""
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
 import shutil
 import signal
@@ -138,9 +139,17 @@ def test_tls_supernode_auth_flwr_run(tmp_path):
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=480)
         (tmp_path / "flwr-run.log").write_text(out.stdout + out.stderr)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        # the unregistered device never joined: it was refused or keeps retrying
+        # the SuperLink knows exactly the three registered devices, all online; the fourth
+        # (unregistered key) is not among them
+        out = subprocess.run([str(BIN / "flwr"), "supernode", "ls", "tls", "--format", "json"],
+                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        nodes = json.loads(out.stdout[out.stdout.index("{"):])["nodes"]
+        assert sorted(n["status"] for n in nodes) == ["online"] * 3, nodes
+        # the device with the unregistered key was refused and `lpm edge run` exited non-zero
         refused = procs[-1]
-        assert refused.poll() is None or refused.returncode != 0
+        assert refused.wait(30) != 0
+        assert "Failed to activate SuperNode" in (tmp_path / "edge3.log").read_text()
 
         import torch
 
