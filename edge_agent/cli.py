@@ -90,6 +90,8 @@ def run(
         Path | None, typer.Option(help="SuperNode auth private key (EC, OpenSSH format).")
     ] = None,
     host: Annotated[str, typer.Option(help="Host of this node's local runtime API.")] = "127.0.0.1",
+    store: Annotated[Path | None, typer.Option(
+        help="Device store (SQLite; private keys encrypted with $LPM_EDGE_PASSPHRASE).")] = None,
 ) -> None:
     """Run this device as a Flower SuperNode; the coordinator's ServerApp drives its ClientApp
     (edge_agent.client_app:app) over the SuperLink."""
@@ -108,6 +110,10 @@ def run(
     args += ["--insecure"] if insecure else ["--root-certificates", str(root_certificates)]
     if auth_private_key is not None:  # flwr 1.41 derives the public key from the private key
         args += ["--auth-supernode-private-key", str(auth_private_key)]
+    if store is not None:
+        if not os.environ.get("LPM_EDGE_PASSPHRASE"):
+            raise typer.BadParameter("--store needs $LPM_EDGE_PASSPHRASE (keys are encrypted)")
+        args += ["--node-config", f"lpm-store='{store.resolve()}'"]
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     raise typer.Exit(subprocess.call(args))
 

@@ -12,8 +12,11 @@ Messages (``query.<action>``, content in the ConfigRecord ``"cfg"``):
   contributions (assisted variant). Its report (S, I, R, new infection, p, ∂p/∂β) is added to
   pairwise masks that cancel in the sum over all devices, so the coordinator sees only totals.
 
-State lives in the node's ``context.state`` (private keys included), so any worker process can
-serve the next message. ``edge_agent.store.EdgeStore`` is the at-rest store of a real device.
+State lives in the node's ``context.state``, so any worker process can serve the next message.
+A real device (``lpm edge run --store PATH``, node config ``lpm-store``) keeps its private keys
+encrypted at rest in ``edge_agent.store.EdgeStore`` (passphrase from ``$LPM_EDGE_PASSPHRASE``)
+instead, plus its pseudonymous contact weights and its status; simulated devices keep the keys
+in ``context.state``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from edge_agent.store import EdgeStore
 from protocols.keys import AgreementKey, derive_key, ring_keystream
 from protocols.neighbourhood import AgentPlan, AssistedNeighbourhoodAgent, Envelope, Keyring
 from protocols.ring import FixedPointRing
@@ -33,10 +37,11 @@ from simulation.estimators import get_estimator
 from simulation.models import SIR, infection_probability, infection_probability_dbeta
 from simulation.substeps import StepContext
 
-__all__ = ["app", "REPORT_FIELDS", "DeviceProtocolError"]
+__all__ = ["app", "REPORT_FIELDS", "STORE_CONFIG_KEY", "DeviceProtocolError"]
 
 REPORT_FIELDS = ("S", "I", "R", "new_infections", "p", "dp_dbeta")
 _STATE = "device"
+STORE_CONFIG_KEY = "lpm-store"  # node config: path of the device's EdgeStore
 _MASK_LABEL = "lpm-edge/report-mask/v1"
 
 app = ClientApp()
@@ -64,17 +69,41 @@ def enrol(message: Message, context: Context) -> Message:
     st = ConfigRecord({k: cfg[k] for k in ("agent_id", "run_id", "seed", "n", "index", "degree",
                                            "beta", "gamma", "S", "I", "R", "weights",
                                            "weight_sum", "frac_bits")})
-    st["nb_key"] = nb_key.private_bytes()
-    st["agg_key"] = agg_key.private_bytes()
+    store_path = str(context.node_config.get(STORE_CONFIG_KEY, ""))
+    if store_path:  # a real device: keys encrypted at rest, never in the node's state
+        st["store"] = store_path
+        store = EdgeStore(store_path)
+        try:
+            run = str(st["run_id"])
+            store.put_private_key(f"{run}/nb_key", nb_key.private_bytes())
+            store.put_private_key(f"{run}/agg_key", agg_key.private_bytes())
+            store.set_contacts({k: float(v) for k, v in json.loads(str(st["weights"])).items()})
+            store.set_status("run", {"run_id": run, "S": st["S"], "I": st["I"], "R": st["R"]})
+        finally:
+            store.close()
+    else:
+        st["nb_key"] = nb_key.private_bytes()
+        st["agg_key"] = agg_key.private_bytes()
     st["day"] = -1
     context.state.config_records[_STATE] = st
     reply = ConfigRecord({"nb_pub": nb_key.public_bytes(), "agg_pub": agg_key.public_bytes()})
     return Message(RecordDict({"cfg": reply}), reply_to=message)
 
 
+def _private_key(st: ConfigRecord, name: str) -> bytes:
+    """The device's private key ``name``: from its encrypted store if it has one."""
+    if "store" not in st:
+        return bytes(st[name])
+    store = EdgeStore(str(st["store"]))
+    try:
+        return store.get_private_key(f"{st['run_id']}/{name}")
+    finally:
+        store.close()
+
+
 def _agent(st: ConfigRecord) -> AssistedNeighbourhoodAgent:
     keyring = Keyring(str(st["agent_id"]), str(st["run_id"]),
-                      AgreementKey.from_private_bytes(bytes(st["nb_key"])))
+                      AgreementKey.from_private_bytes(_private_key(st, "nb_key")))
     return AssistedNeighbourhoodAgent(str(st["agent_id"]), str(st["run_id"]), keyring=keyring)
 
 
@@ -88,7 +117,7 @@ def _start(agent: AssistedNeighbourhoodAgent, st: ConfigRecord, plan: AgentPlan,
 def _report_masks(st: ConfigRecord, day: int, peers: dict[str, bytes], width: int) -> torch.Tensor:
     """Σ of ± pairwise masks of this device for ``day`` (cancel over all devices)."""
     me = str(st["agent_id"])
-    key = AgreementKey.from_private_bytes(bytes(st["agg_key"]))
+    key = AgreementKey.from_private_bytes(_private_key(st, "agg_key"))
     total = torch.zeros(width, dtype=torch.int64)
     ctx = f"{st['run_id']}\x00report\x00{day}".encode()
     for peer, pub in sorted(peers.items()):
@@ -129,6 +158,13 @@ def _finish_day(st: ConfigRecord, cfg: ConfigRecord) -> list[int]:
         new = model.step(state, ctx)
     for c in ("S", "I", "R"):
         st[c] = float(new[c][0])
+    if "store" in st:
+        store = EdgeStore(str(st["store"]))
+        try:
+            store.set_status("run", {"run_id": str(st["run_id"]), "day": day, "S": st["S"],
+                                     "I": st["I"], "R": st["R"], "risk": p})
+        finally:
+            store.close()
     values = [st["S"], st["I"], st["R"], float(new["new_infections"][0]), p, dp]
     if not all(math.isfinite(v) for v in values):
         raise DeviceProtocolError("non-finite report")

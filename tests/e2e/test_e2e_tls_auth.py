@@ -2,7 +2,8 @@
 certificate made here with `cryptography`, `flower-superlink --enable-supernode-auth`, three
 devices registered with `flwr supernode register` and started with `lpm edge run
 --root-certificates … --auth-supernode-private-key …`, one device with an unregistered key refused (exit non-zero), then
-`flwr run` over TLS; the series equals the centralised run."""
+`flwr run` over TLS; the series equals the centralised run and every device kept its
+private keys encrypted in its own `EdgeStore`."""
 
 from __future__ import annotations
 
@@ -128,11 +129,13 @@ def test_tls_supernode_auth_flwr_run(tmp_path):
             out = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(pub), "tls"],
                                  env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
             assert out.returncode == 0, out.stdout + out.stderr
+        stores = [tmp_path / f"device{k}.db" for k in range(4)]
+        dev_env = {**env, "LPM_EDGE_PASSPHRASE": "device passphrase e2e"}
         for k, (priv, _) in enumerate(keys):
             procs.append(_spawn([str(BIN / "lpm"), "edge", "run", "--superlink",
                                  f"127.0.0.1:{link}", "--root-certificates", str(ca),
-                                 "--port", str(capio[k]), "--auth-private-key", str(priv)],
-                                env, tmp_path / f"edge{k}.log"))
+                                 "--port", str(capio[k]), "--auth-private-key", str(priv),
+                                 "--store", str(stores[k])], dev_env, tmp_path / f"edge{k}.log"))
         out = subprocess.run(
             [str(BIN / "flwr"), "run", ".", "tls", "--stream", "--run-config",
              f"num-days=2 devices=3 seed=4 initial-infected=0.05 db='{db}' run-id='tls'"],
@@ -169,5 +172,16 @@ def test_tls_supernode_auth_flwr_run(tmp_path):
             ref = simulate(SIR(0.5, 0.1, 0.05), synthesize("tiny", seed=4), 2, 4)
         assert [r["I"] for r in series] == ref["I"][1:].tolist()
         assert [r["new_infections"] for r in series] == ref["new_infections"][1:].tolist()
+        # each device kept its keys encrypted at rest in its own store, with its status
+        from edge_agent.store import EdgeStore, WrongPassphraseError
+
+        for path in stores[:3]:
+            dev = EdgeStore(path, "device passphrase e2e")
+            assert len(dev.get_private_key("tls/nb_key")) == 32
+            assert len(dev.get_private_key("tls/agg_key")) == 32
+            assert dev.status("run")["day"] == 1 and dev.contacts()
+            dev.close()
+            with pytest.raises(WrongPassphraseError):
+                EdgeStore(path, "wrong").get_private_key("tls/nb_key")
     finally:
         _stop(procs)
