@@ -76,29 +76,55 @@ class MPCSession:
         if not (torch.isfinite(y_hat).all() and torch.isfinite(jac).all()):
             raise MPCError("ŷ and J must be finite")
         control = torch.tensor([1, *y_hat.shape, jac.shape[2]], dtype=torch.int64)
-        dist.broadcast(control, src=self.k)
-        return coordinator_round(y_hat, jac, self.count_scale, self.stats)
+        try:
+            dist.broadcast(control, src=self.k)
+            return coordinator_round(y_hat, jac, self.count_scale, self.stats)
+        except RuntimeError as exc:  # gloo: a party died (e.g. its headroom check refused)
+            raise MPCError(f"MPC round failed: {self._party_failure() or exc}") from exc
 
-    def close(self) -> None:
+    def _party_failure(self, wait: float = 5.0) -> str:
+        """Last stderr line of each institution that exited non-zero, the root cause first
+        (the others typically died of gloo's "connection closed by peer")."""
+        deadline = time.monotonic() + wait
+        failures = []
+        for r, p in enumerate(self.procs):
+            try:
+                p.wait(timeout=max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                continue
+            if p.returncode != 0:
+                lines = [ln for ln in (p.stderr.read() if p.stderr else "").splitlines() if ln.strip()]
+                failures.append(f"institution {r} exited with {p.returncode}: {lines[-1] if lines else ''}")
+        failures.sort(key=lambda f: "by peer" in f)
+        return "; ".join(failures)
+
+    def close(self, *, raise_errors: bool = True) -> None:
+        """Stop the institutions, leave the group; raise MPCError if an institution failed."""
         if dist.is_initialized():
-            dist.broadcast(torch.zeros(4, dtype=torch.int64), src=self.k)
-            dist.destroy_process_group()
+            try:
+                dist.broadcast(torch.zeros(4, dtype=torch.int64), src=self.k)
+            except RuntimeError:
+                pass  # a party is already gone; its exit status is reported below
+            finally:
+                dist.destroy_process_group()
         errors = []
-        for p in self.procs:
+        for r, p in enumerate(self.procs):
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
-            if p.returncode not in (0, None):
-                errors.append(p.stderr.read() if p.stderr else "")
-        if errors:
-            raise RuntimeError(f"institution process failed: {errors[0][-2000:]}")
+                p.wait()
+            if p.returncode != 0:
+                tail = p.stderr.read()[-2000:] if p.stderr and p.returncode > 0 else ""
+                errors.append(f"institution {r} exited with {p.returncode}: {tail}")
+        if errors and raise_errors:
+            raise MPCError(errors[0])
 
     def __enter__(self) -> MPCSession:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(raise_errors=exc_type is None)  # never mask the error already raised
 
 
 class BoroughModel(nn.Module):

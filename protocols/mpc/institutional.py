@@ -27,7 +27,7 @@ from protocols.mpc.crypten_compat import CRYPTEN_PRECISION_BITS, from_ring_share
 from protocols.ring import FixedPointRing
 from protocols.sharing import share
 
-__all__ = ["MPCResult", "RoundStats", "coordinator_round", "institution_round"]
+__all__ = ["MPCError", "MPCResult", "RoundStats", "check_round_headroom", "coordinator_round", "institution_round"]
 
 PUBLIC_BITS = 16  # fixed-point bits of the public multipliers ŷ and J
 _RING = FixedPointRing(CRYPTEN_PRECISION_BITS)
@@ -103,11 +103,23 @@ def institution_round(y_private: torch.Tensor, shape: tuple[int, int, int], coun
     coordinator = world - 1
     yh, jac = _broadcast_public(None, None, shape, coordinator, stats)
     y_scaled = y_private.double() / count_scale
-    _RING.check_headroom(float(y_scaled.abs().max()) * float(yh.abs().max() + 1) * 2**PUBLIC_BITS, k * t)
+    check_round_headroom(y_scaled, yh, jac)
     shares, sq = _share_all(y_scaled, rank, shape, stats)
     agg = _party_aggregates(shares, sq, yh, jac)
     dist.reduce(agg, dst=coordinator, op=dist.ReduceOp.SUM)
     stats.bytes_sent += agg.numel() * 8
+
+
+def check_round_headroom(y_scaled: torch.Tensor, yh: torch.Tensor, jac: torch.Tensor) -> None:
+    """Raise ``RingOverflowError`` if Σ y·ŷ or Σ y·J (scale 2^32) could wrap the ring.
+
+    Both the loss cross term and every gradient entry are sums of K·T products of a scaled
+    count with a public multiplier, so the bound uses the larger of |ŷ| and |J|.
+    """
+    if y_scaled.numel() == 0:
+        return
+    multiplier = max(float(yh.abs().max()) if yh.numel() else 0.0, float(jac.abs().max()) if jac.numel() else 0.0)
+    _RING.check_headroom(float(y_scaled.abs().max()) * (multiplier + 1) * 2**PUBLIC_BITS, yh.numel())
 
 
 def _share_all(y_scaled: torch.Tensor | None, rank: int, shape, stats: RoundStats):

@@ -14,8 +14,13 @@ import torch.distributed as dist
 
 from protocols.mpc.crypten_compat import init_party
 from protocols.mpc.institutional import RoundStats, institution_round
+from protocols.ring import RingOverflowError
 
 CONTROL_STOP = 0
+
+
+class HeadroomRefused(RuntimeError):
+    """This institution refused a round whose products could wrap the ring."""
 
 
 def load_series(path: str, column: str, start: str, end: str) -> torch.Tensor:
@@ -41,7 +46,13 @@ def serve(rank: int, world: int, port: int, y: torch.Tensor, count_scale: float)
             if int(control[0]) == CONTROL_STOP:
                 break
             shape = (int(control[1]), int(control[2]), int(control[3]))
-            institution_round(y, shape, count_scale, stats)
+            try:
+                institution_round(y, shape, count_scale, stats)
+            except RingOverflowError:
+                # The message would carry the magnitude of this institution's counts: say only
+                # that the round was refused (stderr may be visible to the launcher).
+                raise HeadroomRefused(f"institution {rank} refused the round: Σ count × multiplier "
+                                      "would exceed the ring headroom (raise --count-scale)") from None
     finally:
         dist.destroy_process_group()
     return stats

@@ -60,3 +60,26 @@ def test_mpc_loss_and_gradient_equal_plaintext(private_files):
         grad = 2 * torch.einsum("kt,ktp->p", yhs - ys, js) / (k * t)
         assert result.loss == pytest.approx(loss, rel=1e-6, abs=1e-4)
         assert torch.allclose(result.grad, grad, atol=1e-4)
+
+
+def test_headroom_check_covers_the_gradient_multipliers():
+    from protocols.mpc.institutional import check_round_headroom
+    from protocols.ring import RingOverflowError
+
+    y = torch.full((120,), 60.0, dtype=torch.float64)  # NYC-sized counts / 100
+    y_hat = torch.full((5, 120), 60.0, dtype=torch.float64)
+    check_round_headroom(y, y_hat, torch.full((5, 120, 3), 60.0, dtype=torch.float64))  # fits
+    with pytest.raises(RingOverflowError):  # ŷ small, but Σ y·J would wrap mod 2^64
+        check_round_headroom(y, torch.ones(5, 120, dtype=torch.float64),
+                             torch.full((5, 120, 3), 1e6, dtype=torch.float64))
+
+
+def test_an_institution_refusing_a_round_fails_the_session_clearly(tmp_path):
+    t = 10
+    frame = pd.DataFrame({"date_of_interest": pd.date_range("2020-03-01", periods=t).strftime("%m/%d/%Y"),
+                          "SMALL": [1.0] * t, "HUGE": [1e12] * t})
+    frame.to_csv(tmp_path / "cases.csv", index=False)
+    with pytest.raises(MPCError, match="institution 1 refused the round") as info:
+        with MPCSession(tmp_path / "cases.csv", ["SMALL", "HUGE"], start="2020-03-01", end="2020-03-10") as s:
+            s.round(torch.ones(2, t), torch.ones(2, t, 1))
+    assert "e+" not in str(info.value).split("institution 1", 1)[1]  # no magnitude of its counts
