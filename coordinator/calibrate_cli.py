@@ -78,6 +78,7 @@ def _institutional(institutions: str, data: Path | None, steps: int, out: Path) 
     from importlib import resources
 
     from coordinator.institutional import run_institutional_calibration
+    from protocols.mpc.institutional import MPCError
 
     names = [s.strip().upper() for s in institutions.split(",") if s.strip()]
     path = data or Path(str(resources.files("simulation.data").joinpath("nyc_cases_2020.csv")))
@@ -88,6 +89,9 @@ def _institutional(institutions: str, data: Path | None, steps: int, out: Path) 
                                                 progress=lambda s, v: bar.update(task, completed=s + 1, loss=f"{v:.3f}"))
         except (ValueError, FileNotFoundError) as exc:
             raise typer.BadParameter(str(exc)) from exc
+        except MPCError as exc:  # an institution refused or died: say which, no traceback
+            console.print(f"[red]MPC calibration failed:[/red] {exc}")
+            raise typer.Exit(1) from exc
     console.print(f"coordinator learned only loss and gradient: final loss {run.losses[-1]:.3f} "
                   f"(from {run.losses[0]:.3f}); θ = " + ", ".join(f"{k} {v:.3f}" for k, v in run.theta.items()))
     console.print(f"{run.seconds_per_round:.2f} s and {run.bytes_per_round / 1e3:.1f} kB (coordinator traffic) per MPC round")
