@@ -60,7 +60,7 @@ def run_ours(graph, days, backward=False, checkpoint_days=None):
         else:
             with torch.no_grad():
                 traj = simulate(model, graph, days, seed=1)
-    return time.perf_counter() - t, mem.extra, float(traj.total_infections)
+    return time.perf_counter() - t, mem.extra, float(traj.total_infections.detach())
 
 
 def run_starsim(n, days):
