@@ -52,6 +52,7 @@ class MPCSession:
         self.world = self.k + 1
         self.port = free_port()
         self.count_scale = count_scale
+        self.timeout = timeout  # seconds each institution gets to exit on close() before a kill
         self.stats = RoundStats()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         self.procs = [
@@ -110,7 +111,7 @@ class MPCSession:
         errors = []
         for r, p in enumerate(self.procs):
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=self.timeout)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
