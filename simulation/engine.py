@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from simulation.estimators import get_estimator
 from simulation.kernels import NeighbourSum
 from simulation.population import ContactGraph, Population
+from simulation.rng import counter_uniforms
 from simulation.substeps import State, StepContext, SubstepModel
 
 __all__ = ["SimulationError", "Trajectory", "simulate", "step_uniforms", "resolve_device"]
@@ -40,14 +41,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def step_uniforms(
     seed: int, day: int, n: int, device: str | torch.device = "cpu", streams: int = 2
 ) -> torch.Tensor:
-    """Uniforms [streams, n] for one day, reproducible from (seed, day) on a given device.
+    """Uniforms [streams, n] for one day, reproducible from (seed, day), the same on every
+    device (counter-based SplitMix64, ``simulation.rng``).
 
-    Modelling randomness only (torch's generator): never use it for anything secret.
+    Modelling randomness only: never use it for anything secret.
     """
-    dev = torch.device(device)
-    gen = torch.Generator(device=dev)
-    gen.manual_seed((int(seed) * 1_000_003 + int(day) * 7919 + 1) % (2**63 - 1))
-    return torch.rand(streams, n, generator=gen, device=dev)
+    return counter_uniforms(seed, day, n, torch.device(device), streams)
 
 
 @dataclass

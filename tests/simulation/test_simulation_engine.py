@@ -197,3 +197,15 @@ def test_bitpacked_and_float_kernels_agree():
     weighted = synthesize("tiny", seed=0).graph.merged()
     x = (torch.rand(weighted.n) < 0.3).float()
     assert torch.allclose(NeighbourSum(weighted).plain(x), _cpu_sum(weighted, x, None, None))
+
+
+def test_counter_uniforms_same_bits_on_every_path_and_look_uniform():
+    from simulation.rng import _torch_fill, day_key
+
+    u = step_uniforms(7, 3, 50_000, "cpu", 2)
+    assert torch.equal(u, _torch_fill(day_key(7, 3), 2, 50_000, torch.device("cpu")))  # the CUDA path
+    assert 0.0 <= u.min() and u.max() < 1.0
+    counts = torch.histc(u[0], bins=20, min=0, max=1)
+    chi2 = (((counts - counts.mean()) ** 2) / counts.mean()).sum().item()
+    assert chi2 < 50  # 19 dof
+    assert abs(torch.corrcoef(u)[0, 1].item()) < 0.03  # streams independent

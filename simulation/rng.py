@@ -1,0 +1,80 @@
+"""Counter-based uniforms for common random numbers (modelling randomness, never secrets).
+
+u[s, i] for (seed, day, stream s, agent i) is the SplitMix64 finaliser of a counter, top 24
+bits scaled to [0, 1): any agent's draw can be recomputed alone, the same on every device,
+and a whole day is generated in parallel (numba on CPU, int64 torch ops elsewhere — both
+give identical bits). Replaces torch's single-threaded mt19937 ``uniform_``, which took
+~30 % of a 1M-agent SIR day.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+__all__ = ["counter_uniforms"]
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_M1 = 0xBF58476D1CE4E5B9
+_M2 = 0x94D049BB133111EB
+_MASK64 = (1 << 64) - 1
+_SCALE = 1.0 / (1 << 24)
+
+
+def _mix_int(z: int) -> int:
+    z = ((z ^ (z >> 30)) * _M1) & _MASK64
+    z = ((z ^ (z >> 27)) * _M2) & _MASK64
+    return z ^ (z >> 31)
+
+
+def day_key(seed: int, day: int) -> int:
+    """64-bit key of one (seed, day)."""
+    return _mix_int((int(seed) * _GOLDEN + int(day) * 0xD1B54A32D192ED03 + 1) & _MASK64)
+
+
+@numba.njit(parallel=True, cache=True)
+def _fill(key, out):  # pragma: no cover - compiled
+    streams, n = out.shape
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    m1 = np.uint64(0xBF58476D1CE4E5B9)
+    m2 = np.uint64(0x94D049BB133111EB)
+    scale = np.float32(1.0 / (1 << 24))
+    for s in range(streams):
+        for i in numba.prange(n):
+            z = key + np.uint64(s * n + i + 1) * golden
+            z = (z ^ (z >> np.uint64(30))) * m1
+            z = (z ^ (z >> np.uint64(27))) * m2
+            z = z ^ (z >> np.uint64(31))
+            out[s, i] = np.float32(z >> np.uint64(40)) * scale
+
+
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _torch_fill(key: int, streams: int, n: int, device: torch.device) -> torch.Tensor:
+    """Same bits with int64 torch ops (two's complement wraps like uint64; shifts masked)."""
+
+    def lshr(z: torch.Tensor, k: int) -> torch.Tensor:
+        return (z >> k) & ((1 << (64 - k)) - 1)
+
+    counter = torch.arange(1, streams * n + 1, device=device, dtype=torch.int64)
+    z = counter * _signed(_GOLDEN) + _signed(key)
+    z = (z ^ lshr(z, 30)) * _signed(_M1)
+    z = (z ^ lshr(z, 27)) * _signed(_M2)
+    z = z ^ lshr(z, 31)
+    return (lshr(z, 40).to(torch.float32) * _SCALE).view(streams, n)
+
+
+def counter_uniforms(seed: int, day: int, n: int, device: torch.device, streams: int) -> torch.Tensor:
+    """Uniforms [streams, n] in [0, 1) for (seed, day); identical on every device."""
+    key = day_key(seed, day)
+    if device.type == "cpu":
+        out = torch.empty(streams, n, dtype=torch.float32)
+        threads = torch.get_num_threads()
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        _fill(np.uint64(key), out.numpy())
+        torch.set_num_threads(threads)
+        return out
+    return _torch_fill(key, streams, n, device)
