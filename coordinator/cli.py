@@ -14,7 +14,7 @@ __all__ = ["register"]
 
 def demo(
     out: Annotated[Path, typer.Option(help="Output folder (store, bundle, PNG, CSV).")] = Path(
-        "demo-out"),
+        "out/demo"),
     devices: Annotated[int, typer.Option(min=1)] = 50,
     days: Annotated[int, typer.Option(min=2)] = 20,
     scale: Annotated[float, typer.Option(min=0.001, max=1.0)] = 0.67,

@@ -6,52 +6,20 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
-
-def _ports(k: int) -> list[int]:
-    socks = [socket.socket() for _ in range(k)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(args, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            cwd=ROOT, start_new_session=True)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-
 
 # In the default run on purpose (~65–90 s): the one real deployment-engine check CI makes.
 @pytest.mark.timeout(600)
-def test_superlink_three_supernodes_flwr_run(tmp_path):
+def test_superlink_three_supernodes_flwr_run(tmp_path, e2e):
+    ROOT, BIN = e2e.root, e2e.bin
     if shutil.which("flower-superlink", path=str(BIN)) is None:
         pytest.skip("flower-superlink not installed")
-    link, http_port, *capio = _ports(5)
+    link, http_port, *capio = e2e.ports(5)
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
@@ -61,18 +29,18 @@ def test_superlink_three_supernodes_flwr_run(tmp_path):
            "PYTHONPATH": str(ROOT), "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
            "LPM_COORDINATOR_TOKEN": "e2e-token-0123456789abcdef"}
     db = tmp_path / "coord.db"
-    procs = [_spawn([str(BIN / "flower-superlink"), "--insecure",
+    procs = [e2e.spawn([str(BIN / "flower-superlink"), "--insecure",
                      "--host", "127.0.0.1", "--port", str(link),
                      "--disable-runtime-dependency-installation",  # use this venv, no downloads
                      "--database", str(tmp_path / "link.db")], env, tmp_path / "superlink.log")]
     try:
         time.sleep(3)
         for k in range(3):
-            procs.append(_spawn([str(BIN / "flower-supernode"), "--insecure", "--superlink",
+            procs.append(e2e.spawn([str(BIN / "flower-supernode"), "--insecure", "--superlink",
                                  f"127.0.0.1:{link}", "--host", "127.0.0.1",
                                  "--port", str(capio[k]), "--node-config", f"partition-id={k}"],
                                 env, tmp_path / f"supernode{k}.log"))
-        procs.append(_spawn([str(BIN / "lpm"), "coordinator", "--port", str(http_port), "--db",
+        procs.append(e2e.spawn([str(BIN / "lpm"), "coordinator", "--port", str(http_port), "--db",
                              str(db)], env, tmp_path / "coordinator.log"))
         out = subprocess.run(
             [str(BIN / "flwr"), "run", ".", "e2e", "--stream", "--run-config",
@@ -106,4 +74,4 @@ def test_superlink_three_supernodes_flwr_run(tmp_path):
         assert [r["I"] for r in series] == ref["I"][1:].tolist()
         assert [r["new_infections"] for r in series] == ref["new_infections"][1:].tolist()
     finally:
-        _stop(procs)
+        e2e.stop(procs)

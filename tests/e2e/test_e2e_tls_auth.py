@@ -12,10 +12,7 @@ import ipaddress
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,35 +21,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
-
-def _ports(k: int) -> list[int]:
-    socks = [socket.socket() for _ in range(k)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _spawn(args: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(args, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            cwd=ROOT, start_new_session=True)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -103,11 +71,12 @@ def _node_keys(d: Path, name: str) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_tls_supernode_auth_flwr_run(tmp_path):
+def test_tls_supernode_auth_flwr_run(tmp_path, e2e):
+    ROOT, BIN = e2e.root, e2e.bin
     if shutil.which("flower-superlink", path=str(BIN)) is None:
         pytest.skip("flower-superlink not installed")
     ca, cert, key = _certificates(tmp_path)
-    link, *capio = _ports(5)
+    link, *capio = e2e.ports(5)
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
@@ -116,7 +85,7 @@ def test_tls_supernode_auth_flwr_run(tmp_path):
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(home),
            "PYTHONPATH": str(ROOT), "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
     db = tmp_path / "coord.db"
-    procs = [_spawn([str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(ca),
+    procs = [e2e.spawn([str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(ca),
                      "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
                      "--enable-supernode-auth",
                      "--host", "127.0.0.1", "--port", str(link),
@@ -132,7 +101,7 @@ def test_tls_supernode_auth_flwr_run(tmp_path):
         stores = [tmp_path / f"device{k}.db" for k in range(4)]
         dev_env = {**env, "LPM_EDGE_PASSPHRASE": "device passphrase e2e"}
         for k, (priv, _) in enumerate(keys):
-            procs.append(_spawn([str(BIN / "lpm"), "edge", "run", "--superlink",
+            procs.append(e2e.spawn([str(BIN / "lpm"), "edge", "run", "--superlink",
                                  f"127.0.0.1:{link}", "--root-certificates", str(ca),
                                  "--port", str(capio[k]), "--auth-private-key", str(priv),
                                  "--store", str(stores[k])], dev_env, tmp_path / f"edge{k}.log"))
@@ -184,4 +153,4 @@ def test_tls_supernode_auth_flwr_run(tmp_path):
             with pytest.raises(WrongPassphraseError):
                 EdgeStore(path, "wrong").get_private_key("tls/nb_key")
     finally:
-        _stop(procs)
+        e2e.stop(procs)
