@@ -16,6 +16,7 @@ app = typer.Typer(
     help="lpm-edge: privacy-preserving federated Large Population Models.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals can hold secrets (tokens, passphrases)
 )
 
 _COMMAND_MODULES = (
