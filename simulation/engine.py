@@ -89,12 +89,15 @@ def simulate(
     progress: Callable[[int], None] | None = None,
     initial_state: State | None = None,
     extras: dict[str, torch.Tensor] | None = None,
+    uniforms: Callable[[int, int], torch.Tensor] | None = None,
 ) -> Trajectory:
     """Simulate ``days`` days; returns the daily compartment totals and new infections.
 
     ``neighbour_sum`` replaces the central CSR sum (it gets the per-agent infectious vector
     and must return Σ_j w_ij x_j per agent). ``progress(day)`` is called after each day.
     ``extras`` reach every substep as ``ctx.extras`` (e.g. ``{"beta_t": β per day}``).
+    ``uniforms(day, streams)`` replaces :func:`step_uniforms` (the partitioned runner,
+    ``simulation.distributed``, keys them by global agent id).
     """
     if days < 0:
         raise SimulationError("days must be >= 0")
@@ -127,7 +130,10 @@ def simulate(
             ctx = StepContext(
                 day=day,
                 dt=1.0,
-                uniforms=step_uniforms(seed, day, n, dev, streams),
+                uniforms=(
+                    uniforms(day, streams) if uniforms is not None
+                    else step_uniforms(seed, day, n, dev, streams)
+                ),
                 estimator=est,
                 neighbour_sum=op,
                 degree=degree,

@@ -13,7 +13,7 @@ import numba
 import numpy as np
 import torch
 
-__all__ = ["counter_uniforms"]
+__all__ = ["counter_uniforms", "counter_uniforms_at"]
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _M1 = 0xBF58476D1CE4E5B9
@@ -78,3 +78,52 @@ def counter_uniforms(seed: int, day: int, n: int, device: torch.device, streams:
         torch.set_num_threads(threads)
         return out
     return _torch_fill(key, streams, n, device)
+
+
+@numba.njit(parallel=True, cache=True)
+def _fill_at(key, ids, total, out):  # pragma: no cover - compiled
+    streams, n = out.shape
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    m1 = np.uint64(0xBF58476D1CE4E5B9)
+    m2 = np.uint64(0x94D049BB133111EB)
+    scale = np.float32(1.0 / (1 << 24))
+    for s in range(streams):
+        for i in numba.prange(n):
+            z = key + np.uint64(s * total + ids[i] + 1) * golden
+            z = (z ^ (z >> np.uint64(30))) * m1
+            z = (z ^ (z >> np.uint64(27))) * m2
+            z = z ^ (z >> np.uint64(31))
+            out[s, i] = np.float32(z >> np.uint64(40)) * scale
+
+
+def counter_uniforms_at(
+    seed: int, day: int, ids: torch.Tensor, total: int, device: torch.device, streams: int
+) -> torch.Tensor:
+    """Uniforms [streams, len(ids)] for the agents ``ids`` (int64 global ids < ``total``):
+    bit-identical to ``counter_uniforms(seed, day, total, ...)[:, ids]`` without building it
+    (a partitioned run draws each agent's numbers by its global id)."""
+    key = day_key(seed, day)
+    if device.type == "cpu":
+        idx = ids.detach().to("cpu", torch.int64).contiguous()
+        out = torch.empty(streams, idx.numel(), dtype=torch.float32)
+        threads = torch.get_num_threads()
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        _fill_at(np.uint64(key), idx.numpy(), np.int64(total), out.numpy())
+        torch.set_num_threads(threads)
+        return out
+    return _torch_fill_at(key, ids.to(device, torch.int64), total, streams)
+
+
+def _torch_fill_at(key: int, idx: torch.Tensor, total: int, streams: int) -> torch.Tensor:
+    """``counter_uniforms_at`` with int64 torch ops (any device; same bits as numba)."""
+
+    def lshr(z: torch.Tensor, k: int) -> torch.Tensor:
+        return (z >> k) & ((1 << (64 - k)) - 1)
+
+    device = idx.device
+    counter = (torch.arange(streams, device=device, dtype=torch.int64) * int(total)).unsqueeze(1)
+    z = (counter + idx.unsqueeze(0) + 1) * _signed(_GOLDEN) + _signed(key)
+    z = (z ^ lshr(z, 30)) * _signed(_M1)
+    z = (z ^ lshr(z, 27)) * _signed(_M2)
+    z = z ^ lshr(z, 31)
+    return lshr(z, 40).to(torch.float32) * _SCALE
