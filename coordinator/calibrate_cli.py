@@ -24,7 +24,10 @@ def calibrate_command(
     agents: int = typer.Option(100_000, min=1_000, help="Synthetic population size."),
     steps: int = typer.Option(40, min=1, help="Adam steps."),
     posterior_steps: int = typer.Option(12, min=1, help="GVI steps (nyc)."),
-    data: Path | None = typer.Option(None, help="NYC cases CSV (default: the bundled copy)."),
+    data: Path | None = typer.Option(None, help="Cases CSV in the NYC Health trends/cases-by-day.csv "
+                                     "layout (default: the bundled 2020 copy)."),
+    start: str = typer.Option("2020-03-01", help="First day of the fitted window (YYYY-MM-DD)."),
+    end: str = typer.Option("2020-06-30", help="Last day of the fitted window (YYYY-MM-DD)."),
     out: Path = typer.Option(Path("out/calibrate"), help="Output directory."),
     seed: int = typer.Option(0),
     institutions: str | None = typer.Option(
@@ -59,7 +62,7 @@ def calibrate_command(
                  "posterior": bar.add_task("posterior (GVI)", total=posterior_steps, loss="-")}
         try:
             fit = fit_nyc_first_wave(agents=agents, steps=steps, posterior_steps=posterior_steps,
-                                     seed=seed, path=data,
+                                     seed=seed, path=data, start=start, end=end,
                                      progress=lambda ph, s, v: bar.update(tasks[ph], completed=s + 1, loss=f"{v:.3f}"))
         except DataError as exc:
             raise typer.BadParameter(str(exc)) from exc

@@ -113,9 +113,19 @@ def fit_nyc_first_wave(
 
     ``estimator`` is the gradient estimator used while fitting: the default ``expected``
     (mean-field) gives smooth, deterministic gradients through 120 days; the band shows the
-    posterior uncertainty of the fitted model (same estimator) over posterior draws. Note:
+    posterior uncertainty of the fitted model (same estimator) over posterior draws. The
+    same ``seed`` gives the same fit (it seeds the population, the simulator, the network
+    initialisation and the posterior draws; the global torch RNG is left untouched). Note:
     the mean-field surrogate infects more than the sampled model at equal β (docs).
     """
+    with torch.random.fork_rng():  # --seed fixes every random choice (CalibNN init, GVI draws)
+        torch.manual_seed(seed)
+        return _fit(agents, steps, posterior_steps, posterior_samples, seed, estimator, lr,
+                    path, start, end, progress)
+
+
+def _fit(agents, steps, posterior_steps, posterior_samples, seed, estimator, lr, path, start,
+         end, progress) -> NYCFit:
     series = load_nyc_cases(path, start=start, end=end)
     pop = synthesize("nyc", seed=seed, scale=agents / NYC_POPULATION)
     observed = series.counts * pop.n / NYC_POPULATION
