@@ -1,59 +1,166 @@
-"""Simulated fleet: the coordinator's ServerApp and N edge-agent ClientApps on Flower's
-simulation engine (Ray), in one process tree. The ClientApp is loaded by its string
-reference, so the coordinator package never imports ``edge_agent``."""
+"""Simulated fleet: the coordinator's :class:`~coordinator.server_app.FederatedRun` and N
+edge-agent ClientApps hosted in a separate device-host process
+(``python -m edge_agent.fleet_host``, started by name: the coordinator package never imports
+``edge_agent``, and the coordinator process never holds a device's state).
+
+Messages cross the process boundary as the :mod:`protocols.daily` dicts; each device is the
+real ClientApp with its own Flower ``Context``. ``drop_fraction`` takes that share of the
+devices offline at random days and stages (some come back later), to exercise dropouts.
+"""
 
 from __future__ import annotations
 
-import importlib
+import json
 import os
-from collections.abc import Callable
-
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 from coordinator.runner import RunConfig
-from coordinator.server_app import FederatedRun
+from coordinator.server_app import FederatedRun, FederatedSettings
 from coordinator.store import CoordinatorStore
 
-__all__ = ["CLIENT_APP_REF", "run_fleet", "load_client_app"]
+__all__ = ["DEVICE_HOST_MODULE", "FleetError", "ProcessTransport", "dropout_schedule",
+           "run_fleet", "write_summary"]
 
-CLIENT_APP_REF = "edge_agent.client_app:app"
-
-
-def load_client_app(ref: str = CLIENT_APP_REF):
-    """Import ``module:attribute``."""
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
+DEVICE_HOST_MODULE = "edge_agent.fleet_host"
+_STAGES = ("day", "share_keys", "masked_input", "unmask")
 
 
-def run_fleet(cfg: RunConfig, *, store: CoordinatorStore | None = None, run_id: str | None = None,
+class FleetError(RuntimeError):
+    """The device host failed or answered out of protocol."""
+
+
+def _frame_io():  # the host module's framing, by name (no edge_agent import here)
+    import pickle
+    import struct
+
+    def read(f) -> Any:
+        head = f.read(8)
+        if len(head) < 8:
+            raise FleetError("the device host closed its output")
+        (size,) = struct.unpack("<Q", head)
+        return pickle.loads(f.read(size))
+
+    def write(f, obj: Any) -> None:
+        blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.flush()
+
+    return read, write
+
+
+class ProcessTransport:
+    """:class:`~coordinator.server_app.Transport` to a device-host subprocess."""
+
+    def __init__(self, nodes: int, *, offline: Mapping[int, list] | None = None,
+                 node_config: Mapping[str, Any] | None = None) -> None:
+        self._read, self._write = _frame_io()
+        env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        self.proc = subprocess.Popen([sys.executable, "-m", DEVICE_HOST_MODULE],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self._nodes = list(range(1, nodes + 1))
+        self._call("init", {"nodes": self._nodes, "offline": dict(offline or {}),
+                            "node_config": dict(node_config or {})})
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _call(self, op: str, arg: Any) -> Any:
+        if self.proc.poll() is not None:
+            raise FleetError(f"the device host exited with code {self.proc.returncode}")
+        self._write(self.proc.stdin, (op, arg))
+        status, value = self._read(self.proc.stdout)
+        if status != "ok":
+            raise FleetError(f"device host: {value}")
+        return value
+
+    def node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def exchange(self, message_type: str, contents: Mapping[int, dict[str, Any]], group: str,
+                 timeout: float) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+        return self._call("exchange", (message_type, dict(contents), group))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self._call("close", None)
+                self.proc.wait(10)
+            except (FleetError, OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def dropout_schedule(devices: int, days: int, fraction: float, seed: int = 0
+                     ) -> dict[int, list]:
+    """``{node: [day, stage, back_day]}`` for ``round(fraction · devices)`` random nodes
+    (1-based ids): offline from ``stage`` of ``day`` until ``back_day`` (half come back)."""
+    if not 0.0 <= fraction < 1.0:
+        raise FleetError("drop fraction must be in [0, 1)")
+    rng = random.Random(seed)  # modelling randomness only (which simulated device drops)
+    k = round(fraction * devices)
+    out: dict[int, list] = {}
+    for j, node in enumerate(sorted(rng.sample(range(1, devices + 1), k))):
+        day = rng.randrange(1, max(days, 2))
+        stage = _STAGES[j % len(_STAGES)]
+        back = rng.randrange(day + 1, days + 2) if j % 2 else days + 10
+        out[node] = [day, stage, back]
+    return out
+
+
+def run_fleet(cfg: RunConfig, *, settings: FederatedSettings | None = None,
+              store: CoordinatorStore | None = None, run_id: str | None = None,
               on_day: Callable[[int, dict[str, object]], None] | None = None,
-              num_cpus_per_client: float = 0.5, verbose: bool = False) -> list[dict[str, object]]:
+              drop_fraction: float = 0.0, drop_seed: int = 0,
+              offline: Mapping[int, list] | None = None) -> list[dict[str, object]]:
     """Run ``cfg`` with ``cfg.devices`` simulated devices; returns the per-day rows."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from flwr.simulation import run_simulation
+    sched = dict(offline) if offline is not None else \
+        dropout_schedule(cfg.devices, cfg.days, drop_fraction, drop_seed)
+    transport = ProcessTransport(cfg.devices, offline=sched)
+    try:
+        return FederatedRun(transport, cfg, settings=settings, store=store, run_id=run_id,
+                            on_day=on_day).run()
+    finally:
+        transport.close()
 
-    result: dict[str, object] = {}
-    server = ServerApp()
 
-    @server.main()
-    def _main(grid: Grid, context: Context) -> None:
-        try:
-            result["rows"] = FederatedRun(grid, cfg, store=store, run_id=run_id,
-                                          on_day=on_day).run()
-        except BaseException as exc:  # re-raised in the caller's thread below
-            result["error"] = exc
-            raise
+def write_summary(out_dir: Path, rows: list[dict[str, object]], day_seconds: list[float],
+                  extra: Mapping[str, Any] | None = None) -> Path:
+    """``out_dir/summary.json``: days_completed, survivors, theta, loss, seconds_per_day."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "days_completed": len(rows),
+        "survivors": [int(r.get("survivors", 0)) for r in rows],
+        "theta": {"beta": [float(r["theta_beta"]) for r in rows if "theta_beta" in r]},
+        "loss": [float(r["loss"]) for r in rows if "loss" in r],
+        "seconds_per_day": day_seconds,
+        "new_infections": [float(r["new_infections"]) for r in rows],
+        **dict(extra or {}),
+    }
+    path = out_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=1))
+    return path
 
-    run_simulation(server_app=server, client_app=load_client_app(), num_supernodes=cfg.devices,
-                   backend_config={"client_resources": {"num_cpus": num_cpus_per_client,
-                                                        "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2, "include_dashboard": False,
-                                                 "logging_level": "error",
-                                                 "log_to_driver": verbose}},
-                   verbose_logging=verbose)
-    if "error" in result:
-        raise result["error"]  # type: ignore[misc]
-    if "rows" not in result:
-        raise RuntimeError("the fleet simulation ended without a result")
-    return result["rows"]  # type: ignore[return-value]
+
+def timed(on_day: Callable[[int, dict[str, object]], None] | None = None
+          ) -> tuple[Callable[[int, dict[str, object]], None], list[float]]:
+    """An ``on_day`` that records the seconds each day took (and calls ``on_day``)."""
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def cb(day: int, row: dict[str, object]) -> None:
+        now = time.perf_counter()
+        times.append(round(now - last[0], 3))
+        last[0] = now
+        if on_day is not None:
+            on_day(day, row)
+
+    return cb, times

@@ -142,6 +142,7 @@ class HybridSimulation:
         if remote:
             self._zero_physical()
         self.day = 0  # next day to simulate
+        self.last_synthetic_hazard = torch.zeros(0, dtype=torch.float64)
         self._estimator = get_estimator("straight_through")
         self.attributes = {"age_band": torch.zeros(n, dtype=torch.int8)}
 
@@ -187,6 +188,10 @@ class HybridSimulation:
             if self.remote:
                 self._zero_physical()
             phys = self.split.physical
+            h = susceptible / self.split.degree.clamp(min=1.0) * captured["sums"]
+            h[phys] = 0.0
+            # synthetic agents' hazard base S_i/n_i Σ_j w_ij I_j of this day (calibration)
+            self.last_synthetic_hazard = h[h > 0].double()
             beta = self.model.beta.detach()
             sums_p = captured["sums"][phys]
             p = infection_probability(sums_p, susceptible[phys], self.split.degree[phys], beta)

@@ -1,28 +1,69 @@
-"""SecAgg+ over Flower's Message API: the coordinator relays the protocols.secagg server
-state machine's bytes to the devices' ClientApp (``edge_agent.secagg_flower``).
+"""SecAgg+ (protocols.secagg) driven by the coordinator over a message transport.
 
-:func:`run_secagg_round` drives one round over a ``Grid``: enrol (identity keys), advertise,
-share keys, masked input, unmask. A device that errors or does not answer within the
-timeout counts as dropped at that stage; the server decides whether the round survives.
+:class:`ReportRound` is the server side of one day's report aggregation in a federated run:
+the coordinator only relays the state machine's bytes; a device that errors, answers out of
+protocol or does not answer counts as dropped at that stage, and the decoded sum covers
+exactly the survivors. :func:`run_secagg_round` drives a stand-alone round over a Flower
+``Grid`` (tests, benchmarks) with ``edge_agent.secagg_flower:app`` on the devices.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from protocols.daily import REPORT_FIELDS, report_spec_bound
 from protocols.keys import AgreementKey
 from protocols.secagg import InputSpec, RoundConfig, SecAggError
 from protocols.secagg.server import SecAggServer
 
-__all__ = ["SecAggRoundResult", "run_secagg_round", "wait_for_nodes"]
+__all__ = ["ReportRound", "SecAggRoundResult", "report_spec", "run_secagg_round",
+           "wait_for_nodes"]
 
 _TYPE = "query.secagg"
+
+
+def report_spec() -> InputSpec:
+    """Encoding of the daily report vector (floats, 16 fractional bits)."""
+    return InputSpec("float", len(REPORT_FIELDS), report_spec_bound(), 16)
+
+
+class ReportRound:
+    """One day's SecAgg+ round over the devices named in ``roster`` (in order)."""
+
+    def __init__(self, run_id: str, day: int, roster: Sequence[str], registry: Sequence[bytes],
+                 spec: InputSpec | None = None, min_survivors: int = 0) -> None:
+        self.roster = list(roster)
+        self._index = {name: i for i, name in enumerate(self.roster)}
+        key = AgreementKey.generate()
+        self.config = RoundConfig(run_id, day, tuple(self.roster), spec or report_spec(),
+                                  os.urandom(32), key.public_bytes(),
+                                  min_survivors=min(max(min_survivors, 0), len(self.roster)))
+        self.server = SecAggServer(self.config, list(registry), key)
+        self.rejected: dict[str, str] = {}
+
+    def receive(self, name: str, blob: bytes) -> None:
+        """Feed one device's message for the current stage; a rejected one drops it."""
+        try:
+            self.server.receive(self._index[name], bytes(blob))
+        except SecAggError as exc:
+            self.rejected[name] = f"{type(exc).__name__}: {exc}"
+
+    def advance(self) -> dict[str, bytes]:
+        """Close the stage; ``{device name: bytes}`` for the next one (SecAggAbortError if
+        too few devices are left)."""
+        return {self.roster[i]: b for i, b in self.server.advance().items()}
+
+    def total(self) -> torch.Tensor:
+        return self.server.decoded()
+
+    def survivors(self) -> list[str]:
+        return [self.roster[i] for i in sorted(self.server.u3)]
 
 
 class SecAggRoundResult:
@@ -47,6 +88,8 @@ def wait_for_nodes(grid: Grid, n: int, wait: float = 120.0) -> list[int]:
 
 def _exchange(grid: Grid, contents: dict[int, ConfigRecord], timeout: float,
               group: str) -> dict[int, ConfigRecord]:
+    from flwr.app import RecordDict
+
     msgs = [Message(RecordDict({"cfg": c}), dst_node_id=n, message_type=_TYPE, group_id=group)
             for n, c in contents.items()]
     out: dict[int, ConfigRecord] = {}
@@ -61,15 +104,14 @@ def run_secagg_round(
     nodes: Iterable[int],
     spec: InputSpec,
     *,
-    input_ref: str,
     run_id: str = "secagg",
     round_: int = 0,
     silent: dict[str, set[int]] | None = None,
     timeout: float = 120.0,
     **round_kw: int,
 ) -> SecAggRoundResult:
-    """One SecAgg+ round over ``nodes``; ``silent`` (tests) lists node ids not contacted at a
-    stage, as if they had dropped."""
+    """One SecAgg+ round over ``nodes`` (each device sums its own demo input); ``silent``
+    (tests) lists node ids not contacted at a stage, as if they had dropped."""
     nodes = sorted(nodes)
     silent = silent or {}
     replies = _exchange(grid, {n: ConfigRecord({"stage": "enrol"}) for n in nodes}, timeout,
@@ -98,8 +140,7 @@ def run_secagg_round(
                         for n in nodes})
     for name in ("share_keys", "masked_input", "unmask"):
         out = server.advance()
-        extra = {"input": input_ref} if name == "masked_input" else {}
-        stage(name, {nodes[i]: ConfigRecord({"stage": name, "payload": b, **extra})
+        stage(name, {nodes[i]: ConfigRecord({"stage": name, "payload": b})
                      for i, b in out.items()})
     server.advance()
     pids = {n: int(replies[n].get("partition_id", -1)) for n in nodes}  # type: ignore[arg-type]

@@ -1,16 +1,26 @@
 """Flower ServerApp of the coordinator (Message API): a hybrid run over real or simulated
-devices, one batched message per device per day.
+devices, with online federated calibration. Wire format: :mod:`protocols.daily`.
 
 Per day d: the relay plans the assisted secure neighbourhood round over the cross edges
-(:mod:`coordinator.hybrid`); each device gets one message with yesterday's delivery and
-today's plan, and answers with its masked contributions and its masked report of yesterday.
-Coordinator-run proxies contribute the synthetic agents' status and learn the synthetic
-agents' sums over their physical contacts; the synthetic population then steps centrally.
-The sum of the devices' masked reports (pairwise masks cancel) gives the physical counts,
-Σ p_i and Σ ∂p_i/∂β; the day is committed to the store with the synthetic checkpoint.
+(:mod:`coordinator.hybrid`); every enrolled device gets one ``query.day`` message with
+yesterday's delivery, today's plan and the model's θ, and answers with the SecAgg+ key
+advertisement of its report of yesterday and its masked contributions of today. Three
+``query.stage`` exchanges finish the report's SecAgg+ round, whose decoded sum gives the
+physical counts, Σ p_i and Σ ∂p_i/∂β over exactly the surviving devices. Coordinator-run
+proxies contribute the synthetic agents' status; the synthetic population then steps
+centrally. The coordinator never holds a physical agent's state: their rows in the
+synthetic state stay zero, and a device's events use a seed that never leaves it.
 
-Run config keys (``[tool.flwr.app.config]``): num-days, population, scale, seed, beta,
-gamma, initial-infected, db (SQLite path; default ``lpm-coordinator.db``), run-id.
+Dropouts: a device that does not answer (or errors) is out of that day: excluded exactly from
+the report round (SecAgg+ survivors), and — neighbourhood policy — its contacts' sums for the
+day leave it out (the relay's dropout policy). It is asked again every day; when it answers
+it catches up (keeps its status over the missed days and joins the day's plan). A day with
+fewer than ``min-devices`` surviving reports fails with an error naming the missing nodes.
+
+Run config keys (``[tool.flwr.app.config]``): num-days, population, scale, seed, devices,
+beta, gamma, initial-infected, db, run-id, min-devices, shared-seed (equivalence tests only),
+calibrate ("" or "beta"), calibrate-every, calibrate-steps, beta-init, beta-segment-days,
+observed-csv (per-day ``new_infections``; default: the run's own reported counts).
 """
 
 from __future__ import annotations
@@ -18,24 +28,42 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from coordinator.calibration import CalibrationSettings, OnlineCalibrator, read_observed_csv
 from coordinator.hybrid import HybridSimulation, agent_name
 from coordinator.runner import RunConfig, physical_agents
+from coordinator.secagg_flower import ReportRound
 from coordinator.store import CoordinatorStore
-from protocols.neighbourhood import AssistedNeighbourhoodAgent, NeighbourhoodRelay
+from protocols.daily import (
+    REPORT_FIELDS,
+    SECAGG_STAGES,
+    DayReply,
+    DayRequest,
+    EnrolReply,
+    EnrolRequest,
+    Keys,
+    MessageType,
+    StageReply,
+    StageRequest,
+    WireFormatError,
+)
+from protocols.neighbourhood import AssistedNeighbourhoodAgent, Envelope, NeighbourhoodRelay
 from protocols.ring import FixedPointRing
+from protocols.secagg import SecAggAbortError
 from simulation.models import SIR
 from simulation.population import synthesize
 
-__all__ = ["app", "FederatedRun", "FederatedRunError", "REPORT_FIELDS"]
+__all__ = ["app", "FederatedRun", "FederatedRunError", "FederatedSettings", "FlowerTransport",
+           "MinCohortError", "Transport", "REPORT_FIELDS", "DEFAULT_MIN_DEVICES"]
 
-REPORT_FIELDS = ("S", "I", "R", "new_infections", "p", "dp_dbeta")  # = edge_agent's order
+DEFAULT_MIN_DEVICES = 10
 _log = logging.getLogger(__name__)
 
 app = ServerApp()
@@ -45,119 +73,212 @@ class FederatedRunError(RuntimeError):
     """A device failed or answered out of protocol; the day cannot be completed."""
 
 
+class MinCohortError(FederatedRunError):
+    """Fewer devices than the minimum cohort: aggregates would not be published."""
+
+
+class Transport(Protocol):
+    """Message transport between the coordinator and the devices (Flower or the fleet)."""
+
+    def node_ids(self) -> list[int]: ...
+
+    def exchange(self, message_type: str, contents: Mapping[int, dict[str, Any]], group: str,
+                 timeout: float) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+        """Send one message per node; returns (replies, {node: failure reason})."""
+        ...
+
+
+class FlowerTransport:
+    """:class:`Transport` over a Flower ``Grid`` (deployment or simulation engine)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    def node_ids(self) -> list[int]:
+        return sorted(self.grid.get_node_ids())
+
+    def exchange(self, message_type: str, contents: Mapping[int, dict[str, Any]], group: str,
+                 timeout: float) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+        msgs = [Message(RecordDict({Keys.RECORD: ConfigRecord(c)}), dst_node_id=node,
+                        message_type=message_type, group_id=group)
+                for node, c in contents.items()]
+        out: dict[int, dict[str, Any]] = {}
+        failed: dict[int, str] = {}
+        for r in self.grid.send_and_receive(msgs, timeout=timeout):
+            src = r.metadata.src_node_id
+            if r.has_error():
+                failed[src] = str(r.error.reason)
+            else:
+                out[src] = dict(r.content.config_records[Keys.RECORD])
+        for node in set(contents) - set(out) - set(failed):
+            failed[node] = "no reply"
+        # a reply from a node we did not ask, or an error attributed to one: not ours
+        return ({n: c for n, c in out.items() if n in contents},
+                {n: f for n, f in failed.items() if n in contents})
+
+
+@dataclass(frozen=True)
+class FederatedSettings:
+    """How the run treats devices: minimum cohort, the equivalence-test seed mode,
+    calibration and the per-exchange timeout."""
+
+    min_devices: int = DEFAULT_MIN_DEVICES
+    shared_seed: bool = False
+    calibration: CalibrationSettings | None = None
+    timeout: float = 600.0
+
+
 @dataclass
 class _Device:
     node_id: int
     index: int  # agent index in the population
     name: str
+    identity: bytes = b""
+    missed: list[int] = field(default_factory=list)
 
 
 class FederatedRun:
-    """Drives a hybrid run over ``grid``; ``store``/``run_id`` persist each completed day."""
+    """Drives a hybrid run over ``transport``; ``store``/``run_id`` persist each day."""
 
-    def __init__(self, grid: Grid, cfg: RunConfig, *, store: CoordinatorStore | None = None,
-                 run_id: str | None = None, timeout: float = 600.0,
+    def __init__(self, transport: Transport | Grid, cfg: RunConfig, *,
+                 settings: FederatedSettings | None = None,
+                 store: CoordinatorStore | None = None, run_id: str | None = None,
                  on_day: Callable[[int, dict[str, object]], None] | None = None) -> None:
-        self.grid, self.cfg, self.store, self.timeout, self.on_day = grid, cfg, store, timeout, \
-            on_day
+        self.transport = transport if hasattr(transport, "exchange") else \
+            FlowerTransport(transport)  # type: ignore[arg-type]
+        self.cfg, self.store, self.on_day = cfg, store, on_day
+        self.settings = settings or FederatedSettings()
         self.run_id = run_id or f"fl-{int(time.time())}"
         self.ring = FixedPointRing()
         self.rows: list[dict[str, object]] = []
+        self.calibrator = None if self.settings.calibration is None else \
+            OnlineCalibrator(self.settings.calibration)
 
     # ------------------------------------------------------------------ transport
-    def _exchange(self, action: str, contents: dict[int, ConfigRecord], group: str
-                  ) -> dict[int, ConfigRecord]:
-        msgs = [Message(RecordDict({"cfg": c}), dst_node_id=node, message_type=f"query.{action}",
-                        group_id=group) for node, c in contents.items()]
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
-        out: dict[int, ConfigRecord] = {}
-        for r in replies:
-            if r.has_error():
-                raise FederatedRunError(f"node {r.metadata.src_node_id}: {r.error.reason}")
-            out[r.metadata.src_node_id] = r.content.config_records["cfg"]
-        missing = set(contents) - set(out)
-        if missing:
-            raise FederatedRunError(f"no reply from {len(missing)} device(s) to {action}")
-        return out
-
     def _nodes(self, wait: float = 120.0) -> list[int]:
         deadline = time.time() + wait
         while True:
-            nodes = sorted(self.grid.get_node_ids())
+            nodes = self.transport.node_ids()
             if len(nodes) >= self.cfg.devices or time.time() > deadline:
                 break
             time.sleep(1.0)
-        if not nodes:
-            raise FederatedRunError("no devices connected")
-        return nodes[: self.cfg.devices]
+        nodes = nodes[: self.cfg.devices]
+        if len(nodes) < self.settings.min_devices:
+            raise MinCohortError(f"{len(nodes)} device(s) connected, the minimum cohort is "
+                                 f"{self.settings.min_devices}")
+        return nodes
+
+    def _check_cohort(self, day: int, survivors: list[str], devices: Mapping[str, _Device],
+                      stage: str) -> None:
+        if len(survivors) >= self.settings.min_devices:
+            return
+        missing = sorted(set(devices) - set(survivors))
+        desc = ", ".join(f"node {devices[m].node_id} ({m})" for m in missing)
+        raise MinCohortError(f"day {day}: {len(survivors)} device(s) left at {stage}, the "
+                             f"minimum cohort is {self.settings.min_devices}; missing: {desc}")
 
     # ------------------------------------------------------------------ run
     def run(self) -> list[dict[str, object]]:
-        cfg = self.cfg
+        cfg, settings = self.cfg, self.settings
         pop = synthesize(cfg.population, seed=cfg.seed, scale=cfg.scale)
         nodes = self._nodes()
         phys = physical_agents(pop.n, len(nodes))
         sim = HybridSimulation(SIR(cfg.beta, cfg.gamma, cfg.initial_infected), pop, phys,
                                cfg.seed, remote=True)
         split = sim.split
-        devices = {node: _Device(node, int(i), agent_name(int(i)))
+        devices = {agent_name(int(i)): _Device(node, int(i), agent_name(int(i)))
                    for node, i in zip(nodes, phys.tolist(), strict=True)}
-        by_name = {d.name: d for d in devices.values()}
+        by_node = {d.node_id: d for d in devices.values()}
         cross = split.cross_contacts()
         relay = NeighbourhoodRelay({t: [c for c, _ in cs] for t, cs in cross.items()},
                                    variant="assisted", run_id=self.run_id)
-        # w as known to each contact: weights[c][t] = w_tc ; weight sums per target
-        weights: dict[str, dict[str, float]] = {}
+        weights: dict[str, dict[str, float]] = {}  # weights[c][t] = w_tc as known to c
         for t, cs in cross.items():
             for c, w in cs:
                 weights.setdefault(c, {})[t] = w
         wsum = {t: sum(w for _, w in cs) for t, cs in cross.items()}
         proxies = {name: AssistedNeighbourhoodAgent(name, self.run_id, ring=self.ring)
-                   for name in set(cross) | set(weights) if name not in by_name}
+                   for name in set(cross) | set(weights) if name not in devices}
         for name, agent in proxies.items():
             relay.register(name, agent.keyring.public_bytes())
         init = sim.physical_initial_state
         enrol = {}
-        for k, (node, d) in enumerate(devices.items()):
-            enrol[node] = ConfigRecord({
-                "agent_id": d.name, "run_id": self.run_id, "seed": cfg.seed, "n": split.n,
-                "index": d.index, "degree": float(split.degree[d.index]), "beta": cfg.beta,
-                "gamma": cfg.gamma, "S": float(init["S"][k]), "I": float(init["I"][k]),
-                "R": float(init["R"][k]), "weights": json.dumps(weights.get(d.name, {})),
-                "weight_sum": float(wsum.get(d.name, 0.0)), "frac_bits": self.ring.frac_bits})
-        pubs = self._exchange("enrol", enrol, "enrol")
-        agg_keys = json.dumps({devices[n].name: bytes(c["agg_pub"]).hex()
-                               for n, c in pubs.items()})
-        for node, c in pubs.items():
-            relay.register(devices[node].name, bytes(c["nb_pub"]))
-        online = set(by_name) | set(proxies)
+        for k, d in enumerate(devices.values()):
+            enrol[d.node_id] = EnrolRequest(
+                agent_id=d.name, run_id=self.run_id, n=split.n, index=d.index,
+                degree=float(split.degree[d.index]), beta=cfg.beta, gamma=cfg.gamma,
+                S=float(init["S"][k]) if settings.shared_seed else 0.0,
+                I=float(init["I"][k]) if settings.shared_seed else 0.0,
+                R=float(init["R"][k]) if settings.shared_seed else 0.0,
+                initial_infected=cfg.initial_infected,
+                weights=json.dumps(weights.get(d.name, {})),
+                weight_sum=float(wsum.get(d.name, 0.0)), frac_bits=self.ring.frac_bits,
+                secagg_index=k, shared_seed=settings.shared_seed,
+                uniform_seed=cfg.seed if settings.shared_seed else 0).to_dict()
+        del init  # initial physical states went to their devices only
+        sim._initial_physical = {}
+        replies, failed = self.transport.exchange(MessageType.ENROL, enrol, "enrol",
+                                                  settings.timeout)
+        for node, c in replies.items():
+            try:
+                rep = EnrolReply.from_dict(c)
+            except WireFormatError as exc:
+                failed[node] = str(exc)
+                continue
+            by_node[node].identity = rep.identity
+            relay.register(by_node[node].name, rep.nb_pub)
+        enrolled = {n: d for n, d in devices.items() if d.identity}
+        self._check_cohort(0, list(enrolled), devices, "enrolment")
         pending: dict[str, tuple[list[bytes], bytes]] = {}
         pending_syn: dict[str, object] | None = None
+        pending_theta = 0.0
         for day in range(cfg.days + 1):
-            msgs: dict[int, ConfigRecord] = {}
+            theta = self.calibrator.beta_for(day) if self.calibrator else cfg.beta
+            online = set(enrolled) | set(proxies)
             attempt = relay.begin_round(day, online) if day < cfg.days else None
-            all_keys = relay.public_keys()  # dummies are created while planning
-            for node, d in devices.items():
-                c = ConfigRecord({"has_delivery": day > 0, "has_plan": attempt is not None,
-                                  "delivery_day": day - 1, "agg_keys": agg_keys})
-                if day > 0:
-                    envs, mask_sum = pending.get(d.name, ([], b""))
-                    c["delivery"], c["mask_sum"] = envs, mask_sum
+            all_keys = relay.public_keys()
+            roster = sorted(pending) if day > 0 else []
+            report = None
+            if roster:
+                report = ReportRound(self.run_id, day - 1, roster,
+                                     [devices[r].identity for r in roster],
+                                     min_survivors=min(settings.min_devices, len(roster))) \
+                    if len(roster) >= 2 else None
+            msgs: dict[int, dict[str, Any]] = {}
+            for name, d in enrolled.items():
+                req = DayRequest(day=day, theta_beta=theta, has_delivery=name in pending,
+                                 has_plan=attempt is not None)
+                if name in pending:
+                    req.delivery, req.mask_sum = list(pending[name][0]), pending[name][1]
+                    if report is not None:
+                        req.secagg_config = report.config.to_bytes()
+                        req.registry = [devices[r].identity for r in roster]
                 if attempt is not None:
-                    plan = attempt.plans[d.name]
+                    plan = attempt.plans[name]
                     parties = {"relay", *(plan.own.roster if plan.own else ()),
                                *(m.target for m in plan.memberships)}
-                    c["plan"] = json.dumps(plan.to_dict())
-                    c["keys"] = json.dumps({p: all_keys[p].hex() for p in parties
-                                            if p in all_keys})
-                msgs[node] = c
-            replies = self._exchange("day", msgs, f"day{day}")
+                    req.plan = json.dumps(plan.to_dict())
+                    req.keys = json.dumps({p: all_keys[p].hex() for p in parties
+                                           if p in all_keys})
+                msgs[d.node_id] = req.to_dict()
+            raw, failed = self.transport.exchange(MessageType.DAY, msgs, f"day{day}",
+                                                  settings.timeout)
+            day_replies: dict[str, DayReply] = {}
+            for node, c in raw.items():
+                try:
+                    day_replies[by_node[node].name] = DayReply.from_dict(c)
+                except WireFormatError as exc:
+                    failed[node] = str(exc)
+            for node, why in failed.items():
+                by_node[node].missed.append(day)
+                _log.warning("day %d: node %d (%s) out: %s", day, node, by_node[node].name, why)
             if day > 0:
-                self._commit(day, pending_syn, [replies[n]["report"] for n in devices])
+                self._finish_report(day, report, roster, day_replies, devices, pending_syn,
+                                    pending_theta, sim)
             if attempt is None:
                 break
-            uploads = {devices[n].name: [_env(b) for b in _list(r, "envelopes")]
-                       for n, r in replies.items()}
+            uploads = {name: [Envelope.from_bytes(b) for b in r.envelopes]
+                       for name, r in day_replies.items()}
             i_now = sim.state["I"]
             for name, agent in proxies.items():
                 idx = int(name[1:])
@@ -173,26 +294,77 @@ class FederatedRun:
                     res = proxies[name].on_masked(dl.envelopes, dl.mask_sum)
                     if res is not None:
                         cross_sums[int(name[1:])] = res.value
-                elif name in by_name:
+                elif name in day_replies:  # only devices that took part today
                     pending[name] = ([e.to_bytes() for e in dl.envelopes],
                                      b"" if dl.mask_sum is None else dl.mask_sum.to_bytes())
             pending_syn = sim.step(cross_sums=cross_sums)
+            pending_theta = theta
             self._state_blob = sim.state_bytes()
         return self.rows
 
-    def _commit(self, day: int, syn: dict[str, object], reports: Iterable[list[int]]) -> None:
-        total = torch.zeros(len(REPORT_FIELDS), dtype=torch.int64)
-        for rep in reports:
-            if len(rep) != len(REPORT_FIELDS):
-                raise FederatedRunError("malformed device report")
-            total += torch.tensor(rep, dtype=torch.int64)
-        phys = dict(zip(REPORT_FIELDS, self.ring.decode(total).tolist(), strict=True))
+    def _finish_report(self, day: int, report: ReportRound | None, roster: list[str],
+                       replies: Mapping[str, DayReply], devices: Mapping[str, _Device],
+                       syn: dict[str, object] | None, theta: float,
+                       sim: HybridSimulation) -> None:
+        """Run the report round of day ``day − 1`` over the live roster and commit it."""
+        if report is None:
+            self._check_cohort(day, [], devices, "report")
+            return
+        group = f"{self.run_id}/{day - 1}"
+        for name in roster:
+            r = replies.get(name)
+            if r is not None and r.report_day == day - 1 and r.advertise:
+                report.receive(name, r.advertise)
+        name_to_node = {n: devices[n].node_id for n in roster}
+        try:
+            for stage in SECAGG_STAGES:
+                out = report.advance()
+                msgs = {name_to_node[n]: StageRequest(stage=stage, day=day - 1,
+                                                      payload=b).to_dict()
+                        for n, b in out.items()}
+                raw, failed = self.transport.exchange(MessageType.STAGE, msgs,
+                                                      f"{group}/{stage}", self.settings.timeout)
+                node_to_name = {v: k for k, v in name_to_node.items()}
+                for node, c in raw.items():
+                    try:
+                        report.receive(node_to_name[node], StageReply.from_dict(c).payload)
+                    except WireFormatError as exc:
+                        report.rejected[node_to_name[node]] = str(exc)
+                for node, why in failed.items():
+                    devices[node_to_name[node]].missed.append(day)
+                    _log.warning("day %d %s: node %d out: %s", day, stage, node, why)
+            report.advance()
+        except SecAggAbortError as exc:
+            alive = [n for n in roster if n not in report.rejected]
+            self._check_cohort(day, [], devices, f"report aggregation ({exc})")
+            raise FederatedRunError(f"day {day}: {exc}; live {len(alive)}") from exc
+        survivors = report.survivors()
+        self._check_cohort(day, survivors, devices, "report aggregation")
+        phys = dict(zip(REPORT_FIELDS, report.total().tolist(), strict=True))
+        self._commit(day, syn or {}, phys, survivors, theta, sim)
+
+    def _commit(self, day: int, syn: dict[str, object], phys: dict[str, float],
+                survivors: list[str], theta: float, sim: HybridSimulation) -> None:
         row = dict(syn)
         for c in ("S", "I", "R", "new_infections"):
             row[c] = float(syn[c]) + round(phys[c])
         row.update({"physical_I": round(phys["I"]),
                     "physical_new_infections": round(phys["new_infections"]),
-                    "physical_expected_new": phys["p"], "physical_dp_dbeta": phys["dp_dbeta"]})
+                    "physical_expected_new": phys["p"], "physical_dp_dbeta": phys["dp_dbeta"],
+                    "survivors": len(survivors)})
+        if round(phys["count"]) != len(survivors):
+            raise FederatedRunError(f"day {day}: the aggregate sums {phys['count']:.0f} reports "
+                                    f"but {len(survivors)} devices survived")
+        if self.calibrator is not None:
+            cal = self.calibrator
+            y = cal.observed_for(day - 1, float(row["new_infections"]))
+            cal.add_day(day - 1, sim.last_synthetic_hazard, phys["p"], phys["dp_dbeta"],
+                        theta, y)
+            loss, g_syn, g_dev = cal.loss_and_grad()
+            cal.update(day - 1)
+            row.update({"theta_beta": cal.beta_for(day), "theta": {"beta": list(cal.theta)},
+                        "loss": loss, "grad_synthetic": g_syn, "grad_devices": g_dev,
+                        "observed": y})
         self.rows.append(row)
         if self.store is not None:
             self.store.commit_round(self.run_id, day, row, state=self._state_blob)
@@ -200,26 +372,36 @@ class FederatedRun:
             self.on_day(day, row)
 
 
-def _list(rec: ConfigRecord, key: str) -> list:
-    return list(rec[key]) if key in rec else []
-
-
-def _env(b: bytes):
-    from protocols.neighbourhood import Envelope
-
-    return Envelope.from_bytes(bytes(b))
+def _cfg_get(rc: Mapping[str, Any], k: str, default: Any) -> Any:
+    v = rc.get(k, default)
+    if isinstance(default, bool):
+        return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
+    return type(default)(v)
 
 
 def config_from_context(context: Context) -> RunConfig:
     rc = context.run_config
+    return RunConfig(population=_cfg_get(rc, "population", "tiny"),
+                     scale=_cfg_get(rc, "scale", 1.0), days=_cfg_get(rc, "num-days", 5),
+                     seed=_cfg_get(rc, "seed", 0), devices=max(_cfg_get(rc, "devices", 0), 1),
+                     beta=_cfg_get(rc, "beta", 0.5), gamma=_cfg_get(rc, "gamma", 0.1),
+                     initial_infected=_cfg_get(rc, "initial-infected", 0.01))
 
-    def get(k: str, default):
-        return type(default)(rc.get(k, default))
 
-    return RunConfig(population=get("population", "tiny"), scale=get("scale", 1.0),
-                     days=get("num-days", 5), seed=get("seed", 0),
-                     devices=max(get("devices", 0), 1), beta=get("beta", 0.5),
-                     gamma=get("gamma", 0.1), initial_infected=get("initial-infected", 0.01))
+def settings_from_context(context: Context) -> FederatedSettings:
+    """Minimum cohort, seed mode and calibration from the run config."""
+    rc = context.run_config
+    cal = None
+    if _cfg_get(rc, "calibrate", ""):
+        csv_path = _cfg_get(rc, "observed-csv", "")
+        cal = CalibrationSettings(
+            params=tuple(p for p in _cfg_get(rc, "calibrate", "").split(",") if p),
+            beta_init=_cfg_get(rc, "beta-init", 0.3),
+            every=_cfg_get(rc, "calibrate-every", 1), steps=_cfg_get(rc, "calibrate-steps", 5),
+            segment_days=_cfg_get(rc, "beta-segment-days", 0),
+            observed=tuple(read_observed_csv(csv_path)) if csv_path else None)
+    return FederatedSettings(min_devices=_cfg_get(rc, "min-devices", DEFAULT_MIN_DEVICES),
+                             shared_seed=_cfg_get(rc, "shared-seed", False), calibration=cal)
 
 
 @app.main()
@@ -227,6 +409,7 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run`` and ``flwr.simulation.run_simulation``."""
     torch.set_num_threads(1)
     cfg = config_from_context(context)
+    settings = settings_from_context(context)
     db = str(context.run_config.get("db", "lpm-coordinator.db"))
     store = CoordinatorStore(db)
     run_id = str(context.run_config.get("run-id", "")) or None
@@ -237,12 +420,15 @@ def main(grid: Grid, context: Context) -> None:
             if n_nodes != seen:
                 seen, stable_since = n_nodes, time.time()
             time.sleep(0.5)
-        cfg = RunConfig(**{**cfg.to_dict(), "devices": seen})
+        cfg = RunConfig(**{**cfg.to_dict(), "devices": max(seen, 1)})
+    if cfg.devices < settings.min_devices:
+        raise MinCohortError(f"devices={cfg.devices} is below the minimum cohort "
+                             f"min-devices={settings.min_devices}")
     if run_id is None or run_id not in {r.id for r in store.list_runs()}:
         run_id = store.create_run(cfg.to_dict(), cfg.days, run_id=run_id)
     store.set_status(run_id, "running")
     try:
-        FederatedRun(grid, cfg, store=store, run_id=run_id,
+        FederatedRun(grid, cfg, settings=settings, store=store, run_id=run_id,
                      on_day=lambda d, r: _log.info("day %d: I=%s", d, r["I"])).run()
     except Exception as exc:
         store.set_status(run_id, "failed", f"{type(exc).__name__}: {exc}")

@@ -1,48 +1,60 @@
-"""Flower ClientApp of an edge agent (Message API).
+"""Flower ClientApp of an edge agent (Message API); the wire format is :mod:`protocols.daily`.
 
-Messages (``query.<action>``, content in the ConfigRecord ``"cfg"``):
+- ``query.enrol``: the device learns its run, its pseudonymous contact weights and its
+  initial status; it makes an X25519 key for the neighbourhood protocol, an Ed25519 identity
+  for SecAgg+ and a private 256-bit seed for its own events (CSPRNG; never sent). Replies
+  with the two public keys.
+- ``query.day``: yesterday's delivery (masked contributions + mask sum) gives the device its
+  neighbour sum Σ_j w_ij I_j; it computes its risk p_i and ∂p_i/∂β at the model's θ (public,
+  in the message), updates its own status — from its user (``lpm edge status``) if set, else
+  simulated with its private uniforms — and answers with the SecAgg+ key advertisement of its
+  report; it also uploads its masked contributions for today's plan.
+- ``query.stage``: the three later SecAgg+ stages of the report round. The report
+  (:data:`protocols.daily.REPORT_FIELDS`) is only ever sent masked.
 
-- ``enrol``: the device learns its run, its pseudonymous contact weights and its initial
-  status; it generates an X25519 key for the neighbourhood protocol and one for masking its
-  daily report, and answers with both public keys.
-- ``day``: one batched message per simulated day. It carries (a) the relay's delivery for the
-  previous day (masked contributions + mask sum), from which the device learns its neighbour
-  sum Σ_j w_ij I_j, computes its risk p_i and ∂p_i/∂β and updates its own status with the
-  day's common uniforms; and (b) the plan of the new day, for which it uploads its masked
-  contributions (assisted variant). Its report (S, I, R, new infection, p, ∂p/∂β) is added to
-  pairwise masks that cancel in the sum over all devices, so the coordinator sees only totals.
-
-State lives in the node's ``context.state``, so any worker process can serve the next message.
-A real device (``lpm edge run --store PATH``, node config ``lpm-store``) keeps its private keys
-encrypted at rest in ``edge_agent.store.EdgeStore`` (passphrase from ``$LPM_EDGE_PASSPHRASE``)
-instead, plus its pseudonymous contact weights and its status; simulated devices keep the keys
-in ``context.state``.
+A device that missed days (offline) catches up on its next message: it skips the deliveries
+it missed, its status stays as it was while it was away (its user can set it), and it joins
+today's plan. State lives in the node's ``context.state``; a real device
+(``lpm edge run --store PATH``, node config ``lpm-store``) keeps its private keys and seed
+encrypted in :class:`edge_agent.store.EdgeStore` instead.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from edge_agent.secagg_flower import SecAggDevice
 from edge_agent.store import EdgeStore
-from protocols.keys import AgreementKey, derive_key, ring_keystream
+from protocols.daily import (
+    REPORT_FIELDS,
+    DayReply,
+    DayRequest,
+    EnrolReply,
+    EnrolRequest,
+    Keys,
+    StageReply,
+    StageRequest,
+)
+from protocols.keys import AgreementKey, IdentityKey, derive_key, ring_keystream
 from protocols.neighbourhood import AgentPlan, AssistedNeighbourhoodAgent, Envelope, Keyring
-from protocols.ring import FixedPointRing
 from simulation.engine import step_uniforms
 from simulation.estimators import get_estimator
 from simulation.models import SIR, infection_probability, infection_probability_dbeta
 from simulation.substeps import StepContext
 
-__all__ = ["app", "REPORT_FIELDS", "STORE_CONFIG_KEY", "DeviceProtocolError"]
+__all__ = ["app", "STORE_CONFIG_KEY", "USER_STATUS_KEY", "DeviceProtocolError",
+           "private_uniforms"]
 
-REPORT_FIELDS = ("S", "I", "R", "new_infections", "p", "dp_dbeta")
-_STATE = "device"
 STORE_CONFIG_KEY = "lpm-store"  # node config: path of the device's EdgeStore
-_MASK_LABEL = "lpm-edge/report-mask/v1"
+USER_STATUS_KEY = "user"  # EdgeStore status key written by `lpm edge status`
+_UNIFORM_LABEL = "lpm-edge/device-uniforms/v1"
+_SECRETS = ("nb_key", "identity", "u_seed")
 
 app = ClientApp()
 
@@ -52,46 +64,30 @@ class DeviceProtocolError(RuntimeError):
 
 
 def _cfg(message: Message) -> ConfigRecord:
-    return message.content.config_records["cfg"]
+    return message.content.config_records[Keys.RECORD]
+
+
+def _reply(message: Message, body: dict) -> Message:
+    return Message(RecordDict({Keys.RECORD: ConfigRecord(body)}), reply_to=message)
 
 
 def _state(context: Context) -> ConfigRecord:
-    if _STATE not in context.state.config_records:
+    if Keys.DEVICE_STATE not in context.state.config_records:
         raise DeviceProtocolError("device not enrolled")
-    return context.state.config_records[_STATE]
+    return context.state.config_records[Keys.DEVICE_STATE]
 
 
-@app.query("enrol")
-def enrol(message: Message, context: Context) -> Message:
-    """Store the device's run settings, create its keys, answer with the public keys."""
-    cfg = _cfg(message)
-    nb_key, agg_key = AgreementKey.generate(), AgreementKey.generate()
-    st = ConfigRecord({k: cfg[k] for k in ("agent_id", "run_id", "seed", "n", "index", "degree",
-                                           "beta", "gamma", "S", "I", "R", "weights",
-                                           "weight_sum", "frac_bits")})
-    store_path = str(context.node_config.get(STORE_CONFIG_KEY, ""))
-    if store_path:  # a real device: keys encrypted at rest, never in the node's state
-        st["store"] = store_path
-        store = EdgeStore(store_path)
-        try:
-            run = str(st["run_id"])
-            store.put_private_key(f"{run}/nb_key", nb_key.private_bytes())
-            store.put_private_key(f"{run}/agg_key", agg_key.private_bytes())
-            store.set_contacts({k: float(v) for k, v in json.loads(str(st["weights"])).items()})
-            store.set_status("run", {"run_id": run, "S": st["S"], "I": st["I"], "R": st["R"]})
-        finally:
-            store.close()
-    else:
-        st["nb_key"] = nb_key.private_bytes()
-        st["agg_key"] = agg_key.private_bytes()
-    st["day"] = -1
-    context.state.config_records[_STATE] = st
-    reply = ConfigRecord({"nb_pub": nb_key.public_bytes(), "agg_pub": agg_key.public_bytes()})
-    return Message(RecordDict({"cfg": reply}), reply_to=message)
+def private_uniforms(seed: bytes, run_id: str, day: int, streams: int = 2) -> torch.Tensor:
+    """The device's own uniforms [streams, 1] for ``day``: ChaCha20 under a key derived from
+    its private seed (nobody without the seed can recompute them)."""
+    key = derive_key(seed, f"{run_id}\x00{int(day)}".encode(), label=_UNIFORM_LABEL)
+    raw = ring_keystream(key, streams)
+    top24 = (raw >> 40) & 0xFFFFFF
+    return (top24.to(torch.float32) * (1.0 / (1 << 24))).view(streams, 1)
 
 
-def _private_key(st: ConfigRecord, name: str) -> bytes:
-    """The device's private key ``name``: from its encrypted store if it has one."""
+def _secret(st: ConfigRecord, name: str) -> bytes:
+    """The device's secret ``name``: from its encrypted store if it has one."""
     if "store" not in st:
         return bytes(st[name])
     store = EdgeStore(str(st["store"]))
@@ -101,9 +97,44 @@ def _private_key(st: ConfigRecord, name: str) -> bytes:
         store.close()
 
 
+@app.query("enrol")
+def enrol(message: Message, context: Context) -> Message:
+    """Store the device's run settings, create its keys and seed, answer with public keys."""
+    req = EnrolRequest.from_dict(_cfg(message))
+    secrets = {"nb_key": AgreementKey.generate().private_bytes(),
+               "identity": IdentityKey.generate().private_bytes(),
+               "u_seed": os.urandom(32)}
+    st = ConfigRecord({k: v for k, v in req.to_dict().items()})
+    store_path = str(context.node_config.get(STORE_CONFIG_KEY, ""))
+    if store_path:  # a real device: secrets encrypted at rest, never in the node's state
+        st["store"] = store_path
+        store = EdgeStore(store_path)
+        try:
+            for name, raw in secrets.items():
+                store.put_private_key(f"{req.run_id}/{name}", raw)
+            store.set_contacts({k: float(v) for k, v in json.loads(req.weights).items()})
+        finally:
+            store.close()
+    else:
+        for name, raw in secrets.items():
+            st[name] = raw
+    st["day"] = -1
+    if not req.shared_seed:  # private initial status: nobody else can recompute it
+        infected = float(private_uniforms(secrets["u_seed"], req.run_id, -1)[0, 0]) \
+            < req.initial_infected
+        st["S"], st["I"], st["R"] = float(not infected), float(infected), 0.0
+    user = _user_status(st)
+    if user is not None:
+        st["S"], st["I"], st["R"] = (float(user == c) for c in ("S", "I", "R"))
+    context.state.config_records[Keys.DEVICE_STATE] = st
+    nb = AgreementKey.from_private_bytes(secrets["nb_key"]).public_bytes()
+    ident = IdentityKey.from_private_bytes(secrets["identity"]).public_bytes()
+    return _reply(message, EnrolReply(nb_pub=nb, identity=ident).to_dict())
+
+
 def _agent(st: ConfigRecord) -> AssistedNeighbourhoodAgent:
     keyring = Keyring(str(st["agent_id"]), str(st["run_id"]),
-                      AgreementKey.from_private_bytes(_private_key(st, "nb_key")))
+                      AgreementKey.from_private_bytes(_secret(st, "nb_key")))
     return AssistedNeighbourhoodAgent(str(st["agent_id"]), str(st["run_id"]), keyring=keyring)
 
 
@@ -114,50 +145,58 @@ def _start(agent: AssistedNeighbourhoodAgent, st: ConfigRecord, plan: AgentPlan,
     return agent.start(plan, value, weights=weights, weight_sum=float(st["weight_sum"]))
 
 
-def _report_masks(st: ConfigRecord, day: int, peers: dict[str, bytes], width: int) -> torch.Tensor:
-    """Σ of ± pairwise masks of this device for ``day`` (cancel over all devices)."""
-    me = str(st["agent_id"])
-    key = AgreementKey.from_private_bytes(_private_key(st, "agg_key"))
-    total = torch.zeros(width, dtype=torch.int64)
-    ctx = f"{st['run_id']}\x00report\x00{day}".encode()
-    for peer, pub in sorted(peers.items()):
-        if peer == me:
-            continue
-        lo, hi = sorted((me, peer))
-        k = derive_key(key.exchange(pub), ctx + f"\x00{lo}\x00{hi}".encode(), label=_MASK_LABEL)
-        stream = ring_keystream(k, width)
-        total = total + stream if me < peer else total - stream  # int64 wraps: the ring
-    return total
+def _user_status(st: ConfigRecord) -> str | None:
+    """The status the device's user set (``lpm edge status``), if any."""
+    if "store" not in st:
+        return None
+    store = EdgeStore(str(st["store"]))
+    try:
+        rec = store.status(USER_STATUS_KEY)
+    finally:
+        store.close()
+    return None if rec is None else str(rec["state"])
 
 
-def _finish_day(st: ConfigRecord, cfg: ConfigRecord) -> list[int]:
-    """Learn yesterday's neighbour sum, update the status, return the masked report."""
+def _uniforms(st: ConfigRecord, day: int) -> torch.Tensor:
+    if bool(st["shared_seed"]):  # explicit equivalence-test mode: the public stream
+        n, i = int(st["n"]), int(st["index"])
+        return step_uniforms(int(st["uniform_seed"]), day, n, "cpu", 2)[:, i:i + 1]
+    return private_uniforms(_secret(st, "u_seed"), str(st["run_id"]), day)
+
+
+def _finish_day(st: ConfigRecord, req: DayRequest) -> list[float]:
+    """Learn yesterday's neighbour sum, update the status, return the (clear) report."""
     day = int(st["day"])
     agent = _agent(st)
     prev_keys = {k: bytes.fromhex(v) for k, v in json.loads(str(st["keys"])).items()}
     _start(agent, st, AgentPlan.from_dict(json.loads(str(st["plan"]))), prev_keys,
            float(st["value"]))  # re-arm the state machine with yesterday's inputs
-    envelopes = [Envelope.from_bytes(bytes(b)) for b in cfg["delivery"]]
-    mask_sum = bytes(cfg["mask_sum"])
-    res = agent.on_masked(envelopes, Envelope.from_bytes(mask_sum) if mask_sum else None)
+    envelopes = [Envelope.from_bytes(b) for b in req.delivery]
+    res = agent.on_masked(envelopes, Envelope.from_bytes(req.mask_sum) if req.mask_sum else None)
     total = 0.0 if res is None else float(res.value)
-    n, i = int(st["n"]), int(st["index"])
     state = {c: torch.tensor([float(st[c])]) for c in ("S", "I", "R")}
     state["new_infections"] = torch.zeros(1)
-    model = SIR(beta=float(st["beta"]), gamma=float(st["gamma"]))
     degree = torch.tensor([float(st["degree"])])
     sums = torch.tensor([total], dtype=torch.float32)
-    with torch.no_grad():
-        uniforms = step_uniforms(int(st["seed"]), day, n, "cpu", 2)[:, i:i + 1]
-        ctx = StepContext(day=day, dt=1.0, uniforms=uniforms,
-                          estimator=get_estimator("straight_through"),
-                          neighbour_sum=lambda x: sums, degree=degree,
-                          attributes={"age_band": torch.zeros(1, dtype=torch.int8)}, extras={})
-        p = float(infection_probability(sums, state["S"], degree, model.beta)[0])
-        dp = float(infection_probability_dbeta(sums, state["S"], degree, model.beta)[0])
-        new = model.step(state, ctx)
-    for c in ("S", "I", "R"):
-        st[c] = float(new[c][0])
+    theta = torch.tensor(req.theta_beta)
+    p = float(infection_probability(sums, state["S"], degree, theta)[0])
+    dp = float(infection_probability_dbeta(sums, state["S"], degree, theta)[0])
+    user = _user_status(st)
+    if user is not None:  # the person's own status: nothing simulated
+        new_inf = 1.0 if float(st["S"]) > 0.5 and user == "I" else 0.0
+        st["S"], st["I"], st["R"] = (float(user == c) for c in ("S", "I", "R"))
+    else:
+        model = SIR(beta=float(st["beta"]), gamma=float(st["gamma"]))
+        with torch.no_grad():
+            ctx = StepContext(day=day, dt=1.0, uniforms=_uniforms(st, day),
+                              estimator=get_estimator("straight_through"),
+                              neighbour_sum=lambda x: sums, degree=degree,
+                              attributes={"age_band": torch.zeros(1, dtype=torch.int8)},
+                              extras={})
+            new = model.step(state, ctx)
+        for c in ("S", "I", "R"):
+            st[c] = float(new[c][0])
+        new_inf = float(new["new_infections"][0])
     if "store" in st:
         store = EdgeStore(str(st["store"]))
         try:
@@ -165,32 +204,45 @@ def _finish_day(st: ConfigRecord, cfg: ConfigRecord) -> list[int]:
                                      "I": st["I"], "R": st["R"], "risk": p})
         finally:
             store.close()
-    values = [st["S"], st["I"], st["R"], float(new["new_infections"][0]), p, dp]
-    if not all(math.isfinite(v) for v in values):
+    values = [float(st["S"]), float(st["I"]), float(st["R"]), new_inf, p, dp, 1.0]
+    if len(values) != len(REPORT_FIELDS) or not all(math.isfinite(v) for v in values):
         raise DeviceProtocolError("non-finite report")
-    peers = {k: bytes.fromhex(v) for k, v in json.loads(str(cfg["agg_keys"])).items()}
-    ring = FixedPointRing(frac_bits=int(st["frac_bits"]))
-    encoded = ring.encode(torch.tensor(values, dtype=torch.float64), n_summands=len(peers))
-    return (encoded + _report_masks(st, day, peers, len(values))).tolist()
+    return values
 
 
 @app.query("day")
 def day(message: Message, context: Context) -> Message:
     """Finish the previous day (if delivered) and start the next one (if planned)."""
-    cfg = _cfg(message)
+    req = DayRequest.from_dict(_cfg(message))
     st = _state(context)
-    out = ConfigRecord()
-    if bool(cfg["has_delivery"]):
-        if int(st["day"]) != int(cfg["delivery_day"]):
-            raise DeviceProtocolError(f"delivery for day {cfg['delivery_day']}, "
-                                      f"device is at day {st['day']}")
-        out["report"] = _finish_day(st, cfg)
-        out["report_day"] = int(st["day"])
-    if bool(cfg["has_plan"]):
-        plan = AgentPlan.from_dict(json.loads(str(cfg["plan"])))
-        keys = {k: bytes.fromhex(v) for k, v in json.loads(str(cfg["keys"])).items()}
+    out = DayReply()
+    if int(st["day"]) >= req.day:
+        raise DeviceProtocolError(f"day {req.day} again: device is at day {st['day']}")
+    if req.has_delivery and int(st["day"]) == req.day - 1:
+        report = _finish_day(st, req)
+        sec = SecAggDevice(st, _secret(st, "identity"))
+        out.advertise = sec.advertise(req.secagg_config, req.registry, str(st["agent_id"]),
+                                      run_id=str(st["run_id"]), day=req.day - 1, report=report)
+        out.report_day = req.day - 1
+    elif int(st["day"]) >= 0:  # missed deliveries (offline): status kept, rejoin today
+        out.caught_up = req.day - 1 - int(st["day"])
+    if req.has_plan:
+        plan = AgentPlan.from_dict(json.loads(req.plan))
+        if plan.round != req.day:
+            raise DeviceProtocolError(f"plan for round {plan.round} in the day {req.day} message")
+        keys = {k: bytes.fromhex(v) for k, v in json.loads(req.keys).items()}
         value = float(st["I"])
         envs = _start(_agent(st), st, plan, keys, value)
-        out["envelopes"] = [e.to_bytes() for e in envs]
-        st["day"], st["plan"], st["keys"], st["value"] = plan.round, cfg["plan"], cfg["keys"], value
-    return Message(RecordDict({"cfg": out}), reply_to=message)
+        out.envelopes = [e.to_bytes() for e in envs]
+        st["plan"], st["keys"], st["value"] = req.plan, req.keys, value
+    st["day"] = req.day
+    return _reply(message, out.to_dict())
+
+
+@app.query("stage")
+def stage(message: Message, context: Context) -> Message:
+    """One later SecAgg+ stage of the report round."""
+    req = StageRequest.from_dict(_cfg(message))
+    st = _state(context)
+    sec = SecAggDevice(st, _secret(st, "identity"))
+    return _reply(message, StageReply(payload=sec.stage(req.stage, req.day, req.payload)).to_dict())

@@ -1,15 +1,18 @@
-"""Flower ClientApp (Message API) running the device side of SecAgg+ (protocols.secagg).
+"""The device side of SecAgg+ (protocols.secagg) over Flower's Message API.
 
-One message type, ``query.secagg``, with a ConfigRecord ``{"stage", "payload", ...}``. The
-device keeps its Ed25519 identity and the round state (private keys included) in its own
-``context.state``; the coordinator only relays bytes. Inputs come from a provider named in
-the message (``module:function(partition_id, length) -> Tensor``), so an application plugs
-in its own vector (counts, gradients) without touching this adapter.
+:class:`SecAggDevice` keeps one round's client state (private keys included) in the
+device's own node state and advances it one stage per message; the daily ClientApp
+(:mod:`edge_agent.client_app`) uses it to send its report masked. The input is always the
+device's own vector, given by the app: the coordinator never names code for the device to
+run. Every round is bound to its run and day (the round config's context) and the device
+refuses a config for another run or day.
+
+``app`` is a stand-alone SecAgg+ ClientApp (tests, benchmarks): one message type
+``query.secagg`` with ``{"stage", "payload", ...}``; its input is :func:`demo_input` of the
+node's ``partition-id``.
 """
 
 from __future__ import annotations
-
-import importlib
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -19,15 +22,15 @@ from protocols.keys import IdentityKey
 from protocols.secagg import RoundConfig
 from protocols.secagg.client import SecAggClient
 
-__all__ = ["app", "demo_input", "DEMO_INPUT"]
+__all__ = ["app", "demo_input", "SecAggDevice", "SecAggDeviceError"]
 
 app = ClientApp()
 _STATE = "secagg"
-DEMO_INPUT = "edge_agent.secagg_flower:demo_input"
 
 
 class SecAggDeviceError(RuntimeError):
-    """The device got a SecAgg message it cannot act on (not enrolled, unknown stage)."""
+    """The device got a SecAgg message it cannot act on (not enrolled, unknown stage,
+    a round bound to another run or day)."""
 
 
 def demo_input(partition_id: int, length: int) -> torch.Tensor:
@@ -35,16 +38,60 @@ def demo_input(partition_id: int, length: int) -> torch.Tensor:
     return (torch.arange(length, dtype=torch.int64) - length // 2) * (partition_id + 1)
 
 
-def _provider(ref: str):  # type: ignore[no-untyped-def]
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
+class SecAggDevice:
+    """One device's SecAgg+ client state, persisted in ``st`` (a node-state record)."""
+
+    def __init__(self, st: ConfigRecord, identity_private: bytes) -> None:
+        self.st = st
+        self.identity = IdentityKey.from_private_bytes(identity_private)
+
+    def advertise(self, config: bytes, registry: list[bytes], client_id: str, *, run_id: str,
+                  day: int, report: list[float] | torch.Tensor) -> bytes:
+        """Start the round for ``day``'s report (stage 0): returns the key advertisement."""
+        cfg = RoundConfig.from_bytes(bytes(config))
+        if cfg.run_id != run_id or cfg.round != day:
+            raise SecAggDeviceError(f"round bound to {cfg.run_id!r} day {cfg.round}, expected "
+                                    f"{run_id!r} day {day}")
+        if client_id not in cfg.client_ids:
+            raise SecAggDeviceError(f"{client_id} is not in the round's roster")
+        index = cfg.client_ids.index(client_id)
+        client = SecAggClient(cfg, index, self.identity, [bytes(b) for b in registry])
+        out = client.advertise_keys()
+        self.st["sa_config"], self.st["sa_registry"] = bytes(config), [bytes(b) for b in registry]
+        self.st["sa_index"], self.st["sa_input"] = index, [float(v) for v in report]
+        self.st["sa_state"] = client.export_state()
+        return out
+
+    def stage(self, name: str, day: int, payload: bytes) -> bytes:
+        """Advance the round by one stage (share_keys, masked_input, unmask)."""
+        if "sa_state" not in self.st:
+            raise SecAggDeviceError("no SecAgg round in progress on this device")
+        cfg = RoundConfig.from_bytes(bytes(self.st["sa_config"]))
+        if cfg.round != day:
+            raise SecAggDeviceError(f"stage {name} for day {day}, round is day {cfg.round}")
+        client = SecAggClient.restore(cfg, int(self.st["sa_index"]), self.identity,
+                                      [bytes(b) for b in self.st["sa_registry"]],
+                                      bytes(self.st["sa_state"]))
+        payload = bytes(payload)
+        if name == "share_keys":
+            out = client.share_keys(payload)
+        elif name == "masked_input":
+            x = torch.tensor(list(self.st["sa_input"]), dtype=torch.float64)
+            if cfg.spec.kind == "int":
+                x = x.round().to(torch.int64)
+            out = client.masked_input(payload, x)
+        elif name == "unmask":
+            out = client.unmask(payload)
+        else:
+            raise SecAggDeviceError(f"unknown SecAgg stage {name!r}")
+        self.st["sa_state"] = client.export_state()
+        return out
 
 
 def _st(context: Context) -> ConfigRecord:
     if _STATE not in context.state.config_records:
         context.state.config_records[_STATE] = ConfigRecord(
-            {"identity": IdentityKey.generate().private_bytes()}
-        )
+            {"identity": IdentityKey.generate().private_bytes()})
     return context.state.config_records[_STATE]
 
 
@@ -54,41 +101,21 @@ def _reply(message: Message, **values: object) -> Message:
 
 @app.query("secagg")
 def secagg(message: Message, context: Context) -> Message:
-    """Advance this device's SecAgg+ state machine by one stage."""
+    """Advance this device's stand-alone SecAgg+ round by one stage."""
     cfg = message.content.config_records["cfg"]
     stage = str(cfg["stage"])
     st = _st(context)
-    identity = IdentityKey.from_private_bytes(bytes(st["identity"]))  # type: ignore[arg-type]
+    dev = SecAggDevice(st, bytes(st["identity"]))  # type: ignore[arg-type]
+    pid = int(context.node_config.get("partition-id", -1))  # type: ignore[arg-type]
     if stage == "enrol":
-        pid = int(context.node_config.get("partition-id", -1))  # type: ignore[arg-type]
-        return _reply(message, identity=identity.public_bytes(), partition_id=pid)
+        return _reply(message, identity=dev.identity.public_bytes(), partition_id=pid)
     if stage == "advertise":
-        st["config"] = bytes(cfg["config"])  # type: ignore[arg-type]
-        st["registry"] = list(cfg["registry"])  # type: ignore[arg-type]
-        st["index"] = int(cfg["index"])  # type: ignore[arg-type]
-        client = SecAggClient(RoundConfig.from_bytes(st["config"]), st["index"], identity,
-                              [bytes(b) for b in st["registry"]])  # type: ignore[union-attr]
-        out = client.advertise_keys()
+        rc = RoundConfig.from_bytes(bytes(cfg["config"]))  # type: ignore[arg-type]
+        x = demo_input(pid, rc.spec.length)
+        out = dev.advertise(bytes(cfg["config"]), list(cfg["registry"]),  # type: ignore[arg-type]
+                            rc.client_ids[int(cfg["index"])], run_id=rc.run_id,  # type: ignore[arg-type]
+                            day=rc.round, report=x.tolist())
     else:
-        if "state" not in st:
-            raise SecAggDeviceError("no SecAgg round in progress on this device")
-        client = SecAggClient.restore(
-            RoundConfig.from_bytes(bytes(st["config"])),  # type: ignore[arg-type]
-            int(st["index"]),  # type: ignore[arg-type]
-            identity,
-            [bytes(b) for b in st["registry"]],  # type: ignore[union-attr]
-            bytes(st["state"]),  # type: ignore[arg-type]
-        )
-        payload = bytes(cfg["payload"])  # type: ignore[arg-type]
-        if stage == "share_keys":
-            out = client.share_keys(payload)
-        elif stage == "masked_input":
-            pid = int(context.node_config.get("partition-id", 0))  # type: ignore[arg-type]
-            x = _provider(str(cfg["input"]))(pid, client.config.spec.length)
-            out = client.masked_input(payload, x)
-        elif stage == "unmask":
-            out = client.unmask(payload)
-        else:
-            raise SecAggDeviceError(f"unknown SecAgg stage {stage!r}")
-    st["state"] = client.export_state()
+        rc = RoundConfig.from_bytes(bytes(st["sa_config"])) if "sa_config" in st else None
+        out = dev.stage(stage, -1 if rc is None else rc.round, bytes(cfg["payload"]))  # type: ignore[arg-type]
     return _reply(message, payload=out)

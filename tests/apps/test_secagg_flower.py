@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coordinator.fleet import load_client_app
 from coordinator.secagg_flower import run_secagg_round, wait_for_nodes
 from protocols.secagg import InputSpec
 
@@ -21,7 +20,9 @@ def test_secagg_round_over_flower_simulation(monkeypatch) -> None:
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    demo_input = load_client_app("edge_agent.secagg_flower:demo_input")
+    from edge_agent.secagg_flower import app as secagg_app
+
+    from edge_agent.secagg_flower import demo_input  # the test checks the devices' inputs
     result: dict[str, object] = {}
     server = ServerApp()
 
@@ -32,7 +33,6 @@ def test_secagg_round_over_flower_simulation(monkeypatch) -> None:
             # drop the node at roster position 2 before masked input
             result["r"] = run_secagg_round(
                 grid, nodes, InputSpec("int", L, 10_000),
-                input_ref="edge_agent.secagg_flower:demo_input",
                 silent={"masked_input": {nodes[2]}}, degree=4, threshold=3, timeout=120,
             )
         except BaseException as exc:
@@ -40,7 +40,7 @@ def test_secagg_round_over_flower_simulation(monkeypatch) -> None:
             raise
 
     run_simulation(
-        server_app=server, client_app=load_client_app("edge_agent.secagg_flower:app"),
+        server_app=server, client_app=secagg_app,
         num_supernodes=N,
         backend_config={"client_resources": {"num_cpus": 0.5, "num_gpus": 0.0},
                         "init_args": {"num_cpus": 2, "include_dashboard": False,

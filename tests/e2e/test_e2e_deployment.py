@@ -44,7 +44,8 @@ def test_superlink_three_supernodes_flwr_run(tmp_path, e2e):
                              str(db)], env, tmp_path / "coordinator.log"))
         out = subprocess.run(
             [str(BIN / "flwr"), "run", ".", "e2e", "--stream", "--run-config",
-             f"num-days=2 devices=3 seed=4 initial-infected=0.05 db='{db}' run-id='e2e'"],
+             f"num-days=2 devices=3 seed=4 initial-infected=0.05 db='{db}' run-id='e2e' "
+             "min-devices=3 shared-seed=true"],
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=480)
         (tmp_path / "flwr-run.log").write_text(out.stdout + out.stderr)
         logs = out.stdout[-3000:] + out.stderr[-3000:]

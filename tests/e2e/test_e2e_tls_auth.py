@@ -107,7 +107,8 @@ def test_tls_supernode_auth_flwr_run(tmp_path, e2e):
                                  "--store", str(stores[k])], dev_env, tmp_path / f"edge{k}.log"))
         out = subprocess.run(
             [str(BIN / "flwr"), "run", ".", "tls", "--stream", "--run-config",
-             f"num-days=2 devices=3 seed=4 initial-infected=0.05 db='{db}' run-id='tls'"],
+             f"num-days=2 devices=3 seed=4 initial-infected=0.05 db='{db}' run-id='tls' "
+             "min-devices=3 shared-seed=true"],
             env=env, cwd=ROOT, capture_output=True, text=True, timeout=480)
         (tmp_path / "flwr-run.log").write_text(out.stdout + out.stderr)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -147,7 +148,8 @@ def test_tls_supernode_auth_flwr_run(tmp_path, e2e):
         for path in stores[:3]:
             dev = EdgeStore(path, "device passphrase e2e")
             assert len(dev.get_private_key("tls/nb_key")) == 32
-            assert len(dev.get_private_key("tls/agg_key")) == 32
+            assert len(dev.get_private_key("tls/identity")) == 32  # SecAgg+ identity
+            assert len(dev.get_private_key("tls/u_seed")) == 32  # private event seed
             assert dev.status("run")["day"] == 1 and dev.contacts()
             dev.close()
             with pytest.raises(WrongPassphraseError):

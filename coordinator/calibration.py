@@ -1,0 +1,176 @@
+"""Online federated calibration of θ (β, optionally β_t by segment of days) during a run.
+
+Loss (LPM paper Eq. 11–13, one-step-ahead expected new infections): for each completed
+day t with observed new infections y_t,
+
+    ŷ_t(θ) = Σ_{i synthetic} p_i(β_t) + Σ_{i physical} p_i(β_t),
+    L(θ)   = mean_t (y_t − ŷ_t(θ))² / mean_t(y_t)²,
+
+where p_i = 1 − exp(−β S_i/n_i Σ_j w_ij I_j) is agent i's infection probability given the
+day's actual neighbour states. ∂L/∂θ has two parts:
+
+* synthetic: autograd through the synthetic agents' p_i (the coordinator holds their hazard
+  base h_i = S_i/n_i Σ_j w_ij I_j for each day);
+* physical: Σ_i ∂p_i/∂β over the devices, securely aggregated (SecAgg+) from their
+  reports together with Σ_i p_i; the coordinator never sees a device's own p_i or state.
+  The device part is evaluated at the θ_t the devices were given that day and enters the
+  loss to first order, P_t + G_t (θ − θ_t).
+
+Every ``every`` days the calibrator takes ``steps`` Gauss–Newton steps on θ (the gradient
+above scaled by the inverse of Σ_t J_t², J_t = ∂ŷ_t/∂β_t = synthetic + device part), which
+for this nearly linear loss converges in a few steps; θ is clamped to ``[lo, hi]``.
+The observed series is the run's own reported new infections (``observed=None``) or a
+given per-day series (e.g. a CSV column).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["CalibrationError", "CalibrationSettings", "OnlineCalibrator", "read_observed_csv"]
+
+
+class CalibrationError(ValueError):
+    """Invalid calibration settings or observed series."""
+
+
+def read_observed_csv(path: str | Path, column: str = "new_infections") -> list[float]:
+    """Per-day observed values from ``column`` of a CSV with a header row."""
+    p = Path(path)
+    if not p.is_file():
+        raise CalibrationError(f"observed series {p} does not exist")
+    with p.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or column not in reader.fieldnames:
+            raise CalibrationError(f"{p} has no column {column!r} (columns: {reader.fieldnames})")
+        try:
+            values = [float(row[column]) for row in reader]
+        except ValueError as exc:
+            raise CalibrationError(f"{p}: non-numeric value in {column!r}: {exc}") from None
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise CalibrationError(f"{p}: {column!r} must hold finite non-negative numbers")
+    return values
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """What to calibrate and how often. ``segment_days`` > 0 fits one β per segment of that
+    many days (β_t); 0 fits one β for the run."""
+
+    params: tuple[str, ...] = ("beta",)
+    beta_init: float = 0.3
+    every: int = 1
+    steps: int = 5
+    segment_days: int = 0
+    lo: float = 1e-3
+    hi: float = 5.0
+    observed: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        unknown = set(self.params) - {"beta"}
+        if unknown:
+            raise CalibrationError(f"cannot calibrate {sorted(unknown)} (supported: beta)")
+        if self.every < 1 or self.steps < 1 or self.segment_days < 0:
+            raise CalibrationError("every and steps must be >= 1, segment_days >= 0")
+        if not self.lo < self.beta_init < self.hi:
+            raise CalibrationError(f"beta_init must lie in ({self.lo}, {self.hi})")
+
+
+@dataclass
+class _Day:
+    hazard: torch.Tensor  # synthetic agents' h_i (> 0 entries only), float64
+    phys_p: float
+    phys_dp: float
+    theta: float  # β the devices evaluated p and ∂p/∂β at
+    y: float
+    segment: int
+
+
+@dataclass
+class OnlineCalibrator:
+    """Accumulates each day's terms; :meth:`update` takes the Gauss–Newton steps."""
+
+    settings: CalibrationSettings
+    days: list[_Day] = field(default_factory=list)
+    theta: list[float] = field(default_factory=list)  # β per segment
+
+    def __post_init__(self) -> None:
+        self.theta = [self.settings.beta_init]
+
+    def segment_of(self, day_index: int) -> int:
+        s = self.settings.segment_days
+        return 0 if s == 0 else day_index // s
+
+    def beta_for(self, day_index: int) -> float:
+        """θ's β for day ``day_index`` (0-based), extending segments as they start."""
+        seg = self.segment_of(day_index)
+        while len(self.theta) <= seg:
+            self.theta.append(self.theta[-1])
+        return self.theta[seg]
+
+    def observed_for(self, day_index: int, reported: float) -> float:
+        obs = self.settings.observed
+        if obs is None:
+            return reported
+        if day_index >= len(obs):
+            raise CalibrationError(f"the observed series has {len(obs)} days; day "
+                                   f"{day_index + 1} has no observation")
+        return float(obs[day_index])
+
+    def add_day(self, day_index: int, hazard: torch.Tensor, phys_p: float, phys_dp: float,
+                theta: float, y: float) -> None:
+        self.days.append(_Day(hazard.to(torch.float64), float(phys_p), float(phys_dp),
+                              float(theta), float(y), self.segment_of(day_index)))
+
+    def _terms(self, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ŷ_t, ∂ŷ_t/∂β_t split (synthetic by autograd, device part G_t) for all days."""
+        preds, j_syn, j_dev = [], [], []
+        for d in self.days:
+            b = beta[d.segment]
+            syn = -torch.expm1(-b * d.hazard).sum()
+            (g_syn,) = torch.autograd.grad(syn, b, retain_graph=True)
+            preds.append(syn + d.phys_p + d.phys_dp * (b - d.theta))
+            j_syn.append(g_syn)
+            j_dev.append(torch.tensor(d.phys_dp, dtype=torch.float64))
+        return torch.stack(preds), torch.stack(j_syn), torch.stack(j_dev)
+
+    def loss_and_grad(self) -> tuple[float, list[float], list[float]]:
+        """L(θ) and ∂L/∂θ split into the synthetic and the device part (per segment)."""
+        beta = torch.tensor(self.theta, dtype=torch.float64, requires_grad=True)
+        y = torch.tensor([d.y for d in self.days], dtype=torch.float64)
+        pred, j_syn, j_dev = self._terms(beta)
+        norm = y.mean().square().clamp(min=1.0)
+        r = (pred - y).detach()
+        loss = float((r.square().mean() / norm))
+        seg = torch.tensor([d.segment for d in self.days])
+        coef = 2 * r / (len(self.days) * norm)
+        g_syn = torch.zeros(len(self.theta), dtype=torch.float64).index_add_(0, seg, coef * j_syn)
+        g_dev = torch.zeros(len(self.theta), dtype=torch.float64).index_add_(0, seg, coef * j_dev)
+        return loss, g_syn.tolist(), g_dev.tolist()
+
+    def update(self, day_index: int) -> bool:
+        """Take the steps if day ``day_index`` closes a block of ``every`` days."""
+        if not self.days or (day_index + 1) % self.settings.every:
+            return False
+        for _ in range(self.settings.steps):
+            beta = torch.tensor(self.theta, dtype=torch.float64, requires_grad=True)
+            y = torch.tensor([d.y for d in self.days], dtype=torch.float64)
+            pred, j_syn, j_dev = self._terms(beta)
+            r = (pred - y).detach()
+            jac = (j_syn + j_dev).detach()
+            seg = torch.tensor([d.segment for d in self.days])
+            k = len(self.theta)
+            grad = torch.zeros(k, dtype=torch.float64).index_add_(0, seg, r * jac)
+            curv = torch.zeros(k, dtype=torch.float64).index_add_(0, seg, jac * jac)
+            step = torch.where(curv > 0, grad / curv.clamp(min=1e-12), torch.zeros_like(grad))
+            new = (beta.detach() - step).clamp(self.settings.lo, self.settings.hi)
+            self.theta = new.tolist()
+        return True
+
+    def loss(self) -> float:
+        return self.loss_and_grad()[0] if self.days else float("nan")

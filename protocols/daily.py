@@ -1,0 +1,184 @@
+"""The daily wire format of a federated hybrid run: one home for the record keys, message
+types, report fields and the typed day messages that the coordinator's ServerApp and the
+edge agent's ClientApp exchange. Transport-agnostic: every message is a flat ``dict`` of
+primitives (str, int, float, bool, bytes, lists of them), which Flower carries in a
+``ConfigRecord`` named :attr:`Keys.RECORD` and the fleet's device host carries as it is.
+
+A day ``d`` is one :class:`DayRequest` per device: the relay's delivery for day ``d − 1``,
+the neighbourhood plan of day ``d`` and the public parameters θ of the model; the reply
+(:class:`DayReply`) carries the device's SecAgg+ key advertisement for its report of day
+``d − 1`` and its masked neighbourhood contributions of day ``d``. The report itself
+(:data:`REPORT_FIELDS`) then crosses in the three SecAgg+ stages (:data:`SECAGG_STAGES`),
+bound to run, day and stage by the round config's context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+__all__ = [
+    "Keys",
+    "MessageType",
+    "REPORT_FIELDS",
+    "SECAGG_STAGES",
+    "WireFormatError",
+    "EnrolRequest",
+    "EnrolReply",
+    "DayRequest",
+    "DayReply",
+    "StageRequest",
+    "StageReply",
+    "report_spec_bound",
+]
+
+#: Per-device daily report, in this order (SecAgg+ input vector). ``count`` is 1 per
+#: reporting device, so the aggregate says how many reports it sums.
+REPORT_FIELDS: tuple[str, ...] = ("S", "I", "R", "new_infections", "p", "dp_dbeta", "count")
+
+#: SecAgg+ stages after the day message (which carries the key advertisement).
+SECAGG_STAGES: tuple[str, ...] = ("share_keys", "masked_input", "unmask")
+
+
+def report_spec_bound() -> float:
+    """Clip bound of every report entry (states and p are in [0, 1]; ∂p/∂β ≤ 1/e·max Σ)."""
+    return 64.0
+
+
+class WireFormatError(ValueError):
+    """A message is missing a field or has one of the wrong type."""
+
+
+class Keys:
+    """Stable record names."""
+
+    RECORD = "cfg"  # the one ConfigRecord in every message's RecordDict
+    DEVICE_STATE = "device"  # the device's ConfigRecord in its node state
+
+
+class MessageType:
+    """Flower message types (``query.<action>``)."""
+
+    ENROL = "query.enrol"
+    DAY = "query.day"
+    STAGE = "query.stage"
+
+    @staticmethod
+    def action(message_type: str) -> str:
+        return message_type.partition(".")[2]
+
+
+class _Wire:
+    """dict <-> dataclass with type checks (bytes lists and floats coerced)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(asdict(self))  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Any:
+        kw: dict[str, Any] = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            if f.name not in d:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    raise WireFormatError(f"{cls.__name__}: missing field {f.name!r}")
+                continue
+            v = d[f.name]
+            kw[f.name] = _coerce(cls.__name__, f.name, f.type, v)
+        try:
+            return cls(**kw)
+        except TypeError as exc:
+            raise WireFormatError(f"{cls.__name__}: {exc}") from None
+
+
+def _coerce(owner: str, name: str, typ: Any, v: Any) -> Any:
+    t = str(typ)
+    try:
+        if t.startswith("list[bytes]"):
+            return [bytes(b) for b in v]
+        if t.startswith("list[int]"):
+            return [int(b) for b in v]
+        if t.startswith("list[float]"):
+            return [float(b) for b in v]
+        if t.startswith("bytes"):
+            return bytes(v)
+        if t.startswith("bool"):
+            return bool(v)
+        if t.startswith("int"):
+            return int(v)
+        if t.startswith("float"):
+            return float(v)
+        if t.startswith("str"):
+            return str(v)
+    except (TypeError, ValueError) as exc:
+        raise WireFormatError(f"{owner}.{name}: {exc}") from None
+    return v
+
+
+@dataclass
+class EnrolRequest(_Wire):
+    """Run settings for one device. ``uniform_seed`` and the initial ``S, I, R`` are used
+    only in the explicit equivalence-test mode (``shared_seed``): then the device draws its
+    events from the public (seed, day) uniforms at its ``index`` and the run equals the
+    central run. Otherwise the device draws its initial status (I with probability
+    ``initial_infected``) and its events with a CSPRNG seed it makes itself and never sends,
+    or takes its status from its user."""
+
+    agent_id: str
+    run_id: str
+    n: int
+    index: int
+    degree: float
+    beta: float  # the device's own dynamics (a simulated device); θ comes per day
+    gamma: float
+    S: float
+    I: float  # noqa: E741
+    R: float
+    weights: str  # JSON {contact handle: weight}
+    weight_sum: float
+    frac_bits: int
+    secagg_index: int
+    initial_infected: float = 0.0
+    shared_seed: bool = False
+    uniform_seed: int = 0
+
+
+@dataclass
+class EnrolReply(_Wire):
+    nb_pub: bytes
+    identity: bytes  # Ed25519 public key for SecAgg+ signatures
+
+
+@dataclass
+class DayRequest(_Wire):
+    """One day's message to a device (see the module docstring)."""
+
+    day: int  # the day being planned (== delivery day + 1)
+    theta_beta: float  # β of the model at which the report's p and ∂p/∂β are evaluated
+    has_delivery: bool
+    has_plan: bool
+    delivery: list[bytes] = field(default_factory=list)
+    mask_sum: bytes = b""
+    plan: str = ""  # JSON AgentPlan
+    keys: str = ""  # JSON {party: hex public key}
+    secagg_config: bytes = b""  # RoundConfig of the report round (with a delivery)
+    registry: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class DayReply(_Wire):
+    report_day: int = -1
+    advertise: bytes = b""  # SecAgg+ key advertisement for the report of ``report_day``
+    envelopes: list[bytes] = field(default_factory=list)
+    caught_up: int = 0  # days the device simulated alone after being offline
+
+
+@dataclass
+class StageRequest(_Wire):
+    stage: str
+    day: int
+    payload: bytes
+
+
+@dataclass
+class StageReply(_Wire):
+    payload: bytes
