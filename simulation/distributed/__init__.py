@@ -7,3 +7,28 @@ unchanged engine on a rank's agents with uniforms keyed by global agent id (so 1
 ranks give identical events), ``launch`` joins torchrun's group or spawns local processes.
 Start with ``torchrun --nproc-per-node P -m simulation.distributed`` or ``lpm simulate --procs P``.
 """
+
+from simulation.distributed.halo import DistributedNeighbourSum, Shard, build_shard, halo_exchange
+from simulation.distributed.partition import (
+    METHODS,
+    DistributedError,
+    Partition,
+    cut_stats,
+    partition_graph,
+)
+from simulation.distributed.runner import prepare, simulate, sync_gradients
+
+__all__ = [
+    "METHODS",
+    "DistributedError",
+    "DistributedNeighbourSum",
+    "Partition",
+    "Shard",
+    "build_shard",
+    "cut_stats",
+    "halo_exchange",
+    "partition_graph",
+    "prepare",
+    "simulate",
+    "sync_gradients",
+]
