@@ -35,6 +35,7 @@ __all__ = [
     "IdentityKey",
     "InvalidKeyError",
     "SignatureError",
+    "check_agreement_public_key",
     "derive_key",
     "ring_keystream",
     "verify_signature",
@@ -137,6 +138,23 @@ class AgreementKey:
             return self._key.exchange(peer)
         except ValueError as exc:  # all-zero output: low-order point
             raise InvalidKeyError("peer public key is a low-order point") from exc
+
+
+_PROBE: X25519PrivateKey | None = None
+
+
+def check_agreement_public_key(public_key: bytes) -> bytes:
+    """Validate an X25519 public key: 32 bytes and not a point of small order (with such a
+    point every shared secret is all zeros, i.e. public). Raises :class:`InvalidKeyError`."""
+    global _PROBE
+    pk = _check_len(public_key, "X25519 public key")
+    if _PROBE is None:
+        _PROBE = X25519PrivateKey.generate()
+    try:
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(pk))
+    except ValueError as exc:
+        raise InvalidKeyError("public key is a low-order point") from exc
+    return pk
 
 
 def derive_key(

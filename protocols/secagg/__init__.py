@@ -10,6 +10,7 @@ Shamir sharing over GF(2^127 − 1) on a k-regular random neighbour graph of deg
 from protocols.secagg.config import RoundConfig, default_degree, default_threshold
 from protocols.secagg.errors import (
     BadSignatureError,
+    ConfigError,
     InputError,
     MalformedMessageError,
     MisroutedMessageError,
@@ -27,6 +28,7 @@ from protocols.secagg.quantize import InputSpec
 
 __all__ = [
     "BadSignatureError",
+    "ConfigError",
     "InputError",
     "InputSpec",
     "MalformedMessageError",

@@ -58,5 +58,10 @@ class SecAggAbortError(SecAggError):
     """Too many dropouts: the round is aborted before anything is unmasked."""
 
 
+class ConfigError(SecAggError):
+    """Public round parameters that are malformed or below the documented security level
+    (e.g. a threshold that one or a minority of neighbours could meet)."""
+
+
 class InputError(SecAggError, RingOverflowError):
     """A client input has the wrong shape or type, or its sum could overflow the ring."""

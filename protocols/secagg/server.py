@@ -22,6 +22,7 @@ from protocols.keys import (
     AgreementKey,
     InvalidKeyError,
     SignatureError,
+    check_agreement_public_key,
     ring_keystream,
     verify_signature,
 )
@@ -185,9 +186,12 @@ class SecAggServer:
         except (SignatureError, InvalidKeyError) as exc:
             raise BadSignatureError(f"key advertisement of {sender} does not verify") from exc
         try:
+            check_agreement_public_key(msg.s_pk)
             mac = masks.server_mac_key(self._ctx, self._key, sender, msg.c_pk)
         except InvalidKeyError as exc:
-            raise ProtocolViolationError(f"client {sender} advertised an invalid key") from exc
+            raise ProtocolViolationError(
+                f"client {sender} advertised an invalid (low-order) key"
+            ) from exc
         self._adverts[sender] = msg
         self._macs[sender] = mac
 
