@@ -26,6 +26,10 @@ def simulate_command(
     stimulus: float | None = typer.Option(
         None, min=0.0, help="Compare SEIRM with archetype behaviour with/without this payment ($)."
     ),
+    procs: int = typer.Option(
+        1, min=1, max=4096,
+        help="Partition the city over this many processes (starts torchrun; simulation.distributed).",
+    ),
 ) -> None:
     """Simulate a synthetic city and write the daily series and a PNG of the compartments."""
     import torch
@@ -44,6 +48,12 @@ def simulate_command(
         raise typer.BadParameter(f"estimator must be one of {sorted(ESTIMATORS)}")
     if fmt not in ("csv", "parquet"):
         raise typer.BadParameter("format must be csv or parquet")
+    if procs > 1:
+        if stimulus is not None:
+            raise typer.BadParameter("--stimulus runs in one process; drop --procs")
+        _run_partitioned(procs, preset=preset, scale=scale, days=days, model=model, beta=beta,
+                         seed=seed, estimator=estimator, device=device, out=out, fmt=fmt)
+        return
     t0 = time.perf_counter()
     with console.status(f"building population '{preset}' (scale {scale})"):
         pop = synthesize(preset, seed=seed, scale=scale)
@@ -78,6 +88,26 @@ def simulate_command(
         f"total infections {int(traj.total_infections):,} ({traj.total_infections / pop.n:.0%})"
     )
     console.print(f"wrote {series_path} and {png}")
+
+
+def _run_partitioned(procs: int, *, out: Path, fmt: str, **opts: object) -> None:
+    """Re-launch as ``torchrun --standalone --nproc-per-node P -m simulation.distributed``."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={procs}", "-m", "simulation.distributed", "run",
+           "--out", str(out), "--format", fmt]
+    for key, value in opts.items():
+        cmd += [f"--{key}", str(value)]
+    env = {"OMP_NUM_THREADS": "1", **os.environ}
+    console.print(f"starting {procs} processes: torchrun --standalone --nproc-per-node {procs} "
+                  "-m simulation.distributed ...")
+    code = subprocess.run(cmd, env=env, check=False).returncode
+    if code != 0:
+        console.print(f"[red]partitioned run failed (exit {code})")
+        raise typer.Exit(code)
 
 
 def _stimulus_scenario(pop, days: int, amount: float, seed: int, device: str, out: Path) -> None:

@@ -84,10 +84,14 @@ def _run(args: argparse.Namespace) -> int:
             "halo_bytes_per_exchange": int(halo), "exchanges": traj.meta["exchanges"], **stats,
         }
         (args.out / "run.json").write_text(json.dumps(info, indent=2))
+        from simulation.plots import plot_compartments
+
+        png = plot_compartments(traj, args.out / "compartments.png",
+                                title=f"{args.model.upper()} · {args.preset} · {pop.n:,} agents · {size} ranks")
         print(f"{pop.n:,} agents on {size} ranks ({args.partition}, cut {stats['cut_fraction']:.1%}): "
               f"{args.days} days in {sec:.1f} s ({pop.n * args.days / sec / 1e6:.1f} M agent-steps/s); "
               f"total infections {int(traj.total_infections):,}; halo {int(halo):,} B/exchange")
-        print(f"wrote {path} and {args.out / 'run.json'}")
+        print(f"wrote {path}, {png} and {args.out / 'run.json'}")
     dist.destroy_process_group()
     return 0
 
