@@ -98,7 +98,22 @@ class CoordinatorStore:
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         self._local = threading.local()
-        self._con().executescript(_SCHEMA)
+        try:
+            self._con().executescript(_SCHEMA)
+            self._con().execute("SELECT COUNT(*) FROM runs").fetchone()
+        except sqlite3.Error as exc:
+            self.close()
+            raise StoreError(f"cannot open coordinator store {self.path}: {exc}") from None
+
+    def check(self) -> None:
+        """Full integrity check (``PRAGMA quick_check``, reads every page): raises
+        :class:`StoreError` naming the file if it is corrupt or truncated."""
+        try:
+            rows = self._con().execute("PRAGMA quick_check").fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"coordinator store {self.path} is unreadable: {exc}") from None
+        if rows != [("ok",)]:
+            raise StoreError(f"coordinator store {self.path} is corrupt: {rows[0][0]}")
 
     # ------------------------------------------------------------------ plumbing
     def _con(self) -> sqlite3.Connection:
@@ -195,6 +210,18 @@ class CoordinatorStore:
         row = self._con().execute("SELECT MAX(day) FROM rounds WHERE run_id = ?",
                                   (run_id,)).fetchone()
         return None if row is None else row[0]
+
+    def last_round(self, run_id: str | None = None) -> tuple[str, int] | None:
+        """``(run_id, day)`` of the last committed round of ``run_id`` (default: of the newest
+        run that has one), ``None`` if there is none; one indexed lookup, for read caches."""
+        if run_id is not None:
+            day = self.last_day(run_id)
+            return None if day is None else (run_id, day)
+        row = self._con().execute(
+            "SELECT r.run_id, MAX(r.day) FROM rounds r WHERE r.run_id = ("
+            " SELECT u.id FROM runs u WHERE EXISTS (SELECT 1 FROM rounds x WHERE x.run_id = u.id)"
+            " ORDER BY u.created DESC, u.rowid DESC LIMIT 1)").fetchone()
+        return None if row is None or row[0] is None else (row[0], int(row[1]))
 
     def resume(self, run_id: str) -> ResumePoint | None:
         """Last completed round and its state, or ``None`` if no day completed yet."""
