@@ -5,11 +5,17 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 
-__all__ = ["register"]
+if TYPE_CHECKING:
+    from coordinator.service import WriteToken
+    from coordinator.store import CoordinatorStore
+
+__all__ = ["register", "TOKEN_ENV"]
+
+TOKEN_ENV = "LPM_COORDINATOR_TOKEN"
 
 
 def demo(
@@ -39,10 +45,9 @@ def fleet(
     """Run a hybrid run with N simulated devices on Flower's simulation engine."""
     from coordinator.fleet import run_fleet
     from coordinator.runner import RunConfig
-    from coordinator.store import CoordinatorStore
 
     cfg = RunConfig(population=population, scale=scale, days=days, seed=seed, devices=devices)
-    store = CoordinatorStore(db)
+    store = _open_store(db)
     rid = store.create_run(cfg.to_dict(), days)
     store.set_status(rid, "running")
     try:
@@ -56,9 +61,45 @@ def fleet(
     typer.echo(f"run {rid} stored in {db}")
 
 
+def _write_token() -> WriteToken:
+    """The write token from ``$LPM_COORDINATOR_TOKEN``; generated (and printed once) if unset.
+    Set-but-empty or too short is an error, never a silent substitute."""
+    from coordinator.service import MIN_TOKEN_CHARS, WriteToken
+
+    raw = os.environ.get(TOKEN_ENV)
+    if raw is None:
+        token = WriteToken(secrets.token_urlsafe(24))
+        typer.echo(f"write token (set {TOKEN_ENV} to choose one): {token.reveal()}")
+        return token
+    if not raw.strip():
+        _fail(f"${TOKEN_ENV} is set but empty: set it to a secret of at least "
+              f"{MIN_TOKEN_CHARS} characters, or unset it to have one generated")
+    if len(raw) < MIN_TOKEN_CHARS:
+        _fail(f"${TOKEN_ENV} is {len(raw)} characters; it must be at least {MIN_TOKEN_CHARS}")
+    return WriteToken(raw)
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=1)
+
+
+def _open_store(db: Path, *, check: bool = False) -> CoordinatorStore:
+    """Open (and optionally integrity-check) the store; one clear line naming the file if not."""
+    from coordinator.store import CoordinatorStore, StoreError
+
+    try:
+        store = CoordinatorStore(db)
+        if check:
+            store.check()
+    except StoreError as exc:
+        _fail(str(exc))
+    return store
+
+
 def coordinator(
     host: str = "127.0.0.1",
-    port: int = 8080,
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8080,
     db: Annotated[Path, typer.Option(help="Coordinator SQLite store.")] = Path(
         "lpm-coordinator.db"),
     resume: Annotated[bool, typer.Option(help="Resume unfinished runs at start.")] = True,
@@ -72,12 +113,9 @@ def coordinator(
 
     from coordinator.runner import execute_run
     from coordinator.service import create_app
-    from coordinator.store import CoordinatorStore
 
-    token = os.environ.get("LPM_COORDINATOR_TOKEN") or secrets.token_urlsafe(24)
-    if "LPM_COORDINATOR_TOKEN" not in os.environ:
-        typer.echo(f"write token (set LPM_COORDINATOR_TOKEN to choose one): {token}")
-    store = CoordinatorStore(db)
+    token = _write_token()
+    store = _open_store(db, check=True)
     if resume:
         for rec in store.list_runs():
             if rec.status in ("running", "pending") and "devices" in rec.config:

@@ -3,19 +3,31 @@ signed model bundle, the public exposure feed and Prometheus metrics.
 
 Reads are open; writes need ``Authorization: Bearer <token>``. ``create_app(store, token)``
 builds the app; serve it with uvicorn (``lpm coordinator``).
+
+Hardening: a pure-ASGI guard checks the bearer token of every write and the body size
+(``Content-Length`` and the streamed bytes) *before* anything reads or parses the body;
+handlers that touch SQLite are plain ``def`` (run in the threadpool, never blocking the
+event loop); derived read bodies (series, exposure, plot) are cached on the last committed
+round, so a read costs one indexed lookup.
 """
 
 
 import csv
+import functools
 import hmac
 import io
 import json
 import logging
+import math
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -24,28 +36,92 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coordinator.runner import RunConfig, RunConfigError, execute_run
 from coordinator.store import CoordinatorStore, RunNotFoundError, RunRecord
+from simulation.population import PRESETS
 
-__all__ = ["create_app", "RunCreate", "RunStatus", "render_plot"]
+__all__ = ["create_app", "RunCreate", "RunStatus", "WriteToken", "render_plot",
+           "MAX_BODY_BYTES", "MAX_SEED"]
 
 _log = logging.getLogger(__name__)
 
+MAX_BODY_BYTES = 64 * 1024  # a POST /runs body is ~200 bytes
+MAX_SEED = 2**32 - 1
+MIN_TOKEN_CHARS = 16
+_CACHE_ENTRIES = 64
+
+
+class WriteToken:
+    """The coordinator's write token. Its ``repr``/``str`` never show the value, so it stays
+    out of tracebacks, logs and debuggers' local-variable dumps; :meth:`reveal` gives it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: "str | WriteToken") -> None:
+        raw = value.reveal() if isinstance(value, WriteToken) else value
+        if not isinstance(raw, str):
+            raise TypeError("a write token is a string")
+        if len(raw) < MIN_TOKEN_CHARS:
+            raise ValueError(f"the write token must be at least {MIN_TOKEN_CHARS} characters "
+                             f"(got {len(raw)})")
+        self._value = raw
+
+    def reveal(self) -> str:
+        return self._value
+
+    def matches(self, candidate: str | bytes) -> bool:
+        """Constant-time comparison with a presented credential."""
+        cand = candidate.encode() if isinstance(candidate, str) else candidate
+        return hmac.compare_digest(cand, self._value.encode())
+
+    def __repr__(self) -> str:
+        return "WriteToken('***')"
+
+    __str__ = __repr__
+
+    def __reduce__(self):  # never pickled into a crash dump or a worker
+        raise TypeError("a WriteToken cannot be pickled")
+
+
+@functools.lru_cache(maxsize=8)
+def _preset_size(population: str) -> tuple[int, int]:
+    """(default size, number of areas) of a preset, as ``synthesize`` computes them."""
+    preset = PRESETS[population]
+    marginals = preset.load()
+    base = preset.n if preset.n is not None else marginals.population
+    return int(base), len(marginals.areas)
+
+
+def _population_size(population: str, scale: float) -> int:
+    base, areas = _preset_size(population)
+    return max(int(round(base * scale)), 10 * areas)
+
 
 class RunCreate(BaseModel):
-    """Body of POST /runs."""
+    """Body of POST /runs. Non-finite numbers (NaN, ±Infinity, 1e999) are refused (422)."""
 
-    population: str = Field("tiny", description="population preset (tiny, oxford, nyc)")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    population: str = Field("tiny", pattern="^(" + "|".join(PRESETS) + ")$",
+                            description="population preset")
     scale: float = Field(1.0, gt=0, le=1.0)
     days: int = Field(10, ge=1, le=365)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     devices: int = Field(50, ge=1, le=100_000)
     beta: float = Field(0.5, gt=0, le=10)
     gamma: float = Field(0.1, gt=0, le=1)
     initial_infected: float = Field(0.01, ge=0, le=1)
     variant: str = Field("assisted", pattern="^(assisted|peer)$")
+
+    @model_validator(mode="after")
+    def _devices_fit(self) -> "RunCreate":
+        n = _population_size(self.population, self.scale)
+        if self.devices > n:
+            raise ValueError(f"{self.devices} devices for a population of {n} agents")
+        return self
 
 
 class RunStatus(BaseModel):
@@ -70,10 +146,60 @@ _FLAT = ("day", "S", "I", "R", "new_infections", "physical_I", "physical_new_inf
          "physical_expected_new", "physical_dp_dbeta")
 
 
-def create_app(store: CoordinatorStore, token: str, *, execute: bool = True) -> FastAPI:
+class _Cache:
+    """A small LRU of response bodies keyed by (what, marker); thread-safe. ``get_or_make``
+    builds a missing body once even when many requests miss at the same time."""
+
+    def __init__(self, size: int = _CACHE_ENTRIES) -> None:
+        self._data: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._build = threading.Lock()
+        self._size = size
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key]
+        return None
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self._size:
+                self._data.popitem(last=False)
+
+    def get_or_make(self, key: Any, make: Callable[[], Any]) -> Any:
+        hit = self.get(key)
+        if hit is not None:
+            return hit
+        with self._build:
+            hit = self.get(key)
+            if hit is None:
+                hit = make()
+                self.put(key, hit)
+            return hit
+
+
+def _json_safe(value: Any) -> Any:
+    """Validation-error details made JSON-safe (non-finite floats, bytes and objects as text)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def create_app(store: CoordinatorStore, token: "str | WriteToken", *, execute: bool = True,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The service over ``store``; POST /runs starts the run loop in a thread if ``execute``."""
-    if len(token) < 16:
-        raise ValueError("the write token must be at least 16 characters")
+    secret = WriteToken(token)
+    del token
     app = FastAPI(title="lpm-edge coordinator", version="1")
     bearer = HTTPBearer(auto_error=False)
     registry = CollectorRegistry()
@@ -82,14 +208,20 @@ def create_app(store: CoordinatorStore, token: str, *, execute: bool = True) -> 
     latency = Histogram("lpm_http_request_seconds", "HTTP latency", ["path"], registry=registry)
     runs_started = Counter("lpm_runs_started_total", "Runs started", registry=registry)
     threads: dict[str, threading.Thread] = {}
-    series_cache: dict[str, tuple[int | None, bytes]] = {}  # run -> (last day, JSON body)
+    cache = _Cache()
 
     app.add_middleware(_MetricsMiddleware, latency=latency, requests=requests)
+    app.add_middleware(_GuardMiddleware, token=secret, max_body_bytes=max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{k: _json_safe(v) for k, v in e.items() if k != "url"} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
 
     def require_token(
         cred: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> None:
-        if cred is None or not hmac.compare_digest(cred.credentials.encode(), token.encode()):
+        if cred is None or not secret.matches(cred.credentials):
             raise HTTPException(401, "a valid bearer token is required",
                                 headers={"WWW-Authenticate": "Bearer"})
 
@@ -98,6 +230,12 @@ def create_app(store: CoordinatorStore, token: str, *, execute: bool = True) -> 
             return store.get_run(run_id)
         except RunNotFoundError:
             raise HTTPException(404, f"no run {run_id!r}") from None
+
+    def last_day(run_id: str) -> int | None:
+        day = store.last_day(run_id)
+        if day is None:
+            get(run_id)  # 404 for an unknown run, None for a run without a completed day
+        return day
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -122,35 +260,37 @@ def create_app(store: CoordinatorStore, token: str, *, execute: bool = True) -> 
         return [_status(r) for r in store.list_runs()]
 
     @app.get("/runs/{run_id}")
-    async def run_status(run_id: str) -> RunStatus:
+    def run_status(run_id: str) -> RunStatus:
         return _status(get(run_id))
 
     @app.get("/runs/{run_id}/series")
-    async def series(run_id: str, format: Annotated[str, Query(pattern="^(json|csv)$")] = "json"):
-        version = store.last_day(run_id) if run_id in series_cache else None
-        cached = series_cache.get(run_id)
-        if format == "json" and cached is not None and cached[0] == version:
-            return Response(cached[1], media_type="application/json")
-        get(run_id)
-        rows = store.series(run_id)
-        if format == "json":
-            body = json.dumps({"run_id": run_id, "series": rows}).encode()
-            series_cache[run_id] = (rows[-1]["day"] if rows else None, body)
-            return Response(body, media_type="application/json")
-        buf = io.StringIO()
-        cols = [c for c in _FLAT if any(c in r for r in rows)] or ["day"]
-        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-        return Response(buf.getvalue(), media_type="text/csv")
+    def series(run_id: str, format: Annotated[str, Query(pattern="^(json|csv)$")] = "json"
+               ) -> Response:
+        day = last_day(run_id)
 
-    @app.get("/runs/{run_id}/plot.png")
+        def make() -> bytes:
+            rows = store.series(run_id)
+            if format == "json":
+                return json.dumps({"run_id": run_id, "series": rows}).encode()
+            buf = io.StringIO()
+            cols = [c for c in _FLAT if any(c in r for r in rows)] or ["day"]
+            w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+            return buf.getvalue().encode()
+
+        body = cache.get_or_make(("series", format, run_id, day), make)
+        return Response(body, media_type="application/json" if format == "json" else "text/csv")
+
+    @app.get("/runs/{run_id}/plot.png", response_class=Response,
+             responses={200: {"content": {"image/png": {}}}})
     def plot(run_id: str) -> Response:
-        get(run_id)
-        rows = store.series(run_id)
-        if not rows:
+        day = last_day(run_id)
+        if day is None:
             raise HTTPException(404, "no completed day yet")
-        return Response(render_plot(rows, title=f"run {run_id}"), media_type="image/png")
+        png = cache.get_or_make(("plot", run_id, day),
+                                lambda: render_plot(store.series(run_id), title=f"run {run_id}"))
+        return Response(png, media_type="image/png")
 
     @app.get("/runs/{run_id}/calibration")
     def calibration(run_id: str) -> dict[str, Any]:
@@ -160,7 +300,8 @@ def create_app(store: CoordinatorStore, token: str, *, execute: bool = True) -> 
             raise HTTPException(404, "no calibration for this run")
         return result
 
-    @app.get("/bundle")
+    @app.get("/bundle", response_class=Response,
+             responses={200: {"content": {"application/octet-stream": {}}}})
     def bundle() -> Response:
         latest = store.latest_bundle()
         if latest is None:
@@ -170,15 +311,21 @@ def create_app(store: CoordinatorStore, token: str, *, execute: bool = True) -> 
                         headers={"X-Model-Version": version})
 
     @app.get("/exposure")
-    def exposure(run_id: str | None = None) -> dict[str, Any]:
-        runs = [get(run_id)] if run_id else list(reversed(store.list_runs()))
-        for rec in runs:
-            rows = store.series(rec.id)
-            if rows:
-                last = rows[-1]
-                return {"run_id": rec.id, "day": last["day"],
-                        "prevalence": last.get("exposure", {})}
-        raise HTTPException(404, "no exposure published yet")
+    def exposure(run_id: str | None = None) -> Response:
+        last = store.last_round(run_id)
+        if last is None:
+            if run_id is not None:
+                get(run_id)
+            raise HTTPException(404, "no exposure published yet")
+        rid, day = last
+
+        def make() -> bytes:
+            rows = store.series(rid)
+            return json.dumps({"run_id": rid, "day": day,
+                               "prevalence": rows[-1].get("exposure", {})}).encode()
+
+        return Response(cache.get_or_make(("exposure", rid, day), make),
+                        media_type="application/json")
 
     @app.get("/metrics")
     def metrics() -> Response:
@@ -186,6 +333,78 @@ def create_app(store: CoordinatorStore, token: str, *, execute: bool = True) -> 
 
     app.state.run_threads = threads
     return app
+
+
+_WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class _GuardMiddleware:
+    """Pure ASGI guard in front of everything: a write without the bearer token is refused
+    (401) before its body is read; a body longer than ``max_body_bytes`` is refused (413) from
+    its ``Content-Length`` or, when streamed, as soon as the bytes received pass the limit.
+    Memory an unauthenticated client can make the server hold is bounded by the limit."""
+
+    def __init__(self, app, token: WriteToken, max_body_bytes: int) -> None:
+        self.app, self.token, self.limit = app, token, max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or ())
+        if scope["method"] in _WRITE_METHODS:
+            auth = headers.get(b"authorization", b"")
+            scheme, _, cred = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not self.token.matches(cred.strip()):
+                await _plain(send, 401, b'{"detail":"a valid bearer token is required"}',
+                             [(b"www-authenticate", b"Bearer")])
+                return
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                too_long = int(length) > self.limit
+            except ValueError:
+                await _plain(send, 400, b'{"detail":"invalid Content-Length"}')
+                return
+            if too_long:
+                await _plain(send, 413, b'{"detail":"request body too large"}')
+                return
+        seen = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge(413, "request body too large")
+            return message
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await _plain(send, 413, b'{"detail":"request body too large"}')
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    """A streamed request body passed the limit (FastAPI re-raises it from body parsing)."""
+
+
+async def _plain(send, status: int, body: bytes,
+                 extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"), *(extra or [])]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class _MetricsMiddleware:
@@ -224,13 +443,14 @@ def _run_quietly(store: CoordinatorStore, run_id: str) -> None:
 
 
 def render_plot(rows: list[dict[str, Any]], title: str = "") -> bytes:
-    """PNG of the daily S/I/R series."""
-    import matplotlib
+    """PNG of the daily S/I/R series (object-oriented matplotlib: no pyplot global state, so
+    it is safe from the threadpool)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=90)
+    fig = Figure(figsize=(7, 4), dpi=90)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     days = [r["day"] for r in rows]
     for c in ("S", "I", "R"):
         ax.plot(days, [r[c] for r in rows], label=c)
@@ -240,5 +460,4 @@ def render_plot(rows: list[dict[str, Any]], title: str = "") -> bytes:
     ax.legend()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     return buf.getvalue()

@@ -1,0 +1,189 @@
+"""Coordinator service hardening (issue 14): secrets never printed, body limit and
+authentication before parsing, validation at the API, cached reads, clear store errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from coordinator.service import MAX_BODY_BYTES, WriteToken, create_app
+from coordinator.store import CoordinatorStore, StoreError
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "s3cr3t-token-" + "q" * 20
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def server(tmp_path):
+    store = CoordinatorStore(tmp_path / "c.db")
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(store, TOKEN, execute=False),
+                                        host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    deadline = time.time() + 20
+    while not srv.started:
+        assert time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", store, port
+    srv.should_exit = True
+    th.join(10)
+
+
+def _lpm(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    full = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **env}
+    return subprocess.run([sys.executable, "-m", "lpm_cli", *args], env=full, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_write_token_never_shown():
+    tok = WriteToken(TOKEN)
+    assert TOKEN not in repr(tok) and TOKEN not in str(tok) and TOKEN not in f"{tok!r} {tok}"
+    assert tok.matches(TOKEN) and not tok.matches(TOKEN + "x")
+    with pytest.raises(ValueError):
+        WriteToken("short")
+    with pytest.raises(TypeError):
+        import pickle
+
+        pickle.dumps(tok)
+
+
+@pytest.mark.parametrize("case", ["corrupt", "truncated", "unreadable", "bad-row", "bad-host"])
+def test_coordinator_failures_print_one_line_and_no_token(tmp_path, case):
+    db = tmp_path / "c.db"
+    args = ["coordinator", "--db", str(db), "--port", str(_free_port())]
+    if case == "corrupt":
+        db.write_bytes(b"this is not a database" * 100)
+    elif case == "truncated":
+        st = CoordinatorStore(db)
+        for _ in range(50):
+            st.create_run({"pad": "x" * 2000}, days=1)
+        st.close()
+        size = db.stat().st_size
+        with db.open("r+b") as f:
+            f.truncate(size // 2)
+    elif case == "bad-row":  # a garbage row: an unexpected exception inside the command
+        CoordinatorStore(db).close()
+        import sqlite3
+
+        con = sqlite3.connect(db)
+        con.execute("INSERT INTO runs VALUES ('r', 0, 'running', 'not json', 3, NULL)")
+        con.commit()
+        con.close()
+    elif case == "unreadable":
+        db.mkdir()  # a directory where the database should be: sqlite cannot open it
+    else:
+        args = ["coordinator", "--db", str(db), "--host", "no-such-host.invalid"]
+    out = _lpm(args, {"LPM_COORDINATOR_TOKEN": TOKEN})
+    text = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert TOKEN not in text, text
+    if case not in ("bad-host", "bad-row"):
+        lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and str(db) in lines[0] and "Traceback" not in text, text
+
+
+@pytest.mark.parametrize("value,needle", [("", "empty"), ("   ", "empty"), ("short", "at least")])
+def test_coordinator_token_env_errors(tmp_path, value, needle):
+    out = _lpm(["coordinator", "--db", str(tmp_path / "c.db")], {"LPM_COORDINATOR_TOKEN": value})
+    assert out.returncode == 1 and needle in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "c.db").exists()
+
+
+def test_unauthenticated_and_oversized_bodies_refused_before_parsing(server):
+    url, store, port = server
+    big = b'{"population": "tiny", "pad": "' + b"x" * (4 * MAX_BODY_BYTES) + b'"}'
+    with httpx.Client(base_url=url, timeout=30) as c:
+        # no token: 401 even for a body that is far too large and not JSON
+        assert c.post("/runs", content=b"\xff" * (2 * MAX_BODY_BYTES)).status_code == 401
+        assert c.post("/runs", content=big, headers={"Authorization": "Bearer nope"}
+                      ).status_code == 401
+        assert c.post("/runs", content=big, headers=AUTH).status_code == 413
+
+        def chunks():  # streamed without Content-Length: cut off once past the limit
+            for _ in range(64):
+                yield b"x" * 16384
+
+        assert c.post("/runs", content=chunks(), headers=AUTH).status_code == 413
+        assert c.post("/runs", content=b"{", headers={**AUTH, "Content-Type": "application/json"}
+                      ).status_code == 422
+    # the body is never read when the token is missing: a raw client sends only headers
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /runs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000000000\r\n\r\n")
+        assert s.recv(200).startswith(b"HTTP/1.1 401")
+    assert store.list_runs() == []
+
+
+@pytest.mark.parametrize("raw", [b'{"beta": NaN}', b'{"beta": Infinity}', b'{"beta": -Infinity}',
+                                 b'{"beta": 1e999}', b'{"scale": NaN}',
+                                 b'{"seed": 1180591620717411303424}', b'{"seed": -1}',
+                                 b'{"devices": 5000}', b'{"population": "oxford", "scale": 0.0001,'
+                                                       b' "devices": 100}',
+                                 b'{"unknown": 1}', b'[1, 2]', b'"x"'])
+def test_run_body_validated_at_api(server, raw):
+    url, store, _ = server
+    r = httpx.post(f"{url}/runs", content=raw,
+                   headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 422, (r.status_code, r.text)
+    assert store.list_runs() == []
+
+
+def test_reads_cached_on_last_committed_day(server):
+    url, store, _ = server
+    rid = store.create_run({"population": "tiny"}, days=3)
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/exposure").status_code == 404
+        assert c.get(f"/runs/{rid}/plot.png").status_code == 404
+        assert c.get("/exposure", params={"run_id": "nope"}).status_code == 404
+        row = {"S": 990, "I": 10, "R": 0, "exposure": {"a": 0.01}}
+        store.commit_round(rid, 1, row)
+        first = c.get("/exposure").json()
+        assert first == {"run_id": rid, "day": 1, "prevalence": {"a": 0.01}}
+        png1 = c.get(f"/runs/{rid}/plot.png").content
+        assert png1[:4] == b"\x89PNG" and c.get(f"/runs/{rid}/plot.png").content == png1
+        store.commit_round(rid, 2, {**row, "I": 20, "S": 980, "exposure": {"a": 0.02}})
+        assert c.get("/exposure").json()["day"] == 2  # a new committed day invalidates
+        assert c.get(f"/runs/{rid}/plot.png").content != png1
+        assert c.get(f"/runs/{rid}/series").json()["series"][-1]["day"] == 2
+        rid2 = store.create_run({"population": "tiny"}, days=3)  # no day yet: older run shown
+        assert c.get("/exposure").json()["run_id"] == rid
+        store.commit_round(rid2, 1, {**row, "exposure": {"b": 0.5}})
+        assert c.get("/exposure").json() == {"run_id": rid2, "day": 1, "prevalence": {"b": 0.5}}
+        assert c.get("/exposure", params={"run_id": rid}).json()["day"] == 2
+
+
+def test_sqlite_handlers_are_not_async():
+    """Handlers that touch the store run in the threadpool, never on the event loop."""
+    import inspect
+
+    app = create_app(CoordinatorStore(":memory:"), TOKEN, execute=False)
+    for route in app.routes:
+        if getattr(route, "path", "") in ("/health",) or not hasattr(route, "endpoint"):
+            continue
+        if route.path.startswith(("/openapi", "/docs", "/redoc")):
+            continue
+        assert not inspect.iscoroutinefunction(route.endpoint), route.path
+
+
+def test_store_open_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"garbage" * 1000)
+    with pytest.raises(StoreError, match="bad.db"):
+        CoordinatorStore(bad)
