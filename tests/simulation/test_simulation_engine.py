@@ -25,7 +25,7 @@ def test_synthesize_is_deterministic_and_has_layers():
     assert a.n == 1000
     for k in a.attributes:
         assert torch.equal(a.attributes[k], b.attributes[k])
-    assert set(a.graph.layers) == {"household", "work", "community"}
+    assert set(a.graph.layers) == {"household", "school", "work", "community"}
     merged = a.graph.merged()
     assert merged.indices.dtype == torch.int32 and merged.indptr.dtype == torch.int64
     assert 6 < merged.nnz / a.n < 14
