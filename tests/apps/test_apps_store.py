@@ -69,11 +69,13 @@ def test_edge_store_keys_encrypted(tmp_path, monkeypatch):
     assert st2.contacts() == {h: 1.0, "bob": 0.5} and st2.status("infected") is False
     st2.close()
     with pytest.raises(WrongPassphraseError):
-        EdgeStore(path, "wrong").get_private_key("x25519")
-    with pytest.raises(KeyError):
-        EdgeStore(path, "correct horse").get_private_key("other")
-    with pytest.raises(EdgeStoreError):
-        EdgeStore(path, "x").set_contacts({"c": -1.0})
+        EdgeStore(path, "wrong passphrase")
+    with pytest.raises(WrongPassphraseError):
+        EdgeStore(path, "wrong")  # short and wrong: still the passphrase error
+    with EdgeStore(path, "correct horse") as st3, pytest.raises(KeyError):
+        st3.get_private_key("other")
+    with EdgeStore(path, "correct horse") as st3, pytest.raises(EdgeStoreError):
+        st3.set_contacts({"c": -1.0})
     monkeypatch.delenv("LPM_EDGE_PASSPHRASE")
     with pytest.raises(EdgeStoreError):
         EdgeStore(path)
