@@ -21,6 +21,7 @@ app = typer.Typer(
 
 _COMMAND_MODULES = (
     "simulation.cli",
+    "simulation.population_cli",
     "mobile_export.cli",
     "edge_agent.cli",
     "coordinator.cli",

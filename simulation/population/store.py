@@ -41,7 +41,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise PopulationError(f"{p} is not a population file")
     try:
-        raw = (pq.read_schema(p).metadata or {}).get(_META_KEY)
+        raw = (pq.read_metadata(p).metadata or {}).get(_META_KEY)  # footer: written last
     except (pa.ArrowInvalid, OSError) as exc:
         raise PopulationError(f"{p} is not a Parquet file: {exc}") from exc
     if raw is None:
