@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from simulation.estimators import get_estimator
+from simulation.estimators import DEFAULT_ESTIMATOR, get_estimator
 from simulation.kernels import NeighbourSum
 from simulation.population import ContactGraph, Population
 from simulation.rng import counter_uniforms
@@ -82,7 +82,7 @@ def simulate(
     days: int,
     seed: int = 0,
     *,
-    estimator: str = "straight_through",
+    estimator: str = DEFAULT_ESTIMATOR,
     device: str | torch.device = "cpu",
     neighbour_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
     checkpoint_days: int | None = None,

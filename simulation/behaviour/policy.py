@@ -25,7 +25,7 @@ from simulation.behaviour.backends import (
     Situation,
 )
 from simulation.behaviour.kernels import observe_kernel, sample_kernel
-from simulation.estimators import straight_through
+from simulation.estimators import hard_forward, straight_through
 from simulation.models.seirm import SEIRM
 from simulation.substeps import State, StepContext, Substep
 
@@ -126,7 +126,7 @@ class ArchetypePolicy(Substep):
         return buf
 
     def _use_kernels(self, state: State, ctx: StepContext) -> bool:
-        return (self.fused and ctx.estimator is straight_through and state["I"].device.type == "cpu"
+        return (self.fused and hard_forward(ctx.estimator) and state["I"].device.type == "cpu"
                 and state["I"].dtype == torch.float32)
 
     def observe(self, state: State, ctx: StepContext) -> dict[str, torch.Tensor]:
@@ -206,10 +206,13 @@ class ArchetypePolicy(Substep):
 
 
 def add_archetype_behaviour(model: SEIRM, policy: ArchetypePolicy | None = None, **kwargs) -> ArchetypePolicy:
-    """Insert an :class:`ArchetypePolicy` before SEIRM's ``infection`` substep with its own
-    uniform stream. Extra keyword arguments go to the policy."""
+    """Insert an :class:`ArchetypePolicy` after SEIRM's ``testing`` and before its
+    ``isolation`` substep, with its own uniform stream. Voluntary tests thus join the day's
+    routine positives before isolation reads them (inserted later, Testing overwrote them
+    the next morning and the test action had no effect). Extra keyword arguments go to the
+    policy."""
     stream = model.request_stream("behaviour")
     policy = policy or ArchetypePolicy(stream=stream, **kwargs)
     policy.stream = stream
-    model.add_substep("behaviour", policy, before="infection")
+    model.add_substep("behaviour", policy, before="isolation" if "isolation" in model.substeps else "infection")
     return policy

@@ -1,6 +1,8 @@
 """SEIRM: susceptible → exposed → infectious → recovered | dead, with interventions.
 
-Stage durations are geometric with the given means; susceptibility and mortality are
+Stage durations are geometric with the given means: an agent leaves the latent (infectious)
+stage on each following day with probability Δt/m, so it spends m days there on average
+(``latent_days=3`` means 3.0 days, not 1/(1 − e^{−1/3}) = 3.53); m must be ≥ Δt. Susceptibility and mortality are
 age-specific (per age band); transmission runs over all contact layers with layer weights.
 Intervention substeps (testing, isolation, vaccination) are ordinary substeps, inserted in
 the model's registry before ``infection``; behaviour models add their own the same way.
@@ -25,8 +27,9 @@ DEFAULT_SUSCEPTIBILITY = (0.4, 0.39, 0.79, 0.86, 0.8, 0.82, 0.88, 0.74, 0.74)
 DEFAULT_IFR = (2e-5, 6e-5, 3e-4, 8e-4, 2.2e-3, 6.4e-3, 2e-2, 6e-2, 1.5e-1)
 
 
-def _rate(mean_days: torch.Tensor, dt: float) -> torch.Tensor:
-    return -torch.expm1(-dt / mean_days)
+def _daily_probability(mean_days: torch.Tensor, dt: float) -> torch.Tensor:
+    """Daily leave probability Δt/m: geometric stage duration with mean m days (m ≥ Δt)."""
+    return (dt / mean_days).clamp(max=1.0)
 
 
 class Testing(Substep):
@@ -42,8 +45,8 @@ class Testing(Substep):
         self.stream = stream
 
     def transition(self, state, action, ctx):
-        p = state["I"] * self.daily_test_rate * self.sensitivity
-        return {"tested_positive": ctx.estimator(p, ctx.uniforms[self.stream])}
+        p = (self.daily_test_rate * self.sensitivity).expand_as(state["I"])
+        return {"tested_positive": state["I"] * ctx.estimator(p, ctx.uniforms[self.stream])}
 
 
 class Isolation(Substep):
@@ -76,8 +79,8 @@ class Vaccination(Substep):
         self.stream = stream
 
     def transition(self, state, action, ctx):
-        p = (1 - state["vaccinated"]) * self.daily_rate
-        newly = ctx.estimator(p, ctx.uniforms[self.stream])
+        newly = (1 - state["vaccinated"]) * ctx.estimator(
+            self.daily_rate.expand_as(state["vaccinated"]), ctx.uniforms[self.stream])
         return {"vaccinated": state["vaccinated"] + newly}
 
 
@@ -105,11 +108,11 @@ class Transmission(Substep):
             (1 - state["isolated"]) * (1 - state["behaviour"])
             * (1 - self.vaccine_efficacy * state["vaccinated"])
         )
-        hazard = self.beta * sus * protect * state["S"] * ctx.dt * obs["pressure"] / ctx.degree.clamp(min=1)
-        return {"p": -torch.expm1(-hazard)}
+        hazard = self.beta * sus * protect * ctx.dt * obs["pressure"] / ctx.degree.clamp(min=1)
+        return {"q": -torch.expm1(-hazard)}  # the day's infection probability if susceptible
 
     def transition(self, state, action, ctx):
-        new = ctx.estimator(action["p"], ctx.uniforms[0])
+        new = state["S"] * ctx.estimator(action["q"], ctx.uniforms[0])
         return {"S": state["S"] - new, "E": state["E"] + new, "new_infections": new}
 
 
@@ -127,10 +130,12 @@ class Progression(Substep):
 
     def transition(self, state, action, ctx):
         exposed = state["E"] - state["new_infections"]  # not the ones infected today
-        onset = ctx.estimator(exposed * _rate(self.latent_days, ctx.dt), ctx.uniforms[1])
-        leave = ctx.estimator(state["I"] * _rate(self.infectious_days, ctx.dt), ctx.uniforms[2])
+        onset = exposed * ctx.estimator(
+            _daily_probability(self.latent_days, ctx.dt).expand_as(exposed), ctx.uniforms[1])
+        leave = state["I"] * ctx.estimator(
+            _daily_probability(self.infectious_days, ctx.dt).expand_as(exposed), ctx.uniforms[2])
         ifr = torch.sigmoid(self.logit_ifr)[ctx.attributes["age_band"].long()]
-        die = ctx.estimator(leave * ifr, ctx.uniforms[3])
+        die = leave * ctx.estimator(ifr, ctx.uniforms[3])
         return {
             "E": state["E"] - onset,
             "I": state["I"] + onset - leave,
@@ -161,6 +166,8 @@ class SEIRM(SubstepModel):
         super().__init__()
         if len(susceptibility) != 9 or len(ifr) != 9:
             raise ValueError("susceptibility and ifr need one value per age band (9)")
+        if latent_days < 1.0 or infectious_days < 1.0:
+            raise ValueError("latent_days and infectious_days are mean durations in days (>= 1)")
         self.initial_infected = initial_infected
         self.add_substep("testing", Testing(test_rate))
         self.add_substep("isolation", Isolation(isolation_efficacy))

@@ -2,9 +2,12 @@
 
 Susceptible agent i is infected on a day with probability
 
-    p_i = 1 − exp(−β S_i Δt / n_i · Σ_{j∈N(i)} I_j)
+    p_i = S_i · (1 − exp(−β Δt / n_i · Σ_{j∈N(i)} I_j))
 
-and an infected agent recovers with probability 1 − exp(−γ Δt). The neighbour sum is a
+and an infected agent recovers with probability 1 − exp(−γ Δt) (γ is a daily *rate*: the
+infectious period is geometric with mean 1/(1 − exp(−γ)) days, e.g. 10.5 for γ = 0.1).
+Events are written ``state · event(q, u)`` (the state factor outside the Bernoulli draw) so
+that gradient estimators differentiate the state exactly (``simulation.estimators``). The neighbour sum is a
 hook (``StepContext.neighbour_sum``): the central run uses the CSR kernel, a decentralised
 run uses the secure neighbourhood protocol, and both give the same events.
 """
@@ -16,12 +19,19 @@ from torch import nn
 
 from simulation.substeps import State, StepContext, Substep, SubstepModel
 
-__all__ = ["SIR", "infection_probability", "infection_probability_dbeta"]
+__all__ = ["SIR", "contact_probability", "infection_probability", "infection_probability_dbeta"]
 
 
-def _hazard(neighbour_infected_sum, susceptible, degree, beta, dt):
+def _hazard(neighbour_infected_sum, degree, beta, dt):
     n = torch.clamp(torch.as_tensor(degree, dtype=torch.float32), min=1.0)
-    return beta * susceptible * dt / n * neighbour_infected_sum
+    return beta * dt / n * neighbour_infected_sum
+
+
+def contact_probability(
+    neighbour_infected_sum: torch.Tensor, degree: torch.Tensor, beta: torch.Tensor | float, dt: float = 1.0
+) -> torch.Tensor:
+    """q_i = 1 − exp(−β Δt / n_i Σ_j I_j): the day's infection probability *if* i is susceptible."""
+    return -torch.expm1(-_hazard(neighbour_infected_sum, degree, beta, dt))
 
 
 def infection_probability(
@@ -31,8 +41,10 @@ def infection_probability(
     beta: torch.Tensor | float,
     dt: float = 1.0,
 ) -> torch.Tensor:
-    """p_i = 1 − exp(−β S_i Δt / n_i Σ_j I_j); agents without contacts (n_i = 0) get 0."""
-    return -torch.expm1(-_hazard(neighbour_infected_sum, susceptible, degree, beta, dt))
+    """p_i = S_i (1 − exp(−β Δt / n_i Σ_j I_j)); agents without contacts (n_i = 0) get 0.
+
+    For a fractional S_i (mean-field state) this is the expected new infection S_i · q_i."""
+    return susceptible * contact_probability(neighbour_infected_sum, degree, beta, dt)
 
 
 def infection_probability_dbeta(
@@ -42,9 +54,10 @@ def infection_probability_dbeta(
     beta: torch.Tensor | float,
     dt: float = 1.0,
 ) -> torch.Tensor:
-    """Closed-form ∂p_i/∂β = (1 − p_i) · S_i Δt / n_i · Σ_j I_j (LPM paper Eq. 11–12)."""
-    h = _hazard(neighbour_infected_sum, susceptible, degree, 1.0, dt)
-    return torch.exp(-h * beta) * h
+    """Closed-form ∂p_i/∂β = S_i · exp(−β h_i) · h_i with h_i = Δt / n_i · Σ_j I_j
+    (LPM paper Eq. 11–12; equals (1 − p_i) h_i for a susceptible agent)."""
+    h = _hazard(neighbour_infected_sum, degree, 1.0, dt)
+    return susceptible * torch.exp(-h * beta) * h
 
 
 class Infection(Substep):
@@ -63,10 +76,10 @@ class Infection(Substep):
     def policy(self, state, obs, ctx):
         beta_t = ctx.extras.get("beta_t")  # optional time-varying β (e.g. from CalibNN)
         beta = self.beta if beta_t is None else beta_t[ctx.day]
-        return {"p": infection_probability(obs["infected_contacts"], state["S"], ctx.degree, beta, ctx.dt)}
+        return {"q": contact_probability(obs["infected_contacts"], ctx.degree, beta, ctx.dt)}
 
     def transition(self, state, action, ctx):
-        new = ctx.estimator(action["p"], ctx.uniforms[0])
+        new = state["S"] * ctx.estimator(action["q"], ctx.uniforms[0])
         return {"S": state["S"] - new, "I": state["I"] + new, "new_infections": new}
 
 
@@ -83,7 +96,8 @@ class Recovery(Substep):
     def transition(self, state, action, ctx):
         # infected at the start of the day (today's new infections do not recover today)
         infected = state["I"] - state["new_infections"]
-        rec = ctx.estimator(infected * -torch.expm1(-self.gamma * ctx.dt), ctx.uniforms[1])
+        rec = infected * ctx.estimator(-torch.expm1(-self.gamma * ctx.dt).expand_as(infected),
+                                       ctx.uniforms[1])
         return {"I": state["I"] - rec, "R": state["R"] + rec}
 
 

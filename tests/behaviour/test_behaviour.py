@@ -236,3 +236,29 @@ def test_fused_and_torch_paths_give_the_same_gradient():
         (tr.total_infections + tr.final_state["tested_positive"].sum()).backward()
         grads.append(model.beta.grad.item())
     assert grads[0] == pytest.approx(grads[1], rel=1e-5)
+
+
+class _Tests:
+    """A backend whose archetypes only ever take the test action (probability ``p``)."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def query(self, situation, action, m):
+        return [self.p if action == "test" else 0.0] * m
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_test_action_reaches_isolation(fused):
+    """Voluntary tests feed the same day's isolation: everyone testing cuts infections
+    (before the fix Testing overwrote them first and both runs were identical)."""
+    pop = synthesize("tiny", seed=4)
+    totals = []
+    for p in (0.0, 1.0):
+        model = SEIRM(beta=0.9, test_rate=0.0)
+        add_archetype_behaviour(model, backend=_Tests(p), samples=1, fused=fused)
+        assert list(model.substeps).index("behaviour") < list(model.substeps).index("isolation")
+        with torch.no_grad():
+            tr = simulate(model, pop, 30, seed=5)
+        totals.append(float(tr.total_infections))
+    assert totals[1] < 0.8 * totals[0], totals
