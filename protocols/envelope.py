@@ -105,20 +105,25 @@ class MessageContext:
         )
 
 
-def seal(key: bytes, context: MessageContext, payload: bytes) -> bytes:
-    """Encrypt and authenticate ``payload`` under ``key``, bound to ``context``.
+def _aad(context: MessageContext | bytes) -> bytes:
+    return bytes(context) if isinstance(context, (bytes, bytearray)) else context.to_bytes()
+
+
+def seal(key: bytes, context: MessageContext | bytes, payload: bytes) -> bytes:
+    """Encrypt and authenticate ``payload`` under ``key``, bound to ``context`` (a
+    :class:`MessageContext`, or its pre-encoded, injective byte form).
 
     Returns ``nonce ‖ ciphertext ‖ tag``; the nonce is random (96 bits from the OS CSPRNG).
     """
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise MalformedEnvelopeError(f"payload of {len(payload)} bytes exceeds the limit")
     nonce = os.urandom(NONCE_BYTES)
-    return nonce + ChaCha20Poly1305(key).encrypt(nonce, bytes(payload), context.to_bytes())
+    return nonce + ChaCha20Poly1305(key).encrypt(nonce, bytes(payload), _aad(context))
 
 
 def open_envelope(
     key: bytes,
-    context: MessageContext,
+    context: MessageContext | bytes,
     blob: bytes,
     *,
     expected_receiver: str | None = None,
@@ -130,14 +135,15 @@ def open_envelope(
         raise MalformedEnvelopeError(f"envelope of {len(blob)} bytes is too short")
     if len(blob) > MAX_PAYLOAD_BYTES + NONCE_BYTES + TAG_BYTES:
         raise MalformedEnvelopeError("envelope is oversized")
-    if expected_receiver is not None and context.receiver != expected_receiver:
+    if (expected_receiver is not None and isinstance(context, MessageContext)
+            and context.receiver != expected_receiver):
         raise MisroutedEnvelopeError(
             f"envelope for {context.receiver!r} delivered to {expected_receiver!r}"
         )
     blob = bytes(blob)
     try:
         return ChaCha20Poly1305(key).decrypt(
-            blob[:NONCE_BYTES], blob[NONCE_BYTES:], context.to_bytes()
+            blob[:NONCE_BYTES], blob[NONCE_BYTES:], _aad(context)
         )
     except InvalidTag as exc:
         raise TamperedEnvelopeError(

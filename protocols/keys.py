@@ -8,6 +8,8 @@ Masks and shares come only from :func:`ring_keystream`, a ChaCha20 keystream und
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from typing import TYPE_CHECKING
 
@@ -37,6 +39,7 @@ __all__ = [
     "SignatureError",
     "check_agreement_public_key",
     "derive_key",
+    "expand_key",
     "ring_keystream",
     "verify_signature",
 ]
@@ -173,6 +176,17 @@ def derive_key(
         (_DOMAIN, len(label_b).to_bytes(2, "big"), label_b, bytes(info_ctx))
     )
     return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(secret)
+
+
+def expand_key(prk: bytes, info: bytes, *, label: str) -> bytes:
+    """HKDF-Expand (RFC 5869, one 32-byte block) of a uniformly random 256-bit key ``prk``
+    with info = domain ‖ label ‖ ``info``. Use only when ``prk`` is already a uniform key
+    (a derived root or a fresh random seed); raw Diffie–Hellman output needs
+    :func:`derive_key` (extract and expand)."""
+    prk = _check_len(prk, "expansion key")
+    label_b = label.encode()
+    msg = b"".join((_DOMAIN, len(label_b).to_bytes(2, "big"), label_b, bytes(info), b"\x01"))
+    return hmac.new(prk, msg, hashlib.sha256).digest()
 
 
 def ring_keystream(

@@ -16,12 +16,26 @@ import torch
 from protocols.keys import AgreementKey, IdentityKey
 from protocols.secagg.client import SecAggClient
 from protocols.secagg.config import RoundConfig
+from protocols.secagg.epoch_client import EpochClient
+from protocols.secagg.epoch_server import EpochServer
+from protocols.secagg.errors import SecAggAbortError
 from protocols.secagg.quantize import InputSpec
 from protocols.secagg.server import SecAggServer
 
-__all__ = ["STAGES", "RoundResult", "RoundSetup", "make_round", "run_round"]
+__all__ = [
+    "DAY_STAGES",
+    "STAGES",
+    "DayResult",
+    "RoundResult",
+    "RoundSetup",
+    "make_round",
+    "run_days",
+    "run_epoch_day",
+    "run_round",
+]
 
 STAGES = ("advertise", "share_keys", "masked_input", "unmask")
+DAY_STAGES = ("masked_input", "consistency", "unmask")
 
 
 @dataclass
@@ -53,6 +67,120 @@ class RoundSetup:
     def clients(self) -> list[SecAggClient]:
         reg = self.registry
         return [SecAggClient(self.config, i, k, reg) for i, k in enumerate(self.identities)]
+
+    def epoch_server(self) -> EpochServer:
+        return EpochServer(self.config, self.registry, self.server_key)
+
+    def epoch_clients(self) -> list[EpochClient]:
+        reg = self.registry
+        return [EpochClient(self.config, i, k, reg) for i, k in enumerate(self.identities)]
+
+
+@dataclass
+class DayResult:
+    """One day of :func:`run_days`: decoded sum (None if the day aborted), its survivors,
+    the abort (if any) and the day's traffic in bytes."""
+
+    day: int
+    total: torch.Tensor | None
+    survivors: frozenset[int]
+    error: SecAggAbortError | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+@dataclass
+class EpochRun:
+    """Outcome of :func:`run_days`: per-day results, setup traffic and the parties."""
+
+    days: list[DayResult]
+    setup_bytes_up: int
+    setup_bytes_down: int
+    server: EpochServer
+    clients: list[EpochClient]
+
+
+def run_days(
+    setup: RoundSetup,
+    inputs_per_day: Sequence[Sequence[torch.Tensor | np.ndarray]],
+    dropouts: Sequence[Mapping[str, set[int]]] | None = None,
+    *,
+    setup_dropouts: set[int] | None = None,
+    days: Sequence[int] | None = None,
+) -> EpochRun:
+    """One key epoch (setup once) and one masked sum per day, every message as bytes through
+    the real state machines. ``dropouts[d]`` maps a day stage (:data:`DAY_STAGES`) to the
+    clients silent from that stage on, that day only; ``setup_dropouts`` never advertise.
+    A day that aborts is recorded (``error``) and the next day still runs."""
+    n_days = len(inputs_per_day)
+    days = list(days) if days is not None else list(range(n_days))
+    drops = list(dropouts) if dropouts is not None else [{} for _ in range(n_days)]
+    if len(days) != n_days or len(drops) != n_days:
+        raise ValueError("need one day number and one dropout map per day of inputs")
+    for d in drops:
+        if set(d) - set(DAY_STAGES):
+            raise ValueError(f"unknown stages {sorted(set(d) - set(DAY_STAGES))}")
+    server, clients = setup.epoch_server(), setup.epoch_clients()
+    up = down = 0
+    for i, c in enumerate(clients):
+        if i not in (setup_dropouts or set()):
+            msg = c.advertise_keys()
+            up += len(msg)
+            server.receive(i, msg)
+    rosters = server.advance()
+    for i, blob in rosters.items():
+        down += len(blob)
+        clients[i].accept_roster(blob)
+    results = [_one_day(server, clients, day, xs, drop)
+               for day, xs, drop in zip(days, inputs_per_day, drops, strict=True)]
+    return EpochRun(results, up, down, server, clients)
+
+
+def _one_day(server: EpochServer, clients: list[EpochClient], day: int,
+             xs: Sequence[torch.Tensor | np.ndarray], drop: Mapping[str, set[int]]) -> DayResult:
+    server.open_day(day)
+    gone: set[int] = set()
+    up = down = 0
+    try:
+        outbox: dict[int, bytes] | None = None
+        for stage in DAY_STAGES:
+            gone |= drop.get(stage, set())
+            targets = sorted(server.live) if outbox is None else sorted(outbox)
+            for i in targets:
+                if i in gone:
+                    continue
+                c = clients[i]
+                if stage == "masked_input":
+                    msg = c.masked_input(day, xs[i])
+                else:
+                    assert outbox is not None
+                    down += len(outbox[i])
+                    msg = (c.sign_survivors(outbox[i]) if stage == "consistency"
+                           else c.unmask(outbox[i]))
+                up += len(msg)
+                server.receive(i, msg)
+            outbox = server.advance()
+    except SecAggAbortError as exc:
+        return DayResult(day, None, frozenset(), exc, up, down)
+    return DayResult(day, server.decoded(day), server.survivors[day], None, up, down)
+
+
+def run_epoch_day(
+    setup: RoundSetup,
+    inputs: Sequence[torch.Tensor | np.ndarray],
+    dropouts: Mapping[str, set[int]] | None = None,
+) -> RoundResult:
+    """Setup plus one day (the multi-round protocol used for a single sum); stages
+    ``advertise`` and :data:`DAY_STAGES`. Raises :class:`SecAggAbortError` on abort."""
+    dropouts = dict(dropouts or {})
+    setup_drop = dropouts.pop("advertise", set())
+    run = run_days(setup, [inputs], [dropouts], setup_dropouts=setup_drop)
+    d = run.days[0]
+    if d.error is not None:
+        raise d.error
+    assert d.total is not None
+    return RoundResult(d.total, d.survivors, run.setup_bytes_up + d.bytes_up,
+                       run.setup_bytes_down + d.bytes_down, None)
 
 
 def make_round(

@@ -160,3 +160,165 @@ def test_input_spec_validation_raises_config_error() -> None:
                  ("float", 2, 1.0, 80), ("int", 2, 1.5), ("int", 2**40, 1)]:
         with pytest.raises(ConfigError):
             InputSpec(*args)  # type: ignore[arg-type]
+
+
+# -- a server that equivocates about the survivor set (multi-round protocol) ----------------
+def _day_after_inputs(n: int, k: int, t: int, seed: int = 0):  # type: ignore[no-untyped-def]
+    """Setup plus honest day-0 inputs; returns the parties right before the survivor set."""
+    setup = make_round(n, InputSpec("int", 8, 1000), degree=k, threshold=t)
+    server, clients = setup.epoch_server(), setup.epoch_clients()
+    for i, c in enumerate(clients):
+        server.receive(i, c.advertise_keys())
+    for i, blob in server.advance().items():
+        clients[i].accept_roster(blob)
+    server.open_day(0)
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randint(-1000, 1001, (8,), generator=g) for _ in range(n)]
+    for i, c in enumerate(clients):
+        server.receive(i, c.masked_input(0, xs[i]))
+    return setup, server, clients, xs
+
+
+class EquivocatingServer:
+    """A deviating coordinator: shows each client the survivor set of its choosing, forwards
+    every signature it holds that could convince a client, and collects whatever is revealed.
+    It uses the honest server object only as its own memory (MAC keys, inputs, envelopes)."""
+
+    def __init__(self, setup, server, clients) -> None:  # type: ignore[no-untyped-def]
+        self.setup, self.server, self.clients = setup, server, clients
+        self.cfg = setup.config
+        self.nbrs = server._nbrs
+        self.refused: dict[int, str] = {}
+        self.shares: dict[int, dict[int, bytes]] = {}
+        self.day_keys: dict[frozenset[int], bytes] = {}
+
+    def _mac(self, i: int, msg: bytes) -> bytes:
+        from protocols.secagg.messages import add_mac
+        return add_mac(self.server._macs[i], msg)
+
+    def run(self, views: dict[int, frozenset[int]]) -> None:
+        from protocols.secagg.epoch_messages import (
+            DayUnmaskRequest,
+            DayUnmaskResponse,
+            EHeader,
+            EMsg,
+            RevealKind,
+            SurvivorSet,
+            SurvivorSignature,
+            encode_bitmap,
+        )
+        from protocols.secagg.messages import strip_mac
+
+        cfg, n = self.cfg, self.cfg.n
+
+        def hdr(t: EMsg, i: int) -> EHeader:
+            return EHeader(t, cfg.run_id, cfg.round, 0, SERVER, i)
+
+        sigs: dict[int, tuple[bytes, bytes]] = {}  # signer -> (bitmap, signature)
+        for i, view in views.items():
+            bm = encode_bitmap(view, n)
+            try:
+                blob = self.clients[i].sign_survivors(
+                    self._mac(i, SurvivorSet(hdr(EMsg.SURVIVORS, i), bm).encode()))
+            except SecAggError as exc:
+                self.refused[i] = type(exc).__name__
+                continue
+            msg = SurvivorSignature.decode(strip_mac(self.server._macs[i], blob, 10**6), n)
+            sigs[i] = (bm, msg.signature)
+        for i in sigs:
+            bm = sigs[i][0]
+            good = tuple((j, sigs[j][1]) for j in sorted(self.nbrs[i])
+                         if j in sigs and sigs[j][0] == bm)
+            envs = tuple((j, dict(self.server._inputs[j].envelopes)[i])
+                         for j in sorted(self.nbrs[i] & views[i]))
+            req = DayUnmaskRequest(hdr(EMsg.UNMASK_REQUEST, i), good, envs)
+            try:
+                blob = self.clients[i].unmask(self._mac(i, req.encode()))
+            except SecAggError as exc:
+                self.refused[i] = type(exc).__name__
+                continue
+            resp = DayUnmaskResponse.decode(strip_mac(self.server._macs[i], blob, 10**6), n,
+                                            cfg.degree)
+            for j, kind, data in resp.reveals:
+                if kind is RevealKind.SELF_MASK_SHARE:
+                    self.shares.setdefault(j, {})[i + 1] = data
+                else:
+                    self.day_keys[frozenset((i, j))] = data
+
+    def strip(self, members: frozenset[int]) -> torch.Tensor | None:
+        """Σ_{i∈members} y_i with every mask removed, or None if something is missing."""
+        from protocols.keys import ring_keystream
+        from protocols.secagg.shamir import reconstruct_secret
+
+        ctx, t = self.server._ctx, self.cfg.threshold
+        total = torch.zeros(8, dtype=torch.int64)
+        buf = torch.empty(8, dtype=torch.int64)
+        for i in members:
+            total.add_(self.server._inputs[i].vector)
+            if len(self.shares.get(i, {})) < t:
+                return None
+            seed = reconstruct_secret(self.shares[i], t)
+            ring_keystream(ctx.self_mask_key(seed, i, 0), 8, out=buf)
+            total.sub_(buf)
+            for j in self.nbrs[i] - members:
+                key = self.day_keys.get(frozenset((i, j)))
+                if key is None:
+                    return None
+                ring_keystream(key, 8, out=buf)
+                total.sub_(buf) if i < j else total.add_(buf)
+        return total
+
+
+N_ATT, K_ATT, T_ATT, TARGET = 20, 6, 4, 0
+
+
+def test_attack_harness_recovers_the_honest_sum() -> None:
+    """Positive control: with one consistent set the same harness strips every mask."""
+    setup, server, clients, xs = _day_after_inputs(N_ATT, K_ATT, T_ATT)
+    everyone = frozenset(range(N_ATT))
+    att = EquivocatingServer(setup, server, clients)
+    att.run({i: everyone for i in range(N_ATT)})
+    assert not att.refused
+    total = att.strip(everyone)
+    assert total is not None and torch.equal(total, torch.stack(xs).sum(0))
+    assert att.strip(frozenset({TARGET})) is None  # a single input stays masked
+
+
+def test_equivocated_survivor_sets_do_not_reveal_a_chosen_input() -> None:
+    """The review's attack (n=20, k=6, t=4): every client is told that it and the target
+    survived and that the target's other neighbours dropped. Each honest neighbour of the
+    target then holds a different set, cannot collect t signatures on it, and reveals
+    nothing; the target's input stays masked."""
+    setup, server, clients, xs = _day_after_inputs(N_ATT, K_ATT, T_ATT)
+    nbrs = server._nbrs[TARGET]
+    everyone = frozenset(range(N_ATT))
+    views = {m: (everyone - nbrs) | {m, TARGET} for m in range(N_ATT)}
+    att = EquivocatingServer(setup, server, clients)
+    att.run(views)
+    assert att.strip(frozenset({TARGET})) is None
+    assert nbrs <= set(att.refused)  # each honest neighbour refused to unmask
+    assert set(att.refused.values()) <= {"ProtocolViolationError", "SecAggAbortError"}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_two_view_splits_never_isolate_one_input(seed: int) -> None:
+    """Split views: a random part of the clients sees everyone survive, the rest sees a
+    random group of the target's neighbours dropped (the dropped ones always see themselves
+    in). Many clients reveal, yet the server strips the masks of no single input."""
+    setup, server, clients, xs = _day_after_inputs(N_ATT, K_ATT, T_ATT, seed)
+    g = np.random.default_rng(seed)  # the adversary's choices only, not protocol randomness
+    everyone = frozenset(range(N_ATT))
+    nbrs = sorted(server._nbrs[TARGET])
+    cut = frozenset(int(j) for j in g.choice(nbrs, size=int(g.integers(1, 4)), replace=False))
+    views = {m: everyone if (m in cut or g.random() < 0.5) else everyone - cut
+             for m in range(N_ATT)}
+    att = EquivocatingServer(setup, server, clients)
+    att.run(views)
+    revealed = sum(len(v) for v in att.shares.values()) + len(att.day_keys)
+    assert revealed > 0 or len(att.refused) == N_ATT
+    for i in range(N_ATT):
+        assert att.strip(frozenset({i})) is None, f"input of {i} isolated"
+    for size in (2, 3):  # nor any small group
+        for start in range(N_ATT):
+            group = frozenset((start + d) % N_ATT for d in range(size))
+            assert att.strip(group) is None

@@ -1,0 +1,352 @@
+"""The multi-round SecAgg+ client: keys agreed once per epoch, one masked sum per day, with
+a consistency round (Bonawitz et al. CCS 2017 §4, Bell et al. CCS 2020) every day.
+
+Stages: ``ADVERTISE → ROSTER → READY`` once, then per day
+``READY → CONSISTENCY → UNMASK → READY``. Each method validates everything before it
+changes any state; a rejected message raises a
+:class:`~protocols.secagg.errors.SecAggError` subclass and leaves the client unchanged.
+
+What the client reveals on day d, and when: only after it has signed one survivor set S and
+verified ≥ t signatures on the *identical* S from its own live neighbours in S; then, for
+each live neighbour j: the share of b_{j,d} if j ∈ S, else the day-d pairwise key with j.
+It never reveals a long-term key, and never uses a server list other than the signed S.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from enum import Enum
+
+import numpy as np
+import torch
+
+from protocols.envelope import EnvelopeError, open_envelope, seal
+from protocols.keys import (
+    AgreementKey,
+    IdentityKey,
+    InvalidKeyError,
+    SignatureError,
+    ring_keystream,
+    verify_signature,
+)
+from protocols.secagg.config import RoundConfig
+from protocols.secagg.epoch_keys import EpochContexts
+from protocols.secagg.epoch_messages import (
+    SERVER,
+    DayInput,
+    DayUnmaskRequest,
+    DayUnmaskResponse,
+    EHeader,
+    EMsg,
+    EpochAdvertise,
+    EpochRoster,
+    RevealKind,
+    SharePayload,
+    SurvivorSet,
+    SurvivorSignature,
+)
+from protocols.secagg.errors import (
+    BadSignatureError,
+    ConfigError,
+    MalformedMessageError,
+    MisroutedMessageError,
+    ProtocolViolationError,
+    SecAggAbortError,
+    StageError,
+    StaleMessageError,
+    TamperedShareError,
+)
+from protocols.secagg.graph import neighbours_of
+from protocols.secagg.messages import add_mac, strip_mac
+from protocols.secagg.shamir import ShamirError, decode_share, share_secret
+
+__all__ = ["EpochClient", "EpochStage", "check_eheader", "check_day"]
+
+MAX_DAY = 2**63 - 1
+
+
+class EpochStage(Enum):
+    ADVERTISE = "advertise"
+    ROSTER = "roster"
+    READY = "ready"
+    CONSISTENCY = "consistency"
+    UNMASK = "unmask"
+
+
+def check_day(day: object) -> int:
+    """A day number: an int (not bool) in [0, 2^63)."""
+    if not isinstance(day, int) or isinstance(day, bool) or not 0 <= day <= MAX_DAY:
+        raise ConfigError(f"day must be an int in [0, 2^63), got {day!r}")
+    return day
+
+
+def check_eheader(cfg: RoundConfig, header: EHeader, day: int, sender: int,
+                  receiver: int) -> None:
+    """Reject a header from another run, epoch or day, or with the wrong parties."""
+    if header.run_id != cfg.run_id or header.epoch != cfg.round or header.day != day:
+        raise StaleMessageError(
+            f"message for run {header.run_id!r} epoch {header.epoch} day {header.day}, "
+            f"expected {cfg.run_id!r} epoch {cfg.round} day {day}"
+        )
+    if header.receiver != receiver:
+        raise MisroutedMessageError(f"message for {header.receiver}, delivered to {receiver}")
+    if header.sender != sender:
+        raise MisroutedMessageError(f"message claims sender {header.sender}, came from {sender}")
+
+
+class EpochClient:
+    """One device's side of a SecAgg+ key epoch (many daily sums).
+
+    ``identity_registry[j]`` is the Ed25519 public key of roster client ``j`` (distributed
+    authentically, e.g. at enrolment): neighbours' key advertisements and survivor-set
+    signatures must verify under it.
+    """
+
+    def __init__(self, config: RoundConfig, index: int, identity: IdentityKey,
+                 identity_registry: Sequence[bytes]) -> None:
+        if not isinstance(config, RoundConfig):
+            raise ConfigError("config must be a RoundConfig")
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < config.n:
+            raise ConfigError(f"index {index!r} outside the roster of {config.n}")
+        if len(identity_registry) != config.n:
+            raise ConfigError("identity registry must have one key per roster client")
+        if identity.public_bytes() != bytes(identity_registry[index]):
+            raise ConfigError("identity key does not match the registry entry")
+        self.config = config
+        self.index = index
+        self._ctx = EpochContexts(config)
+        self._identity = identity
+        self._registry = tuple(bytes(k) for k in identity_registry)
+        self.neighbours = frozenset(
+            neighbours_of(config.graph_seed, config.n, config.degree, index)
+        )
+        self.stage = EpochStage.ADVERTISE
+        self.last_day: int | None = None
+        self._c_key: AgreementKey | None = None
+        self._s_key: AgreementKey | None = None
+        self._mac = b""
+        self._peers: tuple[int, ...] = ()  # live neighbours after setup
+        self._channel: dict[int, bytes] = {}
+        self._roots: dict[int, bytes] = {}
+        self._day: int | None = None
+        self._bitmap = b""
+        self._survivors: frozenset[int] = frozenset()
+
+    # -- helpers ---------------------------------------------------------------------
+    def _expect(self, stage: EpochStage) -> None:
+        if self.stage is not stage:
+            raise StageError(f"client {self.index} is in stage {self.stage.value}, "
+                             f"not {stage.value}")
+
+    def _body(self, blob: object) -> bytes:
+        limit = 600 + 200 * (self.config.degree + 2) + self.config.n // 8
+        return strip_mac(self._mac, blob, limit)
+
+    def _header(self, mtype: EMsg, day: int = 0) -> EHeader:
+        cfg = self.config
+        return EHeader(mtype, cfg.run_id, cfg.round, day, self.index, SERVER)
+
+    # -- setup -----------------------------------------------------------------------
+    def advertise_keys(self) -> bytes:
+        """Generate the epoch's channel and mask keys; return the signed advertisement."""
+        self._expect(EpochStage.ADVERTISE)
+        c_key, s_key = AgreementKey.generate(), AgreementKey.generate()
+        c_pk, s_pk = c_key.public_bytes(), s_key.public_bytes()
+        sig = self._identity.sign(self._ctx.advertise_statement(self.index, c_pk, s_pk))
+        try:
+            mac = self._ctx.server_mac_key(c_key, self.index, self.config.server_pk)
+        except InvalidKeyError as exc:
+            raise ProtocolViolationError("the epoch's server key is invalid") from exc
+        self._c_key, self._s_key, self._mac = c_key, s_key, mac
+        self.stage = EpochStage.ROSTER
+        return EpochAdvertise(self._header(EMsg.ADVERTISE), c_pk, s_pk, sig).encode()
+
+    def accept_roster(self, roster_blob: bytes) -> None:
+        """Verify the live neighbours' signed keys; derive channel and pairwise root keys."""
+        self._expect(EpochStage.ROSTER)
+        cfg = self.config
+        roster = EpochRoster.decode(self._body(roster_blob), cfg.n, cfg.degree)
+        check_eheader(cfg, roster.header, 0, SERVER, self.index)
+        assert self._c_key is not None and self._s_key is not None
+        channel, roots = {}, {}
+        for e in roster.entries:
+            if e.index not in self.neighbours:
+                raise ProtocolViolationError(f"roster names {e.index}, not a neighbour")
+            stmt = self._ctx.advertise_statement(e.index, e.c_pk, e.s_pk)
+            try:
+                verify_signature(self._registry[e.index], e.signature, stmt)
+            except (SignatureError, InvalidKeyError) as exc:
+                raise BadSignatureError(f"key advertisement of {e.index} does not verify") from exc
+            try:
+                channel[e.index], roots[e.index] = self._ctx.pair_keys(
+                    self._s_key, self.index, e.index, e.s_pk)
+            except InvalidKeyError as exc:
+                raise ProtocolViolationError(f"neighbour {e.index} advertised an invalid "
+                                             "key") from exc
+        if len(roots) < cfg.threshold:
+            raise SecAggAbortError(f"only {len(roots)} live neighbours, threshold is "
+                                   f"{cfg.threshold}")
+        self._peers = tuple(sorted(roots))
+        self._channel, self._roots = channel, roots
+        self._c_key = self._s_key = None  # long-term secrets now live only in derived keys
+        self.stage = EpochStage.READY
+
+    # -- day 1/3 -----------------------------------------------------------------------
+    def masked_input(self, day: int, x: torch.Tensor | np.ndarray) -> bytes:
+        """Share a fresh self-mask seed among the live neighbours (sealed to each) and
+        return them with y = x + PRG(b) + Σ ±PRG(day pairwise keys). ``day`` must exceed
+        every day this client already took part in; an unfinished earlier day is abandoned."""
+        if self.stage not in (EpochStage.READY, EpochStage.CONSISTENCY, EpochStage.UNMASK):
+            raise StageError(f"client {self.index} is in stage {self.stage.value}: setup is "
+                             "not complete")
+        day = check_day(day)
+        if self.last_day is not None and day <= self.last_day:
+            raise StaleMessageError(f"day {day} is not after day {self.last_day}")
+        cfg, ctx, me = self.config, self._ctx, self.index
+        y = cfg.spec.encode(x)  # validates before any state changes
+        # An unfinished earlier day (the server never completed it) is abandoned: nothing
+        # of it was revealed, and its keys are never used again.
+        self._bitmap, self._survivors = b"", frozenset()
+        b_seed = os.urandom(32)
+        shares = share_secret(b_seed, [j + 1 for j in self._peers], cfg.threshold)
+        envs = tuple(
+            (j, seal(self._channel[j], ctx.share_aad(day, me, j),
+                     SharePayload(me, j, sh).encode()))
+            for j, sh in zip(self._peers, shares, strict=True)
+        )
+        buf = torch.empty(cfg.spec.length, dtype=torch.int64)
+        ring_keystream(ctx.self_mask_key(b_seed, me, day), buf.numel(), out=buf)
+        y.add_(buf)
+        for j in self._peers:
+            ring_keystream(ctx.day_pair_key(self._roots[j], day, me, j), buf.numel(), out=buf)
+            if me < j:
+                y.add_(buf)
+            else:
+                y.sub_(buf)
+        del b_seed
+        self.last_day = self._day = day
+        self.stage = EpochStage.CONSISTENCY
+        return add_mac(self._mac, DayInput(self._header(EMsg.INPUT, day), envs, y).encode())
+
+    # -- day 2/3 -----------------------------------------------------------------------
+    def sign_survivors(self, survivors_blob: bytes) -> bytes:
+        """Check and sign the day's survivor set S (consistency round)."""
+        self._expect(EpochStage.CONSISTENCY)
+        cfg = self.config
+        assert self._day is not None
+        msg, members = SurvivorSet.decode(self._body(survivors_blob), cfg.n)
+        check_eheader(cfg, msg.header, self._day, SERVER, self.index)
+        if self.index not in members:
+            raise ProtocolViolationError("this client is not in the survivor set")
+        if len(members) < cfg.min_survivors:
+            raise SecAggAbortError(f"{len(members)} survivors, fewer than the minimum "
+                                   f"{cfg.min_survivors}")
+        if len(members.intersection(self._peers)) < cfg.threshold:
+            raise SecAggAbortError("fewer than threshold live neighbours survive")
+        sig = self._identity.sign(self._ctx.survivors_statement(self.index, self._day,
+                                                                msg.bitmap))
+        self._bitmap, self._survivors = msg.bitmap, members
+        self.stage = EpochStage.UNMASK
+        return add_mac(self._mac,
+                       SurvivorSignature(self._header(EMsg.SIGNATURE, self._day), sig).encode())
+
+    # -- day 3/3 -----------------------------------------------------------------------
+    def unmask(self, request_blob: bytes) -> bytes:
+        """Verify ≥ t neighbours' signatures on the signed S, open the self-mask shares,
+        and reveal one item per live neighbour (share if in S, day key if not)."""
+        self._expect(EpochStage.UNMASK)
+        cfg, ctx, me = self.config, self._ctx, self.index
+        day = self._day
+        assert day is not None
+        req = DayUnmaskRequest.decode(self._body(request_blob), cfg.n, cfg.degree)
+        check_eheader(cfg, req.header, day, SERVER, me)
+        surv = self._survivors
+        live_in = [j for j in self._peers if j in surv]
+        signers = {j for j, _ in req.signatures}
+        if not signers <= set(live_in):
+            raise ProtocolViolationError("a signature comes from a client that is not a live "
+                                         "neighbour in the survivor set")
+        if len(signers) < cfg.threshold:
+            raise ProtocolViolationError(f"{len(signers)} neighbour signatures on the survivor "
+                                         f"set, need {cfg.threshold}")
+        for j, sig in req.signatures:
+            try:
+                verify_signature(self._registry[j], sig,
+                                 ctx.survivors_statement(j, day, self._bitmap))
+            except (SignatureError, InvalidKeyError) as exc:
+                raise BadSignatureError(f"neighbour {j} did not sign this survivor set "
+                                        "(the server equivocated or forged)") from exc
+        if {j for j, _ in req.envelopes} != set(live_in):
+            raise ProtocolViolationError("self-mask shares must come from exactly the live "
+                                         "neighbours in the survivor set")
+        held: dict[int, bytes] = {}
+        for j, env in req.envelopes:
+            try:
+                payload = SharePayload.decode(
+                    open_envelope(self._channel[j], ctx.share_aad(day, j, me), env)
+                )
+            except EnvelopeError as exc:
+                raise TamperedShareError(f"share envelope from {j} rejected: {exc}") from exc
+            if payload.sender != j or payload.receiver != me:
+                raise ProtocolViolationError("share payload names the wrong parties")
+            try:
+                decode_share(payload.share)
+            except ShamirError as exc:
+                raise MalformedMessageError(f"invalid share from {j}: {exc}") from exc
+            held[j] = payload.share
+        reveals = tuple(
+            (j, RevealKind.SELF_MASK_SHARE, held[j]) if j in surv
+            else (j, RevealKind.DAY_KEY, ctx.day_pair_key(self._roots[j], day, me, j))
+            for j in self._peers
+        )
+        self._bitmap, self._survivors, self._day = b"", frozenset(), None
+        self.stage = EpochStage.READY
+        msg = DayUnmaskResponse(self._header(EMsg.UNMASK_RESPONSE, day), reveals)
+        return add_mac(self._mac, msg.encode())
+
+    # -- persistence -------------------------------------------------------------------
+    def export_state(self) -> bytes:
+        """Serialise the epoch state, derived secret keys included: keep it on the device."""
+        def hx(b: bytes | None) -> str:
+            return "" if b is None else b.hex()
+
+        return json.dumps({
+            "v": 2, "stage": self.stage.value, "last_day": self.last_day, "day": self._day,
+            "c": hx(self._c_key.private_bytes() if self._c_key else None),
+            "s": hx(self._s_key.private_bytes() if self._s_key else None),
+            "mac": self._mac.hex(), "peers": list(self._peers),
+            "channel": {str(j): k.hex() for j, k in self._channel.items()},
+            "roots": {str(j): k.hex() for j, k in self._roots.items()},
+            "bitmap": self._bitmap.hex(), "survivors": sorted(self._survivors),
+        }).encode()
+
+    @classmethod
+    def restore(cls, config: RoundConfig, index: int, identity: IdentityKey,
+                identity_registry: Sequence[bytes], state: bytes) -> EpochClient:
+        """Rebuild a client from :meth:`export_state` output."""
+        c = cls(config, index, identity, identity_registry)
+        if not isinstance(state, (bytes, bytearray)):
+            raise MalformedMessageError("client state must be bytes")
+        try:
+            d = json.loads(bytes(state).decode())
+            if d["v"] != 2:
+                raise ValueError("unknown state version")
+            c.stage = EpochStage(d["stage"])
+            c.last_day = None if d["last_day"] is None else check_day(d["last_day"])
+            c._day = None if d["day"] is None else check_day(d["day"])
+            c._c_key = AgreementKey.from_private_bytes(bytes.fromhex(d["c"])) if d["c"] else None
+            c._s_key = AgreementKey.from_private_bytes(bytes.fromhex(d["s"])) if d["s"] else None
+            c._mac = bytes.fromhex(d["mac"])
+            c._peers = tuple(int(j) for j in d["peers"])
+            c._channel = {int(j): bytes.fromhex(k) for j, k in d["channel"].items()}
+            c._roots = {int(j): bytes.fromhex(k) for j, k in d["roots"].items()}
+            c._bitmap = bytes.fromhex(d["bitmap"])
+            c._survivors = frozenset(int(j) for j in d["survivors"])
+        except (ValueError, KeyError, TypeError, AttributeError, InvalidKeyError,
+                UnicodeDecodeError) as exc:
+            raise MalformedMessageError(f"invalid client state: {exc}") from exc
+        if not set(c._peers) <= c.neighbours or set(c._roots) != set(c._peers):
+            raise MalformedMessageError("client state names peers outside the neighbourhood")
+        return c

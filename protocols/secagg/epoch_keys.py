@@ -1,0 +1,96 @@
+"""Key derivation of multi-round SecAgg+: keys agreed once per epoch, masks per day.
+
+Every derived key and every signed statement is bound to (protocol, run, epoch, day, step,
+party, party) through a length-prefixed, injective encoding. The pairwise *root* key of two
+neighbours comes from X25519 of their mask keys once per epoch; each day's pairwise mask key
+is HKDF(root, …, day, …) (as in Flamingo, S&P 2023), so revealing one day's key (when a
+neighbour drops) says nothing about any other day's.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+
+from protocols.keys import AgreementKey, derive_key, expand_key
+from protocols.secagg.config import RoundConfig
+
+__all__ = ["EStep", "EpochContexts", "PROTOCOL2"]
+
+PROTOCOL2 = "lpm-secagg+/2"
+
+
+class EStep(IntEnum):
+    ADVERTISE = 0
+    SETUP = 1
+    SHARE = 2
+    MASK = 3
+    CONSISTENCY = 4
+    UNMASK = 5
+
+
+def _field(value: str) -> bytes:
+    raw = value.encode()
+    return bytes([len(raw)]) + raw
+
+
+class EpochContexts:
+    """Pre-encoded context fields of one epoch and the derivations built on them."""
+
+    def __init__(self, cfg: RoundConfig) -> None:
+        self.cfg = cfg
+        self._head = _field(PROTOCOL2) + _field(cfg.run_id) + struct.pack(">Q", cfg.round)
+        self._ids: dict[int, bytes] = {}
+        self._server = _field("server")
+
+    def _id(self, index: int) -> bytes:
+        if index < 0:
+            return self._server
+        f = self._ids.get(index)
+        if f is None:
+            f = self._ids[index] = _field(self.cfg.client_ids[index])
+        return f
+
+    def info(self, step: EStep, sender: int, receiver: int, day: int = 0) -> bytes:
+        """(protocol, run, epoch, day, step, sender, receiver), injectively encoded."""
+        return b"".join((self._head, struct.pack(">QQ", day, int(step)), self._id(sender),
+                         self._id(receiver)))
+
+    def _pair(self, step: EStep, a: int, b: int, day: int = 0) -> bytes:
+        return self.info(step, min(a, b), max(a, b), day)
+
+    # -- statements (signed) -------------------------------------------------------------
+    def advertise_statement(self, index: int, c_pk: bytes, s_pk: bytes) -> bytes:
+        """What a client signs at setup: its two public keys bound to run, epoch and id."""
+        return b"secagg2/advertise" + self.info(EStep.ADVERTISE, index, -1) + c_pk + s_pk
+
+    def survivors_statement(self, signer: int, day: int, bitmap: bytes) -> bytes:
+        """What a client signs in the consistency round: the day's survivor set."""
+        return (b"secagg2/survivors" + self.info(EStep.CONSISTENCY, signer, -1, day)
+                + struct.pack(">I", len(bitmap)) + bitmap)
+
+    # -- keys ----------------------------------------------------------------------------
+    def server_mac_key(self, own: AgreementKey, client: int, peer_pk: bytes) -> bytes:
+        return derive_key(own.exchange(peer_pk), self.info(EStep.ADVERTISE, client, -1),
+                          label="secagg2/server-mac")
+
+    def pair_keys(self, own: AgreementKey, me: int, peer: int,
+                  peer_pk: bytes) -> tuple[bytes, bytes]:
+        """(channel key, pairwise root key) of two neighbours, from one X25519 agreement of
+        their mask keys (the mask private key is never shared or revealed in this protocol,
+        so one agreement can feed both, domain-separated by label)."""
+        secret = own.exchange(peer_pk)
+        info = self._pair(EStep.SETUP, me, peer)
+        return (derive_key(secret, info, label="secagg2/share-channel"),
+                derive_key(secret, info, label="secagg2/pairwise-root"))
+
+    def day_pair_key(self, root: bytes, day: int, a: int, b: int) -> bytes:
+        """HKDF-Expand(root, (…, day, lo, hi)): the day's pairwise mask key."""
+        return expand_key(root, self._pair(EStep.MASK, a, b, day), label="secagg2/pairwise-mask")
+
+    def self_mask_key(self, seed: bytes, index: int, day: int) -> bytes:
+        return expand_key(seed, self.info(EStep.MASK, index, index, day),
+                          label="secagg2/self-mask")
+
+    def share_aad(self, day: int, sender: int, receiver: int) -> bytes:
+        return b"secagg2/share" + self.info(EStep.SHARE, sender, receiver, day)

@@ -1,0 +1,361 @@
+"""Wire schemas of multi-round SecAgg+ (one key epoch, many days).
+
+Every message starts with ``SAG2 ‖ type ‖ run_id ‖ epoch ‖ day ‖ sender ‖ receiver``
+(indices into the epoch's roster; :data:`SERVER` is the server; setup messages carry day 0).
+Parsing is strict (exact lengths, bounded counts, no duplicate or out-of-range indices, no
+trailing bytes) and raises only :class:`~protocols.secagg.errors.MalformedMessageError` or
+its subclass :class:`~protocols.secagg.errors.OversizedMessageError`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+import torch
+
+from protocols.envelope import NONCE_BYTES, TAG_BYTES
+from protocols.secagg.errors import MalformedMessageError, OversizedMessageError
+from protocols.secagg.messages import SERVER, _count, _index, _no_duplicates, _Reader
+from protocols.secagg.shamir import SHARE_BYTES
+
+__all__ = [
+    "EHeader",
+    "EMsg",
+    "EpochAdvertise",
+    "EpochRoster",
+    "DayInput",
+    "RevealKind",
+    "SERVER",
+    "SharePayload",
+    "SurvivorSet",
+    "SurvivorSignature",
+    "DayUnmaskRequest",
+    "DayUnmaskResponse",
+    "parse_eheader",
+]
+
+MAGIC = b"SAG2"
+KEY = 32
+SIG = 64
+SHARE_PAYLOAD_BYTES = 8 + SHARE_BYTES
+ENVELOPE_BYTES = NONCE_BYTES + SHARE_PAYLOAD_BYTES + TAG_BYTES
+HEADER_MAX = 4 + 2 + 255 + 24
+_U32 = struct.Struct(">I")
+_HEAD = struct.Struct(">QQII")
+
+
+class EMsg(IntEnum):
+    ADVERTISE = 1
+    ROSTER = 2
+    INPUT = 3
+    SURVIVORS = 4
+    SIGNATURE = 5
+    UNMASK_REQUEST = 6
+    UNMASK_RESPONSE = 7
+
+
+class RevealKind(IntEnum):
+    SELF_MASK_SHARE = 0  # share of a surviving neighbour's self-mask seed b_{j,d}
+    DAY_KEY = 1  # the day's pairwise mask key with a neighbour outside the survivor set
+
+
+_REVEAL_BYTES = {RevealKind.SELF_MASK_SHARE: SHARE_BYTES, RevealKind.DAY_KEY: KEY}
+
+
+@dataclass(frozen=True)
+class EHeader:
+    type: EMsg
+    run_id: str
+    epoch: int
+    day: int
+    sender: int
+    receiver: int
+
+    def encode(self) -> bytes:
+        run = self.run_id.encode()
+        if not 1 <= len(run) <= 255:
+            raise MalformedMessageError("run_id must be 1..255 bytes")
+        return (MAGIC + bytes([int(self.type), len(run)]) + run
+                + _HEAD.pack(self.epoch, self.day, self.sender, self.receiver))
+
+
+def _parse(blob: bytes) -> tuple[EHeader, _Reader]:
+    r = _Reader(blob)
+    if r.take(4) != MAGIC:
+        raise MalformedMessageError("bad magic")
+    t = r.take(1)[0]
+    try:
+        mtype = EMsg(t)
+    except ValueError as exc:
+        raise MalformedMessageError(f"unknown message type {t}") from exc
+    run_len = r.take(1)[0]
+    try:
+        run = r.take(run_len).decode()
+    except UnicodeDecodeError as exc:
+        raise MalformedMessageError("run_id is not UTF-8") from exc
+    epoch, day, sender, receiver = _HEAD.unpack(r.take(_HEAD.size))
+    if epoch >= 2**63 or day >= 2**63:
+        raise MalformedMessageError("epoch or day out of range")
+    return EHeader(mtype, run, epoch, day, sender, receiver), r
+
+
+def _start(blob: object, expected: EMsg, max_bytes: int) -> tuple[EHeader, _Reader]:
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise MalformedMessageError(f"message must be bytes, got {type(blob).__name__}")
+    blob = bytes(blob)
+    if len(blob) > max_bytes:
+        raise OversizedMessageError(f"message of {len(blob)} bytes exceeds {max_bytes}")
+    header, r = _parse(blob)
+    if header.type != expected:
+        raise MalformedMessageError(f"expected a {expected.name} message, got {header.type.name}")
+    return header, r
+
+
+def parse_eheader(blob: object) -> EHeader:
+    """The header of any multi-round SecAgg message (for transports that route on it)."""
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise MalformedMessageError("message must be bytes")
+    return _parse(bytes(blob))[0]
+
+
+@dataclass(frozen=True)
+class EpochAdvertise:
+    """Client → server (setup): channel and mask X25519 keys, signed by the identity key."""
+
+    header: EHeader
+    c_pk: bytes
+    s_pk: bytes
+    signature: bytes
+
+    def encode(self) -> bytes:
+        return self.header.encode() + self.c_pk + self.s_pk + self.signature
+
+    @classmethod
+    def decode(cls, blob: object, n: int) -> EpochAdvertise:
+        header, r = _start(blob, EMsg.ADVERTISE, HEADER_MAX + 2 * KEY + SIG)
+        c_pk, s_pk, sig = r.take(KEY), r.take(KEY), r.take(SIG)
+        r.end()
+        _index(header.sender, n)
+        return cls(header, c_pk, s_pk, sig)
+
+
+@dataclass(frozen=True)
+class RosterEntry:
+    index: int
+    c_pk: bytes
+    s_pk: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class EpochRoster:
+    """Server → client (setup): the signed advertisements of the client's live neighbours."""
+
+    header: EHeader
+    entries: tuple[RosterEntry, ...]
+
+    def encode(self) -> bytes:
+        parts = [self.header.encode(), _U32.pack(len(self.entries))]
+        for e in self.entries:
+            parts += [_U32.pack(e.index), e.c_pk, e.s_pk, e.signature]
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, blob: object, n: int, max_entries: int) -> EpochRoster:
+        header, r = _start(blob, EMsg.ROSTER, HEADER_MAX + 4 + max_entries * (4 + 2 * KEY + SIG))
+        entries = []
+        for _ in range(_count(r, max_entries)):
+            idx = _index(r.u32(), n)
+            entries.append(RosterEntry(idx, r.take(KEY), r.take(KEY), r.take(SIG)))
+        r.end()
+        _no_duplicates(e.index for e in entries)
+        return cls(header, tuple(entries))
+
+
+def _envelopes(r: _Reader, n: int, limit: int) -> tuple[tuple[int, bytes], ...]:
+    envs = []
+    for _ in range(_count(r, limit)):
+        idx = _index(r.u32(), n)
+        envs.append((idx, r.take(ENVELOPE_BYTES)))
+    _no_duplicates(i for i, _ in envs)
+    return tuple(envs)
+
+
+def _pack_envelopes(envs: tuple[tuple[int, bytes], ...]) -> list[bytes]:
+    parts = [_U32.pack(len(envs))]
+    for idx, env in envs:
+        if len(env) != ENVELOPE_BYTES:
+            raise MalformedMessageError("envelope of the wrong size")
+        parts += [_U32.pack(idx), env]
+    return parts
+
+
+@dataclass(frozen=True)
+class DayInput:
+    """Client → server (day, 1/3): sealed self-mask shares (index = receiver) and the masked
+    vector y = x + PRG(b) + Σ ±PRG(day pairwise keys), int64 little-endian."""
+
+    header: EHeader
+    envelopes: tuple[tuple[int, bytes], ...]
+    vector: torch.Tensor
+
+    def encode(self) -> bytes:
+        arr = self.vector.numpy().astype("<i8", copy=False)
+        return b"".join([self.header.encode(), *_pack_envelopes(self.envelopes),
+                         _U32.pack(arr.size), arr.tobytes()])
+
+    @classmethod
+    def decode(cls, blob: object, n: int, max_entries: int, length: int) -> DayInput:
+        size = HEADER_MAX + 8 + max_entries * (4 + ENVELOPE_BYTES) + 8 * length
+        header, r = _start(blob, EMsg.INPUT, size)
+        envs = _envelopes(r, n, max_entries)
+        if r.u32() != length:
+            raise MalformedMessageError(f"masked vector length differs from {length}")
+        raw = r.take(8 * length)
+        r.end()
+        _index(header.sender, n)
+        vec = torch.from_numpy(np.frombuffer(raw, dtype="<i8").astype(np.int64))
+        return cls(header, envs, vec)
+
+
+def encode_bitmap(members: frozenset[int] | set[int], n: int) -> bytes:
+    """Roster-indexed membership bitmap (bit i of byte i // 8, LSB first)."""
+    bits = np.zeros(-(-n // 8) * 8, dtype=np.uint8)
+    bits[sorted(members)] = 1
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
+def decode_bitmap(data: bytes, n: int) -> frozenset[int]:
+    """Inverse of :func:`encode_bitmap`; padding bits must be zero."""
+    if len(data) != -(-n // 8):
+        raise MalformedMessageError("survivor bitmap of the wrong size")
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+    if bits[n:].any():
+        raise MalformedMessageError("survivor bitmap names clients outside the roster")
+    return frozenset(np.flatnonzero(bits).tolist())
+
+
+@dataclass(frozen=True)
+class SurvivorSet:
+    """Server → client (day, 2/3): the day's survivor set S, to be signed."""
+
+    header: EHeader
+    bitmap: bytes
+
+    def encode(self) -> bytes:
+        return self.header.encode() + _U32.pack(len(self.bitmap)) + self.bitmap
+
+    @classmethod
+    def decode(cls, blob: object, n: int) -> tuple[SurvivorSet, frozenset[int]]:
+        header, r = _start(blob, EMsg.SURVIVORS, HEADER_MAX + 4 + -(-n // 8))
+        size = r.u32()
+        bitmap = r.take(size)
+        r.end()
+        return cls(header, bitmap), decode_bitmap(bitmap, n)
+
+
+@dataclass(frozen=True)
+class SurvivorSignature:
+    """Client → server (day, 2/3): Ed25519 signature over (run, epoch, day, signer, S)."""
+
+    header: EHeader
+    signature: bytes
+
+    def encode(self) -> bytes:
+        return self.header.encode() + self.signature
+
+    @classmethod
+    def decode(cls, blob: object, n: int) -> SurvivorSignature:
+        header, r = _start(blob, EMsg.SIGNATURE, HEADER_MAX + SIG)
+        sig = r.take(SIG)
+        r.end()
+        _index(header.sender, n)
+        return cls(header, sig)
+
+
+@dataclass(frozen=True)
+class DayUnmaskRequest:
+    """Server → client (day, 3/3): neighbours' signatures on the client's S and the sealed
+    self-mask shares addressed to it (index = sender)."""
+
+    header: EHeader
+    signatures: tuple[tuple[int, bytes], ...]
+    envelopes: tuple[tuple[int, bytes], ...]
+
+    def encode(self) -> bytes:
+        parts = [self.header.encode(), _U32.pack(len(self.signatures))]
+        for idx, sig in self.signatures:
+            if len(sig) != SIG:
+                raise MalformedMessageError("signature of the wrong size")
+            parts += [_U32.pack(idx), sig]
+        return b"".join(parts + _pack_envelopes(self.envelopes))
+
+    @classmethod
+    def decode(cls, blob: object, n: int, max_entries: int) -> DayUnmaskRequest:
+        size = HEADER_MAX + 8 + max_entries * (8 + SIG + ENVELOPE_BYTES)
+        header, r = _start(blob, EMsg.UNMASK_REQUEST, size)
+        sigs = []
+        for _ in range(_count(r, max_entries)):
+            idx = _index(r.u32(), n)
+            sigs.append((idx, r.take(SIG)))
+        _no_duplicates(i for i, _ in sigs)
+        envs = _envelopes(r, n, max_entries)
+        r.end()
+        return cls(header, tuple(sigs), envs)
+
+
+@dataclass(frozen=True)
+class DayUnmaskResponse:
+    """Client → server (day, 3/3): per live neighbour, its self-mask share (neighbour in S)
+    or the day's pairwise key (neighbour not in S)."""
+
+    header: EHeader
+    reveals: tuple[tuple[int, RevealKind, bytes], ...]
+
+    def encode(self) -> bytes:
+        parts = [self.header.encode(), _U32.pack(len(self.reveals))]
+        for idx, kind, data in self.reveals:
+            if len(data) != _REVEAL_BYTES[kind]:
+                raise MalformedMessageError("reveal of the wrong size")
+            parts += [_U32.pack(idx), bytes([int(kind)]), data]
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, blob: object, n: int, max_entries: int) -> DayUnmaskResponse:
+        size = HEADER_MAX + 4 + max_entries * (5 + SHARE_BYTES)
+        header, r = _start(blob, EMsg.UNMASK_RESPONSE, size)
+        out = []
+        for _ in range(_count(r, max_entries)):
+            idx = _index(r.u32(), n)
+            k = r.take(1)[0]
+            try:
+                kind = RevealKind(k)
+            except ValueError as exc:
+                raise MalformedMessageError(f"unknown reveal kind {k}") from exc
+            out.append((idx, kind, r.take(_REVEAL_BYTES[kind])))
+        r.end()
+        _index(header.sender, n)
+        _no_duplicates(i for i, _, _ in out)
+        return cls(header, tuple(out))
+
+
+@dataclass(frozen=True)
+class SharePayload:
+    """Plaintext of a self-mask share envelope."""
+
+    sender: int
+    receiver: int
+    share: bytes
+
+    def encode(self) -> bytes:
+        return struct.pack(">II", self.sender, self.receiver) + self.share
+
+    @classmethod
+    def decode(cls, data: bytes) -> SharePayload:
+        if len(data) != SHARE_PAYLOAD_BYTES:
+            raise MalformedMessageError("share payload of the wrong size")
+        s, rcv = struct.unpack(">II", data[:8])
+        return cls(s, rcv, data[8:])

@@ -1,0 +1,365 @@
+"""The multi-round SecAgg+ server: one key setup per epoch, then one masked sum per day.
+
+Stages: ``ADVERTISE → READY`` once (``ABORTED`` if too few clients complete setup), then per
+day ``open_day(d)``: ``INPUT → CONSISTENCY → UNMASK → READY``. The transport feeds client
+messages to :meth:`EpochServer.receive` and calls :meth:`EpochServer.advance` to close a
+stage (clients not heard from have dropped); ``advance`` returns ``{client: bytes}`` for the
+next stage. A rejected message raises a :class:`~protocols.secagg.errors.SecAggError`
+naming its sender and changes nothing. A day that cannot complete raises
+:class:`~protocols.secagg.errors.SecAggAbortError` *before any client reveals anything*
+when the dropouts are known in advance, and leaves the epoch usable for the next day.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+
+import torch
+
+from protocols.keys import (
+    AgreementKey,
+    InvalidKeyError,
+    SignatureError,
+    check_agreement_public_key,
+    ring_keystream,
+    verify_signature,
+)
+from protocols.secagg.config import RoundConfig
+from protocols.secagg.epoch_client import check_day, check_eheader
+from protocols.secagg.epoch_keys import EpochContexts
+from protocols.secagg.epoch_messages import (
+    SERVER,
+    DayInput,
+    DayUnmaskRequest,
+    DayUnmaskResponse,
+    EHeader,
+    EMsg,
+    EpochAdvertise,
+    EpochRoster,
+    RevealKind,
+    RosterEntry,
+    SurvivorSet,
+    SurvivorSignature,
+    encode_bitmap,
+)
+from protocols.secagg.errors import (
+    BadSignatureError,
+    ConfigError,
+    MalformedMessageError,
+    ProtocolViolationError,
+    ReplayedMessageError,
+    SecAggAbortError,
+    StageError,
+    StaleMessageError,
+)
+from protocols.secagg.graph import neighbour_graph
+from protocols.secagg.messages import add_mac, strip_mac
+from protocols.secagg.shamir import ShamirError, decode_share, reconstruct_secret
+
+__all__ = ["EpochServer", "EpochServerStage"]
+
+
+class EpochServerStage(Enum):
+    ADVERTISE = "advertise"
+    READY = "ready"
+    INPUT = "input"
+    CONSISTENCY = "consistency"
+    UNMASK = "unmask"
+    ABORTED = "aborted"
+
+
+class EpochServer:
+    """The coordinator's side of a SecAgg+ key epoch. :attr:`results` maps each completed
+    day to its int64 ring sum, :attr:`survivors` to the clients in it."""
+
+    def __init__(self, config: RoundConfig, identity_registry: Sequence[bytes],
+                 server_key: AgreementKey) -> None:
+        if not isinstance(config, RoundConfig):
+            raise ConfigError("config must be a RoundConfig")
+        if len(identity_registry) != config.n:
+            raise ConfigError("identity registry must have one key per roster client")
+        if server_key.public_bytes() != config.server_pk:
+            raise ConfigError("server key does not match the epoch's server_pk")
+        self.config = config
+        self._key = server_key
+        self._ctx = EpochContexts(config)
+        self._registry = tuple(bytes(k) for k in identity_registry)
+        self._nbrs = [frozenset(g) for g in neighbour_graph(config.graph_seed, config.n,
+                                                            config.degree)]
+        self.stage = EpochServerStage.ADVERTISE
+        self._macs: dict[int, bytes] = {}
+        self._adverts: dict[int, EpochAdvertise] = {}
+        self.live: frozenset[int] = frozenset()
+        self.day: int | None = None
+        self.last_day: int | None = None
+        self._inputs: dict[int, DayInput] = {}
+        self._s: frozenset[int] = frozenset()
+        self._bitmap = b""
+        self._sigs: dict[int, bytes] = {}
+        self._responders: frozenset[int] = frozenset()
+        self._responses: dict[int, DayUnmaskResponse] = {}
+        self.results: dict[int, torch.Tensor] = {}
+        self.survivors: dict[int, frozenset[int]] = {}
+        self.result: torch.Tensor | None = None
+
+    # -- public ----------------------------------------------------------------------
+    def receive(self, sender: int, blob: bytes) -> None:
+        """Accept one client message for the current stage (``sender`` = the roster index
+        the transport received it from)."""
+        if not isinstance(sender, int) or isinstance(sender, bool) or not 0 <= sender < self.config.n:
+            raise MalformedMessageError(f"unknown sender {sender!r}")
+        handler = {
+            EpochServerStage.ADVERTISE: self._on_advertise,
+            EpochServerStage.INPUT: self._on_input,
+            EpochServerStage.CONSISTENCY: self._on_signature,
+            EpochServerStage.UNMASK: self._on_unmask,
+        }.get(self.stage)
+        if handler is None:
+            raise StageError(f"server is {self.stage.value}; no messages accepted")
+        handler(sender, blob)
+
+    def open_day(self, day: int) -> None:
+        """Start collecting day ``day``'s inputs (days strictly increase)."""
+        if self.stage is not EpochServerStage.READY:
+            raise StageError(f"server is {self.stage.value}, not ready for a new day")
+        day = check_day(day)
+        if self.last_day is not None and day <= self.last_day:
+            raise StaleMessageError(f"day {day} is not after day {self.last_day}")
+        self.day = self.last_day = day
+        self.result = None
+        self.stage = EpochServerStage.INPUT
+
+    def abandon_day(self) -> None:
+        """Drop an unfinished day (nothing more of it will be revealed); the day number stays
+        used. Clients abandon it too when they get the next day's request."""
+        if self.stage not in (EpochServerStage.INPUT, EpochServerStage.CONSISTENCY,
+                              EpochServerStage.UNMASK):
+            raise StageError(f"server is {self.stage.value}; no day to abandon")
+        self._clear_day()
+        self.stage = EpochServerStage.READY
+
+    def advance(self) -> dict[int, bytes]:
+        """Close the current stage; ``{client index: bytes}`` for the next one (empty when a
+        day completes). Raises :class:`SecAggAbortError` if too many clients dropped."""
+        step = {
+            EpochServerStage.ADVERTISE: self._close_advertise,
+            EpochServerStage.INPUT: self._close_input,
+            EpochServerStage.CONSISTENCY: self._close_consistency,
+            EpochServerStage.UNMASK: self._close_unmask,
+        }.get(self.stage)
+        if step is None:
+            raise StageError(f"server is {self.stage.value}; nothing to advance")
+        try:
+            return step()
+        except SecAggAbortError:
+            self.stage = (EpochServerStage.ABORTED if self.stage is EpochServerStage.ADVERTISE
+                          else EpochServerStage.READY)
+            self._clear_day()
+            raise
+
+    def decoded(self, day: int | None = None) -> torch.Tensor:
+        """The decoded sum of a completed day (default: the last one)."""
+        total = self.result if day is None else self.results.get(day)
+        if total is None:
+            raise StageError("no result: the day has not completed")
+        return self.config.spec.decode(total)
+
+    # -- helpers ---------------------------------------------------------------------
+    def _clear_day(self) -> None:
+        self._inputs, self._sigs, self._responses = {}, {}, {}
+        self._s, self._responders, self._bitmap = frozenset(), frozenset(), b""
+
+    def _out(self, mtype: EMsg, receiver: int, day: int = 0) -> EHeader:
+        cfg = self.config
+        return EHeader(mtype, cfg.run_id, cfg.round, day, SERVER, receiver)
+
+    def _body(self, sender: int, blob: object) -> bytes:
+        if sender not in self._macs:
+            raise ProtocolViolationError(f"client {sender} has not advertised keys")
+        cfg = self.config
+        limit = 600 + 160 * cfg.degree + 8 * cfg.spec.length
+        return strip_mac(self._macs[sender], blob, limit)
+
+    def _check(self, sender: int, header: EHeader, day: int, seen: object,
+               allowed: frozenset[int]) -> None:
+        check_eheader(self.config, header, day, sender, SERVER)
+        if sender in seen:  # type: ignore[operator]
+            raise ReplayedMessageError(f"second {header.type.name} message from {sender}")
+        if sender not in allowed:
+            raise ProtocolViolationError(f"client {sender} is not part of this stage")
+
+    def _prune(self, alive: set[int], within: frozenset[int] | None = None) -> frozenset[int]:
+        """Largest subset in which every member keeps ≥ threshold neighbours in it."""
+        t = self.config.threshold
+        alive = set(alive)
+        changed = True
+        while changed:
+            changed = False
+            for i in list(alive):
+                if len(self._nbrs[i] & alive) < t:
+                    alive.discard(i)
+                    changed = True
+        return frozenset(alive)
+
+    def _require(self, alive: frozenset[int], what: str) -> None:
+        if len(alive) < self.config.min_survivors:
+            raise SecAggAbortError(f"{len(alive)} clients left after {what}, minimum is "
+                                   f"{self.config.min_survivors}")
+
+    # -- setup -------------------------------------------------------------------------
+    def _on_advertise(self, sender: int, blob: bytes) -> None:
+        msg = EpochAdvertise.decode(blob, self.config.n)
+        self._check(sender, msg.header, 0, self._adverts, frozenset(range(self.config.n)))
+        stmt = self._ctx.advertise_statement(sender, msg.c_pk, msg.s_pk)
+        try:
+            verify_signature(self._registry[sender], msg.signature, stmt)
+        except (SignatureError, InvalidKeyError) as exc:
+            raise BadSignatureError(f"key advertisement of {sender} does not verify") from exc
+        try:
+            check_agreement_public_key(msg.s_pk)
+            mac = self._ctx.server_mac_key(self._key, sender, msg.c_pk)
+        except InvalidKeyError as exc:
+            raise ProtocolViolationError(f"client {sender} advertised an invalid (low-order) "
+                                         "key") from exc
+        self._adverts[sender] = msg
+        self._macs[sender] = mac
+
+    def _close_advertise(self) -> dict[int, bytes]:
+        live = self._prune(set(self._adverts))
+        self._require(live, "advertise keys")
+        out = {}
+        for i in sorted(live):
+            entries = tuple(RosterEntry(j, a.c_pk, a.s_pk, a.signature)
+                            for j in sorted(self._nbrs[i] & live) for a in (self._adverts[j],))
+            out[i] = add_mac(self._macs[i],
+                             EpochRoster(self._out(EMsg.ROSTER, i), entries).encode())
+        self.live = live
+        self.stage = EpochServerStage.READY
+        return out
+
+    # -- day 1/3 -----------------------------------------------------------------------
+    def _on_input(self, sender: int, blob: bytes) -> None:
+        cfg = self.config
+        assert self.day is not None
+        msg = DayInput.decode(self._body(sender, blob), cfg.n, cfg.degree, cfg.spec.length)
+        self._check(sender, msg.header, self.day, self._inputs, self.live)
+        if {j for j, _ in msg.envelopes} != self._nbrs[sender] & self.live:
+            raise ProtocolViolationError(f"client {sender} did not share its self mask with "
+                                         "exactly its live neighbours")
+        self._inputs[sender] = msg
+
+    def _close_input(self) -> dict[int, bytes]:
+        assert self.day is not None
+        s = self._prune(set(self._inputs))
+        self._require(s, "masked input")
+        self._s = s
+        self._bitmap = encode_bitmap(s, self.config.n)
+        out = {i: add_mac(self._macs[i], SurvivorSet(self._out(EMsg.SURVIVORS, i, self.day),
+                                                     self._bitmap).encode())
+               for i in sorted(s)}
+        self.stage = EpochServerStage.CONSISTENCY
+        return out
+
+    # -- day 2/3 -----------------------------------------------------------------------
+    def _on_signature(self, sender: int, blob: bytes) -> None:
+        assert self.day is not None
+        msg = SurvivorSignature.decode(self._body(sender, blob), self.config.n)
+        self._check(sender, msg.header, self.day, self._sigs, self._s)
+        try:
+            verify_signature(self._registry[sender], msg.signature,
+                             self._ctx.survivors_statement(sender, self.day, self._bitmap))
+        except (SignatureError, InvalidKeyError) as exc:
+            raise BadSignatureError(f"client {sender} sent an invalid survivor-set "
+                                    "signature") from exc
+        self._sigs[sender] = msg.signature
+
+    def _close_consistency(self) -> dict[int, bytes]:
+        cfg = self.config
+        assert self.day is not None
+        signers = frozenset(self._sigs)
+        responders = self._prune(set(signers))
+        # Check, before anyone reveals anything, that the day can complete if every
+        # responder answers: each b_i needs t holders, and every mask between a survivor and
+        # a neighbour outside S needs that survivor to reveal the day key.
+        for i in sorted(self._s):
+            holders = len(self._nbrs[i] & responders)
+            if holders < cfg.threshold:
+                raise SecAggAbortError(f"self mask of client {i} has {holders} holders able to "
+                                       f"reveal, threshold {cfg.threshold}: aborting the day "
+                                       "before unmasking")
+            if i not in responders and (self._nbrs[i] & self.live) - self._s:
+                raise SecAggAbortError(f"client {i} cannot reveal its day keys with dropped "
+                                       "neighbours: aborting the day before unmasking")
+        out = {}
+        for i in sorted(responders):
+            nb = self._nbrs[i]
+            sigs = tuple((j, self._sigs[j]) for j in sorted(nb & signers)[: cfg.threshold])
+            envs = tuple((j, dict(self._inputs[j].envelopes)[i]) for j in sorted(nb & self._s))
+            req = DayUnmaskRequest(self._out(EMsg.UNMASK_REQUEST, i, self.day), sigs, envs)
+            out[i] = add_mac(self._macs[i], req.encode())
+        self._responders = responders
+        self.stage = EpochServerStage.UNMASK
+        return out
+
+    # -- day 3/3 -----------------------------------------------------------------------
+    def _on_unmask(self, sender: int, blob: bytes) -> None:
+        cfg = self.config
+        assert self.day is not None
+        msg = DayUnmaskResponse.decode(self._body(sender, blob), cfg.n, cfg.degree)
+        self._check(sender, msg.header, self.day, self._responses, self._responders)
+        expected = {j: (RevealKind.SELF_MASK_SHARE if j in self._s else RevealKind.DAY_KEY)
+                    for j in self._nbrs[sender] & self.live}
+        if {j: k for j, k, _ in msg.reveals} != expected:
+            raise ProtocolViolationError(f"unmask response of {sender} does not match the "
+                                         "survivor set")
+        try:
+            for _, kind, data in msg.reveals:
+                if kind is RevealKind.SELF_MASK_SHARE:
+                    decode_share(data)
+        except ShamirError as exc:
+            raise MalformedMessageError(f"invalid share from {sender}: {exc}") from exc
+        self._responses[sender] = msg
+
+    def _close_unmask(self) -> dict[int, bytes]:
+        cfg, ctx = self.config, self._ctx
+        day = self.day
+        assert day is not None
+        shares: dict[int, dict[int, bytes]] = {i: {} for i in self._s}
+        day_keys: dict[tuple[int, int], bytes] = {}
+        for holder, msg in self._responses.items():
+            for j, kind, data in msg.reveals:
+                if kind is RevealKind.SELF_MASK_SHARE:
+                    shares[j][holder + 1] = data
+                else:
+                    day_keys[(holder, j)] = data
+        for i in sorted(self._s):
+            if len(shares[i]) < cfg.threshold:
+                raise SecAggAbortError(f"only {len(shares[i])} shares of client {i}'s self "
+                                       f"mask, threshold {cfg.threshold}")
+            for j in sorted((self._nbrs[i] & self.live) - self._s):
+                if (i, j) not in day_keys:
+                    raise SecAggAbortError(f"client {i} did not reveal its day key with "
+                                           f"dropped neighbour {j}")
+        total = torch.zeros(cfg.spec.length, dtype=torch.int64)
+        for i in sorted(self._s):
+            total.add_(self._inputs[i].vector)
+        buf = torch.empty(cfg.spec.length, dtype=torch.int64)
+        try:
+            for i in sorted(self._s):
+                seed = reconstruct_secret(shares[i], cfg.threshold)
+                ring_keystream(ctx.self_mask_key(seed, i, day), buf.numel(), out=buf)
+                total.sub_(buf)
+        except ShamirError as exc:
+            raise ProtocolViolationError(f"self-mask reconstruction failed: {exc}") from exc
+        for (i, j), key in sorted(day_keys.items()):
+            ring_keystream(key, buf.numel(), out=buf)  # i added +mask if i < j, else −mask
+            if i < j:
+                total.sub_(buf)
+            else:
+                total.add_(buf)
+        self.results[day] = self.result = total
+        self.survivors[day] = self._s
+        self._clear_day()
+        self.stage = EpochServerStage.READY
+        return {}

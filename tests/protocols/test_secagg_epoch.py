@@ -1,0 +1,209 @@
+"""Multi-round SecAgg+ (keys once per epoch, one sum per day, consistency round): exact daily
+sums with dropouts, day binding, replay and reuse refused, persistence, aborts that leave the
+epoch usable."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from protocols.secagg import (
+    ConfigError,
+    InputError,
+    InputSpec,
+    ProtocolViolationError,
+    SecAggAbortError,
+    StageError,
+    StaleMessageError,
+)
+from protocols.secagg.epoch_client import EpochClient, EpochStage
+from protocols.secagg.epoch_server import EpochServerStage
+from protocols.secagg.local import make_round, run_days, run_epoch_day
+
+N, K, T, L = 24, 6, 4, 8
+
+
+def _xs(n: int, seed: int, length: int = L) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)  # test data only
+    return [torch.randint(-1000, 1001, (length,), generator=g) for _ in range(n)]
+
+
+def _sum(xs: list[torch.Tensor], members: frozenset[int]) -> torch.Tensor:
+    return torch.stack([xs[i] for i in sorted(members)]).sum(0)
+
+
+def test_daily_sums_exact_with_dropouts_and_returning_clients() -> None:
+    setup = make_round(N, InputSpec("int", L, 1000), degree=K, threshold=T)
+    days = [_xs(N, d) for d in range(4)]
+    drops = [{}, {"masked_input": {3}}, {"consistency": {7}}, {"unmask": {11}}]
+    run = run_days(setup, days, drops, days=[5, 6, 9, 10])
+    assert [d.day for d in run.days] == [5, 6, 9, 10]
+    assert run.days[0].survivors == frozenset(range(N))
+    assert 3 not in run.days[1].survivors and 3 in run.days[2].survivors  # came back
+    assert 7 in run.days[2].survivors  # signed nothing, but its input is in the sum
+    for d, xs in zip(run.days, days, strict=True):
+        assert d.error is None and d.total is not None
+        assert torch.equal(d.total, _sum(xs, d.survivors))
+    assert run.setup_bytes_up > 0 and all(d.bytes_up > 0 for d in run.days)
+
+
+def test_keys_are_agreed_once_and_day_masks_differ() -> None:
+    setup = make_round(8, InputSpec("int", 4, 10), degree=4, threshold=3)
+    server, clients = setup.epoch_server(), setup.epoch_clients()
+    for i, c in enumerate(clients):
+        server.receive(i, c.advertise_keys())
+    for i, b in server.advance().items():
+        clients[i].accept_roster(b)
+    zero = torch.zeros(4, dtype=torch.int64)
+    seen = []
+    for day in (0, 1):
+        blob = clients[0].masked_input(day, zero)  # day 0 abandoned by moving on
+        seen.append(blob[-32:])
+        with pytest.raises(StageError):
+            clients[0].advertise_keys()  # no re-keying between days
+    assert seen[0] != seen[1]
+    with pytest.raises(StaleMessageError):
+        clients[0].masked_input(1, zero)  # a day is used once
+    with pytest.raises(StaleMessageError):
+        clients[0].masked_input(0, zero)
+
+
+def test_day_of_a_message_is_checked() -> None:
+    setup = make_round(8, InputSpec("int", 4, 10), degree=4, threshold=3)
+    server, clients = setup.epoch_server(), setup.epoch_clients()
+    for i, c in enumerate(clients):
+        server.receive(i, c.advertise_keys())
+    for i, b in server.advance().items():
+        clients[i].accept_roster(b)
+    server.open_day(3)
+    with pytest.raises(StaleMessageError):
+        server.receive(0, clients[0].masked_input(2, torch.zeros(4, dtype=torch.int64)))
+    with pytest.raises(StageError):
+        server.open_day(4)  # day 3 is still open
+    for bad in (True, -1, 2**63, 1.0, "4"):
+        with pytest.raises(ConfigError):
+            clients[1].masked_input(bad, torch.zeros(4, dtype=torch.int64))  # type: ignore[arg-type]
+
+
+def test_abort_leaves_the_epoch_usable() -> None:
+    setup = make_round(N, InputSpec("int", L, 1000), degree=K, threshold=T, min_survivors=20)
+    days = [_xs(N, d) for d in range(3)]
+    drops = [{"masked_input": set(range(6))}, {"unmask": set(range(0, N, 2))}, {}]
+    run = run_days(setup, days, drops)
+    assert isinstance(run.days[0].error, SecAggAbortError) and run.days[0].total is None
+    assert isinstance(run.days[1].error, SecAggAbortError)
+    assert run.days[2].error is None
+    assert torch.equal(run.days[2].total, _sum(days[2], frozenset(range(N))))  # type: ignore[arg-type]
+    assert run.server.stage is EpochServerStage.READY
+
+
+def test_abort_before_unmasking_reveals_nothing() -> None:
+    """Dropouts known at the consistency stage abort before any unmask request is sent."""
+    setup = make_round(N, InputSpec("int", L, 1000), degree=K, threshold=T)
+    server, clients = setup.epoch_server(), setup.epoch_clients()
+    for i, c in enumerate(clients):
+        server.receive(i, c.advertise_keys())
+    for i, b in server.advance().items():
+        clients[i].accept_roster(b)
+    server.open_day(0)
+    xs = _xs(N, 0)
+    for i, c in enumerate(clients):
+        server.receive(i, c.masked_input(0, xs[i]))
+    out = server.advance()
+    nb = sorted(server._nbrs[0])
+    for i, b in out.items():
+        if i not in nb[:3]:  # three neighbours of client 0 never sign
+            server.receive(i, clients[i].sign_survivors(b))
+    with pytest.raises(SecAggAbortError, match="before unmasking"):
+        server.advance()
+    assert all(c.stage is EpochStage.UNMASK for i, c in enumerate(clients) if i not in nb[:3])
+
+
+def test_single_day_round_matches_plain_sum_at_the_bounds() -> None:
+    bound = (2**63 - 1) // 8
+    setup = make_round(8, InputSpec("int", 3, bound), degree=4, threshold=3)
+    xs = [torch.tensor([bound, -bound, (-1) ** i * bound]) for i in range(8)]
+    res = run_epoch_day(setup, xs)
+    assert res.total.tolist() == [8 * bound, -8 * bound, 0]
+    fspec = InputSpec("float", 5, 2.0)
+    setup = make_round(6, fspec, degree=4, threshold=3)
+    g = torch.Generator().manual_seed(1)
+    xf = [torch.rand(5, generator=g, dtype=torch.float64) * 6 - 3 for _ in range(6)]
+    res = run_epoch_day(setup, xf)
+    assert (res.total - torch.stack([x.clamp(-2, 2) for x in xf]).sum(0)).abs().max() <= \
+        fspec.error_bound(6)
+
+
+def test_state_round_trips_between_every_message() -> None:
+    setup = make_round(8, InputSpec("int", 4, 10), degree=4, threshold=3)
+    server, clients = setup.epoch_server(), setup.epoch_clients()
+    reg = setup.registry
+
+    def cycle(i: int) -> EpochClient:
+        c = EpochClient.restore(setup.config, i, setup.identities[i], reg,
+                                clients[i].export_state())
+        clients[i] = c
+        return c
+
+    for i in range(8):
+        server.receive(i, cycle(i).advertise_keys())
+    for i, b in server.advance().items():
+        cycle(i).accept_roster(b)
+    xs = _xs(8, 2, 4)
+    xs = [x.clamp(-10, 10) for x in xs]
+    for day in (0, 1):
+        server.open_day(day)
+        for i in range(8):
+            server.receive(i, cycle(i).masked_input(day, xs[i]))
+        for stage in ("sign", "unmask"):
+            for i, b in server.advance().items():
+                c = cycle(i)
+                server.receive(i, c.sign_survivors(b) if stage == "sign" else c.unmask(b))
+        server.advance()
+        assert torch.equal(server.decoded(day), torch.stack(xs).sum(0))
+    assert b'"c": ""' in clients[0].export_state()  # the long-term private keys are gone
+
+
+def test_bad_input_leaves_client_ready() -> None:
+    setup = make_round(6, InputSpec("int", 4, 100), degree=4, threshold=3)
+    server, clients = setup.epoch_server(), setup.epoch_clients()
+    for i, c in enumerate(clients):
+        server.receive(i, c.advertise_keys())
+    for i, b in server.advance().items():
+        clients[i].accept_roster(b)
+    for x in (torch.zeros(5, dtype=torch.int64), torch.tensor([0, 0, 0, 101]), "x", None):
+        with pytest.raises(InputError):
+            clients[0].masked_input(0, x)  # type: ignore[arg-type]
+        assert clients[0].stage is EpochStage.READY and clients[0].last_day is None
+
+
+def test_unmask_refuses_signatures_from_outside_the_set_or_too_few() -> None:
+    from protocols.secagg.epoch_messages import DayUnmaskRequest, EHeader, EMsg
+    from protocols.secagg.messages import SERVER, add_mac
+
+    setup = make_round(N, InputSpec("int", L, 1000), degree=K, threshold=T)
+    server, clients = setup.epoch_server(), setup.epoch_clients()
+    for i, c in enumerate(clients):
+        server.receive(i, c.advertise_keys())
+    for i, b in server.advance().items():
+        clients[i].accept_roster(b)
+    server.open_day(0)
+    xs = _xs(N, 0)
+    for i, c in enumerate(clients):
+        server.receive(i, c.masked_input(0, xs[i]))
+    for i, b in server.advance().items():
+        server.receive(i, clients[i].sign_survivors(b))
+    reqs = server.advance()
+    cfg = setup.config
+    good = DayUnmaskRequest.decode(reqs[0][:-32], N, K)
+    hdr = EHeader(EMsg.UNMASK_REQUEST, cfg.run_id, cfg.round, 0, SERVER, 0)
+    few = DayUnmaskRequest(hdr, good.signatures[: T - 1], good.envelopes)
+    with pytest.raises(ProtocolViolationError):
+        clients[0].unmask(add_mac(server._macs[0], few.encode()))
+    forged = DayUnmaskRequest(hdr, ((good.signatures[0][0], bytes(64)),) + good.signatures[1:],
+                              good.envelopes)
+    from protocols.secagg import BadSignatureError
+    with pytest.raises(BadSignatureError):
+        clients[0].unmask(add_mac(server._macs[0], forged.encode()))
+    assert clients[0].stage is EpochStage.UNMASK
+    server.receive(0, clients[0].unmask(reqs[0]))  # the honest request still works
