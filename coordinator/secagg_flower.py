@@ -19,10 +19,10 @@ from flwr.serverapp import Grid
 
 from protocols.daily import REPORT_FIELDS, report_spec_bound
 from protocols.keys import AgreementKey
-from protocols.secagg import InputSpec, RoundConfig, SecAggError
+from protocols.secagg import InputSpec, RoundConfig, SecAggError, default_degree
 from protocols.secagg.server import SecAggServer
 
-__all__ = ["ReportRound", "SecAggRoundResult", "report_spec", "run_secagg_round",
+__all__ = ["ReportRound", "report_degree", "SecAggRoundResult", "report_spec", "run_secagg_round",
            "wait_for_nodes"]
 
 _TYPE = "query.secagg"
@@ -33,6 +33,15 @@ def report_spec() -> InputSpec:
     return InputSpec("float", len(REPORT_FIELDS), report_spec_bound(), 16)
 
 
+def report_degree(n: int) -> int:
+    """SecAgg+ neighbours per device for the daily reports: ``default_degree(n)`` but at
+    least 8 (threshold 5: a device's self-mask survives 3 dropped neighbours in a day; at
+    small n the default 4 aborts on 2), the complete graph below 9 devices."""
+    if n - 1 <= 8:
+        return n - 1
+    return max(default_degree(n), 8)
+
+
 class ReportRound:
     """One day's SecAgg+ round over the devices named in ``roster`` (in order)."""
 
@@ -41,9 +50,10 @@ class ReportRound:
         self.roster = list(roster)
         self._index = {name: i for i, name in enumerate(self.roster)}
         key = AgreementKey.generate()
+        n = len(self.roster)
         self.config = RoundConfig(run_id, day, tuple(self.roster), spec or report_spec(),
-                                  os.urandom(32), key.public_bytes(),
-                                  min_survivors=min(max(min_survivors, 0), len(self.roster)))
+                                  os.urandom(32), key.public_bytes(), degree=report_degree(n),
+                                  min_survivors=min(max(min_survivors, 0), n))
         self.server = SecAggServer(self.config, list(registry), key)
         self.rejected: dict[str, str] = {}
 

@@ -153,6 +153,8 @@ class FederatedRun:
         self.rows: list[dict[str, object]] = []
         self.calibrator = None if self.settings.calibration is None else \
             OnlineCalibrator(self.settings.calibration)
+        self.sim: HybridSimulation | None = None  # synthetic agents only (physical rows 0)
+        self.survivors: dict[int, list[int]] = {}  # day -> node ids whose report is in it
 
     # ------------------------------------------------------------------ transport
     def _nodes(self, wait: float = 120.0) -> list[int]:
@@ -185,6 +187,7 @@ class FederatedRun:
         phys = physical_agents(pop.n, len(nodes))
         sim = HybridSimulation(SIR(cfg.beta, cfg.gamma, cfg.initial_infected), pop, phys,
                                cfg.seed, remote=True)
+        self.sim = sim
         split = sim.split
         devices = {agent_name(int(i)): _Device(node, int(i), agent_name(int(i)))
                    for node, i in zip(nodes, phys.tolist(), strict=True)}
@@ -255,10 +258,8 @@ class FederatedRun:
                         req.registry = [devices[r].identity for r in roster]
                 if attempt is not None:
                     plan = attempt.plans[name]
-                    parties = {"relay", *(plan.own.roster if plan.own else ()),
-                               *(m.target for m in plan.memberships)}
                     req.plan = json.dumps(plan.to_dict())
-                    req.keys = json.dumps({p: all_keys[p].hex() for p in parties
+                    req.keys = json.dumps({p: all_keys[p].hex() for p in _parties(plan)
                                            if p in all_keys})
                 msgs[d.node_id] = req.to_dict()
             raw, failed = self.transport.exchange(MessageType.DAY, msgs, f"day{day}",
@@ -282,8 +283,9 @@ class FederatedRun:
             i_now = sim.state["I"]
             for name, agent in proxies.items():
                 idx = int(name[1:])
-                agent.keyring.add_peers(all_keys)
-                uploads[name] = agent.start(attempt.plans[name], float(i_now[idx]),
+                plan = attempt.plans[name]
+                agent.keyring.add_peers({p: all_keys[p] for p in _parties(plan) if p in all_keys})
+                uploads[name] = agent.start(plan, float(i_now[idx]),
                                             weights=weights.get(name),
                                             weight_sum=wsum.get(name))
             deliveries = attempt.route_phase1(uploads)
@@ -335,11 +337,16 @@ class FederatedRun:
                     _log.warning("day %d %s: node %d out: %s", day, stage, node, why)
             report.advance()
         except SecAggAbortError as exc:
-            alive = [n for n in roster if n not in report.rejected]
-            self._check_cohort(day, [], devices, f"report aggregation ({exc})")
-            raise FederatedRunError(f"day {day}: {exc}; live {len(alive)}") from exc
+            out = sorted(n for n in devices if day in devices[n].missed or n in report.rejected)
+            desc = ", ".join(f"node {devices[n].node_id} ({n})" for n in out) or "none"
+            short = len(set(roster) - set(out)) < self.settings.min_devices
+            raise (MinCohortError if short else FederatedRunError)(f"day {day}: secure aggregation of the day-{day - 1} "
+                                    f"reports aborted: {exc} (minimum cohort "
+                                    f"{self.settings.min_devices}); devices out today: {desc}"
+                                    ) from exc
         survivors = report.survivors()
         self._check_cohort(day, survivors, devices, "report aggregation")
+        self.survivors[day] = sorted(devices[s].node_id for s in survivors)
         phys = dict(zip(REPORT_FIELDS, report.total().tolist(), strict=True))
         self._commit(day, syn or {}, phys, survivors, theta, sim)
 
@@ -370,6 +377,12 @@ class FederatedRun:
             self.store.commit_round(self.run_id, day, row, state=self._state_blob)
         if self.on_day is not None:
             self.on_day(day, row)
+
+
+def _parties(plan: Any) -> set[str]:
+    """The parties whose public keys an agent needs for ``plan`` (its roster, its targets
+    and the relay): O(degree), never every key of the run."""
+    return {"relay", *(plan.own.roster if plan.own else ()), *(m.target for m in plan.memberships)}
 
 
 def _cfg_get(rc: Mapping[str, Any], k: str, default: Any) -> Any:

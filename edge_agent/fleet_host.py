@@ -8,7 +8,8 @@ device's state: it only sees the replies, as over a SuperLink.
 
 Frames: ``("init", {"nodes": [...], "offline": {node: [day, stage, back_day]}})``,
 ``("exchange", (message_type, {node: dict}, group))`` -> ``(replies, failures)``,
-``("close", None)``. ``offline`` simulates dropouts: a node stops answering from ``stage``
+``("states", None)`` -> each device's true S, I, R (the test harness's view of what the
+devices' stores hold; the coordinator never asks), ``("close", None)``. ``offline`` simulates dropouts: a node stops answering from ``stage``
 of ``day`` (stages: day, share_keys, masked_input, unmask) until ``back_day``.
 """
 
@@ -70,6 +71,16 @@ class _Host:
         started = day > off_day or (day == off_day and STAGE_RANK[stage] >= STAGE_RANK[off_stage])
         return started and day < back
 
+    def states(self) -> dict[int, dict[str, float]]:
+        """Each enrolled device's own S, I, R and day (what its store would hold)."""
+        out = {}
+        for node, ctx in self.contexts.items():
+            st = ctx.state.config_records.get(Keys.DEVICE_STATE)
+            if st is not None:
+                out[node] = {"agent_id": str(st["agent_id"]), "day": int(st["day"]),
+                             **{c: float(st[c]) for c in ("S", "I", "R")}}
+        return out
+
     def exchange(self, message_type: str, contents: dict[int, dict[str, Any]], group: str
                  ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
         replies: dict[int, dict[str, Any]] = {}
@@ -101,7 +112,23 @@ class _Host:
 
 
 def main() -> None:
-    """Serve frames until ``close`` or end of input."""
+    """Serve frames until ``close`` or end of input (``LPM_FLEET_PROFILE=path``: cProfile)."""
+    prof_path = os.environ.get("LPM_FLEET_PROFILE")
+    if prof_path:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+        try:
+            _serve()
+        finally:
+            prof.disable()
+            prof.dump_stats(prof_path)
+        return
+    _serve()
+
+
+def _serve() -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -122,6 +149,11 @@ def main() -> None:
                 write_frame(fout, ("error", "not initialised"))
                 continue
             write_frame(fout, ("ok", host.exchange(*arg)))
+        elif op == "states":  # the harness reads simulated devices' true states (tests)
+            if host is None:
+                write_frame(fout, ("error", "not initialised"))
+                continue
+            write_frame(fout, ("ok", host.states()))
         elif op == "close":
             write_frame(fout, ("ok", None))
             return

@@ -1,0 +1,131 @@
+"""The federated loop in the simulated fleet (real ClientApps in a device-host process):
+private device state, online calibration from SecAgg'd device gradients, dropouts and the
+minimum cohort."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from coordinator.calibration import CalibrationSettings
+from coordinator.fleet import ProcessTransport, run_fleet
+from coordinator.runner import RunConfig, physical_agents
+from coordinator.server_app import FederatedRun, FederatedSettings, MinCohortError
+from simulation.engine import simulate
+from simulation.models import SIR
+from simulation.population import synthesize
+
+
+def _public_replay(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """What anyone holding the public run config recomputes for the physical agents (the
+    central run with the public seed), final day."""
+    pop = synthesize(cfg.population, seed=cfg.seed, scale=cfg.scale)
+    with torch.no_grad():
+        traj = simulate(SIR(cfg.beta, cfg.gamma, cfg.initial_infected), pop, cfg.days, cfg.seed)
+    phys = physical_agents(pop.n, cfg.devices)
+    return {c: traj.final_state[c][phys] for c in ("S", "I", "R")}
+
+
+def _device_matrix(transport: ProcessTransport, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    states = transport.device_states()
+    order = sorted(states, key=lambda n: int(states[n]["agent_id"][1:]))
+    return {c: torch.tensor([states[n][c] for n in order]) for c in ("S", "I", "R")}
+
+
+@pytest.fixture(autouse=True)
+def _threads(monkeypatch):
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    torch.set_num_threads(1)
+
+
+def test_public_config_no_longer_reproduces_device_states():
+    cfg = RunConfig(population="tiny", days=2, seed=7, devices=20, initial_infected=0.2,
+                    beta=0.9)
+    replay = _public_replay(cfg)
+    got = {}
+    for shared in (True, False):
+        t = ProcessTransport(cfg.devices)
+        try:
+            rows = run_fleet(cfg, settings=FederatedSettings(shared_seed=shared), transport=t)
+            got[shared] = _device_matrix(t, cfg)
+            assert t.pid != os.getpid()  # devices live in another process
+        finally:
+            t.close()
+        assert len(rows) == cfg.days and rows[-1]["survivors"] == cfg.devices
+        # the SecAgg'd totals are the devices' true totals either way
+        assert rows[-1]["physical_I"] == int(got[shared]["I"].sum())
+    # the attack works in the explicit shared-seed (equivalence test) mode ...
+    for c in ("S", "I", "R"):
+        assert torch.equal(got[True][c], replay[c]), c
+    # ... and fails with device-private seeds: the replay mislabels many devices
+    wrong = int((got[False]["I"] != replay["I"]).sum() + (got[False]["S"] != replay["S"]).sum())
+    assert wrong >= 5, wrong
+
+
+def test_calibration_recovers_beta_and_coordinator_holds_no_device_state():
+    cfg = RunConfig(population="tiny", days=8, seed=2, devices=20, initial_infected=0.05,
+                    beta=0.6)
+    cal = CalibrationSettings(beta_init=0.25, every=2, steps=5)
+    t = ProcessTransport(cfg.devices)
+    seen_physical: list[float] = []
+    run = FederatedRun(t, cfg, settings=FederatedSettings(calibration=cal),
+                       on_day=lambda d, r: seen_physical.append(
+                           float(run.sim.state["I"][run.sim.split.physical].abs().sum()
+                                 + run.sim.state["S"][run.sim.split.physical].abs().sum())))
+    try:
+        rows = run.run()
+    finally:
+        t.close()
+    # the coordinator's simulation never held a physical agent's state
+    assert seen_physical == [0.0] * cfg.days
+    assert not run.sim.physical_initial_state
+    betas = [r["theta_beta"] for r in rows]
+    assert betas[0] == 0.25 and abs(betas[-1] - cfg.beta) / cfg.beta < 0.15, betas
+    # ∂L/∂θ has a synthetic (autograd) and a device (SecAgg'd Σ∂p/∂β) part
+    assert all(r["grad_devices"][0] != 0 for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_dropouts_complete_over_survivors_exactly():
+    cfg = RunConfig(population="tiny", days=5, seed=1, devices=16, initial_infected=0.2,
+                    beta=0.9)
+    # node: offline from (day, stage) until back_day; stages cover every SecAgg+ step.
+    # Exchange d carries the day-(d-1) delivery and report: node 3 misses two reports and
+    # catches up (no report in exchange 3, back in 4); 5, 8 drop before their masked input;
+    # 11 drops at unmask, after its masked input (still summed).
+    offline = {3: [1, "day", 3], 5: [2, "share_keys", 99], 8: [3, "masked_input", 99],
+               11: [4, "unmask", 99]}
+    t = ProcessTransport(cfg.devices, offline=offline)
+    checks: list[tuple[int, int]] = []
+    run: FederatedRun
+
+    def on_day(day: int, row: dict) -> None:
+        states = t.device_states()
+        alive = run.survivors[day]
+        checks.append((row["physical_I"], int(sum(states[n]["I"] for n in alive))))
+        assert row["survivors"] == len(alive)
+
+    run = FederatedRun(t, cfg, settings=FederatedSettings(min_devices=10), on_day=on_day)
+    try:
+        rows = run.run()
+    finally:
+        t.close()
+    assert [r["survivors"] for r in rows] == [15, 14, 13, 14, 13]
+    assert all(a == b for a, b in checks), checks
+    assert 3 in run.survivors[4]  # node 3 came back on day 3 and rejoined
+    assert 11 in run.survivors[4]  # dropped at unmask: its masked input still counts
+
+
+def test_below_min_cohort_names_missing_nodes():
+    cfg = RunConfig(population="tiny", days=3, seed=1, devices=11, initial_infected=0.1)
+    t = ProcessTransport(cfg.devices, offline={4: [1, "masked_input", 99],
+                                               9: [1, "day", 99]})
+    try:
+        with pytest.raises(MinCohortError, match=r"node 4 .*node 9 |node 9 .*node 4 "):
+            FederatedRun(t, cfg, settings=FederatedSettings(min_devices=10)).run()
+    finally:
+        t.close()
+    with pytest.raises(MinCohortError, match="minimum cohort is 10"):
+        run_fleet(RunConfig(population="tiny", days=1, devices=5))
