@@ -53,6 +53,9 @@ def forecast(
     susceptible: Annotated[bool, typer.Option(help="Is this device's person susceptible?")] = True,
     samples: Annotated[int, typer.Option(min=0, help="Monte Carlo samples (0 = none).")] = 0,
     seed: Annotated[int | None, typer.Option(help="Seed of the Monte Carlo uniforms.")] = None,
+    store: Annotated[Path | None, typer.Option(
+        help="Device store ($LPM_EDGE_PASSPHRASE): refuses a bundle older than the last one "
+             "accepted (anti-rollback) and records this one.")] = None,
 ) -> None:
     """Rank everyday behaviour options by forecast infection risk over the next days."""
     if prevalence_csv is not None:
@@ -64,13 +67,24 @@ def forecast(
         age_susceptibility=age_susceptibility,
         usual_contacts=tuple(_floats(contacts, "contacts")),
     )
+    from edge_agent.store import EdgeStore, EdgeStoreError
+
+    try:
+        device = None if store is None else EdgeStore(store)
+    except EdgeStoreError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
     try:
         ranked = forecast_from_bundle(
-            bundle, _trusted_key(trusted_key), state, forecast_rows, samples=samples, seed=seed
+            bundle, _trusted_key(trusted_key), state, forecast_rows, samples=samples, seed=seed,
+            rollback=device,
         )
     except MobileExportError as exc:
         typer.echo(f"refused: {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(code=2) from exc
+    finally:
+        if device is not None:
+            device.close()
     table = Table(title=f"Infection risk over the next {forecast_rows.shape[0]} days")
     for column in ("rank", "option", "risk", "∂risk/∂β", *(["MC risk"] if samples else [])):
         table.add_column(column, justify="left" if column == "option" else "right")

@@ -13,9 +13,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mobile_export.bundle import PublicKey
+from mobile_export.bundle import (
+    PublicKey,
+    RollbackState,
+    read_bundle_bytes,
+    read_verified_bundle,
+    verify_with_rollback,
+)
 from mobile_export.errors import ForecastInputError
-from mobile_export.runtime import ForecastResult, ForecastSession, load_verified_bundle
+from mobile_export.runtime import ForecastResult, ForecastSession
 from mobile_export.schema import Theta
 
 
@@ -151,8 +157,20 @@ def forecast_from_bundle(
     options: Sequence[BehaviourOption] | None = None,
     samples: int = 0,
     seed: int | None = None,
+    rollback: RollbackState | None = None,
 ) -> list[RankedOption]:
-    """Verify and load a bundle, then rank ``options`` (default: :func:`default_options`)."""
-    session = load_verified_bundle(bundle_path, trusted_public_key)
+    """Verify and load a bundle, then rank ``options`` (default: :func:`default_options`).
+
+    ``rollback`` (the device's :class:`~edge_agent.store.EdgeStore`) holds the last bundle the
+    device accepted: an older bundle, or a different one with the same signed timestamp, is
+    refused with :class:`~mobile_export.errors.BundleRollbackError`; a newer one is recorded.
+    Without it nothing protects against a replayed stale bundle.
+    """
+    if rollback is not None:
+        bundle = verify_with_rollback(read_bundle_bytes(bundle_path), trusted_public_key,
+                                      rollback)
+    else:
+        bundle = read_verified_bundle(bundle_path, trusted_public_key)
+    session = ForecastSession(bundle)
     chosen = list(options) if options is not None else default_options(state)
     return rank_options(session, state, chosen, prevalence, samples=samples, seed=seed)

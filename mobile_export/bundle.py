@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import struct
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -182,7 +185,8 @@ def build_bundle(
         model, theta = model_or_theta or PersonalForecast(), theta or Theta()
     else:
         raise TypeError("model_or_theta must be a PersonalForecast, a Theta or None")
-    if not (theta.beta >= 0 and theta.dt > 0):
+    if not (math.isfinite(theta.beta) and math.isfinite(theta.dt)
+            and theta.beta >= 0 and theta.dt > 0):
         raise ValueError(f"θ out of range: {theta}")
     artifacts = export_artifacts(model)
     public = _signer_public_raw(signing_key)
@@ -207,10 +211,27 @@ def build_bundle(
     blob = pack(manifest_bytes, signature, artifacts.ort)
     verify_bundle_bytes(blob, public)  # a signer whose public_bytes() lies is caught here
     out = Path(out_path)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(blob)
-    tmp.replace(out)
+    _write_atomic(out, blob)
     return out
+
+
+def _write_atomic(out: Path, blob: bytes) -> None:
+    """Write ``blob`` to ``out`` through a fresh, unpredictable temporary file in the same
+    folder (``O_EXCL``: never follows a planted link), then rename it over ``out``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(blob)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 @dataclass(frozen=True)
@@ -219,6 +240,11 @@ class VerifiedBundle:
 
     manifest: dict[str, Any]
     model: bytes
+    manifest_sha256: str = ""
+
+    def accepted(self) -> AcceptedBundle:
+        """The anti-rollback record to keep once the device accepts this bundle."""
+        return AcceptedBundle(self.created, self.manifest_sha256, self.manifest["model_version"])
 
     @property
     def theta(self) -> Theta:
@@ -228,6 +254,88 @@ class VerifiedBundle:
     def created(self) -> datetime:
         """When the coordinator signed it (store it; pass it as ``not_before`` next time)."""
         return datetime.fromisoformat(self.manifest["created"])
+
+
+@dataclass(frozen=True)
+class AcceptedBundle:
+    """What a device remembers about the last bundle it accepted: the signed creation time
+    and the hash of the signed manifest. A later bundle must be strictly newer, or the very
+    same manifest (re-verifying what was accepted is fine; a different bundle with the same
+    timestamp is not)."""
+
+    created: datetime
+    manifest_sha256: str
+    model_version: str = ""
+
+    def __post_init__(self) -> None:
+        if self.created.tzinfo is None:
+            raise BundleRollbackError("the accepted bundle's time must be timezone-aware")
+        if not _SHA256.fullmatch(self.manifest_sha256):
+            raise BundleRollbackError("the accepted bundle's manifest hash is not sha256 hex")
+
+    def to_dict(self) -> dict[str, str]:
+        return {"created": self.created.isoformat(), "manifest_sha256": self.manifest_sha256,
+                "model_version": self.model_version}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AcceptedBundle:
+        try:
+            return cls(datetime.fromisoformat(str(data["created"])),
+                       str(data["manifest_sha256"]), str(data.get("model_version", "")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleRollbackError(f"stored anti-rollback record is unreadable: {exc}") from exc
+
+
+class RollbackState(Protocol):
+    """Where a device keeps its anti-rollback record (``edge_agent.store.EdgeStore`` fits)."""
+
+    def accepted_bundle(self) -> dict[str, Any] | None: ...
+
+    def accept_bundle(self, record: dict[str, Any]) -> None: ...
+
+
+def verify_with_rollback(blob: bytes, trusted_public_key: PublicKey,
+                         state: RollbackState) -> VerifiedBundle:
+    """Verify ``blob`` against the device's last accepted bundle in ``state``, then record it
+    as accepted (only ever moving forward)."""
+    record = state.accepted_bundle()
+    last = None if record is None else AcceptedBundle.from_dict(record)
+    verified = verify_bundle_bytes(blob, trusted_public_key, last_accepted=last)
+    if last is None or verified.created > last.created:
+        state.accept_bundle(verified.accepted().to_dict())
+    return verified
+
+
+_SHA256 = re.compile("[0-9a-f]{64}")
+_MAX_DEPTH = 8  # the manifest schema nests 4 levels deep
+
+
+def _depth_ok(text: str) -> bool:
+    """Cheap pre-parse bound on bracket nesting (strings may contain brackets: counting them
+    only over-estimates, which is safe)."""
+    depth = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            if depth > _MAX_DEPTH:
+                return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
+def _no_constants(name: str) -> float:
+    raise BundleFormatError(f"manifest holds a non-finite number ({name})")
+
+
+def _parse_created(value: str) -> datetime:
+    try:
+        created = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise BundleFormatError(f"manifest 'created' is not ISO-8601: {value[:40]!r}") from exc
+    if created.tzinfo is None:
+        raise BundleFormatError("manifest 'created' has no timezone")
+    return created
 
 
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -266,9 +374,20 @@ def _check_manifest(manifest: Any) -> dict[str, Any]:
         raise BundleFormatError(f"opset {manifest['opset']} outside 1..21")
     theta = manifest["theta"]
     if set(theta) != set(THETA_FIELDS) or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in theta.values()
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        for v in theta.values()
     ):
-        raise BundleFormatError(f"manifest θ must have numeric fields {THETA_FIELDS}")
+        raise BundleFormatError(f"manifest θ must have finite numeric fields {THETA_FIELDS}")
+    if not (theta["beta"] >= 0 and theta["dt"] > 0):
+        raise BundleFormatError(f"manifest θ out of range (β ≥ 0, dt > 0): {theta}")
+    _parse_created(manifest["created"])
+    if not _SHA256.fullmatch(manifest["model_sha256"]) or not 0 < manifest["model_size"]:
+        raise BundleFormatError("manifest model hash or size is malformed")
+    if not 1 <= manifest["default_horizon"] <= 366:
+        raise BundleFormatError("manifest default_horizon outside 1..366")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1
+               for v in manifest["isolation_applies"]):
+        raise BundleFormatError("manifest isolation_applies must be numbers in [0, 1]")
     if manifest["state_fields"] != list(STATE_FIELDS):
         raise BundleFormatError("manifest state layout differs from this runtime's")
     if manifest["theta_fields"] != list(THETA_FIELDS):
@@ -282,15 +401,24 @@ def _check_manifest(manifest: Any) -> dict[str, Any]:
 
 
 def verify_bundle_bytes(
-    blob: bytes, trusted_public_key: PublicKey, *, not_before: datetime | None = None
+    blob: bytes,
+    trusted_public_key: PublicKey,
+    *,
+    not_before: datetime | None = None,
+    last_accepted: AcceptedBundle | None = None,
 ) -> VerifiedBundle:
     """Check a bundle's bytes; raise a :class:`~mobile_export.errors.BundleError` subclass
     unless it is well formed, signed by ``trusted_public_key`` and its model matches.
 
     ``not_before`` (timezone-aware) refuses validly signed but older bundles with
     :class:`~mobile_export.errors.BundleRollbackError`: pass the ``created`` time of the
-    bundle the device last accepted, so a relay cannot replay a stale θ.
+    bundle the device last accepted, so a relay cannot replay a stale θ. ``last_accepted``
+    (an :class:`AcceptedBundle`) is stricter: it also refuses a *different* bundle with the
+    same timestamp. A device keeps it with :func:`verify_with_rollback`.
     """
+    if not_before is not None and (not isinstance(not_before, datetime)
+                                   or not_before.tzinfo is None):
+        raise BundleRollbackError("not_before must be a timezone-aware datetime")
     trusted = Ed25519PublicKey.from_public_bytes(_public_raw(trusted_public_key))
     manifest_bytes, signature, model = unpack(blob)
     if not signature:
@@ -305,9 +433,15 @@ def verify_bundle_bytes(
             "(tampered manifest or signed by another key)"
         ) from None
     try:
-        manifest = json.loads(manifest_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleFormatError(f"signed manifest is not valid JSON: {exc}") from exc
+        text = manifest_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BundleFormatError(f"signed manifest is not UTF-8: {exc}") from exc
+    if not _depth_ok(text):
+        raise BundleFormatError(f"signed manifest nests deeper than {_MAX_DEPTH} levels")
+    try:
+        manifest = json.loads(text, parse_constant=_no_constants)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise BundleFormatError(f"signed manifest is not valid JSON: {exc}") from None
     manifest = _check_manifest(manifest)
     if len(model) != manifest["model_size"]:
         raise BundleIntegrityError(
@@ -315,20 +449,35 @@ def verify_bundle_bytes(
         )
     if hashlib.sha256(model).hexdigest() != manifest["model_sha256"]:
         raise BundleIntegrityError("model sha256 differs from the signed manifest (tampered)")
-    if not_before is not None:
-        if not_before.tzinfo is None:
-            raise TypeError("not_before must be timezone-aware")
-        try:
-            created = datetime.fromisoformat(manifest["created"])
-        except ValueError as exc:
-            raise BundleFormatError(f"manifest 'created' is not ISO-8601: {exc}") from exc
-        if created.tzinfo is None:
-            raise BundleFormatError("manifest 'created' has no timezone")
-        if created < not_before:
+    created = _parse_created(manifest["created"])
+    if not_before is not None and created < not_before:
+        raise BundleRollbackError(
+            f"bundle created {created.isoformat()} is older than {not_before.isoformat()}"
+        )
+    digest = hashlib.sha256(manifest_bytes).hexdigest()
+    if last_accepted is not None:
+        if created < last_accepted.created:
             raise BundleRollbackError(
-                f"bundle created {created.isoformat()} is older than {not_before.isoformat()}"
+                f"bundle created {created.isoformat()} is older than the accepted "
+                f"{last_accepted.created.isoformat()} (version {last_accepted.model_version!r})"
             )
-    return VerifiedBundle(manifest=manifest, model=model)
+        if created == last_accepted.created and digest != last_accepted.manifest_sha256:
+            raise BundleRollbackError(
+                f"a different bundle with the accepted bundle's timestamp {created.isoformat()}"
+            )
+    return VerifiedBundle(manifest=manifest, model=model, manifest_sha256=digest)
+
+
+def read_bundle_bytes(path: str | os.PathLike[str]) -> bytes:
+    """A bundle file's bytes (size-bounded); unreadable → :class:`BundleFormatError`."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_MODEL_BYTES + MAX_MANIFEST_BYTES + 1024 + 64:
+            raise BundleFormatError(f"bundle {path} is {size} bytes, too large")
+        return path.read_bytes()
+    except OSError as exc:
+        raise BundleFormatError(f"cannot read bundle {path}: {exc}") from exc
 
 
 def read_verified_bundle(
@@ -336,13 +485,8 @@ def read_verified_bundle(
     trusted_public_key: PublicKey,
     *,
     not_before: datetime | None = None,
+    last_accepted: AcceptedBundle | None = None,
 ) -> VerifiedBundle:
     """Read and verify a bundle file (see :func:`verify_bundle_bytes`)."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise BundleFormatError(f"cannot read bundle {path}: {exc}") from exc
-    if size > MAX_MODEL_BYTES + MAX_MANIFEST_BYTES + 1024 + 64:
-        raise BundleFormatError(f"bundle {path} is {size} bytes, too large")
-    return verify_bundle_bytes(path.read_bytes(), trusted_public_key, not_before=not_before)
+    return verify_bundle_bytes(read_bundle_bytes(path), trusted_public_key,
+                               not_before=not_before, last_accepted=last_accepted)

@@ -15,7 +15,12 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from mobile_export.bundle import build_bundle, read_verified_bundle
+from mobile_export.bundle import (
+    build_bundle,
+    read_bundle_bytes,
+    read_verified_bundle,
+    verify_with_rollback,
+)
 from mobile_export.errors import MobileExportError
 from mobile_export.model import Theta
 
@@ -59,9 +64,16 @@ def build(
     model_version: Annotated[str, typer.Option()] = "1",
 ) -> None:
     """Export the forecast model, convert it to .ort and write a signed bundle."""
-    path = build_bundle(
-        Theta(beta=beta, dt=dt), load_signing_key(signing_key), out, model_version=model_version
-    )
+    try:
+        path = build_bundle(
+            Theta(beta=beta, dt=dt), load_signing_key(signing_key), out,
+            model_version=model_version,
+        )
+    except ValueError as exc:  # θ out of range (NaN, inf)
+        raise typer.BadParameter(str(exc)) from exc
+    except OSError as exc:
+        typer.echo(f"error: cannot write {out}: {exc.strerror}", err=True)
+        raise typer.Exit(code=1) from exc
     typer.echo(f"{path} ({path.stat().st_size} bytes)")
 
 
@@ -69,12 +81,30 @@ def build(
 def verify(
     bundle: Annotated[Path, typer.Option(help="Bundle file (.lpmb).")],
     trusted_key: Annotated[str, typer.Option(help="Ed25519 public key, 64 hex characters.")],
+    store: Annotated[Path | None, typer.Option(
+        help="Device store (passphrase $LPM_EDGE_PASSPHRASE): refuse a bundle older than the "
+             "last one accepted there, and record this one.")] = None,
 ) -> None:
     """Verify a bundle's signature and model hash; prints its manifest summary."""
     try:
-        verified = read_verified_bundle(bundle, bytes.fromhex(trusted_key))
+        key = bytes.fromhex(trusted_key)
     except ValueError as exc:
         raise typer.BadParameter(f"trusted key is not hex: {exc}") from exc
+    if len(key) != 32:
+        raise typer.BadParameter("trusted key must be 32 bytes (64 hex characters)")
+    try:
+        if store is None:
+            verified = read_verified_bundle(bundle, key)
+        else:
+            # the device's store lives in edge_agent (imported only when asked for)
+            from edge_agent.store import EdgeStore, EdgeStoreError
+
+            try:
+                with EdgeStore(store) as state:
+                    verified = verify_with_rollback(read_bundle_bytes(bundle), key, state)
+            except EdgeStoreError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(code=1) from exc
     except MobileExportError as exc:
         typer.echo(f"refused: {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(code=2) from exc

@@ -298,3 +298,111 @@ def test_rollback_is_refused(tmp_path: Path, coordinator_key) -> None:
     assert load_verified_bundle(new, coordinator_key.public_key(), not_before=accepted.created)
     with pytest.raises(BundleRollbackError):
         load_verified_bundle(old, coordinator_key.public_key(), not_before=accepted.created)
+
+
+# ---------------------------------------------------------------- issue 14 hardening
+PW = "device passphrase 14"
+
+
+def _two_bundles(tmp_path: Path, key) -> tuple[Path, Path, Path]:
+    old = build_bundle(THETA, key, tmp_path / "old.lpmb", created=datetime(2026, 1, 1, tzinfo=UTC))
+    new = build_bundle(Theta(beta=0.3), key, tmp_path / "new.lpmb",
+                       created=datetime(2026, 2, 1, tzinfo=UTC))
+    twin = build_bundle(Theta(beta=0.9), key, tmp_path / "twin.lpmb",
+                        created=datetime(2026, 2, 1, tzinfo=UTC))  # same time, other θ
+    return old, new, twin
+
+
+def test_device_path_keeps_anti_rollback_state(tmp_path: Path, coordinator_key) -> None:
+    from edge_agent.forecast import forecast_from_bundle
+    from edge_agent.store import EdgeStore
+
+    old, new, twin = _two_bundles(tmp_path, coordinator_key)
+    pub = coordinator_key.public_key()
+    state = DeviceState()
+    prev = np.full((7, 3), 0.02, np.float32)
+    with EdgeStore(tmp_path / "dev.db", PW) as dev:
+        assert forecast_from_bundle(new, pub, state, prev, rollback=dev)
+        assert dev.accepted_bundle()["created"].startswith("2026-02-01")
+    with EdgeStore(tmp_path / "dev.db", PW) as dev:  # state survives a restart
+        with pytest.raises(BundleRollbackError, match="older"):
+            forecast_from_bundle(old, pub, state, prev, rollback=dev)
+        with pytest.raises(BundleRollbackError, match="different bundle"):
+            forecast_from_bundle(twin, pub, state, prev, rollback=dev)
+        assert forecast_from_bundle(new, pub, state, prev, rollback=dev)  # same one again: fine
+
+
+def test_cli_refuses_older_bundle_with_a_store(tmp_path: Path, coordinator_key,
+                                               monkeypatch) -> None:
+    from mobile_export.cli import register as register_bundle
+
+    old, new, twin = _two_bundles(tmp_path, coordinator_key)
+    monkeypatch.setenv("LPM_EDGE_PASSPHRASE", PW)
+    app = typer.Typer()
+    register_bundle(app)
+    register_edge(app)
+    runner = CliRunner()
+    key = _raw(coordinator_key).hex()
+    store = str(tmp_path / "dev.db")
+    ok = runner.invoke(app, ["bundle", "verify", "--bundle", str(new), "--trusted-key", key,
+                             "--store", store])
+    assert ok.exit_code == 0, ok.output
+    for cmd in (["bundle", "verify", "--bundle", str(old), "--trusted-key", key],
+                ["edge", "forecast", "--bundle", str(old), "--trusted-key", key]):
+        refused = runner.invoke(app, [*cmd, "--store", store])
+        assert refused.exit_code == 2 and "BundleRollbackError" in refused.output, refused.output
+    same_time = runner.invoke(app, ["edge", "forecast", "--bundle", str(twin), "--trusted-key",
+                                    key, "--store", store])
+    assert same_time.exit_code == 2 and "BundleRollbackError" in same_time.output
+    fine = runner.invoke(app, ["edge", "forecast", "--bundle", str(new), "--trusted-key", key,
+                               "--store", store])
+    assert fine.exit_code == 0, fine.output
+
+
+def test_naive_not_before_is_a_bundle_error(bundle: Path, coordinator_key) -> None:
+    with pytest.raises(BundleRollbackError, match="timezone"):
+        read_verified_bundle(bundle, coordinator_key.public_key(), not_before=datetime(2026, 1, 1))
+
+
+def test_build_never_writes_through_a_planted_symlink(tmp_path: Path, coordinator_key) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "forecast.lpmb"
+    (tmp_path / "forecast.lpmb.tmp").symlink_to(victim)
+    build_bundle(THETA, coordinator_key, out)
+    assert victim.read_text() == "precious"
+    assert read_verified_bundle(out, coordinator_key.public_key()).theta == THETA
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "forecast.lpmb", "forecast.lpmb.tmp", "victim.txt"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["theta"].update(beta=float("nan")),
+    lambda m: m["theta"].update(beta=float("inf")),
+    lambda m: m["theta"].update(beta=-0.5),
+    lambda m: m["theta"].update(dt=0.0),
+    lambda m: m.update(created="yesterday-ish"),
+    lambda m: m.update(created="2026-01-01T00:00:00"),  # no timezone
+    lambda m: m.update(isolation_applies=[2.0] * len(m["layers"])),
+    lambda m: m.update(default_horizon=-1),
+    lambda m: m.update(model_sha256="zz"),
+], ids=["nan", "inf", "negative-beta", "zero-dt", "garbage-created", "naive-created",
+        "isolation>1", "horizon", "sha"])
+def test_signed_but_malformed_manifests_refused(tmp_path: Path, bundle: Path, coordinator_key,
+                                                edit) -> None:
+    manifest_bytes, _, model = unpack(bundle.read_bytes())
+    manifest = json.loads(manifest_bytes)
+    edit(manifest)
+    mb = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()  # NaN as-is
+    blob = pack(mb, coordinator_key.sign(SIGNATURE_DOMAIN + mb), model)
+    with pytest.raises(BundleFormatError):
+        read_verified_bundle(_write(tmp_path, blob), coordinator_key.public_key())
+
+
+def test_deeply_nested_manifest_refused(tmp_path: Path, bundle: Path, coordinator_key) -> None:
+    _, _, model = unpack(bundle.read_bytes())
+    mb = b"[" * 60_000 + b"]" * 60_000
+    mb = mb[:60_000]  # within the manifest size limit, far deeper than the parser's stack
+    blob = pack(mb, coordinator_key.sign(SIGNATURE_DOMAIN + mb), model)
+    with pytest.raises(BundleFormatError):
+        read_verified_bundle(_write(tmp_path, blob), coordinator_key.public_key())
