@@ -181,6 +181,6 @@ def simulate(
     traj.meta.update(
         {"n": sh.n_total, "rank": rank, "world": size, "n_local": sh.n_local,
          "n_halo": sh.n_halo, "halo_bytes_per_exchange": sh.halo_bytes(),
-         "exchanges": op.exchanges, "owned": sh.owned}
+         "exchanges": op.exchanges, "exchange_seconds": op.exchange_seconds, "owned": sh.owned}
     )
     return traj

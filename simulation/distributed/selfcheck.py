@@ -31,6 +31,7 @@ class Case:
     method: str = "metis"
     estimator: str = "straight_through"
     grad: bool = True
+    checkpoint_days: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,7 +68,8 @@ def reference(case: Case) -> dict[str, Any]:
 
     model, pop = build_case(case)
     with torch.set_grad_enabled(case.grad):
-        traj = simulate(model, pop, case.days, case.seed, estimator=case.estimator)
+        traj = simulate(model, pop, case.days, case.seed, estimator=case.estimator,
+                        checkpoint_days=case.checkpoint_days)
         if case.grad:
             traj.total_infections.backward()
     return _result(model, traj)
@@ -80,7 +82,7 @@ def run_case(rank: int, world: int, case: Case) -> dict[str, Any]:
     model, pop = build_case(case)
     with torch.set_grad_enabled(case.grad):
         traj = simulate(model, pop, case.days, case.seed, estimator=case.estimator,
-                        partition=case.method)
+                        partition=case.method, checkpoint_days=case.checkpoint_days)
         if case.grad:
             traj.total_infections.backward()
             sync_gradients(model)

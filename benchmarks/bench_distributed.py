@@ -1,0 +1,253 @@
+"""Partitioned simulation (simulation.distributed): halo bytes vs cut edges, 1 → P ranks.
+
+Part 1 (one process): for each graph and partition method and P, the cut edges, the halo
+bytes per exchange (Σ over ranks, and the largest rank) against the bound 8 × cut edges, and
+AgentTorch's full-state all_gather (each rank receives the other ranks' N(P−1)/P float32
+values of one state tensor per sync).
+Part 2 (real processes over gloo on 127.0.0.1): a forward SIR run at N agents on 1 and P
+ranks (one torch thread each), same code path; plain single-process engine runs with 1 and
+2 threads for reference. Reports seconds per day, speed-up, efficiency, time inside the halo
+exchange, and memory per rank (tensor bytes of graph + state, and resident set size).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_distributed.py --n 1000000 --days 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def rss_mb() -> float:
+    """Resident set size of this process (MB), from /proc."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build(graph: str, n: int, seed: int = 0):
+    from simulation.population import random_contact_graph, synthesize
+
+    if graph == "random":
+        return random_contact_graph(n, 10.0, seed=seed), {}
+    if graph == "oxford":
+        pop = synthesize("oxford", seed=seed)
+    else:  # "nyc": the NYC preset scaled to n agents (200 areas)
+        pop = synthesize("nyc", seed=seed, scale=n / 8_400_000)
+    return pop, pop.attributes
+
+
+def halo_table(graph: str, n: int, parts: list[int], methods: list[str]) -> list[dict]:
+    from simulation.distributed import build_shard, cut_stats, partition_graph
+
+    pop, attrs = build(graph, n)
+    layer = pop.graph.merged() if hasattr(pop, "graph") else pop.merged()
+    rows = []
+    for method in methods:
+        for p in parts:
+            if method == "random" and p not in (parts[0], parts[-1]):
+                continue
+            t0 = time.perf_counter()
+            part = partition_graph(layer, p, method, attributes=attrs)
+            t_part = time.perf_counter() - t0
+            st = cut_stats(layer, part)
+            per_rank = [build_shard(layer, part, r).halo_bytes() for r in range(p)]
+            total = sum(per_rank)
+            rows.append({
+                "graph": graph, "agents": layer.n, "edges": st["edges"], "method": method,
+                "ranks": p, "cut_edges": st["cut_edges"], "cut_fraction": st["cut_fraction"],
+                "halo_bytes_total": total, "halo_bytes_max_rank": max(per_rank),
+                "bytes_per_cut_edge": total / max(st["cut_edges"], 1),
+                "allgather_bytes_per_rank": 4 * (layer.n - layer.n // p),
+                "allgather_bytes_total": 4 * (layer.n - layer.n // p) * p,
+                "partition_seconds": t_part,
+            })
+            r = rows[-1]
+            print(f"{graph:6} {method:8} P={p:<3} cut {r['cut_fraction']:6.1%} "
+                  f"({r['cut_edges']:,} of {r['edges']:,})  halo {total / 1e6:7.2f} MB total, "
+                  f"{r['halo_bytes_max_rank'] / 1e6:6.2f} MB max rank = {r['bytes_per_cut_edge']:.2f} B/cut edge"
+                  f"  | all_gather {r['allgather_bytes_per_rank'] / 1e6:6.2f} MB/rank  "
+                  f"(partition {t_part:.1f} s)", flush=True)
+    return rows
+
+
+def _timed_rank(rank: int, world: int, graph: str, n: int, days: int, method: str) -> dict:
+    """One rank of the timing run (spawn_local target)."""
+    import torch.distributed as dist
+
+    from simulation.distributed.runner import prepare, simulate
+    from simulation.models import SIR
+
+    base = rss_mb()
+    pop, _ = build(graph, n)
+    t0 = time.perf_counter()
+    shard, local, _ = prepare(pop, method=method)
+    t_prep = time.perf_counter() - t0
+    n_total = shard.n_total
+    model = SIR(beta=0.5, gamma=0.1)
+    gen = torch.Generator().manual_seed(1)
+    full = model.initial_state(n_total, gen, torch.device("cpu"))
+    init = {k: v[shard.owned] for k, v in full.items()}
+    del pop, full
+    gc.collect()
+    setup_rss = rss_mb()
+    with torch.no_grad():  # warm-up (numba, gloo buffers) on one day
+        simulate(model, None, 1, 1, shard=(shard, local), initial_state=dict(init),
+                 estimator="straight_through")
+    dist.barrier()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        traj = simulate(model, None, days, 1, shard=(shard, local), initial_state=dict(init),
+                        estimator="straight_through")
+    sec = time.perf_counter() - t0
+    state_bytes = sum(v.numel() * v.element_size() for v in traj.final_state.values())
+    return {
+        "rank": rank, "world": world, "seconds": sec, "prepare_seconds": t_prep,
+        "exchange_seconds": traj.meta["exchange_seconds"], "n_local": shard.n_local,
+        "n_halo": shard.n_halo, "halo_bytes": shard.halo_bytes(),
+        "graph_bytes": shard.nbytes(), "state_bytes": state_bytes,
+        "rss_mb": rss_mb(), "rss_after_setup_mb": setup_rss, "rss_imports_mb": base,
+        "total_infections": float(traj.total_infections),
+    }
+
+
+def _plain(rank: int, world: int, graph: str, n: int, days: int, threads: int) -> dict:
+    """Single-process engine run (no partitioning) with ``threads`` torch threads."""
+    from simulation.engine import simulate
+    from simulation.models import SIR
+
+    torch.set_num_threads(threads)
+    base = rss_mb()
+    pop, _ = build(graph, n)
+    g = pop.graph if hasattr(pop, "graph") else pop
+    layer = g.merged()
+    model = SIR(beta=0.5, gamma=0.1)
+    with torch.no_grad():
+        simulate(model, pop, 1, 1, estimator="straight_through")
+        t0 = time.perf_counter()
+        traj = simulate(model, pop, days, 1, estimator="straight_through")
+        sec = time.perf_counter() - t0
+    gbytes = sum(t.numel() * t.element_size()
+                 for t in (layer.indptr, layer.indices, layer.weights) if t is not None)
+    sbytes = sum(v.numel() * v.element_size() for v in traj.final_state.values())
+    return {"threads": threads, "seconds": sec, "graph_bytes": gbytes, "state_bytes": sbytes,
+            "rss_mb": rss_mb(), "rss_imports_mb": base,
+            "total_infections": float(traj.total_infections)}
+
+
+def timing(graph: str, n: int, days: int, procs: int, method: str) -> dict:
+    from simulation.distributed.launch import spawn_local
+
+    out: dict = {"graph": graph, "agents": n, "days": days, "method": method,
+                 "load_before": os.getloadavg()}
+    for threads in (1, 2):
+        r = spawn_local(_plain, 1, graph, n, days, threads)[0]
+        out[f"plain_{threads}t"] = r
+        print(f"plain engine, {threads} thread(s): {r['seconds'] / days * 1e3:.0f} ms/day", flush=True)
+    for world in (1, procs):
+        ranks = spawn_local(_timed_rank, world, graph, n, days, method)
+        out[f"ranks_{world}"] = ranks
+        sec = max(r["seconds"] for r in ranks)
+        print(f"{world} rank(s): {sec / days * 1e3:.0f} ms/day, exchange "
+              f"{max(r['exchange_seconds'] for r in ranks) / days * 1e3:.1f} ms/day, "
+              f"rss {[round(r['rss_mb']) for r in ranks]} MB", flush=True)
+    one = max(r["seconds"] for r in out["ranks_1"])
+    many = max(r["seconds"] for r in out[f"ranks_{procs}"])
+    out["speedup"] = one / many
+    out["efficiency"] = out["speedup"] / procs
+    out["speedup_vs_plain_1t"] = out["plain_1t"]["seconds"] / many
+    out["speedup_vs_plain_2t"] = out["plain_2t"]["seconds"] / many
+    single = out["ranks_1"][0]
+    mem1 = single["graph_bytes"] + single["state_bytes"]
+    out["memory_share_per_rank"] = [
+        (r["graph_bytes"] + r["state_bytes"]) / mem1 for r in out[f"ranks_{procs}"]
+    ]
+    out["load_after"] = os.getloadavg()
+    print(f"speed-up 1 → {procs} ranks: {out['speedup']:.2f}× (efficiency {out['efficiency']:.0%}); "
+          f"vs plain engine 1 thread {out['speedup_vs_plain_1t']:.2f}×, 2 threads "
+          f"{out['speedup_vs_plain_2t']:.2f}×; memory per rank (graph+state) "
+          f"{[f'{m:.2f}' for m in out['memory_share_per_rank']]} of one rank's; "
+          f"load {out['load_before']} → {out['load_after']}", flush=True)
+    return out
+
+
+# Projection assumptions (stated in docs/distributed.md; not measured here: no GPU in this run)
+GPU_NS_PER_AGENT_DAY = 0.58 / (90 * 8_400_000) * 1e9  # lead's H200 run: 8.4M × 90 days in 0.58 s
+LINKS = {"nvlink": (100e9, 25e-6), "infiniband": (25e9, 60e-6)}  # (bytes/s per GPU, latency)
+
+
+def project(rows: list[dict], sizes=(8_400_000, 100_000_000), ranks=(1, 2, 4, 8, 16, 64)) -> list[dict]:
+    """Seconds per simulated day on P GPUs: compute N/P × c + one exchange of the largest
+    rank's halo (scaled from the measured 1M-agent NYC METIS partition) over NVLink (P ≤ 8)
+    or InfiniBand (P > 8); AgentTorch's all_gather of one float32 state tensor beside it."""
+    measured = {r["ranks"]: r for r in rows if r["graph"] == "nyc" and r["method"] == "metis"}
+    out = []
+    for n in sizes:
+        for p in ranks:
+            if p > 1 and p not in measured:
+                continue
+            bw, lat = LINKS["nvlink" if p <= 8 else "infiniband"]
+            halo = 0 if p == 1 else measured[p]["halo_bytes_max_rank"] * n / measured[p]["agents"]
+            gather = 4 * (n - n // p)
+            compute = n / p * GPU_NS_PER_AGENT_DAY * 1e-9
+            comm = 0 if p == 1 else lat + halo / bw
+            out.append({"agents": n, "ranks": p, "compute_s": compute, "halo_bytes_per_rank": halo,
+                        "exchange_s": comm, "day_s": compute + comm,
+                        "allgather_bytes_per_rank": gather,
+                        "allgather_s": 0 if p == 1 else lat + gather / bw})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--days", type=int, default=10)
+    ap.add_argument("--procs", type=int, default=2)
+    ap.add_argument("--graph", choices=("nyc", "random"), default="nyc")
+    ap.add_argument("--method", default="metis")
+    ap.add_argument("--parts", default="2,4,8,16,64")
+    ap.add_argument("--skip-halo", action="store_true")
+    ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--project", type=Path, default=None,
+                    help="print the GPU projection table from a saved --json (halo part)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    result: dict = {"uptime_load": os.getloadavg()}
+    if not args.skip_halo:
+        parts = [int(p) for p in args.parts.split(",")]
+        rows = halo_table("oxford", 150_000, parts, ["metis", "locality", "block", "random"])
+        for g in ("nyc", "random"):
+            rows += halo_table(g, args.n, parts, ["metis", "locality", "random"] if g == "nyc"
+                               else ["metis", "random"])
+        result["halo"] = rows
+        worst = max(r["bytes_per_cut_edge"] for r in rows)
+        print(f"largest halo bytes per cut edge: {worst:.2f} (bound 8)")
+    if args.project is not None:
+        rows = json.loads(args.project.read_text())["halo"]
+        print("| agents | GPUs | compute s/day | halo MB/rank | exchange ms | s/day | all_gather MB/rank | all_gather ms |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in project(rows):
+            print(f"| {r['agents'] / 1e6:g}M | {r['ranks']} | {r['compute_s']:.4f} | "
+                  f"{r['halo_bytes_per_rank'] / 1e6:.1f} | {r['exchange_s'] * 1e3:.2f} | "
+                  f"{r['day_s']:.4f} | {r['allgather_bytes_per_rank'] / 1e6:.0f} | "
+                  f"{r['allgather_s'] * 1e3:.2f} |")
+        return
+    if not args.skip_timing:
+        result["timing"] = timing(args.graph, args.n, args.days, args.procs, args.method)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=float))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
