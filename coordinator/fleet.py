@@ -135,7 +135,7 @@ def run_fleet(cfg: RunConfig, *, settings: FederatedSettings | None = None,
     A given ``transport`` (tests) is used as it is and left open."""
     min_devices = (settings or FederatedSettings()).min_devices
     if cfg.devices < min_devices:
-        raise MinCohortError(f"{cfg.devices} devices is below the minimum cohort {min_devices}")
+        raise MinCohortError(f"{cfg.devices} devices: the minimum cohort is {min_devices}")
     own = transport is None
     if transport is None:
         sched = dict(offline) if offline is not None else \
