@@ -97,8 +97,15 @@ def simulate(
     and must return Σ_j w_ij x_j per agent). ``progress(day)`` is called after each day.
     ``extras`` reach every substep as ``ctx.extras`` (e.g. ``{"beta_t": β per day}``).
     ``uniforms(day, streams)`` replaces :func:`step_uniforms` (the partitioned runner,
-    ``simulation.distributed``, keys them by global agent id).
+    ``simulation.distributed``, keys them by global agent id). A population that carries
+    ``simulate_partitioned`` (``simulation.distributed.PartitionedPopulation``) runs
+    partitioned over its process group, with the same arguments and results.
     """
+    runner = getattr(population, "simulate_partitioned", None)
+    if runner is not None and neighbour_sum is None and uniforms is None:
+        return runner(model, days, seed, estimator=estimator, device=device,
+                      checkpoint_days=checkpoint_days, progress=progress,
+                      initial_state=initial_state, extras=extras)
     if days < 0:
         raise SimulationError("days must be >= 0")
     if checkpoint_days is not None and checkpoint_days < 1:
