@@ -134,8 +134,92 @@ def _household_pairs(sizes: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray,
     return np.concatenate(hs), np.concatenate(hd)
 
 
+def _band_overlap(bands: tuple[AgeBand, ...]) -> np.ndarray:
+    """[marginal bands, 16]: share of a marginal band's years in each five-year contact band."""
+    out = np.zeros((len(bands), 16))
+    for i, b in enumerate(bands):
+        years = np.minimum(np.arange(b.lo, b.hi + 1) // 5, 15)
+        out[i] = np.bincount(years, minlength=16) / years.size
+    return out
+
+
+def _ipf_seed(bands: tuple[AgeBand, ...], k: int, head_age: np.ndarray | None, home: np.ndarray) -> np.ndarray:
+    """Seed of the (age band × sex × household size) fit: expected people of each band per
+    household of size h, from the head's age by size and the home contact matrix row of the
+    head (data-driven interaction); without a head table, uniform. Children (< 15) never
+    live alone (structural zeros)."""
+    nb = len(bands)
+    seed = np.ones((nb, 2, k))
+    if head_age is not None:
+        cond = home / np.maximum(home.sum(axis=1, keepdims=True), 1e-12)  # P(member band | head band)
+        width = np.array([5.0] * 15 + [20.0])
+        per_year = np.zeros((k, 16))
+        for h in range(1, k + 1):
+            expected = head_age[h - 1] + (h - 1) * head_age[h - 1] @ cond
+            per_year[h - 1] = expected / width
+        years = np.array([b.hi - b.lo + 1 for b in bands], float)
+        s = (_band_overlap(bands) * years[:, None]) @ per_year.T  # [bands, k]
+        seed = np.repeat((s + 1e-3 * s.max())[:, None, :], 2, axis=1)
+    child = np.array([b.hi < 15 for b in bands])
+    seed[child, :, 0] = 0.0
+    return seed
+
+
+def _match(rng: np.random.Generator, want: np.ndarray, have: np.ndarray, nb: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pair slots wanting band ``want`` with people of band ``have`` band by band, then the
+    unmatched at random; returns (slot index, person index) pairs covering min(len) slots."""
+    slot_order = np.argsort(want, kind="stable")
+    pers_order = np.argsort(have, kind="stable")
+    s_counts = np.bincount(want, minlength=nb)
+    p_counts = np.bincount(have, minlength=nb)
+    s_start = np.concatenate([[0], np.cumsum(s_counts)[:-1]])
+    p_start = np.concatenate([[0], np.cumsum(p_counts)[:-1]])
+    filled = np.zeros(want.size, bool)
+    placed = np.zeros(have.size, bool)
+    si_all, pi_all = [], []
+    for b in range(nb):
+        m = min(s_counts[b], p_counts[b])
+        if m:
+            si = slot_order[s_start[b] : s_start[b] + m]
+            pi = pers_order[p_start[b] : p_start[b] + m]
+            si_all.append(si)
+            pi_all.append(pi)
+            filled[si] = True
+            placed[pi] = True
+    left_slots = np.flatnonzero(~filled)
+    left_people = np.flatnonzero(~placed)
+    left_people = left_people[rng.permutation(left_people.size)]
+    m = min(left_slots.size, left_people.size)
+    si_all.append(left_slots[:m])
+    pi_all.append(left_people[:m])
+    return np.concatenate(si_all), np.concatenate(pi_all)
+
+
+def _pick_heads(
+    rng: np.random.Generator, people: np.ndarray, age: np.ndarray, cb: np.ndarray, n_hh: int, head_age: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One head per household (adults first; ages follow ``head_age`` where given)."""
+    adult = age[people] >= 18
+    adults, minors = people[adult], people[~adult]
+    if head_age is None or adults.size == 0 or head_age.sum() == 0:
+        ordered = np.concatenate([adults, minors])
+        return ordered[:n_hh], ordered[n_hh:]
+    k = min(n_hh, adults.size)
+    want = np.minimum(np.searchsorted(np.cumsum(head_age), rng.random(k) * head_age.sum(), side="right"), 15)
+    _, pi = _match(rng, want, cb[adults], 16)
+    chosen = np.zeros(adults.size, bool)
+    chosen[pi] = True
+    rest = np.concatenate([adults[~chosen], minors])
+    heads = np.concatenate([adults[pi], rest[: n_hh - k]])
+    return heads, rest[n_hh - k :]
+
+
 def _compose_households(
-    rng: np.random.Generator, size_class: np.ndarray, age: np.ndarray, home: np.ndarray
+    rng: np.random.Generator,
+    size_class: np.ndarray,
+    age: np.ndarray,
+    home: np.ndarray,
+    head_age: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Household id per person and household sizes, from each person's size class."""
     n = size_class.size
@@ -152,9 +236,7 @@ def _compose_households(
         if rest:
             sizes = np.append(sizes, rest)
         n_hh = sizes.size
-        adult = age[people] >= 18
-        by_adult = np.concatenate([people[adult], people[~adult]])
-        heads, others = by_adult[:n_hh], by_adult[n_hh:]
+        heads, others = _pick_heads(rng, people, age, cb, n_hh, None if head_age is None else head_age[int(h) - 1])
         hh_ids = np.arange(next_id, next_id + n_hh)
         household[heads] = hh_ids
         if others.size:
@@ -165,28 +247,9 @@ def _compose_households(
             for k in range(cdf.shape[0]):
                 sel = slot_head_band == k
                 want[sel] = np.minimum(np.searchsorted(cdf[k], u[sel], side="right"), cdf.shape[0] - 1)
-            # match people to slots band by band; the unmatched fill the rest at random
-            ob = cb[others]
-            slot_order = np.argsort(want, kind="stable")
-            pers_order = np.argsort(ob, kind="stable")
-            s_counts = np.bincount(want, minlength=cdf.shape[0])
-            p_counts = np.bincount(ob, minlength=cdf.shape[0])
-            s_start = np.concatenate([[0], np.cumsum(s_counts)[:-1]])
-            p_start = np.concatenate([[0], np.cumsum(p_counts)[:-1]])
-            filled = np.zeros(slot_hh.size, bool)
-            placed = np.zeros(others.size, bool)
-            for b in range(cdf.shape[0]):
-                m = min(s_counts[b], p_counts[b])
-                if m:
-                    si = slot_order[s_start[b] : s_start[b] + m]
-                    pi = pers_order[p_start[b] : p_start[b] + m]
-                    household[others[pi]] = slot_hh[si]
-                    filled[si] = True
-                    placed[pi] = True
-            left_slots = np.flatnonzero(~filled)
-            left_people = np.flatnonzero(~placed)
-            left_people = left_people[rng.permutation(left_people.size)]
-            household[others[left_people]] = slot_hh[left_slots]
+            # people matched to slots band by band; the unmatched fill the rest at random
+            si, pi = _match(rng, want, cb[others], cdf.shape[0])
+            household[others[pi]] = slot_hh[si]
         sizes_out.append(sizes)
         next_id += n_hh
     return household, np.concatenate(sizes_out) if sizes_out else np.empty(0, np.int64)
@@ -206,9 +269,7 @@ def build_area(
     k = marginals.household_share.size
     hsize = np.arange(1, k + 1)
     persons_per_size = integerize(marginals.household_share * hsize, n)
-    seed = np.ones((nb, 2, k))
-    child = np.array([b.hi < 15 for b in bands])
-    seed[child, :, 0] = 0.0
+    seed = _ipf_seed(bands, k, marginals.head_age, matrices["household"])
     fit = ipf(seed, [((0, 1), cells.astype(float)), ((2,), persons_per_size.astype(float))])
     joint = np.zeros((nb, 2, k), np.int64)
     for a in range(nb):
@@ -223,7 +284,7 @@ def build_area(
     hi = np.array([b.hi for b in bands])[band_i]
     age = (lo + rng.random(idx.size) * (hi - lo + 1)).astype(np.int64)
 
-    household, hh_sizes = _compose_households(rng, size_i + 1, age, matrices["household"])
+    household, hh_sizes = _compose_households(rng, size_i + 1, age, matrices["household"], marginals.head_age)
     # number agents household by household, households in random order
     hh_rank = rng.permutation(hh_sizes.size)
     order = np.lexsort((rng.random(n), hh_rank[household]))
@@ -234,10 +295,10 @@ def build_area(
 
     enrolled = _exact_share(rng, band_i, marginals.enrolment)
     employed = _exact_share(rng, band_i, marginals.employment)
-    workers = np.flatnonzero(employed & ~enrolled)
+    workers = np.flatnonzero(employed)  # employed students also work (part-time jobs)
     students = np.flatnonzero(enrolled)
     n_staff = min(int(round(students.size / options.students_per_staff)), workers.size)
-    eligible = workers[(age[workers] >= 20) & (age[workers] < 70)]
+    eligible = workers[(age[workers] >= 20) & (age[workers] < 70) & ~enrolled[workers]]
     staff = eligible[rng.permutation(eligible.size)[: min(n_staff, eligible.size)]]
     is_staff = np.zeros(n, bool)
     is_staff[staff] = True

@@ -9,6 +9,8 @@ A marginals directory holds (``area`` ``*`` rows apply to every area without row
 - ``rates.csv``: ``area,age_band,employment_rate,enrolment_rate`` (required; same bands)
 - ``workplace_size.csv``, ``school_size.csv``: ``area,size_min,size_max,count`` (optional;
   establishments per size bracket)
+- ``household_head_age.csv``: ``area,size,age_min,age_max,count`` (optional; householders
+  by age bracket per household size)
 - ``settings.csv``: ``key,value`` (optional: ``name``, ``contact_matrices``)
 
 See docs/population.md.
@@ -81,6 +83,7 @@ class AreaMarginals:
     enrolment: np.ndarray  # [bands]
     workplace_sizes: np.ndarray  # [k, 3] size_min, size_max, count
     school_sizes: np.ndarray  # [k, 3]
+    head_age: np.ndarray | None = None  # [sizes, 16] P(head's five-year band | household size)
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,29 @@ def _brackets(path: Path, codes: list[str], default: np.ndarray) -> dict[str, np
     return out
 
 
+def _head_age(path: Path, codes: list[str], sizes: int) -> dict[str, np.ndarray | None]:
+    """P(head in five-year band | size) per area, brackets spread uniformly over their years."""
+    if not path.exists():
+        return dict.fromkeys(codes)
+    table = _by_area(path, _read(path, ("area", "size", "age_min", "age_max", "count")), codes)
+    out: dict[str, np.ndarray | None] = {}
+    for c in codes:
+        arr = np.zeros((sizes, 16))
+        for line, r in _rows_for(table, c):
+            h = int(_num(path, line, r["size"], "size"))
+            lo = int(_num(path, line, r["age_min"], "age_min"))
+            hi = int(_num(path, line, r["age_max"], "age_max"))
+            if h < 1 or hi < lo:
+                raise PopulationError(f"{path.name} line {line}: need size >= 1 and age_min <= age_max")
+            if h > sizes:
+                continue
+            years = np.minimum(np.arange(lo, hi + 1) // 5, 15)
+            arr[h - 1] += np.bincount(years, minlength=16) * (_num(path, line, r["count"], "count") / years.size)
+        total = arr.sum(axis=1, keepdims=True)
+        out[c] = np.where(total > 0, arr / np.maximum(total, 1e-300), 0.0)
+    return out
+
+
 def load_marginals(path: str | Path) -> Marginals:
     """Read and validate a marginals directory (clear :class:`PopulationError` on bad input)."""
     root = Path(path)
@@ -268,6 +294,8 @@ def load_marginals(path: str | Path) -> Marginals:
                 raise PopulationError(f"{p.name} line {line}: rates must be in [0, 1]")
         rates[c] = (np.array([emp.get(b, 0.0) for b in bands]), np.array([enr.get(b, 0.0) for b in bands]))
 
+    sizes_max = max(h.size for h in households.values())
+    heads = _head_age(root / "household_head_age.csv", codes, sizes_max)
     work = _brackets(root / "workplace_size.csv", codes, _DEFAULT_WORKPLACES)
     school = _brackets(root / "school_size.csv", codes, _DEFAULT_SCHOOLS)
     areas = tuple(
@@ -281,6 +309,7 @@ def load_marginals(path: str | Path) -> Marginals:
             enrolment=rates[c][1],
             workplace_sizes=work[c],
             school_sizes=school[c],
+            head_age=heads[c],
         )
         for c, r, pop in zip(codes, area_rows, pops, strict=True)
     )

@@ -1,0 +1,233 @@
+"""Populations from census marginals: IPF, the CSV format, boroughs, contact layers vs the
+published matrices, Parquet files with schema and provenance, and `lpm population`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from simulation.population import (
+    BOROUGH_POPULATION,
+    BOROUGHS,
+    SCHEMA_VERSION,
+    Population,
+    PopulationError,
+    build_population,
+    bundled_marginals,
+    load_contact_matrices,
+    load_marginals,
+    synthesize,
+    write_population,
+)
+from simulation.population.contacts import reciprocal_totals
+from simulation.population.graph import build_csr
+from simulation.population.ipf import integerize, ipf
+from simulation.population.marginals import DATA_DIR
+from simulation.population.report import mixing_report
+from simulation.population.store import read_metadata
+
+
+@pytest.fixture(scope="module")
+def nyc100k():
+    return synthesize("nyc", seed=0, scale=100_000 / 8_804_190)
+
+
+def test_ipf_fits_both_margins_and_keeps_structural_zeros():
+    seed = np.ones((3, 4))
+    seed[0, 0] = 0.0
+    rows, cols = np.array([10.0, 20.0, 30.0]), np.array([5.0, 15.0, 25.0, 15.0])
+    fit = ipf(seed, [((0,), rows), ((1,), cols)])
+    assert np.allclose(fit.table.sum(1), rows) and np.allclose(fit.table.sum(0), cols)
+    assert fit.table[0, 0] == 0.0 and fit.iterations > 1
+    with pytest.raises(PopulationError, match="total"):
+        ipf(seed, [((0,), rows), ((1,), cols * 2)])
+    blocked = np.array([[1.0, 0.0], [0.0, 0.0]])
+    with pytest.raises(PopulationError, match="converge"):
+        ipf(blocked, [((0,), np.array([1.0, 1.0])), ((1,), np.array([1.0, 1.0]))], max_iter=50)
+
+
+def test_integerize_is_exact_and_close():
+    v = np.array([0.2, 1.7, 3.1, 5.0])
+    out = integerize(v, 17)
+    assert out.sum() == 17 and np.all(np.abs(out - v * 17 / v.sum()) < 1)
+
+
+def test_build_csr_sums_duplicate_weights_and_drops_loops():
+    indptr, cols, w = build_csr(4, np.array([0, 1, 2, 3, 0]), np.array([1, 0, 2, 0, 3]), np.array([1, 2, 5, 1, 1.0]))
+    dense = np.zeros((4, 4))
+    dense[np.repeat(np.arange(4), np.diff(indptr)), cols] = w
+    expect = np.zeros((4, 4))
+    expect[0, 1] = expect[1, 0] = 3.0
+    expect[0, 3] = expect[3, 0] = 2.0
+    assert np.array_equal(dense, expect) and cols.dtype == np.int32
+    with pytest.raises(PopulationError):
+        build_csr(3, np.array([0]), np.array([3]))
+
+
+def test_borough_table_is_the_2020_census():
+    assert BOROUGHS == ("BX", "BK", "MN", "QN", "SI")
+    assert BOROUGH_POPULATION["BK"] == 2_736_074 and sum(BOROUGH_POPULATION.values()) == 8_804_190
+    m = bundled_marginals("nyc")
+    assert [a.code for a in m.areas] == list(BOROUGHS)
+    assert m.population == 8_804_190 and len(m.provenance) >= 5
+
+
+@pytest.mark.parametrize("scale", [0.0005, 0.003, 0.05])
+def test_boroughs_in_proportion_at_every_scale(scale):
+    m = bundled_marginals("nyc")
+    n = round(m.population * scale)
+    sizes = m.area_sizes(n)
+    share = np.array([BOROUGH_POPULATION[b] for b in BOROUGHS]) / m.population
+    assert sizes.sum() == n and np.all(np.abs(sizes - n * share) < 1)
+
+
+def test_marginals_reproduced_within_one_percent(nyc100k):
+    assert nyc100k.n == 100_000
+    assert np.bincount(nyc100k.attributes["area"].numpy()).tolist() == bundled_marginals("nyc").area_sizes(100_000).tolist()
+    for r in nyc100k.meta["report"]:
+        tvd = r["tvd"]
+        assert max(tvd["age_sex"], tvd["household_size"], tvd["employment"], tvd["enrolment"]) < 0.01, r
+        assert r["ipf"]["max_error"] < 1e-6
+
+
+def test_layers_follow_the_published_matrices(nyc100k):
+    layers = {k: (v.indptr.numpy(), v.indices.numpy()) for k, v in nyc100k.graph.layers.items()}
+    rep = mixing_report(layers, nyc100k.attributes["age"].numpy(), load_contact_matrices("prem2017_usa"))
+    assert set(rep) == {"household", "school", "work", "community"}
+    for name in ("school", "work", "community"):  # drawn from the matrix directly
+        assert rep[name]["rel_frobenius_reciprocal"] < 0.10, (name, rep[name])
+        assert rep[name]["rel_frobenius"] < rep[name]["reciprocity_floor"] + 0.10
+        assert 0.8 < rep[name]["mean_contacts"] / rep[name]["published_mean_contacts"] < 1.2
+    for name, r in rep.items():  # no undirected graph beats the floor
+        assert r["rel_frobenius"] >= r["reciprocity_floor"] - 1e-9, name
+
+
+def test_reciprocal_projection_is_symmetric_and_closest():
+    m = load_contact_matrices("prem2017_usa")["work"]
+    pop = np.linspace(1.0, 2.0, 16) * 1000
+    x = reciprocal_totals(m, pop)
+    assert np.allclose(x, x.T)
+    c = x / pop[:, None]
+    naive = 0.5 * (m + (pop[:, None] * m).T / pop[:, None])
+    assert np.linalg.norm(c - m) <= np.linalg.norm(naive - m) + 1e-12
+
+
+def test_merged_graph_is_unweighted_symmetric_and_without_cross_layer_duplicates(nyc100k):
+    g = nyc100k.graph
+    merged = g.merged()
+    assert merged.weights is None
+    assert merged.nnz == sum(layer.nnz for layer in g.layers.values())
+    r, c = merged.edges()
+    assert not np.any(r == c)
+    key = np.sort(r * nyc100k.n + c)
+    back = np.sort(c * nyc100k.n + r)
+    assert np.array_equal(key, back)
+    ip, ix = merged.indptr.numpy(), merged.indices.numpy()
+    assert all(np.all(np.diff(ix[ip[i] : ip[i + 1]]) > 0) for i in range(0, nyc100k.n, 997))
+    hh = nyc100k.attributes["household"].numpy()
+    hr, hc = g.layers["household"].edges()
+    assert np.all(hh[hr] == hh[hc]) and np.all(np.abs(hr - hc) < 8)  # households are contiguous ids
+
+
+def test_weighted_layers_still_merge_with_weights():
+    pop = synthesize("tiny", seed=1)
+    pop.graph.layer_weights["work"] = 0.5
+    pop.graph._merged.clear()
+    merged = pop.graph.merged()
+    assert merged.weights is not None and set(np.unique(merged.weights.numpy())) == {0.5, 1.0}
+
+
+def test_synthesize_is_deterministic_and_seed_sensitive():
+    a, b, c = synthesize("tiny", seed=5), synthesize("tiny", seed=5), synthesize("tiny", seed=6)
+    assert all(torch.equal(a.attributes[k], b.attributes[k]) for k in a.attributes)
+    assert torch.equal(a.graph.merged().indices, b.graph.merged().indices)
+    assert not torch.equal(a.attributes["age"], c.attributes["age"])
+    assert a.attributes["area"].unique().numel() == 4
+
+
+def test_streamed_file_equals_in_memory_build_and_carries_provenance(tmp_path):
+    m = bundled_marginals("nyc")
+    n = 20_000
+    out = tmp_path / "city.parquet"
+    meta = write_population(m, out, n, seed=3)
+    mem = build_population(m, n, seed=3)
+    back = Population.load(out)
+    assert back.n == n
+    for k, v in mem.attributes.items():
+        assert torch.equal(back.attributes[k], v), k
+    for name, layer in mem.graph.layers.items():
+        assert torch.equal(back.graph.layers[name].indices, layer.indices), name
+    disk = read_metadata(out)
+    assert disk["schema_version"] == SCHEMA_VERSION and disk["n"] == n
+    assert disk["provenance"]["sha256"] == m.provenance and len(disk["report"]) == 5
+    assert disk["edges"] == meta["edges"] and sum(disk["edges"].values()) == mem.graph.merged().nnz // 2
+    assert not list(tmp_path.glob("*.pkl"))
+
+
+def test_file_without_metadata_or_newer_schema_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"a": [1]}), plain)
+    with pytest.raises(PopulationError, match="metadata"):
+        read_metadata(plain)
+    future = tmp_path / "future.parquet"
+    table = pa.table({"a": [1]}).replace_schema_metadata({"lpm.population": json.dumps({"schema_version": 99})})
+    pq.write_table(table, future)
+    with pytest.raises(PopulationError, match="schema 99"):
+        read_metadata(future)
+
+
+def _copy_marginals(tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(DATA_DIR / "marginals" / "oxford", d)
+    return d
+
+
+def test_user_marginals_are_validated(tmp_path):
+    d = _copy_marginals(tmp_path)
+    (d / "areas.csv").write_text("area,name,population\nA,Alpha,600\nB,Beta,400\n")
+    m = load_marginals(d)
+    assert [a.population for a in m.areas] == [600, 400]
+    pop = build_population(m, 1_000, seed=0)
+    assert np.bincount(pop.attributes["area"].numpy()).tolist() == [600, 400]
+    cases = {
+        "age_sex.csv": ("area,age_band,sex,count\n*,0-9,X,1\n", "sex must be F or M"),
+        "rates.csv": ("area,age_band,employment_rate,enrolment_rate\n*,0-9,1.5,0\n", "rates must be in"),
+        "household_size.csv": ("area,size,share\nZ,1,1\n", "unknown area"),
+        "workplace_size.csv": ("area,size_min,size_max,count\n*,5,2,1\n", "size_min"),
+    }
+    for name, (text, msg) in cases.items():
+        bad = _copy_marginals(tmp_path / name)
+        (bad / name).write_text(text)
+        with pytest.raises(PopulationError, match=msg):
+            load_marginals(bad)
+    (d / "rates.csv").unlink()
+    with pytest.raises(PopulationError, match="missing rates.csv"):
+        load_marginals(d)
+    bad = _copy_marginals(tmp_path / "band")
+    (bad / "age_sex.csv").write_text("area,age_band,sex,count\n*,0-9,F,1\n*,20-29,F,1\n")
+    with pytest.raises(PopulationError, match="contiguous"):
+        load_marginals(bad)
+
+
+def test_cli_build_and_info(tmp_path):
+    from lpm_cli import app
+
+    out = tmp_path / "ox.parquet"
+    runner = CliRunner()
+    res = runner.invoke(app, ["population", "build", "--marginals", "oxford", "--n", "3000", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.exists() and (tmp_path / "ox.edges.parquet").exists()
+    res = runner.invoke(app, ["population", "info", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert info["meta"]["n"] == 3000 and set(info["mixing"]) == {"household", "school", "work", "community"}
+    res = runner.invoke(app, ["population", "build", "--marginals", "atlantis", "--out", str(out)])
+    assert res.exit_code == 1 and "no bundled marginals" in res.output
