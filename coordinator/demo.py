@@ -1,10 +1,12 @@
 """`lpm demo`: the whole story in a few minutes on a laptop.
 
-A synthetic city (~100k agents) with 50 simulated devices on Flower's simulation engine runs a
-secure neighbourhood round and a masked aggregation every day; the coordinator fits β with a
-few Adam steps through the differentiable simulator, exports a signed ONNX bundle, serves
-everything over HTTP, and a device verifies the bundle and ranks behaviour options with it.
-Imports only coordinator/simulation/protocols/mobile_export (the ClientApp is loaded by name).
+A synthetic city (~100k agents) with 50 simulated devices (real ClientApps in a device-host
+process) runs a secure neighbourhood round and a SecAgg+ report round every day; the
+coordinator calibrates β online from the synthetic agents (autograd) and the devices'
+securely aggregated ∂p/∂β — it never simulates or holds a device's state — exports a signed
+ONNX bundle with the fitted β, serves everything over HTTP, and a device verifies the bundle
+and ranks behaviour options with it. Imports only coordinator/simulation/protocols/
+mobile_export (the device host is started by module name).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from coordinator.calibration import CalibrationSettings
 from coordinator.fleet import run_fleet
 from coordinator.runner import RunConfig
+from coordinator.server_app import FederatedSettings
 from coordinator.service import create_app
 from coordinator.store import CoordinatorStore
 
@@ -50,31 +54,9 @@ def serve_in_thread(app, port: int = 0):
     return server, f"http://127.0.0.1:{port}"
 
 
-def _calibrate(cfg: RunConfig, observed: torch.Tensor, steps: int, console: Console) -> dict:
-    from simulation.calibration.losses import log_mse
-    from simulation.calibration.point import calibrate
-    from simulation.engine import simulate
-    from simulation.models import SIR
-    from simulation.population import synthesize
-
-    pop = synthesize(cfg.population, seed=cfg.seed, scale=cfg.scale)
-    start = 0.3
-    model = SIR(beta=start, gamma=cfg.gamma, initial_infected=cfg.initial_infected)
-    model.gamma.requires_grad_(False)
-
-    def loss() -> torch.Tensor:
-        traj = simulate(model, pop, cfg.days, cfg.seed, estimator="straight_through")
-        return log_mse(traj["new_infections"][1:], observed)
-
-    res = calibrate(loss, {"beta": model.beta}, steps=steps, lr=0.05,
-                    progress=lambda s, v: console.print(
-                        f"    Adam step {s + 1}/{steps}: loss {v:.4f}, β = {float(model.beta.detach()):.4f}"))
-    return {"beta_start": start, "beta_fitted": res.params["beta"], "beta_true": cfg.beta,
-            "losses": res.losses, "steps": res.runs, "seconds": res.seconds}
-
-
 def run_demo(out_dir: Path, *, devices: int = 50, days: int = 20, scale: float = 0.67,
-             seed: int = 0, calibration_steps: int = 5, console: Console | None = None) -> dict:
+             seed: int = 0, calibration_steps: int = 5, beta_init: float = 0.3,
+             console: Console | None = None) -> dict:
     """Run the demo; writes the store, bundle and PNG under ``out_dir``; returns a summary."""
     import httpx
 
@@ -97,33 +79,41 @@ def run_demo(out_dir: Path, *, devices: int = 50, days: int = 20, scale: float =
     console.rule("[bold]lpm-edge demo")
     console.print(f"1. Coordinator HTTP service on {url} (OpenAPI at {url}/docs); run {run_id}.")
     console.print(f"2. Synthetic city: preset 'oxford' × {scale} (~{int(150_000 * scale):,} "
-                  f"agents); {devices} of them are devices (Flower ClientApps on Ray). Each day: "
-                  "the coordinator steps the synthetic agents; devices run the assisted secure "
-                  "neighbourhood sum (sealed, masked envelopes relayed by the coordinator), "
-                  "compute their own risk p_i and ∂p_i/∂β, update their status, and upload "
-                  "pairwise-masked reports that only add up to totals.")
+                  f"agents); {devices} of them are devices (real ClientApps in their own "
+                  "process). Each day: the coordinator steps the synthetic agents; devices run "
+                  "the assisted secure neighbourhood sum (sealed, masked envelopes relayed by "
+                  "the coordinator), compute their risk p_i and ∂p_i/∂β at the current θ, update "
+                  "their status with randomness that never leaves them, and send their report "
+                  "through SecAgg+, so the coordinator learns only totals. Every 2 days the "
+                  f"coordinator updates β (start {beta_init}) from the reported counts: "
+                  "∂L/∂β = autograd through the synthetic agents + the devices' Σ∂p/∂β.")
     store.set_status(run_id, "running")
     t_fleet = time.perf_counter()
     day_times: list[float] = []
 
     def on_day(day: int, row: dict) -> None:
         day_times.append(time.perf_counter())
-        console.print(f"   day {day:2d}: infected {int(row['I']):6d}, new {int(row['new_infections']):5d}"
-                      f" | devices: infected {row['physical_I']}, Σp {row['physical_expected_new']:.3f},"
-                      f" Σ∂p/∂β {row['physical_dp_dbeta']:.3f}")
+        console.print(f"   day {day:2d}: infected {int(row['I']):6d}, new "
+                      f"{int(row['new_infections']):5d} | devices: {row['survivors']} reported, "
+                      f"infected {row['physical_I']}, Σ∂p/∂β {row['physical_dp_dbeta']:.3f} | "
+                      f"β {row['theta_beta']:.4f}, loss {row['loss']:.4f}")
 
-    rows = run_fleet(cfg, store=store, run_id=run_id, on_day=on_day)
+    settings = FederatedSettings(calibration=CalibrationSettings(
+        beta_init=beta_init, every=2, steps=calibration_steps))
+    rows = run_fleet(cfg, settings=settings, store=store, run_id=run_id, on_day=on_day)
     store.set_status(run_id, "completed")
     fleet_s = time.perf_counter() - t_fleet
     per_day = (day_times[-1] - day_times[0]) / max(len(day_times) - 1, 1)
-    console.print(f"   fleet run: {fleet_s:.1f} s including Ray start-up; ≈{per_day:.2f} s per "
+    console.print(f"   federated run: {fleet_s:.1f} s including start-up; ≈{per_day:.2f} s per "
                   "simulated day.")
-
-    console.print("3. Calibration: fit β from the run's daily new infections with Adam through "
-                  "the differentiable simulator (start β = 0.3; the run used 0.5).")
-    observed = torch.tensor([r["new_infections"] for r in rows], dtype=torch.float32)
-    calib = _calibrate(cfg, observed, calibration_steps, console)
-    calib["decentralised_dp_dbeta_per_day"] = [r["physical_dp_dbeta"] for r in rows]
+    console.print("3. Calibration happened during the run (no central re-simulation of the "
+                  "devices): β per day above, also served at GET /runs/{id}/series "
+                  "(theta_beta, loss) and /calibration.")
+    calib = {"beta_start": beta_init, "beta_fitted": float(rows[-1]["theta_beta"]),
+             "beta_true": cfg.beta, "theta_beta_per_day": [r["theta_beta"] for r in rows],
+             "loss_per_day": [r["loss"] for r in rows],
+             "grad_synthetic_per_day": [r["grad_synthetic"] for r in rows],
+             "grad_devices_per_day": [r["grad_devices"] for r in rows]}
     store.set_calibration(run_id, calib)
 
     console.print("4. Model bundle: export the personal forecast model to ONNX with the fitted β, "
@@ -171,16 +161,17 @@ def run_demo(out_dir: Path, *, devices: int = 50, days: int = 20, scale: float =
                   f"{status['status']}, progress {status['progress']:.0%}; "
                   f"GET /runs/{run_id}/series:")
     table = Table()
-    for col in ("day", "S", "I", "R", "new", "device I", "Σ∂p/∂β (devices)"):
+    for col in ("day", "S", "I", "R", "new", "device I", "Σ∂p/∂β (devices)", "β", "loss"):
         table.add_column(col, justify="right")
     for r in series:
         table.add_row(str(r["day"]), f"{int(r['S'])}", f"{int(r['I'])}", f"{int(r['R'])}",
                       f"{int(r['new_infections'])}", f"{int(r['physical_I'])}",
-                      f"{r['physical_dp_dbeta']:.3f}")
+                      f"{r['physical_dp_dbeta']:.3f}", f"{r['theta_beta']:.4f}",
+                      f"{r['loss']:.4f}")
     console.print(table)
     total = time.perf_counter() - t0
-    console.print(f"Calibrated β: {calib['beta_fitted']:.4f} (start 0.3, true 0.5) after "
-                  f"{calib['steps']} Adam steps.")
+    console.print(f"Federated calibration: β {calib['beta_fitted']:.4f} (start {beta_init}, "
+                  f"true {cfg.beta}) after {len(rows)} days.")
     console.print(f"Files in {out_dir}: series.png, series.csv, model.lpmb, coordinator.db. "
                   f"Demo finished in {total:.0f} s.")
     server.should_exit = True

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from protocols.neighbourhood import FleetNeighbourhoodSum, NeighbourhoodPolicy
+from protocols.ring import FixedPointRing
 from simulation.engine import step_uniforms
 from simulation.estimators import get_estimator
 from simulation.kernels import NeighbourSum
@@ -32,6 +33,9 @@ from simulation.substeps import State, StepContext
 
 __all__ = ["HybridError", "GraphSplit", "split_graph", "HybridSimulation", "agent_name",
            "area_prevalence"]
+
+
+TANGENT_BOUND = 1024.0  # public bound on |∂I_j/∂β| sent through the neighbourhood sum
 
 
 class HybridError(ValueError):
@@ -121,6 +125,9 @@ class HybridSimulation:
         policy: NeighbourhoodPolicy | None = None,
         remote: bool = False,
         secret: bytes | None = None,
+        estimator: str = "straight_through",
+        tangents: bool = False,
+        frac_bits: int | None = None,
     ) -> None:
         if not isinstance(model, SIR):
             raise HybridError("hybrid mode supports the SIR model")
@@ -134,7 +141,8 @@ class HybridSimulation:
         self._central = NeighbourSum(self.split.central, "cpu")
         self._fleet = None if remote else FleetNeighbourhoodSum(
             self.split.cross.indptr, self.split.cross.indices, self.split.cross.weights,
-            variant=variant, policy=policy, run_id="hybrid", secret=secret)
+            variant=variant, policy=policy, run_id="hybrid", secret=secret,
+            ring=None if frac_bits is None else FixedPointRing(frac_bits))
         gen = torch.Generator().manual_seed(self.seed)
         with torch.no_grad():
             self.state: State = model.initial_state(n, gen, torch.device("cpu"))
@@ -143,7 +151,17 @@ class HybridSimulation:
             self._zero_physical()
         self.day = 0  # next day to simulate
         self.last_synthetic_hazard = torch.zeros(0, dtype=torch.float64)
-        self._estimator = get_estimator("straight_through")
+        self._estimator = get_estimator(estimator)
+        self.tangents = tangents
+        if tangents and remote:
+            raise HybridError("tangent propagation runs in fleet mode (remote=False)")
+        # ∂state/∂β, carried forward in time (forward mode): every agent keeps its own
+        self.tangent: State = {k: torch.zeros_like(v) for k, v in self.state.items()}
+        cw = self.split.cross
+        rows = torch.repeat_interleave(torch.arange(n), cw.indptr[1:] - cw.indptr[:-1])
+        w = torch.ones(cw.nnz, dtype=torch.float64) if cw.weights is None else \
+            cw.weights.double()
+        self._cross_wsum = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, w)
         self.attributes = {"age_band": torch.zeros(n, dtype=torch.int8)}
 
     def _zero_physical(self) -> None:
@@ -161,6 +179,8 @@ class HybridSimulation:
 
     def step(self, cross_sums: torch.Tensor | None = None) -> dict[str, object]:
         """Simulate day ``self.day``; returns the day's aggregates (counts, risk, ∂p/∂β)."""
+        if self.tangents:
+            return self._step_tangent()
         n = self.split.n
         if self.remote and cross_sums is None:
             raise HybridError("remote mode needs the protocol's cross sums")
@@ -208,6 +228,66 @@ class HybridSimulation:
                 "physical_dp_dbeta": float(dp.sum()),
             })
         return agg
+
+    def _step_tangent(self) -> dict[str, object]:
+        """One day with forward-mode tangents ∂state/∂β (exact decentralised gradients).
+
+        Every agent carries its own tangent; the neighbour sum is linear, so the secure
+        protocol sums the neighbours' tangents Σ_j w_ij ∂I_j/∂β in a second round beside
+        their values, and each agent's own step is differentiated locally (torch forward
+        AD through the same SIR model). Σ_i ∂new_i/∂β is then the full-path derivative of
+        the day's expected new infections, not Eq. 11's one-step one (neighbours fixed).
+        """
+        import torch.autograd.forward_ad as fwad
+
+        n, day = self.split.n, self.day
+        beta = float(self.model.beta.detach())
+        captured: dict[str, torch.Tensor] = {}
+
+        def secure(x: torch.Tensor, rnd: int, bound: float = 0.0) -> torch.Tensor:
+            """Cross-edge sum by the protocol. Contributions must lie in [0, 1], so a tangent
+            t (|t| ≤ bound, public) is sent as (t + bound) / (2 bound) and decoded with the
+            target's public cross weight sum."""
+            x = x.detach().double()
+            if bound:
+                if float(x.abs().max()) > bound:
+                    raise HybridError(f"a tangent exceeds the public bound {bound}")
+                x = (x + bound) / (2 * bound)
+            cross = torch.nan_to_num(self._fleet.step(x, round=rnd).sums, nan=0.0).double()
+            if bound:
+                cross = 2 * bound * cross - bound * self._cross_wsum
+            return cross.to(torch.float32)
+
+        def neighbour_sum(infected: torch.Tensor) -> torch.Tensor:
+            primal, tangent = fwad.unpack_dual(infected)
+            val = self._central(primal.detach()) + secure(primal, 2 * day)
+            tan = self._central(tangent.detach()) + secure(tangent, 2 * day + 1, TANGENT_BOUND)
+            captured["sums"], captured["dsums"] = val, tan
+            return fwad.make_dual(val, tan)
+
+        with torch.no_grad(), fwad.dual_level():
+            beta_t = fwad.make_dual(torch.full((day + 1,), beta), torch.ones(day + 1))
+            state = {k: fwad.make_dual(v, self.tangent[k]) for k, v in self.state.items()}
+            s_before = self.state["S"].clone()
+            ctx = StepContext(day=day, dt=1.0, uniforms=step_uniforms(self.seed, day, n, "cpu", 2),
+                              estimator=self._estimator, neighbour_sum=neighbour_sum,
+                              degree=self.split.degree, attributes=self.attributes,
+                              extras={"beta_t": beta_t})
+            out = self.model.step(state, ctx)
+            torch.set_num_threads(1)
+            unpacked = {k: fwad.unpack_dual(v) for k, v in out.items()}
+        self.state = {k: u.primal.clone() for k, u in unpacked.items()}
+        self.tangent = {k: (torch.zeros_like(u.primal) if u.tangent is None else u.tangent.clone())
+                        for k, u in unpacked.items()}
+        self.day += 1
+        phys = self.split.physical
+        one_step = infection_probability_dbeta(captured["sums"], s_before, self.split.degree, beta)
+        d_new = self.tangent["new_infections"]
+        return {**self.counts(),
+                "d_new_dbeta": float(d_new.double().sum()),
+                "d_new_dbeta_physical": float(d_new[phys].double().sum()),
+                "d_new_dbeta_synthetic": float(d_new.double().sum() - d_new[phys].double().sum()),
+                "one_step_dbeta": float(one_step.double().sum())}
 
     # ------------------------------------------------------------------ checkpoints
     def state_bytes(self) -> bytes:
