@@ -146,7 +146,7 @@ class OnlineCalibrator:
         pred, j_syn, j_dev = self._terms(beta)
         norm = y.mean().square().clamp(min=1.0)
         r = (pred - y).detach()
-        loss = float((r.square().mean() / norm))
+        loss = float(r.square().mean() / norm)
         seg = torch.tensor([d.segment for d in self.days])
         coef = 2 * r / (len(self.days) * norm)
         g_syn = torch.zeros(len(self.theta), dtype=torch.float64).index_add_(0, seg, coef * j_syn)

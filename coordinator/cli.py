@@ -33,34 +33,6 @@ def demo(
     run_demo(out, devices=devices, days=days, scale=scale, seed=seed)
 
 
-def fleet(
-    devices: Annotated[int, typer.Option(min=1, help="Simulated devices (Flower ClientApps).")],
-    days: Annotated[int, typer.Option(min=1)] = 5,
-    population: str = "tiny",
-    scale: float = 1.0,
-    seed: int = 0,
-    db: Annotated[Path, typer.Option(help="Coordinator SQLite store.")] = Path(
-        "lpm-coordinator.db"),
-) -> None:
-    """Run a hybrid run with N simulated devices on Flower's simulation engine."""
-    from coordinator.fleet import run_fleet
-    from coordinator.runner import RunConfig
-
-    cfg = RunConfig(population=population, scale=scale, days=days, seed=seed, devices=devices)
-    store = _open_store(db)
-    rid = store.create_run(cfg.to_dict(), days)
-    store.set_status(rid, "running")
-    try:
-        run_fleet(cfg, store=store, run_id=rid, on_day=lambda d, r: typer.echo(
-            f"day {d}: S={r['S']:.0f} I={r['I']:.0f} R={r['R']:.0f} "
-            f"devices infected={r['physical_I']}"))
-    except Exception as exc:
-        store.set_status(rid, "failed", f"{type(exc).__name__}: {exc}")
-        raise
-    store.set_status(rid, "completed")
-    typer.echo(f"run {rid} stored in {db}")
-
-
 def _write_token() -> WriteToken:
     """The write token from ``$LPM_COORDINATOR_TOKEN``; generated (and printed once) if unset.
     Set-but-empty or too short is an error, never a silent substitute."""
@@ -127,5 +99,7 @@ def coordinator(
 def register(app: typer.Typer) -> None:
     """Mount the coordinator commands on the `lpm` app."""
     app.command("demo")(demo)
-    app.command("fleet")(fleet)
+    from coordinator.fleet_cli import fleet_command
+
+    app.command("fleet")(fleet_command)
     app.command("coordinator")(coordinator)

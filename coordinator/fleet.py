@@ -18,16 +18,14 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
-
-import typer
+from typing import Any
 
 from coordinator.runner import RunConfig
 from coordinator.server_app import FederatedRun, FederatedSettings, MinCohortError
 from coordinator.store import CoordinatorStore
 
 __all__ = ["DEVICE_HOST_MODULE", "FleetError", "ProcessTransport", "dropout_schedule",
-           "fleet_command", "run_fleet", "timed", "write_summary"]
+           "run_fleet", "timed", "write_summary"]
 
 DEVICE_HOST_MODULE = "edge_agent.fleet_host"
 _STAGES = ("day", "share_keys", "masked_input", "unmask")
@@ -182,86 +180,3 @@ def timed(on_day: Callable[[int, dict[str, object]], None] | None = None
 
     return cb, times
 
-
-def fleet_command(
-    devices: Annotated[int, typer.Option(min=1, help="Simulated devices (real ClientApps in a "
-                                                     "device-host process).")],
-    days: Annotated[int, typer.Option(min=1)] = 5,
-    population: str = "tiny",
-    scale: float = 1.0,
-    seed: int = 0,
-    beta: Annotated[float, typer.Option(help="β of the simulated world (devices' own dynamics "
-                                             "and the synthetic agents).")] = 0.5,
-    initial_infected: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.01,
-    db: Annotated[Path, typer.Option(help="Coordinator SQLite store.")] = Path(
-        "lpm-coordinator.db"),
-    calibrate: Annotated[str, typer.Option(help="Calibrate θ online: 'beta' (or '' for none).")
-                         ] = "",
-    beta_init: Annotated[float, typer.Option(help="Starting β of the calibration.")] = 0.3,
-    calibrate_every: Annotated[int, typer.Option(min=1, help="Update θ every K days.")] = 1,
-    calibrate_steps: Annotated[int, typer.Option(min=1, help="Gauss–Newton steps per update."
-                                                 )] = 5,
-    beta_segment_days: Annotated[int, typer.Option(min=0, help="β_t: one β per segment of "
-                                                   "this many days (0: one β).")] = 0,
-    observed_csv: Annotated[Path | None, typer.Option(
-        help="Observed series (column new_infections, one row per day); default: the run's "
-             "own reported counts.")] = None,
-    drop_fraction: Annotated[float, typer.Option(min=0.0, max=0.99, help="Share of devices "
-                                                 "that go offline at random days.")] = 0.0,
-    drop_seed: int = 0,
-    min_devices: Annotated[int, typer.Option(min=1, help="Minimum cohort.")] = 10,
-    shared_seed: Annotated[bool, typer.Option(help="Equivalence-test mode: devices use the "
-                                              "public seed (their states become public).")
-                           ] = False,
-    out: Annotated[Path | None, typer.Option(help="Write OUT/summary.json.")] = None,
-) -> None:
-    """Run a hybrid run with N simulated devices (optionally calibrating θ and with dropouts)."""
-    from coordinator.calibration import CalibrationError, CalibrationSettings, read_observed_csv
-    from coordinator.runner import RunConfigError
-    from coordinator.server_app import FederatedRunError
-
-    try:
-        cfg = RunConfig(population=population, scale=scale, days=days, seed=seed,
-                        devices=devices, beta=beta, initial_infected=initial_infected)
-        cal = None
-        if calibrate:
-            cal = CalibrationSettings(
-                params=tuple(p for p in calibrate.split(",") if p), beta_init=beta_init,
-                every=calibrate_every, steps=calibrate_steps, segment_days=beta_segment_days,
-                observed=tuple(read_observed_csv(observed_csv)) if observed_csv else None)
-        if devices < min_devices:
-            raise FederatedRunError(f"--devices {devices} is below the minimum cohort "
-                                    f"--min-devices {min_devices}")
-        settings = FederatedSettings(min_devices=min_devices, shared_seed=shared_seed,
-                                     calibration=cal)
-    except (RunConfigError, CalibrationError, FederatedRunError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from None
-    store = CoordinatorStore(db)
-    rid = store.create_run({**cfg.to_dict(), "federated": True}, days)
-    store.set_status(rid, "running")
-
-    def show(d: int, r: dict[str, object]) -> None:
-        extra = f" β={r['theta_beta']:.4f} loss={r['loss']:.4g}" if "theta_beta" in r else ""
-        typer.echo(f"day {d}: S={r['S']:.0f} I={r['I']:.0f} R={r['R']:.0f} devices "
-                   f"infected={r['physical_I']} survivors={r['survivors']}{extra}")
-
-    on_day, times = timed(show)
-    t0 = time.perf_counter()
-    try:
-        rows = run_fleet(cfg, settings=settings, store=store, run_id=rid, on_day=on_day,
-                         drop_fraction=drop_fraction, drop_seed=drop_seed)
-    except FederatedRunError as exc:
-        store.set_status(rid, "failed", f"{type(exc).__name__}: {exc}")
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
-    except Exception as exc:
-        store.set_status(rid, "failed", f"{type(exc).__name__}: {exc}")
-        raise
-    store.set_status(rid, "completed")
-    typer.echo(f"run {rid} stored in {db}")
-    if out is not None:
-        path = write_summary(out, rows, times, {"run_id": rid, "seconds_total":
-                                                round(time.perf_counter() - t0, 2),
-                                                "beta_true": beta})
-        typer.echo(f"summary: {path}")
