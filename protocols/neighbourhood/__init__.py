@@ -9,10 +9,12 @@ vectorised fleet mode (:mod:`.fleet`). See ``docs/neighbourhood.md``.
 from protocols.neighbourhood.assisted import AssistedNeighbourhoodAgent
 from protocols.neighbourhood.device import NeighbourSum
 from protocols.neighbourhood.errors import (
+    CulpritError,
     MalformedMessageError,
     MissingMessageError,
     NeighbourhoodError,
     NeighbourSumOutOfRangeError,
+    PlanRejectedError,
     ProtocolStateError,
     UnexpectedMessageError,
 )
@@ -33,6 +35,7 @@ __all__ = [
     "AgentPlan",
     "AssistedNeighbourhoodAgent",
     "BelowMinimum",
+    "CulpritError",
     "Envelope",
     "FleetNeighbourhoodSum",
     "FleetStepResult",
@@ -47,6 +50,7 @@ __all__ = [
     "NeighbourSum",
     "NeighbourSumOutOfRangeError",
     "Outcome",
+    "PlanRejectedError",
     "PeerNeighbourhoodAgent",
     "ProtocolStateError",
     "UnexpectedMessageError",

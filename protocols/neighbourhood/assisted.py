@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from protocols.envelope import MessageContext
+from protocols.envelope import EnvelopeError, MessageContext
 from protocols.keys import derive_key, ring_keystream
 from protocols.neighbourhood.device import DeviceBase, NeighbourSum, Phase, wrap64
 from protocols.neighbourhood.errors import (
+    CulpritError,
     MissingMessageError,
+    NeighbourhoodError,
     ProtocolStateError,
     UnexpectedMessageError,
 )
@@ -93,13 +95,19 @@ class AssistedNeighbourhoodAgent(DeviceBase):
         expected = self._ctx(STEP_MASKSUM, RELAY_ID, self.agent_id)
         if mask_sum.context != expected:
             raise UnexpectedMessageError(f"mask-sum context {mask_sum.context!r} unexpected")
-        total_mask, contributors = decode_mask_sum(self.keyring.open_from(mask_sum))
+        try:
+            total_mask, contributors = decode_mask_sum(self.keyring.open_from(mask_sum))
+        except (EnvelopeError, NeighbourhoodError) as exc:
+            raise CulpritError(RELAY_ID, f"unreadable mask sum: {exc}") from exc
         got: dict[str, int] = {}
         for env in envelopes:
             self._check_context(env, STEP_MASKED)
             if env.sender not in own.roster or env.sender in got:
                 raise UnexpectedMessageError(f"unexpected contribution from {env.sender!r}")
-            got[env.sender] = decode_element(self.keyring.open_from(env))
+            try:
+                got[env.sender] = decode_element(self.keyring.open_from(env))
+            except (EnvelopeError, NeighbourhoodError) as exc:
+                raise CulpritError(env.sender, f"unreadable contribution: {exc}") from exc
         if set(contributors) != set(got) or len(contributors) != len(got):
             raise MissingMessageError(
                 f"forwarded contributions {sorted(got)} != mask sum cover {sorted(contributors)}"

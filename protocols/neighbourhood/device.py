@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -12,12 +12,20 @@ import torch
 from protocols.envelope import MessageContext
 from protocols.neighbourhood.errors import (
     NeighbourhoodError,
+    PlanRejectedError,
     ProtocolStateError,
     UnexpectedMessageError,
 )
 from protocols.neighbourhood.keyring import Keyring
-from protocols.neighbourhood.messages import AgentPlan, Envelope, step_number
-from protocols.neighbourhood.policy import NeighbourhoodPolicy, check_range
+from protocols.neighbourhood.messages import (
+    DUMMY_PREFIX,
+    RELAY_ID,
+    AgentPlan,
+    Envelope,
+    Neighbourhood,
+    step_number,
+)
+from protocols.neighbourhood.policy import BelowMinimum, NeighbourhoodPolicy, check_range
 from protocols.ring import FixedPointRing
 
 _MOD = 1 << 64
@@ -50,8 +58,21 @@ class NeighbourSum:
     real_contributors: int
 
 
+def is_relay_party(ident: str) -> bool:
+    """The relay itself or one of its dummy contacts."""
+    return ident == RELAY_ID or ident.startswith(DUMMY_PREFIX)
+
+
 class DeviceBase:
-    """Inputs, context checks and decoding common to both variants."""
+    """Inputs, plan checks, context checks and decoding common to both variants.
+
+    ``contacts``: the device's own contacts (from its own store, never from the relay). The
+    device serves only targets among them, and accepts as its own neighbourhood only a
+    roster of its contacts (plus relay-run dummies when the policy pads). When ``contacts``
+    is ``None`` the keys of the ``weights`` given to ``start`` are used; with neither, a
+    plan that asks anything of the device is refused. ``relay_run`` marks the relay's own
+    dummy parties, which serve any target the relay names.
+    """
 
     protocol: str
 
@@ -63,7 +84,15 @@ class DeviceBase:
         keyring: Keyring | None = None,
         ring: FixedPointRing | None = None,
         policy: NeighbourhoodPolicy | None = None,
+        contacts: Collection[str] | None = None,
+        relay_run: bool = False,
     ) -> None:
+        if not isinstance(agent_id, str) or not isinstance(run_id, str):
+            raise NeighbourhoodError("agent_id and run_id must be str")
+        if is_relay_party(agent_id) and not relay_run:
+            raise NeighbourhoodError(f"reserved identifier {agent_id!r}")
+        self.contacts = None if contacts is None else frozenset(contacts)
+        self.relay_run = relay_run
         self.agent_id = agent_id
         self.run_id = run_id
         self.keyring = keyring if keyring is not None else Keyring(agent_id, run_id)
@@ -91,14 +120,21 @@ class DeviceBase:
             raise ProtocolStateError(
                 f"round/attempt {(plan.round, plan.attempt)} not after {self._last}"
             )
-        if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        if not isinstance(plan, AgentPlan):
+            raise NeighbourhoodError("plan must be an AgentPlan")
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not (math.isfinite(value) and 0.0 <= value <= 1.0)):
             raise NeighbourhoodError(f"contribution must be in [0, 1], got {value!r}")
+        known = self.contacts if self.contacts is not None else (
+            None if weights is None else frozenset(weights))
+        self.verify_plan(plan, known)
         weights = dict(weights or {})
         encoded: dict[str, int] = {}
         for nb in plan.memberships:
-            if self.agent_id not in nb.roster:
-                raise UnexpectedMessageError(f"{self.agent_id!r} not in roster of {nb.target!r}")
-            w = float(weights.get(nb.target, 1.0))
+            w = weights.get(nb.target, 1.0)
+            if not isinstance(w, (int, float)) or isinstance(w, bool):
+                raise NeighbourhoodError(f"weight for {nb.target!r} must be a number")
+            w = float(w)
             if not (math.isfinite(w) and w >= 0.0):
                 raise NeighbourhoodError(f"weight for {nb.target!r} must be finite and >= 0")
             encoded[nb.target] = int(self.ring.encode(torch.tensor([w * value],
@@ -112,6 +148,50 @@ class DeviceBase:
         self._last = (plan.round, plan.attempt)
         self.keyring.forget_before(plan.round)
         return encoded
+
+    def _check_roster(self, nb: Neighbourhood) -> None:
+        policy = self.policy
+        real = [c for c in nb.roster if not c.startswith(DUMMY_PREFIX)]
+        if RELAY_ID in nb.roster:
+            raise PlanRejectedError(f"roster of {nb.target!r} names the relay as a member")
+        if nb.real_size != len(real):
+            raise PlanRejectedError(f"roster of {nb.target!r} claims {nb.real_size} real "
+                                    f"members but names {len(real)}")
+        if len(nb.roster) < policy.min_size:
+            raise PlanRejectedError(f"roster of {nb.target!r} has {len(nb.roster)} members, "
+                                    f"below the minimum {policy.min_size}")
+        if policy.below_minimum is BelowMinimum.REFUSE and len(real) < policy.min_size:
+            raise PlanRejectedError(f"roster of {nb.target!r} has {len(real)} real members, "
+                                    f"below the minimum {policy.min_size}")
+
+    def verify_plan(self, plan: AgentPlan, contacts: frozenset[str] | None) -> None:
+        """Refuse a plan that asks this device to serve a target that is not its contact,
+        the relay or a dummy, or a roster below the policy (:class:`PlanRejectedError`)."""
+        if plan.memberships and contacts is None and not self.relay_run:
+            raise PlanRejectedError("the device has no contact list to check the plan")
+        for nb in plan.memberships:
+            if is_relay_party(nb.target) or nb.target == self.agent_id:
+                raise PlanRejectedError(f"target {nb.target!r} is the relay, a relay-run "
+                                        "dummy or this device")
+            if not self.relay_run and nb.target not in contacts:  # type: ignore[operator]
+                raise PlanRejectedError(f"target {nb.target!r} is not one of this device's "
+                                        "contacts")
+            if self.agent_id not in nb.roster:
+                raise UnexpectedMessageError(f"{self.agent_id!r} not in roster of "
+                                             f"{nb.target!r}")
+            self._check_roster(nb)
+        own = plan.own
+        if own is not None:
+            if self.relay_run or own.target != self.agent_id:
+                raise PlanRejectedError("own neighbourhood names another target")
+            self._check_roster(own)
+            # the own roster is checked against an explicit contact list only (weights name
+            # the targets this device serves, which need not be the contacts it listens to)
+            mine = self.contacts
+            foreign = [] if mine is None else [
+                c for c in own.roster if not c.startswith(DUMMY_PREFIX) and c not in mine]
+            if foreign:
+                raise PlanRejectedError(f"own roster names non-contacts {sorted(foreign)[:3]}")
 
     def _ctx(self, phase: int, sender: str, receiver: str) -> MessageContext:
         assert self.plan is not None

@@ -25,3 +25,17 @@ class NeighbourSumOutOfRangeError(NeighbourhoodError):
 
 class MissingMessageError(NeighbourhoodError):
     """A message the plan requires did not arrive and the relay did not abort the step."""
+
+
+class PlanRejectedError(NeighbourhoodError):
+    """A device refuses the relay's plan: a target that is not its contact, the relay or a
+    relay-run dummy as target, or a roster below the policy's minimum size."""
+
+
+class CulpritError(NeighbourhoodError):
+    """A named party sent something provably wrong (``culprit``); it is excluded, not the
+    party that received it."""
+
+    def __init__(self, culprit: str, message: str) -> None:
+        super().__init__(f"{culprit!r}: {message}")
+        self.culprit = culprit

@@ -16,12 +16,20 @@ from protocols.neighbourhood.messages import DUMMY_PREFIX, RELAY_ID, Envelope
 
 PAIR_LABEL = "lpm-nbhd-pair"
 MASK_ROOT_LABEL = "lpm-nbhd-mask-root"
-KEY_STATEMENT = b"lpm-nbhd-agreement-key/1\x00"
+KEY_STATEMENT = b"lpm-nbhd-agreement-key/2"
+
+
+def _lp(raw: bytes) -> bytes:
+    if len(raw) > 0xFFFF:
+        raise UnexpectedMessageError("statement field too long")
+    return len(raw).to_bytes(2, "big") + raw
 
 
 def key_statement(run_id: str, agent_id: str, public_key: bytes) -> bytes:
-    """The message an identity key signs to vouch for ``agent_id``'s agreement key."""
-    return KEY_STATEMENT + run_id.encode() + b"\x00" + agent_id.encode() + b"\x00" + public_key
+    """The message an identity key signs to vouch for ``agent_id``'s agreement key: every
+    field length-prefixed, so no two (run, agent, key) triples share an encoding."""
+    return KEY_STATEMENT + b"".join(_lp(f) for f in (run_id.encode(), agent_id.encode(),
+                                                       bytes(public_key)))
 
 
 class Keyring:
@@ -57,7 +65,7 @@ class Keyring:
             if pub is None:
                 raise UnexpectedMessageError(f"no public key for {peer!r}")
             lo, hi = sorted((self.owner, peer))
-            info = f"{self.run_id}\x00{lo}\x00{hi}".encode()
+            info = b"".join(_lp(f.encode()) for f in (self.run_id, lo, hi))
             cached = (self._key.exchange(pub), info)
             self._pair[peer] = cached
         return cached

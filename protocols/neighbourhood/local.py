@@ -23,11 +23,14 @@ def make_devices(
     relay: NeighbourhoodRelay, ids: list[str], *, ring: FixedPointRing | None = None,
     policy: NeighbourhoodPolicy | None = None,
 ) -> dict[str, DeviceBase]:
-    """Create one device per id, register its key with ``relay``."""
+    """Create one device per id (its contacts: the relay's contact lists, i.e. the honest
+    configuration), register its key with ``relay``."""
     cls = PeerNeighbourhoodAgent if relay.variant is Variant.PEER else AssistedNeighbourhoodAgent
     devices: dict[str, DeviceBase] = {}
     for a in ids:
-        dev = cls(a, relay.run_id, ring=ring or relay.ring, policy=policy or relay.policy)
+        own = set(relay.contacts.get(a, ())) | {t for t, cs in relay.contacts.items() if a in cs}
+        dev = cls(a, relay.run_id, ring=ring or relay.ring, policy=policy or relay.policy,
+                  contacts=own)
         relay.register(a, dev.keyring.public_bytes())
         devices[a] = dev
     return devices
@@ -81,7 +84,9 @@ def run_round(
             a: devices[a].on_shares(d.envelopes, d.aborted)
             for a, d in deliveries.items() if not drops(a, DROP_BEFORE_PHASE2)
         }
-        for a, d in attempt.route_phase2(up2).items():
+        complaints = {a: list(devices[a].complaints) for a in up2
+                      if getattr(devices[a], "complaints", None)}
+        for a, d in attempt.route_phase2(up2, complaints).items():
             res = devices[a].on_partials(d.envelopes, d.aborted)
             if res is not None or a not in results:
                 results[a] = res

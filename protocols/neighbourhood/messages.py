@@ -35,16 +35,44 @@ MAX_BLOB = 1 << 24
 _MAGIC = b"NBE1"
 
 
+MAX_ROUND = 2**63 - 1
+MAX_ATTEMPT = MAX_ROUND // STEPS_PER_ATTEMPT - 1
+
+
+def _check_int(value: object, what: str, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= hi:
+        raise MalformedMessageError(f"{what} must be an int in [0, {hi}], got {value!r}")
+    return value
+
+
 def step_number(attempt: int, phase: int) -> int:
-    """Context step of ``phase`` in restart ``attempt`` (0-based)."""
-    if attempt < 0 or not 0 <= phase < STEPS_PER_ATTEMPT:
-        raise ValueError(f"bad attempt/phase {attempt}/{phase}")
+    """Context step of ``phase`` in restart ``attempt`` (0-based); always < 2^63."""
+    _check_int(attempt, "attempt", MAX_ATTEMPT)
+    _check_int(phase, "phase", STEPS_PER_ATTEMPT - 1)
     return attempt * STEPS_PER_ATTEMPT + phase
 
 
 def split_step(step: int) -> tuple[int, int]:
     """Inverse of :func:`step_number`: ``(attempt, phase)``."""
     return divmod(step, STEPS_PER_ATTEMPT)
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise MalformedMessageError("identifier must be a str")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise MalformedMessageError("identifier is not valid UTF-8 text") from exc
+    if size > MAX_ID_BYTES:
+        raise MalformedMessageError("identifier longer than 256 bytes")
+    return value
+
+
+def _int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise MalformedMessageError(f"expected an int, got {type(value).__name__}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -60,10 +88,14 @@ class Neighbourhood:
     real_size: int
 
     def __post_init__(self) -> None:
+        if not isinstance(self.target, str) or not all(isinstance(c, str) for c in self.roster):
+            raise MalformedMessageError("neighbourhood ids must be str")
         if len(set(self.roster)) != len(self.roster) or self.target in self.roster:
-            raise ValueError(f"roster of {self.target!r} has duplicates or the target itself")
-        if not 0 < self.real_size <= len(self.roster):
-            raise ValueError("real_size must be in [1, len(roster)]")
+            raise MalformedMessageError(
+                f"roster of {self.target!r} has duplicates or the target itself")
+        if (not isinstance(self.real_size, int) or isinstance(self.real_size, bool)
+                or not 0 < self.real_size <= len(self.roster)):
+            raise MalformedMessageError("real_size must be in [1, len(roster)]")
 
 
     def to_dict(self) -> dict:
@@ -72,8 +104,14 @@ class Neighbourhood:
     @classmethod
     def from_dict(cls, d: Mapping) -> Neighbourhood:
         try:
-            return cls(str(d["target"]), tuple(str(x) for x in d["roster"]), int(d["real_size"]))
-        except (KeyError, TypeError, ValueError) as exc:
+            roster = d["roster"]
+            if not isinstance(roster, (list, tuple)) or len(roster) > MAX_ENTRIES:
+                raise MalformedMessageError("roster must be a list of at most 2^16 ids")
+            return cls(_text(d["target"]), tuple(_text(x) for x in roster),
+                       _int(d["real_size"]))
+        except MalformedMessageError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MalformedMessageError(f"bad neighbourhood: {exc}") from exc
 
 
@@ -90,6 +128,17 @@ class AgentPlan:
     own: Neighbourhood | None
     memberships: tuple[Neighbourhood, ...]
 
+    def __post_init__(self) -> None:
+        _check_int(self.round, "round", MAX_ROUND)
+        _check_int(self.attempt, "attempt", MAX_ATTEMPT)
+        if self.own is not None and not isinstance(self.own, Neighbourhood):
+            raise MalformedMessageError("own must be a Neighbourhood")
+        if not all(isinstance(m, Neighbourhood) for m in self.memberships):
+            raise MalformedMessageError("memberships must be Neighbourhoods")
+        targets = [m.target for m in self.memberships]
+        if len(set(targets)) != len(targets):
+            raise MalformedMessageError("a target appears twice among the memberships")
+
     def to_dict(self) -> dict:
         """JSON-compatible form (for a transport record)."""
         return {
@@ -103,9 +152,14 @@ class AgentPlan:
     def from_dict(cls, d: Mapping) -> AgentPlan:
         try:
             own = None if d["own"] is None else Neighbourhood.from_dict(d["own"])
-            return cls(int(d["round"]), int(d["attempt"]), own,
-                       tuple(Neighbourhood.from_dict(m) for m in d["memberships"]))
-        except (KeyError, TypeError, ValueError) as exc:
+            ms = d["memberships"]
+            if not isinstance(ms, (list, tuple)) or len(ms) > MAX_ENTRIES:
+                raise MalformedMessageError("memberships must be a list")
+            return cls(_int(d["round"]), _int(d["attempt"]), own,
+                       tuple(Neighbourhood.from_dict(m) for m in ms))
+        except MalformedMessageError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MalformedMessageError(f"bad plan: {exc}") from exc
 
 
@@ -137,7 +191,10 @@ class Envelope:
 
     @classmethod
     def from_bytes(cls, buf: bytes) -> Envelope:
-        """Inverse of :meth:`to_bytes`; rejects truncated, oversized or trailing data."""
+        """Inverse of :meth:`to_bytes`; rejects truncated, oversized or trailing data and
+        round/step outside [0, 2^63) with :class:`MalformedMessageError`."""
+        if not isinstance(buf, (bytes, bytearray, memoryview)):
+            raise MalformedMessageError("envelope must be bytes")
         buf = bytes(buf)
         if not buf.startswith(_MAGIC):
             raise MalformedMessageError("not a neighbourhood envelope")
@@ -151,6 +208,8 @@ class Envelope:
         pos += 20
         if size > MAX_BLOB or pos + size != len(buf):
             raise MalformedMessageError("envelope blob length mismatch")
+        if rnd > MAX_ROUND or step > MAX_ROUND:
+            raise MalformedMessageError("envelope round/step out of range [0, 2^63)")
         protocol, run_id, sender, receiver = fields
         ctx = MessageContext(protocol, run_id, rnd, step, sender, receiver)
         return cls(ctx, buf[pos:])
@@ -158,7 +217,10 @@ class Envelope:
 
 # ---------------------------------------------------------------------------- payloads
 def _pack_id(out: bytearray, ident: str) -> None:
-    raw = ident.encode("utf-8")
+    try:
+        raw = ident.encode("utf-8")
+    except (UnicodeEncodeError, AttributeError) as exc:
+        raise MalformedMessageError("identifier is not valid UTF-8 text") from exc
     if len(raw) > MAX_ID_BYTES:
         raise MalformedMessageError("identifier too long")
     out += struct.pack("<H", len(raw)) + raw
@@ -184,12 +246,18 @@ def encode_tagged(entries: Sequence[tuple[str, int]]) -> bytes:
     out = bytearray(struct.pack("<I", len(entries)))
     for ident, value in entries:
         _pack_id(out, ident)
-        out += struct.pack("<q", value)
+        try:
+            out += struct.pack("<q", value)
+        except struct.error as exc:
+            raise MalformedMessageError(f"ring element out of range: {exc}") from exc
     return bytes(out)
 
 
 def decode_tagged(buf: bytes) -> list[tuple[str, int]]:
     """Inverse of :func:`encode_tagged`; rejects truncation, trailing bytes, duplicates."""
+    if not isinstance(buf, (bytes, bytearray, memoryview)):
+        raise MalformedMessageError("payload must be bytes")
+    buf = bytes(buf)
     if len(buf) < 4:
         raise MalformedMessageError("payload too short")
     (count,) = struct.unpack_from("<I", buf, 0)
@@ -213,11 +281,14 @@ def decode_tagged(buf: bytes) -> list[tuple[str, int]]:
 
 def encode_element(value: int) -> bytes:
     """One ring element (partials, masked contributions)."""
-    return struct.pack("<q", value)
+    try:
+        return struct.pack("<q", value)
+    except struct.error as exc:
+        raise MalformedMessageError(f"ring element out of range: {exc}") from exc
 
 
 def decode_element(buf: bytes) -> int:
-    if len(buf) != 8:
+    if not isinstance(buf, (bytes, bytearray, memoryview)) or len(buf) != 8:
         raise MalformedMessageError(f"expected 8 bytes, got {len(buf)}")
     return struct.unpack("<q", buf)[0]
 
@@ -228,6 +299,6 @@ def encode_mask_sum(total: int, contributors: Sequence[str]) -> bytes:
 
 
 def decode_mask_sum(buf: bytes) -> tuple[int, list[str]]:
-    if len(buf) < 12:
+    if not isinstance(buf, (bytes, bytearray, memoryview)) or len(buf) < 12:
         raise MalformedMessageError("mask-sum payload too short")
     return decode_element(buf[:8]), [c for c, _ in decode_tagged(buf[8:])]

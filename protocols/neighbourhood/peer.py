@@ -15,9 +15,12 @@ from collections.abc import Collection, Mapping, Sequence
 
 import torch
 
+from protocols.envelope import EnvelopeError
 from protocols.neighbourhood.device import DeviceBase, NeighbourSum, Phase, wrap64
 from protocols.neighbourhood.errors import (
     MissingMessageError,
+    NeighbourhoodError,
+    NeighbourSumOutOfRangeError,
     ProtocolStateError,
     UnexpectedMessageError,
 )
@@ -41,6 +44,7 @@ class PeerNeighbourhoodAgent(DeviceBase):
     """One device in the peer variant: contact, share holder and target at once."""
 
     protocol = PEER_PROTOCOL
+    complaints: list[tuple[str, str]] = []  # (culprit, reason) of the last on_shares
 
     def start(
         self,
@@ -91,29 +95,44 @@ class PeerNeighbourhoodAgent(DeviceBase):
         """Phase PARTIALS: sum the shares held for each target and seal the partial to it.
 
         ``aborted``: targets whose attempt the relay aborted (a member dropped); their shares
-        are discarded. Every other target needs a share from each co-member.
+        are discarded. Every other target needs a share from each co-member. A bundle that
+        does not open or parse is the sender's fault: it is recorded in :attr:`complaints`
+        as ``(sender, reason)`` (hand them to ``RelayAttempt.route_phase2``), the targets it
+        should have served get no partial from this device, and the device stays in the round.
         """
         if self.phase is not Phase.SENT or self.plan is None:
             raise ProtocolStateError(f"on_shares() called in phase {self.phase.value}")
         live = {nb.target: nb for nb in self.plan.memberships if nb.target not in aborted}
+        by_target = {nb.target: nb for nb in self.plan.memberships}
         received: dict[str, dict[str, int]] = {t: {} for t in live}
         senders: set[str] = set()
+        self.complaints = []
         for env in envelopes:
-            self._check_context(env, STEP_SHARES)
+            self._check_context(env, STEP_SHARES)  # relay-visible: the relay misrouted it
             if env.sender in senders:
                 raise UnexpectedMessageError(f"second share bundle from {env.sender!r}")
             senders.add(env.sender)
-            for target, value in decode_tagged(self.keyring.open_from(env)):
-                nb = next((m for m in self.plan.memberships if m.target == target), None)
-                if nb is None or env.sender not in nb.roster:
-                    raise UnexpectedMessageError(
-                        f"{env.sender!r} sent a share for {target!r} outside the plan"
-                    )
+            try:
+                entries = decode_tagged(self.keyring.open_from(env))
+                for target, _ in entries:
+                    nb = by_target.get(target)
+                    if nb is None or env.sender not in nb.roster:
+                        raise UnexpectedMessageError(
+                            f"share for {target!r} outside the plan")
+            except (EnvelopeError, NeighbourhoodError) as exc:
+                # The bundle is the sender's fault (the relay cannot produce a valid
+                # ciphertext between two devices): name it, drop it, keep serving the rest.
+                self.complaints.append((env.sender, f"{type(exc).__name__}: {exc}"))
+                continue
+            for target, value in entries:
                 if target in live:
                     received[target][env.sender] = value
         out = []
+        culprits = {c for c, _ in self.complaints}
         for target, nb in sorted(live.items()):
             missing = set(nb.roster) - {self.agent_id} - set(received[target])
+            if missing & culprits:
+                continue  # no partial: the relay aborts this target and retries without them
             if missing:
                 raise MissingMessageError(f"no share for {target!r} from {sorted(missing)}")
             partial = wrap64(self._kept[target] + sum(received[target].values()))
@@ -147,4 +166,9 @@ class PeerNeighbourhoodAgent(DeviceBase):
         missing = set(own.roster) - set(got)
         if missing:
             raise MissingMessageError(f"no partial from {sorted(missing)}")
-        return self._finish(sum(got.values()), len(own.roster))
+        try:
+            return self._finish(sum(got.values()), len(own.roster))
+        except NeighbourSumOutOfRangeError as exc:
+            raise NeighbourSumOutOfRangeError(
+                f"{exc}; the partials came from {sorted(own.roster)} (a holder or a contact "
+                "deviated; additive shares cannot tell which)") from exc

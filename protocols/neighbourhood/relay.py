@@ -165,7 +165,7 @@ class NeighbourhoodRelay:
         if dev is None:
             cls = PeerNeighbourhoodAgent if self.variant is Variant.PEER else \
                 AssistedNeighbourhoodAgent
-            dev = cls(ident, self.run_id, ring=self.ring, policy=self.policy)
+            dev = cls(ident, self.run_id, ring=self.ring, policy=self.policy, relay_run=True)
             self._dummies[ident] = dev
             self._publish(ident, dev.keyring)
             self.keyring.add_peers({ident: dev.keyring.public_bytes()})
@@ -235,6 +235,7 @@ class RelayAttempt:
     _dummy_partials: dict[str, list[Envelope]] = field(default_factory=dict)
     _live: set[str] = field(default_factory=set)  # uploaded in phase 1
     _live2: set[str] = field(default_factory=set)  # uploaded in phase 2
+    culprits: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
     @property
     def plans(self) -> dict[str, AgentPlan]:
@@ -346,10 +347,24 @@ class RelayAttempt:
                 relay._dummies[d].on_masked((), None)  # dummies are never targets
         return out
 
-    def route_phase2(self, uploads: Mapping[str, Sequence[Envelope]]) -> dict[str, PartialDelivery]:
-        """Peer: route partials; aborts neighbourhoods whose members dropped since phase 1."""
+    def route_phase2(
+        self,
+        uploads: Mapping[str, Sequence[Envelope]],
+        complaints: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+    ) -> dict[str, PartialDelivery]:
+        """Peer: route partials; aborts neighbourhoods whose members dropped since phase 1
+        or that are missing a partial. ``complaints[device]`` is that device's
+        ``agent.complaints``: each named sender of an unreadable bundle is recorded in
+        :attr:`culprits` and excluded from this round's retries (the accuser stays)."""
         if self.relay.variant is not Variant.PEER or self._phase != 1:
             raise ProtocolStateError("route_phase2 is the peer variant's second phase")
+        for accuser, items in (complaints or {}).items():
+            if accuser not in self._live:
+                raise UnexpectedMessageError(f"complaint from {accuser!r}, not live")
+            for culprit, reason in items:
+                if culprit not in self.all_plans or culprit == accuser:
+                    raise UnexpectedMessageError(f"complaint names unknown party {culprit!r}")
+                self.culprits.setdefault(culprit, []).append((accuser, str(reason)))
         full = dict(uploads) | self._dummy_partials
         extra = set(uploads) - self._live
         if extra:
@@ -364,8 +379,10 @@ class RelayAttempt:
                     raise UnexpectedMessageError(f"{sender!r} may not message {env.receiver!r}")
                 by_target.setdefault(env.receiver, []).append(env)
         self._phase = 2
+        got_from = {t: {e.sender for e in envs} for t, envs in by_target.items()}
         for t, nb in self.hoods.items():
-            if t not in live or not set(nb.roster) <= live:
+            if (t not in live or not set(nb.roster) <= live
+                    or got_from.get(t, set()) != set(nb.roster)):
                 self.aborted.add(t)
         self._live2 = live
         for d in self.relay._dummies:
@@ -383,7 +400,8 @@ class RelayAttempt:
         """Peer: next attempt, survivors only, for aborted neighbourhoods whose target is live."""
         if self._phase != 2:
             raise ProtocolStateError("retry() after route_phase2 only")
-        survivors = frozenset(a for a in self._live2 if a not in self.relay._dummies)
+        survivors = frozenset(a for a in self._live2
+                              if a not in self.relay._dummies and a not in self.culprits)
         targets = [t for t in sorted(self.aborted) if t in survivors]
         if not targets:
             return None

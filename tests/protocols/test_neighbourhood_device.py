@@ -366,7 +366,7 @@ def test_signed_keys_stop_a_relay_that_substitutes_a_key() -> None:
     relay = NeighbourhoodRelay(contacts, variant="peer", run_id="signed", identity=relay_id,
                                policy=NeighbourhoodPolicy(min_size=3))
     ids = {a: IdentityKey.generate() for a in contacts}
-    devices = {a: PeerNeighbourhoodAgent(a, "signed") for a in contacts}
+    devices = {a: PeerNeighbourhoodAgent(a, "signed", contacts=contacts[a]) for a in contacts}
     for a, dev in devices.items():
         relay.register(a, dev.keyring.public_bytes(), dev.keyring.sign_public(ids[a]),
                        ids[a].public_bytes())
