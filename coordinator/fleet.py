@@ -58,7 +58,8 @@ class ProcessTransport:
     """:class:`~coordinator.server_app.Transport` to a device-host subprocess."""
 
     def __init__(self, nodes: int, *, offline: Mapping[int, list] | None = None,
-                 node_config: Mapping[str, Any] | None = None) -> None:
+                 node_config: Mapping[str, Any] | None = None,
+                 node_configs: Mapping[int, Mapping[str, Any]] | None = None) -> None:
         self._read, self._write = _frame_io()
         env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1"}
         root = str(Path(__file__).resolve().parents[1])
@@ -67,7 +68,8 @@ class ProcessTransport:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._nodes = list(range(1, nodes + 1))
         self._call("init", {"nodes": self._nodes, "offline": dict(offline or {}),
-                            "node_config": dict(node_config or {})})
+                            "node_config": dict(node_config or {}),
+                            "node_configs": {k: dict(v) for k, v in (node_configs or {}).items()}})
 
     @property
     def pid(self) -> int:

@@ -132,6 +132,54 @@ def run(
     raise typer.Exit(subprocess.call(args))
 
 
+_STATUS_CODES = {"susceptible": "S", "infected": "I", "recovered": "R", "s": "S", "i": "I",
+                 "r": "R"}
+
+
+@edge_app.command("status")
+def status(
+    store: Annotated[Path, typer.Option(help="This device's store (passphrase from "
+                                             "$LPM_EDGE_PASSPHRASE).")],
+    set_: Annotated[str | None, typer.Option(
+        "--set", help="Your status: susceptible, infected or recovered. The device then reports "
+                      "it instead of simulating one (it leaves the device only inside "
+                      "secure aggregates).")] = None,
+    clear: Annotated[bool, typer.Option(help="Forget the status you set (simulate again).")
+                     ] = False,
+) -> None:
+    """Show or set this device's own status."""
+    import time
+
+    from edge_agent.client_app import USER_STATUS_KEY
+    from edge_agent.store import EdgeStore, EdgeStoreError
+
+    if set_ is not None and clear:
+        raise typer.BadParameter("give --set or --clear, not both")
+    code = None
+    if set_ is not None:
+        code = _STATUS_CODES.get(set_.strip().lower())
+        if code is None:
+            raise typer.BadParameter(f"status must be susceptible, infected or recovered, "
+                                     f"got {set_!r}")
+    try:
+        with EdgeStore(store) as st:
+            if code is not None:
+                st.set_status(USER_STATUS_KEY, {"state": code, "set_at": int(time.time())})
+            elif clear:
+                st.set_status(USER_STATUS_KEY, None)
+            user = st.status(USER_STATUS_KEY)
+            run = st.status("run")
+    except EdgeStoreError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    names = {"S": "susceptible", "I": "infected", "R": "recovered"}
+    typer.echo(f"your status: {names[user['state']] if user else 'not set (simulated)'}")
+    if run:
+        state = next((names[c] for c in ("S", "I", "R") if float(run.get(c, 0)) > 0.5), "?")
+        typer.echo(f"last run {run.get('run_id')}: day {run.get('day', '-')}, {state}, "
+                   f"risk {float(run.get('risk', 0.0)):.4f}")
+
+
 def register(app: typer.Typer) -> None:
     """Mount the `edge` command group on the `lpm` app."""
     app.add_typer(edge_app, name="edge")

@@ -90,11 +90,8 @@ def _secret(st: ConfigRecord, name: str) -> bytes:
     """The device's secret ``name``: from its encrypted store if it has one."""
     if "store" not in st:
         return bytes(st[name])
-    store = EdgeStore(str(st["store"]))
-    try:
+    with EdgeStore(str(st["store"])) as store:
         return store.get_private_key(f"{st['run_id']}/{name}")
-    finally:
-        store.close()
 
 
 @app.query("enrol")
@@ -108,13 +105,10 @@ def enrol(message: Message, context: Context) -> Message:
     store_path = str(context.node_config.get(STORE_CONFIG_KEY, ""))
     if store_path:  # a real device: secrets encrypted at rest, never in the node's state
         st["store"] = store_path
-        store = EdgeStore(store_path)
-        try:
+        with EdgeStore(store_path) as store:
             for name, raw in secrets.items():
                 store.put_private_key(f"{req.run_id}/{name}", raw)
             store.set_contacts({k: float(v) for k, v in json.loads(req.weights).items()})
-        finally:
-            store.close()
     else:
         for name, raw in secrets.items():
             st[name] = raw
@@ -149,11 +143,8 @@ def _user_status(st: ConfigRecord) -> str | None:
     """The status the device's user set (``lpm edge status``), if any."""
     if "store" not in st:
         return None
-    store = EdgeStore(str(st["store"]))
-    try:
+    with EdgeStore(str(st["store"])) as store:
         rec = store.status(USER_STATUS_KEY)
-    finally:
-        store.close()
     return None if rec is None else str(rec["state"])
 
 
@@ -198,12 +189,9 @@ def _finish_day(st: ConfigRecord, req: DayRequest) -> list[float]:
             st[c] = float(new[c][0])
         new_inf = float(new["new_infections"][0])
     if "store" in st:
-        store = EdgeStore(str(st["store"]))
-        try:
+        with EdgeStore(str(st["store"])) as store:
             store.set_status("run", {"run_id": str(st["run_id"]), "day": day, "S": st["S"],
                                      "I": st["I"], "R": st["R"], "risk": p})
-        finally:
-            store.close()
     values = [float(st["S"]), float(st["I"]), float(st["R"]), new_inf, p, dp, 1.0]
     if len(values) != len(REPORT_FIELDS) or not all(math.isfinite(v) for v in values):
         raise DeviceProtocolError("non-finite report")

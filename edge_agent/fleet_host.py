@@ -6,7 +6,8 @@ Flower ``Context`` (node state); messages are real Flower ``Message`` objects bu
 :mod:`protocols.daily` dicts. The coordinator process (``coordinator.fleet``) never holds a
 device's state: it only sees the replies, as over a SuperLink.
 
-Frames: ``("init", {"nodes": [...], "offline": {node: [day, stage, back_day]}})``,
+Frames: ``("init", {"nodes": [...], "offline": {node: [day, stage, back_day]},
+"node_configs": {node: {...}}})`` (e.g. ``lpm-store`` for a device with its own store),
 ``("exchange", (message_type, {node: dict}, group))`` -> ``(replies, failures)``,
 ``("states", None)`` -> each device's true S, I, R (the test harness's view of what the
 devices' stores hold; the coordinator never asks), ``("close", None)``. ``offline`` simulates dropouts: a node stops answering from ``stage``
@@ -48,11 +49,14 @@ def write_frame(f: BinaryIO, obj: Any) -> None:
 
 class _Host:
     def __init__(self, nodes: list[int], offline: dict[int, list[int | str]],
-                 node_config: dict[str, Any]) -> None:
+                 node_config: dict[str, Any],
+                 node_configs: dict[int, dict[str, Any]] | None = None) -> None:
         from edge_agent.client_app import app
 
         self.app = app
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config=dict(node_config),
+        per = node_configs or {}
+        self.contexts = {n: Context(run_id=1, node_id=n,
+                                    node_config={**node_config, **per.get(n, {})},
                                     state=RecordDict(), run_config={}) for n in nodes}
         self.offline = offline
         self.counter = 0
@@ -142,7 +146,7 @@ def _serve() -> None:
             return
         if op == "init":
             host = _Host(list(arg["nodes"]), dict(arg.get("offline", {})),
-                         dict(arg.get("node_config", {})))
+                         dict(arg.get("node_config", {})), dict(arg.get("node_configs", {})))
             write_frame(fout, ("ok", None))
         elif op == "exchange":
             if host is None:

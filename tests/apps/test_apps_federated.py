@@ -129,3 +129,40 @@ def test_below_min_cohort_names_missing_nodes():
         t.close()
     with pytest.raises(MinCohortError, match="minimum cohort is 10"):
         run_fleet(RunConfig(population="tiny", days=1, devices=5))
+
+
+def test_user_status_from_lpm_edge_status(tmp_path, monkeypatch):
+    """A device whose user set their status (`lpm edge status --set infected`) reports that
+    status instead of simulating one; the status stays in its encrypted store."""
+    from typer.testing import CliRunner
+
+    from edge_agent.store import EdgeStore
+    from lpm_cli import app
+
+    monkeypatch.setenv("LPM_EDGE_PASSPHRASE", "device passphrase 12")
+    stores = {n: tmp_path / f"dev{n}.db" for n in (2, 5)}
+    runner = CliRunner()
+    for n, state in ((2, "infected"), (5, "recovered")):
+        res = runner.invoke(app, ["edge", "status", "--store", str(stores[n]), "--set", state])
+        assert res.exit_code == 0, res.output
+        assert f"your status: {state}" in res.output
+    bad = runner.invoke(app, ["edge", "status", "--store", str(stores[2]), "--set", "sick"])
+    assert bad.exit_code != 0
+    cfg = RunConfig(population="tiny", days=2, seed=4, devices=10, initial_infected=0.0,
+                    beta=0.9)
+    t = ProcessTransport(cfg.devices, node_configs={n: {"lpm-store": str(p)}
+                                                    for n, p in stores.items()})
+    try:
+        rows = run_fleet(cfg, transport=t)
+        states = t.device_states()
+    finally:
+        t.close()
+    assert states[2]["I"] == 1.0 and states[5]["R"] == 1.0
+    # nobody else is infected at the start (initial-infected 0): the devices' total infected
+    # counts node 2 (and whoever it infected), never fewer
+    assert rows[0]["physical_I"] >= 1 and rows[-1]["physical_I"] == sum(
+        s["I"] for s in states.values())
+    with EdgeStore(stores[2]) as st:
+        assert st.status("run")["I"] == 1.0 and st.status("run")["day"] == 1
+    res = runner.invoke(app, ["edge", "status", "--store", str(stores[2])])
+    assert "infected" in res.output and "day 1" in res.output
