@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["CoordinatorStore", "StoreError", "RunNotFoundError", "RoundOrderError", "RunRecord",
-           "ResumePoint"]
+           "ResumePoint", "Lease", "LeaseHeldError"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -43,6 +43,12 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 CREATE TABLE IF NOT EXISTS calibration (
     run_id TEXT PRIMARY KEY REFERENCES runs(id),
     result TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    run_id TEXT PRIMARY KEY REFERENCES runs(id),
+    owner TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    expires REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS bundles (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -82,6 +88,20 @@ class RunRecord:
     @property
     def progress(self) -> float:
         return self.completed_days / self.days if self.days else 1.0
+
+
+class LeaseHeldError(StoreError):
+    """Another runner owns the run (its lease has not expired)."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who runs a run: ``owner`` (unique per process), ``kind`` (serverapp, coordinator)."""
+
+    run_id: str
+    owner: str
+    kind: str
+    expires: float
 
 
 @dataclass(frozen=True)
@@ -229,6 +249,33 @@ class CoordinatorStore:
         row = self._con().execute("SELECT day, state FROM checkpoints WHERE run_id = ?",
                                   (run_id,)).fetchone()
         return None if row is None else ResumePoint(int(row[0]), bytes(row[1]))
+
+    # ------------------------------------------------------------------ leases (issue 12)
+    def acquire_lease(self, run_id: str, owner: str, kind: str, ttl: float) -> Lease:
+        """Own ``run_id`` for ``ttl`` seconds (renewable); raises :class:`LeaseHeldError` if
+        another owner holds an unexpired lease. Re-acquiring one's own lease renews it."""
+        self.get_run(run_id)
+        now = time.time()
+        with self._tx() as con:
+            row = con.execute("SELECT owner, kind, expires FROM leases WHERE run_id = ?",
+                              (run_id,)).fetchone()
+            if row is not None and row[0] != owner and float(row[2]) > now:
+                raise LeaseHeldError(f"run {run_id} is owned by {row[1]} {row[0]} for another "
+                                     f"{float(row[2]) - now:.0f} s")
+            con.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?)",
+                        (run_id, owner, kind, now + ttl))
+        return Lease(run_id, owner, kind, now + ttl)
+
+    def release_lease(self, run_id: str, owner: str) -> None:
+        """Give up ``owner``'s lease on ``run_id`` (no-op if someone else holds it)."""
+        with self._tx() as con:
+            con.execute("DELETE FROM leases WHERE run_id = ? AND owner = ?", (run_id, owner))
+
+    def lease(self, run_id: str) -> Lease | None:
+        """The current lease of ``run_id`` (expired or not), if any."""
+        row = self._con().execute("SELECT owner, kind, expires FROM leases WHERE run_id = ?",
+                                  (run_id,)).fetchone()
+        return None if row is None else Lease(run_id, row[0], row[1], float(row[2]))
 
     # ------------------------------------------------------------------ calibration
     def set_calibration(self, run_id: str, result: dict[str, Any]) -> None:
