@@ -90,6 +90,8 @@ def coordinator(
     store = _open_store(db, check=True)
     if resume:
         for rec in store.list_runs():
+            if rec.config.get("federated"):  # its ServerApp owns it (lease): never here
+                continue
             if rec.status in ("running", "pending") and "devices" in rec.config:
                 typer.echo(f"resuming run {rec.id} from day {rec.completed_days}")
                 threading.Thread(target=execute_run, args=(store, rec.id), daemon=True).start()

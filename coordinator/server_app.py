@@ -17,6 +17,11 @@ day leave it out (the relay's dropout policy). It is asked again every day; when
 it catches up (keeps its status over the missed days and joins the day's plan). A day with
 fewer than ``min-devices`` surviving reports fails with an error naming the missing nodes.
 
+Resume and ownership: a run is owned through a lease in the store (renewed every day); a
+ServerApp started again with the same ``run-id`` resumes from the last committed day (the
+synthetic checkpoint; devices restore their own state of that day from their stores, a
+device without one is left out), and ``lpm coordinator`` never runs a federated run.
+
 Run config keys (``[tool.flwr.app.config]``): num-days, population, scale, seed, devices,
 beta, gamma, initial-infected, db, run-id, min-devices, shared-seed (equivalence tests only),
 calibrate ("" or "beta"), calibrate-every, calibrate-steps, beta-init, beta-segment-days,
@@ -38,9 +43,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from coordinator.calibration import CalibrationSettings, OnlineCalibrator, read_observed_csv
 from coordinator.hybrid import HybridSimulation, agent_name
-from coordinator.runner import RunConfig, physical_agents
+from coordinator.runner import RunConfig, physical_agents, take_lease
 from coordinator.secagg_flower import ReportRound
-from coordinator.store import CoordinatorStore
+from coordinator.store import CoordinatorStore, LeaseHeldError
 from protocols.daily import (
     REPORT_FIELDS,
     SECAGG_STAGES,
@@ -64,6 +69,7 @@ __all__ = ["app", "FederatedRun", "FederatedRunError", "FederatedSettings", "Flo
            "MinCohortError", "Transport", "REPORT_FIELDS", "DEFAULT_MIN_DEVICES"]
 
 DEFAULT_MIN_DEVICES = 10
+LEASE_SECONDS = 900.0  # renewed every committed day
 _log = logging.getLogger(__name__)
 
 app = ServerApp()
@@ -143,7 +149,8 @@ class FederatedRun:
     def __init__(self, transport: Transport | Grid, cfg: RunConfig, *,
                  settings: FederatedSettings | None = None,
                  store: CoordinatorStore | None = None, run_id: str | None = None,
-                 on_day: Callable[[int, dict[str, object]], None] | None = None) -> None:
+                 on_day: Callable[[int, dict[str, object]], None] | None = None,
+                 resume: bool = False, lease_owner: str | None = None) -> None:
         self.transport = transport if hasattr(transport, "exchange") else \
             FlowerTransport(transport)  # type: ignore[arg-type]
         self.cfg, self.store, self.on_day = cfg, store, on_day
@@ -153,6 +160,9 @@ class FederatedRun:
         self.rows: list[dict[str, object]] = []
         self.calibrator = None if self.settings.calibration is None else \
             OnlineCalibrator(self.settings.calibration)
+        self.resume, self.lease_owner = resume, lease_owner
+        if resume and store is None:
+            raise FederatedRunError("resuming a run needs its store")
         self.sim: HybridSimulation | None = None  # synthetic agents only (physical rows 0)
         self.survivors: dict[int, list[int]] = {}  # day -> node ids whose report is in it
 
@@ -188,6 +198,15 @@ class FederatedRun:
         sim = HybridSimulation(SIR(cfg.beta, cfg.gamma, cfg.initial_infected), pop, phys,
                                cfg.seed, remote=True)
         self.sim = sim
+        start = 0
+        point = self.store.resume(self.run_id) if self.resume and self.store else None
+        if point is not None:  # the synthetic checkpoint of the last committed day
+            sim.load_state(point.state)
+            start = sim.day
+            last = self.store.series(self.run_id)[-1] if self.store else {}
+            if self.calibrator is not None and "theta" in last:
+                self.calibrator.theta = [float(b) for b in last["theta"]["beta"]]  # type: ignore[index]
+            _log.info("resuming run %s at day %d", self.run_id, start)
         split = sim.split
         devices = {agent_name(int(i)): _Device(node, int(i), agent_name(int(i)))
                    for node, i in zip(nodes, phys.tolist(), strict=True)}
@@ -217,7 +236,8 @@ class FederatedRun:
                 weights=json.dumps(weights.get(d.name, {})),
                 weight_sum=float(wsum.get(d.name, 0.0)), frac_bits=self.ring.frac_bits,
                 secagg_index=k, shared_seed=settings.shared_seed,
-                uniform_seed=cfg.seed if settings.shared_seed else 0).to_dict()
+                uniform_seed=cfg.seed if settings.shared_seed else 0,
+                resume_day=start).to_dict()
         del init  # initial physical states went to their devices only
         sim._initial_physical = {}
         replies, failed = self.transport.exchange(MessageType.ENROL, enrol, "enrol",
@@ -235,12 +255,12 @@ class FederatedRun:
         pending: dict[str, tuple[list[bytes], bytes]] = {}
         pending_syn: dict[str, object] | None = None
         pending_theta = 0.0
-        for day in range(cfg.days + 1):
+        for day in range(start, cfg.days + 1):
             theta = self.calibrator.beta_for(day) if self.calibrator else cfg.beta
             online = set(enrolled) | set(proxies)
             attempt = relay.begin_round(day, online) if day < cfg.days else None
             all_keys = relay.public_keys()
-            roster = sorted(pending) if day > 0 else []
+            roster = sorted(pending) if day > start else []
             report = None
             if roster:
                 report = ReportRound(self.run_id, day - 1, roster,
@@ -273,7 +293,7 @@ class FederatedRun:
             for node, why in failed.items():
                 by_node[node].missed.append(day)
                 _log.warning("day %d: node %d (%s) out: %s", day, node, by_node[node].name, why)
-            if day > 0:
+            if day > start:
                 self._finish_report(day, report, roster, day_replies, devices, pending_syn,
                                     pending_theta, sim)
             if attempt is None:
@@ -373,6 +393,8 @@ class FederatedRun:
                         "loss": loss, "grad_synthetic": g_syn, "grad_devices": g_dev,
                         "observed": y})
         self.rows.append(row)
+        if self.store is not None and self.lease_owner is not None:  # renew; fails if lost
+            self.store.acquire_lease(self.run_id, self.lease_owner, "serverapp", LEASE_SECONDS)
         if self.store is not None:
             self.store.commit_round(self.run_id, day, row, state=self._state_blob)
         if self.on_day is not None:
@@ -437,13 +459,22 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.devices < settings.min_devices:
         raise MinCohortError(f"devices={cfg.devices} is below the minimum cohort "
                              f"min-devices={settings.min_devices}")
-    if run_id is None or run_id not in {r.id for r in store.list_runs()}:
-        run_id = store.create_run(cfg.to_dict(), cfg.days, run_id=run_id)
+    resume = run_id is not None and run_id in {r.id for r in store.list_runs()}
+    if not resume:
+        run_id = store.create_run({**cfg.to_dict(), "federated": True}, cfg.days, run_id=run_id)
+    elif not store.get_run(run_id).config.get("federated"):
+        raise FederatedRunError(f"run {run_id} is a central run; a ServerApp does not take it over")
+    owner = take_lease(store, run_id, "serverapp")  # LeaseHeldError if a live runner has it
     store.set_status(run_id, "running")
     try:
-        FederatedRun(grid, cfg, settings=settings, store=store, run_id=run_id,
+        FederatedRun(grid, cfg, settings=settings, store=store, run_id=run_id, resume=resume,
+                     lease_owner=owner,
                      on_day=lambda d, r: _log.info("day %d: I=%s", d, r["I"])).run()
+    except LeaseHeldError:
+        raise  # another runner owns it now: leave its status alone
     except Exception as exc:
         store.set_status(run_id, "failed", f"{type(exc).__name__}: {exc}")
+        store.release_lease(run_id, owner)
         raise
     store.set_status(run_id, "completed")
+    store.release_lease(run_id, owner)

@@ -117,6 +117,8 @@ def enrol(message: Message, context: Context) -> Message:
         infected = float(private_uniforms(secrets["u_seed"], req.run_id, -1)[0, 0]) \
             < req.initial_infected
         st["S"], st["I"], st["R"] = float(not infected), float(infected), 0.0
+    if req.resume_day > 0:  # a resumed run: this device's own state at the end of day D − 1
+        st["day"] = _restore_day(st, req.run_id, req.resume_day - 1)
     user = _user_status(st)
     if user is not None:
         st["S"], st["I"], st["R"] = (float(user == c) for c in ("S", "I", "R"))
@@ -124,6 +126,23 @@ def enrol(message: Message, context: Context) -> Message:
     nb = AgreementKey.from_private_bytes(secrets["nb_key"]).public_bytes()
     ident = IdentityKey.from_private_bytes(secrets["identity"]).public_bytes()
     return _reply(message, EnrolReply(nb_pub=nb, identity=ident).to_dict())
+
+
+def _day_key(run_id: str, day: int) -> str:
+    return f"day/{run_id}/{int(day)}"
+
+
+def _restore_day(st: ConfigRecord, run_id: str, day: int) -> int:
+    """Load S, I, R at the end of ``day`` from the device's store; returns ``day``."""
+    if "store" not in st:
+        raise DeviceProtocolError(f"cannot resume run {run_id}: this device keeps no store")
+    with EdgeStore(str(st["store"])) as store:
+        rec = store.status(_day_key(run_id, day))
+    if rec is None:
+        raise DeviceProtocolError(f"cannot resume run {run_id}: no saved state for day {day}")
+    for c in ("S", "I", "R"):
+        st[c] = float(rec[c])
+    return day
 
 
 def _agent(st: ConfigRecord) -> AssistedNeighbourhoodAgent:
@@ -189,9 +208,11 @@ def _finish_day(st: ConfigRecord, req: DayRequest) -> list[float]:
             st[c] = float(new[c][0])
         new_inf = float(new["new_infections"][0])
     if "store" in st:
+        rec = {"run_id": str(st["run_id"]), "day": day, "S": st["S"], "I": st["I"],
+               "R": st["R"], "risk": p}
         with EdgeStore(str(st["store"])) as store:
-            store.set_status("run", {"run_id": str(st["run_id"]), "day": day, "S": st["S"],
-                                     "I": st["I"], "R": st["R"], "risk": p})
+            store.set_status("run", rec)
+            store.set_status(_day_key(str(st["run_id"]), day), rec)  # for a resumed run
     values = [float(st["S"]), float(st["I"]), float(st["R"]), new_inf, p, dp, 1.0]
     if len(values) != len(REPORT_FIELDS) or not all(math.isfinite(v) for v in values):
         raise DeviceProtocolError("non-finite report")

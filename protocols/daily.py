@@ -140,6 +140,8 @@ class EnrolRequest(_Wire):
     initial_infected: float = 0.0
     shared_seed: bool = False
     uniform_seed: int = 0
+    resume_day: int = 0  # > 0: the run resumes at this day; the device restores its state
+    # at the end of day resume_day − 1 from its store (or refuses to enrol)
 
 
 @dataclass

@@ -166,3 +166,37 @@ def test_user_status_from_lpm_edge_status(tmp_path, monkeypatch):
         assert st.status("run")["I"] == 1.0 and st.status("run")["day"] == 1
     res = runner.invoke(app, ["edge", "status", "--store", str(stores[2])])
     assert "infected" in res.output and "day 1" in res.output
+
+
+def test_resume_from_last_committed_day_with_device_stores(tmp_path, monkeypatch):
+    """A federated run that dies after day 2 resumes with the same run id: the synthetic
+    checkpoint from the coordinator's store, each device's own state from its store."""
+    from coordinator.store import CoordinatorStore
+
+    monkeypatch.setenv("LPM_EDGE_PASSPHRASE", "device passphrase 12")
+    cfg = RunConfig(population="tiny", days=4, seed=6, devices=10, initial_infected=0.2,
+                    beta=0.9)
+    store = CoordinatorStore(tmp_path / "c.db")
+    rid = store.create_run({**cfg.to_dict(), "federated": True}, cfg.days, run_id="fl-resume")
+    t = ProcessTransport(cfg.devices, node_configs={
+        n: {"lpm-store": str(tmp_path / f"d{n}.db")} for n in range(1, 11)})
+
+    class Crash(Exception):
+        pass
+
+    def crash(day: int, row: dict) -> None:
+        if day == 2:
+            raise Crash
+
+    try:
+        with pytest.raises(Crash):
+            FederatedRun(t, cfg, store=store, run_id=rid, on_day=crash).run()
+        assert [r["day"] for r in store.series(rid)] == [1, 2]
+        run = FederatedRun(t, cfg, store=store, run_id=rid, resume=True)
+        rows = run.run()
+        states = t.device_states()
+    finally:
+        t.close()
+    assert [r["day"] for r in store.series(rid)] == [1, 2, 3, 4]
+    assert len(rows) == 2 and rows[-1]["survivors"] == 10
+    assert rows[-1]["physical_I"] == sum(s["I"] for s in states.values())

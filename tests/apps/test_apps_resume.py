@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from coordinator.runner import RunConfig, build_simulation
+from coordinator.runner import RunConfig, build_simulation, execute_run
 from coordinator.store import CoordinatorStore
 
 _CHILD = """
@@ -54,3 +54,24 @@ def test_sigkill_then_resume(tmp_path):
     ref = [sim.step() for _ in range(cfg.days)]
     assert [r["I"] for r in series] == [r["I"] for r in ref]
     assert [r["new_infections"] for r in series] == [r["new_infections"] for r in ref]
+
+
+def test_central_runner_never_takes_a_federated_or_leased_run(tmp_path):
+    import pytest
+
+    from coordinator.runner import RunOwnershipError
+    from coordinator.store import LeaseHeldError
+
+    store = CoordinatorStore(tmp_path / "c.db")
+    cfg = RunConfig(population="tiny", days=2, seed=1, devices=10)
+    fed = store.create_run({**cfg.to_dict(), "federated": True}, cfg.days)
+    with pytest.raises(RunOwnershipError):
+        execute_run(store, fed)
+    rid = store.create_run(cfg.to_dict(), cfg.days)
+    store.acquire_lease(rid, "serverapp:elsewhere:1:x", "serverapp", 60.0)
+    with pytest.raises(LeaseHeldError, match="owned by serverapp"):
+        execute_run(store, rid)
+    assert store.get_run(rid).status == "pending" and store.series(rid) == []
+    store.release_lease(rid, "serverapp:elsewhere:1:x")
+    execute_run(store, rid)  # free again: runs, and gives its lease back
+    assert store.get_run(rid).status == "completed" and store.lease(rid) is None
