@@ -9,8 +9,8 @@ day t with observed new infections y_t,
 where p_i = 1 − exp(−β S_i/n_i Σ_j w_ij I_j) is agent i's infection probability given the
 day's actual neighbour states. ∂L/∂θ has two parts:
 
-* synthetic: autograd through the synthetic agents' p_i (the coordinator holds their hazard
-  base h_i = S_i/n_i Σ_j w_ij I_j for each day);
+* synthetic: forward-mode autograd (``torch.func.jvp``) through the synthetic agents' p_i
+  (the coordinator holds their hazard base h_i = S_i/n_i Σ_j w_ij I_j for each day);
 * physical: Σ_i ∂p_i/∂β over the devices, securely aggregated (SecAgg+) from their
   reports together with Σ_i p_i; the coordinator never sees a device's own p_i or state.
   The device part is evaluated at the θ_t the devices were given that day and enters the
@@ -77,8 +77,14 @@ class CalibrationSettings:
             raise CalibrationError(f"cannot calibrate {sorted(unknown)} (supported: beta)")
         if self.every < 1 or self.steps < 1 or self.segment_days < 0:
             raise CalibrationError("every and steps must be >= 1, segment_days >= 0")
-        if not self.lo < self.beta_init < self.hi:
-            raise CalibrationError(f"beta_init must lie in ({self.lo}, {self.hi})")
+        if not 0 < self.lo < self.beta_init < self.hi <= _BETA_MAX:
+            raise CalibrationError(f"need 0 < lo < beta_init < hi <= {_BETA_MAX}, got "
+                                   f"{self.lo}, {self.beta_init}, {self.hi}")
+
+
+_MOMENTS = 48  # Σ_i (1 − e^{−βh_i}) = Σ_k (−1)^{k+1} β^k Σ_i h_i^k / k!, exact to ~1e-13
+_SERIES_LIMIT = 10.0  # … while β·max h ≤ 10; beyond, the day's hazards are summed directly
+_BETA_MAX = 5.0  # CalibrationSettings.hi's upper limit
 
 
 @dataclass
@@ -89,6 +95,27 @@ class _Day:
     theta: float  # β the devices evaluated p and ∂p/∂β at
     y: float
     segment: int
+    moments: torch.Tensor = field(init=False)  # m_k = Σ_i h_i^k / k!, k = 1..K
+    h_max: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        h = self.hazard
+        self.h_max = float(h.max()) if h.numel() else 0.0
+        m, term = [], h.clone()
+        for k in range(1, _MOMENTS + 1):
+            m.append(term.sum())
+            term = term * h / (k + 1)
+        self.moments = torch.stack(m) if m else torch.zeros(_MOMENTS, dtype=torch.float64)
+        if _BETA_MAX * self.h_max <= _SERIES_LIMIT:  # the moments suffice for every β allowed
+            self.hazard = torch.zeros(0, dtype=torch.float64)
+
+    def synthetic(self, beta: torch.Tensor) -> torch.Tensor:
+        """Σ_i p_i(β) over the day's synthetic agents (differentiable in β)."""
+        if float(beta) * self.h_max > _SERIES_LIMIT:
+            return -torch.expm1(-beta * self.hazard).sum()
+        k = torch.arange(1, _MOMENTS + 1, dtype=torch.float64)
+        signs = torch.where(k % 2 == 1, 1.0, -1.0).to(torch.float64)
+        return (signs * beta ** k * self.moments).sum()
 
 
 @dataclass
@@ -128,20 +155,24 @@ class OnlineCalibrator:
                               float(theta), float(y), self.segment_of(day_index)))
 
     def _terms(self, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ŷ_t, ∂ŷ_t/∂β_t split (synthetic by autograd, device part G_t) for all days."""
-        preds, j_syn, j_dev = [], [], []
-        for d in self.days:
-            b = beta[d.segment]
-            syn = -torch.expm1(-b * d.hazard).sum()
-            (g_syn,) = torch.autograd.grad(syn, b, retain_graph=True)
-            preds.append(syn + d.phys_p + d.phys_dp * (b - d.theta))
-            j_syn.append(g_syn)
-            j_dev.append(torch.tensor(d.phys_dp, dtype=torch.float64))
-        return torch.stack(preds), torch.stack(j_syn), torch.stack(j_dev)
+        """ŷ_t and ∂ŷ_t/∂β_t split into the synthetic part (forward-mode autograd through
+        the synthetic agents' Σ p_i) and the device part G_t."""
+        seg = torch.tensor([d.segment for d in self.days])
+
+        def synthetic(b: torch.Tensor) -> torch.Tensor:
+            return torch.stack([d.synthetic(b[d.segment]) for d in self.days])
+
+        b = beta.detach()
+        syn, j_syn = torch.func.jvp(synthetic, (b,), (torch.ones_like(b),))
+        dev_p = torch.tensor([d.phys_p for d in self.days], dtype=torch.float64)
+        j_dev = torch.tensor([d.phys_dp for d in self.days], dtype=torch.float64)
+        theta_t = torch.tensor([d.theta for d in self.days], dtype=torch.float64)
+        pred = syn + dev_p + j_dev * (b[seg] - theta_t)
+        return pred, j_syn, j_dev
 
     def loss_and_grad(self) -> tuple[float, list[float], list[float]]:
         """L(θ) and ∂L/∂θ split into the synthetic and the device part (per segment)."""
-        beta = torch.tensor(self.theta, dtype=torch.float64, requires_grad=True)
+        beta = torch.tensor(self.theta, dtype=torch.float64)
         y = torch.tensor([d.y for d in self.days], dtype=torch.float64)
         pred, j_syn, j_dev = self._terms(beta)
         norm = y.mean().square().clamp(min=1.0)
@@ -158,7 +189,7 @@ class OnlineCalibrator:
         if not self.days or (day_index + 1) % self.settings.every:
             return False
         for _ in range(self.settings.steps):
-            beta = torch.tensor(self.theta, dtype=torch.float64, requires_grad=True)
+            beta = torch.tensor(self.theta, dtype=torch.float64)
             y = torch.tensor([d.y for d in self.days], dtype=torch.float64)
             pred, j_syn, j_dev = self._terms(beta)
             r = (pred - y).detach()
