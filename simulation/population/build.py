@@ -214,6 +214,31 @@ def _pick_heads(
     return heads, rest[n_hh - k :]
 
 
+SIBLING_CHAIN = 0.8  # P(a member's band follows the previous member's row, not the head's)
+
+
+def _member_bands(rng: np.random.Generator, cdf: np.ndarray, head_band: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """Bands of the non-head members (slots per household, in order): the first from the
+    home-matrix row of the head, each next one from the row of the previous member with
+    probability SIBLING_CHAIN (siblings and partners cluster in age), else the head's."""
+    nb = cdf.shape[0]
+    start = np.concatenate([[0], np.cumsum(slots)[:-1]])
+    pos = np.arange(head_band.size) - np.repeat(start, slots)
+    want = np.empty(head_band.size, np.int64)
+    u = rng.random(head_band.size)
+    chain = rng.random(head_band.size) < SIBLING_CHAIN
+    for j in range(int(slots.max(initial=0))):
+        sel = np.flatnonzero(pos == j)
+        src = head_band[sel].copy()
+        if j:
+            follow = chain[sel]
+            src[follow] = want[sel[follow] - 1]
+        for k in range(nb):
+            kk = sel[src == k]
+            want[kk] = np.minimum(np.searchsorted(cdf[k], u[kk], side="right"), nb - 1)
+    return want
+
+
 def _compose_households(
     rng: np.random.Generator,
     size_class: np.ndarray,
@@ -242,11 +267,7 @@ def _compose_households(
         if others.size:
             slot_hh = np.repeat(hh_ids, sizes - 1)
             slot_head_band = np.repeat(cb[heads], sizes - 1)
-            want = np.empty(slot_hh.size, np.int64)
-            u = rng.random(slot_hh.size)
-            for k in range(cdf.shape[0]):
-                sel = slot_head_band == k
-                want[sel] = np.minimum(np.searchsorted(cdf[k], u[sel], side="right"), cdf.shape[0] - 1)
+            want = _member_bands(rng, cdf, slot_head_band, sizes - 1)
             # people matched to slots band by band; the unmatched fill the rest at random
             si, pi = _match(rng, want, cb[others], cdf.shape[0])
             household[others[pi]] = slot_hh[si]

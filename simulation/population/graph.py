@@ -15,7 +15,7 @@ import torch
 
 from simulation.population.errors import PopulationError
 
-__all__ = ["CSRLayer", "ContactGraph", "random_contact_graph", "build_csr"]
+__all__ = ["CSRLayer", "ContactGraph", "build_csr", "merge_layers", "random_contact_graph"]
 
 
 @numba.njit(cache=True)
@@ -68,6 +68,76 @@ def _csr_sort_dedup(indptr, cols, vals, has_w, new_indptr):  # pragma: no cover 
             out += 1
             last = c
     new_indptr[n] = out
+
+
+@numba.njit(cache=True)
+def _merge_sorted_rows(indptrs, indices, weights, out_indptr, out_cols, out_w, fill):  # pragma: no cover
+    """Row-wise k-way merge of CSRs with sorted rows (stacked; layer l's arrays start at
+    indptrs[layer, 0]); equal columns are merged with weights summed. ``fill`` False only counts."""
+    n_layers = indptrs.shape[0]
+    n = indptrs.shape[1] - 1
+    pos = np.empty(n_layers, np.int64)
+    out = 0
+    for i in range(n):
+        out_indptr[i] = out
+        for layer in range(n_layers):
+            pos[layer] = indptrs[layer, i]
+        while True:
+            best = -1
+            col = np.int64(2**62)
+            for layer in range(n_layers):
+                if pos[layer] < indptrs[layer, i + 1] and indices[pos[layer]] < col:
+                    col = indices[pos[layer]]
+                    best = layer
+            if best < 0:
+                break
+            acc = 0.0
+            for layer in range(n_layers):
+                if pos[layer] < indptrs[layer, i + 1] and indices[pos[layer]] == col:
+                    acc += weights[pos[layer]]
+                    pos[layer] += 1
+            if fill:
+                out_cols[out] = col
+                out_w[out] = acc
+            out += 1
+    out_indptr[n] = out
+
+
+@numba.njit(cache=True)
+def _sorted_unique_rows(indptr, indices):  # pragma: no cover - compiled
+    for i in range(indptr.size - 1):
+        for k in range(indptr[i] + 1, indptr[i + 1]):
+            if indices[k] <= indices[k - 1]:
+                return False
+    return True
+
+
+def _rows_sorted(layer: CSRLayer) -> bool:
+    return bool(_sorted_unique_rows(layer.indptr.numpy(), layer.indices.numpy()))
+
+
+def merge_layers(layers: list[CSRLayer], layer_weights: list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Union of CSR layers (sorted rows) in O(E) without a global sort: (indptr, indices,
+    weights) with weight = Σ layer weight × edge weight over the layers holding a pair."""
+    n = layers[0].n
+    if not all(_rows_sorted(layer) for layer in layers):  # arbitrary CSR input: sort first
+        layers = [CSRLayer.from_edges(n, *layer.edges(), None if layer.weights is None else layer.weights.numpy())
+                  if not _rows_sorted(layer) else layer for layer in layers]
+    offsets = np.cumsum([0] + [layer.nnz for layer in layers])
+    indptrs = np.stack([layer.indptr.numpy() + off for layer, off in zip(layers, offsets[:-1], strict=True)])
+    indices = np.concatenate([layer.indices.numpy() for layer in layers])
+    weights = np.concatenate(
+        [
+            np.full(layer.nnz, w, np.float32) * (1.0 if layer.weights is None else layer.weights.numpy())
+            for layer, w in zip(layers, layer_weights, strict=True)
+        ]
+    ).astype(np.float32)
+    indptr = np.empty(n + 1, np.int64)
+    _merge_sorted_rows(indptrs, indices, weights, indptr, np.empty(0, np.int32), np.empty(0, np.float32), False)
+    cols = np.empty(int(indptr[-1]), np.int32)
+    w = np.empty(cols.size, np.float32)
+    _merge_sorted_rows(indptrs, indices, weights, indptr, cols, w, True)
+    return indptr, cols, w
 
 
 def build_csr(
@@ -187,24 +257,13 @@ class ContactGraph:
             unit = float(self.layer_weights.get(name, 1.0)) == 1.0 and layer.weights is None
             if unit or not weighted:  # already the merged graph (weights all one)
                 return CSRLayer(layer.indptr, layer.indices)
-        srcs, dsts, ws = [], [], []
-        for name, layer in self.layers.items():
-            r, c, lw_edge = layer.upper()
-            srcs.append(r)
-            dsts.append(c)
-            lw = float(self.layer_weights.get(name, 1.0))
-            w = np.full(r.size, lw, np.float32)
-            if lw_edge is not None:
-                w *= lw_edge
-            ws.append(w)
-        src, dst = np.concatenate(srcs), np.concatenate(dsts)
-        w = np.concatenate(ws) if weighted else None
-        del srcs, dsts, ws
-        indptr, cols, wsum = build_csr(self.n, src, dst, w)
-        if wsum is not None and bool(np.all(wsum == 1.0)):
-            wsum = None
+        names = list(self.layers)
+        weights = [float(self.layer_weights.get(k, 1.0)) if weighted else 1.0 for k in names]
+        layers = [self.layers[k] if weighted else CSRLayer(self.layers[k].indptr, self.layers[k].indices) for k in names]
+        indptr, cols, wsum = merge_layers(layers, weights)
+        unit = not weighted or bool(np.all(wsum == 1.0))
         return CSRLayer(
-            torch.from_numpy(indptr), torch.from_numpy(cols), None if wsum is None else torch.from_numpy(wsum)
+            torch.from_numpy(indptr), torch.from_numpy(cols), None if unit else torch.from_numpy(wsum)
         )
 
 
