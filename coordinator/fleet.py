@@ -67,6 +67,7 @@ class ProcessTransport:
         self.proc = subprocess.Popen([sys.executable, "-m", DEVICE_HOST_MODULE],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._nodes = list(range(1, nodes + 1))
+        self.device_seconds = 0.0  # wall time spent waiting for the device host
         self._call("init", {"nodes": self._nodes, "offline": dict(offline or {}),
                             "node_config": dict(node_config or {}),
                             "node_configs": {k: dict(v) for k, v in (node_configs or {}).items()}})
@@ -78,8 +79,10 @@ class ProcessTransport:
     def _call(self, op: str, arg: Any) -> Any:
         if self.proc.poll() is not None:
             raise FleetError(f"the device host exited with code {self.proc.returncode}")
+        t0 = time.perf_counter()
         self._write(self.proc.stdin, (op, arg))
         status, value = self._read(self.proc.stdout)
+        self.device_seconds += time.perf_counter() - t0
         if status != "ok":
             raise FleetError(f"device host: {value}")
         return value

@@ -25,7 +25,8 @@ device without one is left out), and ``lpm coordinator`` never runs a federated 
 Run config keys (``[tool.flwr.app.config]``): num-days, population, scale, seed, devices,
 beta, gamma, initial-infected, db, run-id, min-devices, shared-seed (equivalence tests only),
 calibrate ("" or "beta"), calibrate-every, calibrate-steps, beta-init, beta-segment-days,
-observed-csv (per-day ``new_infections``; default: the run's own reported counts).
+observed-csv (per-day ``new_infections``; default: the run's own reported counts),
+exchange-timeout (seconds a message exchange waits for devices; a late device is out).
 """
 
 from __future__ import annotations
@@ -436,7 +437,8 @@ def settings_from_context(context: Context) -> FederatedSettings:
             segment_days=_cfg_get(rc, "beta-segment-days", 0),
             observed=tuple(read_observed_csv(csv_path)) if csv_path else None)
     return FederatedSettings(min_devices=_cfg_get(rc, "min-devices", DEFAULT_MIN_DEVICES),
-                             shared_seed=_cfg_get(rc, "shared-seed", False), calibration=cal)
+                             shared_seed=_cfg_get(rc, "shared-seed", False), calibration=cal,
+                             timeout=_cfg_get(rc, "exchange-timeout", 600.0))
 
 
 @app.main()
