@@ -348,6 +348,12 @@ class EpochServer:
         try:
             for i in sorted(self._s):
                 seed = reconstruct_secret(shares[i], cfg.threshold)
+                if len(shares[i]) > cfg.threshold:  # a second subset must agree
+                    last = dict(sorted(shares[i].items())[-cfg.threshold:])
+                    if reconstruct_secret(last, cfg.threshold) != seed:
+                        raise ProtocolViolationError(
+                            f"the shares of client {i}'s self mask are inconsistent: a "
+                            "holder revealed a wrong share (not attributable)")
                 ring_keystream(ctx.self_mask_key(seed, i, day), buf.numel(), out=buf)
                 total.sub_(buf)
         except ShamirError as exc:

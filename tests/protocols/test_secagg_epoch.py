@@ -207,3 +207,34 @@ def test_unmask_refuses_signatures_from_outside_the_set_or_too_few() -> None:
         clients[0].unmask(add_mac(server._macs[0], forged.encode()))
     assert clients[0].stage is EpochStage.UNMASK
     server.receive(0, clients[0].unmask(reqs[0]))  # the honest request still works
+
+
+def test_a_wrong_self_mask_share_is_detected_not_summed() -> None:
+    from protocols.secagg.epoch_messages import DayUnmaskResponse, RevealKind
+    from protocols.secagg.messages import add_mac, strip_mac
+
+    setup = make_round(N, InputSpec("int", L, 1000), degree=K, threshold=T)
+    server, clients = setup.epoch_server(), setup.epoch_clients()
+    for i, c in enumerate(clients):
+        server.receive(i, c.advertise_keys())
+    for i, b in server.advance().items():
+        clients[i].accept_roster(b)
+    server.open_day(0)
+    xs = _xs(N, 0)
+    for i, c in enumerate(clients):
+        server.receive(i, c.masked_input(0, xs[i]))
+    for i, b in server.advance().items():
+        server.receive(i, clients[i].sign_survivors(b))
+    for i, b in server.advance().items():
+        blob = clients[i].unmask(b)
+        if i == 0:  # client 0 deviates: one share it reveals is off by one
+            msg = DayUnmaskResponse.decode(strip_mac(server._macs[0], blob, 10**6), N, K)
+            j, kind, share = msg.reveals[0]
+            assert kind is RevealKind.SELF_MASK_SHARE
+            bad = share[:-1] + bytes([share[-1] ^ 1])
+            msg = DayUnmaskResponse(msg.header, ((j, kind, bad),) + msg.reveals[1:])
+            blob = add_mac(server._macs[0], msg.encode())
+        server.receive(i, blob)
+    with pytest.raises(ProtocolViolationError, match="inconsistent|reconstruction failed"):
+        server.advance()
+    assert server.stage is EpochServerStage.UNMASK and server.result is None
