@@ -19,7 +19,7 @@ def simulate_command(
     scale: float = typer.Option(1.0, help="Population scale factor (nyc 0.12 ≈ 1M agents)."),
     beta: float = typer.Option(0.5, min=0.0, help="Transmission rate β per day."),
     seed: int = typer.Option(0, help="Random seed (population and events)."),
-    estimator: str = typer.Option("straight_through", help="Gradient estimator."),
+    estimator: str = typer.Option("auto", help="Gradient estimator (auto: nonbacktracking for SIR)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     out: Path = typer.Option(Path("out/simulate"), help="Output directory."),
     fmt: str = typer.Option("csv", "--format", help="Series format: csv or parquet."),
@@ -44,8 +44,8 @@ def simulate_command(
         raise typer.BadParameter(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     if model not in ("sir", "seirm"):
         raise typer.BadParameter("model must be 'sir' or 'seirm'")
-    if estimator not in ESTIMATORS:
-        raise typer.BadParameter(f"estimator must be one of {sorted(ESTIMATORS)}")
+    if estimator not in (*ESTIMATORS, "auto", "nonbacktracking"):
+        raise typer.BadParameter(f"estimator must be auto, nonbacktracking or one of {sorted(ESTIMATORS)}")
     if fmt not in ("csv", "parquet"):
         raise typer.BadParameter("format must be csv or parquet")
     if procs > 1:
@@ -148,7 +148,7 @@ def gradcheck_command(
     days: int = typer.Option(40, min=1, max=3650, help="Days to simulate."),
     seeds: int = typer.Option(8, min=2, help="Seeds (paired AD and FD runs)."),
     params: str | None = typer.Option(None, help="Comma-separated parameters (default: the model's rates)."),
-    estimator: str = typer.Option("smoothed", help="Gradient estimator to check."),
+    estimator: str = typer.Option("auto", help="Gradient estimator to check (auto: the engine default)."),
     fd_step: float = typer.Option(0.05, help="Relative FD step h/|θ|."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the per-parameter statistics here."),
@@ -157,15 +157,15 @@ def gradcheck_command(
     import json
 
     from simulation.engine import SimulationError
-    from simulation.estimators import ESTIMATORS
+    from simulation.estimators import ESTIMATORS, RUN_ESTIMATORS
     from simulation.gradcheck import format_table, gradcheck
     from simulation.models import SEIRM, SIR
     from simulation.population import random_contact_graph, synthesize
 
     if model not in ("sir", "seirm"):
         raise typer.BadParameter("model must be 'sir' or 'seirm'")
-    if estimator not in ESTIMATORS:
-        raise typer.BadParameter(f"estimator must be one of {sorted(ESTIMATORS)}")
+    if estimator not in (*ESTIMATORS, *RUN_ESTIMATORS):
+        raise typer.BadParameter(f"estimator must be one of {sorted([*ESTIMATORS, *RUN_ESTIMATORS])}")
     names = [p.strip() for p in params.split(",")] if params else (
         ["beta", "gamma"] if model == "sir" else ["beta", "latent_days", "infectious_days"])
     pop = synthesize(preset, seed=0, scale=scale) if preset else random_contact_graph(agents, degree, seed=0)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from simulation.estimators import DEFAULT_ESTIMATOR, get_estimator
+from simulation.estimators import DEFAULT_ESTIMATOR, RUN_ESTIMATORS, get_estimator
+from simulation.fused_sir import simulate_sir_fused, supports_fused_sir
 from simulation.kernels import NeighbourSum
 from simulation.population import ContactGraph, Population
 from simulation.rng import counter_uniforms
@@ -122,6 +123,16 @@ def simulate(
     degree = merged.degree().to(dev).float()
     est = get_estimator(estimator)
     model = model.to(dev)
+    if estimator in RUN_ESTIMATORS:
+        hooks = any(h is not None for h in (neighbour_sum, uniforms, extras, initial_state))
+        if supports_fused_sir(model, dev, hooks):
+            series_t, final = simulate_sir_fused(model, merged, days, seed, progress)
+            return Trajectory(series_t, final, days,
+                              {"seed": seed, "estimator": "nonbacktracking", "device": str(dev), "n": n})
+        if estimator == "nonbacktracking":
+            raise SimulationError("the nonbacktracking estimator runs the plain SIR model on CPU without "
+                                  "neighbour_sum/uniforms/extras/initial_state hooks; use 'smoothed'")
+        estimator = "smoothed"
 
     gen = torch.Generator().manual_seed(int(seed))
     state = initial_state if initial_state is not None else model.initial_state(n, gen, dev)

@@ -31,10 +31,13 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["DEFAULT_ESTIMATOR", "ESTIMATORS", "EstimatorError", "get_estimator", "hard_forward"]
+__all__ = ["DEFAULT_ESTIMATOR", "ESTIMATORS", "RUN_ESTIMATORS", "EstimatorError", "get_estimator", "hard_forward"]
 
 _EPS = 1e-6
-DEFAULT_ESTIMATOR = "smoothed"
+DEFAULT_ESTIMATOR = "auto"
+#: estimators that act on a whole run rather than per event (``simulation.fused_sir``); "auto"
+#: picks "nonbacktracking" where the engine supports it and "smoothed" elsewhere
+RUN_ESTIMATORS = ("auto", "nonbacktracking")
 
 
 class EstimatorError(ValueError):
@@ -78,11 +81,15 @@ ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 
 def get_estimator(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The estimator function registered under ``name``."""
+    """The per-event estimator function registered under ``name`` ("auto" and
+    "nonbacktracking" act on whole runs in the engine; per event they are ``smoothed``)."""
+    if name in RUN_ESTIMATORS:
+        return smoothed
     try:
         return ESTIMATORS[name]
     except KeyError:
-        raise EstimatorError(f"unknown estimator {name!r}; choose from {sorted(ESTIMATORS)}") from None
+        raise EstimatorError(
+            f"unknown estimator {name!r}; choose from {sorted([*ESTIMATORS, *RUN_ESTIMATORS])}") from None
 
 
 def hard_forward(estimator: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
