@@ -16,13 +16,14 @@ from simulation.distributed.partition import (
     cut_stats,
     partition_graph,
 )
-from simulation.distributed.runner import prepare, simulate, sync_gradients
+from simulation.distributed.runner import PartitionedPopulation, prepare, simulate, sync_gradients
 
 __all__ = [
     "METHODS",
     "DistributedError",
     "DistributedNeighbourSum",
     "Partition",
+    "PartitionedPopulation",
     "Shard",
     "build_shard",
     "cut_stats",

@@ -9,18 +9,22 @@ with a :class:`~simulation.distributed.halo.DistributedNeighbourSum`. The daily 
 summed over ranks, so every rank returns the global :class:`~simulation.engine.Trajectory`
 (with ``final_state`` holding only its own agents, ids in ``meta["owned"]``).
 
-Gradients: each rank may backpropagate a loss of the (replicated) global series; after
-``backward()`` call :func:`sync_gradients` once to sum the parameter gradients over ranks
-(each rank holds the part flowing through its own agents, halo contributions included).
+Gradients: every rank backpropagates the same (replicated) loss of the global series. The
+parameters enter the simulation through an all-reduce-in-backward identity, so after
+``backward()`` each rank holds the full gradient — a calibration loop runs unchanged (its
+optimiser steps stay identical on every rank). With ``checkpoint_days`` use
+``sync_grads=False`` and :func:`sync_gradients` after ``backward()``.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.utils.stateless import _reparametrize_module
 
 from simulation import engine
 from simulation.distributed.halo import DistributedNeighbourSum, Shard, build_shard, check_counts
@@ -29,7 +33,7 @@ from simulation.population import ContactGraph, CSRLayer, Population
 from simulation.rng import counter_uniforms_at
 from simulation.substeps import SubstepModel
 
-__all__ = ["LocalGraph", "prepare", "simulate", "sync_gradients", "world"]
+__all__ = ["LocalGraph", "PartitionedPopulation", "prepare", "simulate", "sync_gradients", "world"]
 
 
 class LocalGraph(ContactGraph):
@@ -98,6 +102,53 @@ def prepare(
     return shard, local, part
 
 
+class PartitionedPopulation(Population):
+    """A population (global ``n``, attributes, graph) plus this rank's shard: hand it to
+    ``simulation.engine.simulate`` (or any code calling it) and the run is partitioned.
+
+    Build it collectively (every rank, same population); rank 0's partition is broadcast.
+    """
+
+    def __init__(
+        self,
+        population: Population | ContactGraph,
+        *,
+        method: str = "metis",
+        partition: Partition | None = None,
+        group=None,
+    ) -> None:
+        if isinstance(population, ContactGraph):
+            population = Population(population.n, {}, population)
+        super().__init__(population.n, population.attributes, population.graph,
+                         dict(population.meta))
+        self.shard, self.local, self.partition = prepare(
+            population, method=method, partition=partition, group=group
+        )
+        self.group = group
+
+    def simulate_partitioned(self, model: SubstepModel, days: int, seed: int = 0,
+                             **kwargs: Any) -> engine.Trajectory:
+        """The engine's hook: run ``model`` on this rank's shard (see :func:`simulate`)."""
+        return simulate(model, self, days, seed, **kwargs)
+
+
+class _GradAllReduce(torch.autograd.Function):
+    """Identity on a parameter; backward sums its gradient over ranks. Parameters enter the
+    partitioned simulation through it, so after ``backward()`` every rank holds the full
+    gradient of the (replicated) loss and terms outside the simulation are not summed."""
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        return p.view_as(p)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class _ReplicatedSum(torch.autograd.Function):
     """Sum over ranks; every rank holds the result (a replicated loss), so the backward is
     the identity: each rank's local terms get the loss gradient once."""
@@ -134,19 +185,26 @@ def simulate(
     partition: Partition | str = "metis",
     group=None,
     shard: tuple[Shard, Population] | None = None,
+    sync_grads: bool = True,
     **kwargs: Any,
 ) -> engine.Trajectory:
     """``simulation.engine.simulate`` on this rank's part of the population (collective).
 
     Same arguments as the engine (``estimator``, ``device``, ``checkpoint_days``,
     ``progress``, ``extras``); ``partition`` is a method name or a :class:`Partition`;
-    ``shard`` reuses a ``prepare`` result (skips partitioning on repeated runs). Without an
-    initialised process group this is the plain engine run.
+    ``shard`` reuses a ``prepare`` result (a :class:`PartitionedPopulation` carries one).
+    With ``sync_grads`` (default) the parameters' gradients through the simulation are
+    summed over ranks inside ``backward()``; with ``checkpoint_days`` (recomputation runs
+    outside this call) pass ``sync_grads=False`` and call :func:`sync_gradients` yourself.
+    Without an initialised process group this is the plain engine run.
     """
     for bad in ("neighbour_sum", "uniforms"):
         if bad in kwargs:
             raise DistributedError(f"{bad}= is set by the partitioned runner")
     rank, size = world(group)
+    if shard is None and isinstance(population, PartitionedPopulation):
+        shard, group = (population.shard, population.local), population.group
+        rank, size = world(group)
     if size == 1 and shard is None:
         return engine.simulate(model, population, days, seed, **kwargs)
     if shard is None:
@@ -170,10 +228,21 @@ def simulate(
     def uniforms(day: int, streams: int) -> torch.Tensor:
         return counter_uniforms_at(seed, day, owned, sh.n_total, dev, streams)
 
-    traj = engine.simulate(
-        model, local, days, seed, device=dev, neighbour_sum=op, uniforms=uniforms,
-        initial_state=initial, **kwargs,
-    )
+    model = model.to(dev)
+    wrap = sync_grads and size > 1 and torch.is_grad_enabled()
+    if wrap and kwargs.get("checkpoint_days") is not None:
+        raise DistributedError(
+            "checkpoint_days recomputes outside simulate(): pass sync_grads=False and call "
+            "sync_gradients(model) after backward()"
+        )
+    params = {n: _GradAllReduce.apply(p, group) for n, p in model.named_parameters()
+              if wrap and p.requires_grad}
+    with warnings.catch_warnings(), _reparametrize_module(model, params):
+        warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+        traj = engine.simulate(
+            model, local, days, seed, device=dev, neighbour_sum=op, uniforms=uniforms,
+            initial_state=initial, **kwargs,
+        )
     if size > 1:
         names = list(traj.series)
         stacked = _ReplicatedSum.apply(torch.stack([traj.series[k] for k in names]), group)

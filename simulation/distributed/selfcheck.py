@@ -29,7 +29,7 @@ class Case:
     seed: int = 3
     beta: float = 0.5
     method: str = "metis"
-    estimator: str = "straight_through"
+    estimator: str | None = None  # None: the engine's default
     grad: bool = True
     checkpoint_days: int | None = None
 
@@ -62,30 +62,55 @@ def _result(model, traj) -> dict[str, Any]:
     }
 
 
+def _est(case: Case) -> dict[str, str]:
+    return {} if case.estimator is None else {"estimator": case.estimator}
+
+
+def _loss(model, traj, case: Case) -> torch.Tensor:
+    """Total infections, plus (automatic gradient sync only) a prior on β that lives outside
+    the simulation: it must not be summed over ranks."""
+    loss = traj.total_infections
+    if case.checkpoint_days is None:
+        loss = loss + 100.0 * (model.beta - 0.3) ** 2
+    return loss
+
+
 def reference(case: Case) -> dict[str, Any]:
     """The single-process engine run of ``case``."""
     from simulation.engine import simulate
 
     model, pop = build_case(case)
     with torch.set_grad_enabled(case.grad):
-        traj = simulate(model, pop, case.days, case.seed, estimator=case.estimator,
+        traj = simulate(model, pop, case.days, case.seed, **_est(case),
                         checkpoint_days=case.checkpoint_days)
         if case.grad:
-            traj.total_infections.backward()
+            _loss(model, traj, case).backward()
     return _result(model, traj)
 
 
 def run_case(rank: int, world: int, case: Case) -> dict[str, Any]:
-    """The partitioned run of ``case`` on this rank (call on every rank)."""
-    from simulation.distributed.runner import simulate, sync_gradients
+    """The partitioned run of ``case`` on this rank (call on every rank).
+
+    Without checkpointing: the engine's own ``simulate`` on a ``PartitionedPopulation``
+    (automatic gradient sync). With it: the runner with ``sync_grads=False`` and an explicit
+    ``sync_gradients`` after ``backward()``.
+    """
+    from simulation.distributed.runner import PartitionedPopulation, simulate, sync_gradients
+    from simulation.engine import simulate as engine_simulate
 
     model, pop = build_case(case)
     with torch.set_grad_enabled(case.grad):
-        traj = simulate(model, pop, case.days, case.seed, estimator=case.estimator,
-                        partition=case.method, checkpoint_days=case.checkpoint_days)
+        if case.checkpoint_days is None:
+            traj = engine_simulate(model, PartitionedPopulation(pop, method=case.method),
+                                   case.days, case.seed, **_est(case))
+        else:
+            traj = simulate(model, pop, case.days, case.seed, **_est(case),
+                            partition=case.method, checkpoint_days=case.checkpoint_days,
+                            sync_grads=False)
         if case.grad:
-            traj.total_infections.backward()
-            sync_gradients(model)
+            _loss(model, traj, case).backward()
+            if case.checkpoint_days is not None:
+                sync_gradients(model)
     return _result(model, traj)
 
 
