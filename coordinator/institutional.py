@@ -66,6 +66,8 @@ class MPCSession:
         self.k = len(columns)
         if self.k < 1:
             raise MPCError("need at least one institution")
+        if dist.is_initialized():
+            raise MPCError("this process already belongs to a party group: close the other MPCSession first")
         self.cells = list(cells) if cells is not None else list(range(self.k))
         self.n_cells = max(self.cells) + 1
         self.days = (date.fromisoformat(end) - date.fromisoformat(start)).days + 1
@@ -107,6 +109,8 @@ class MPCSession:
         :class:`DataRejected` naming the institution, before anyone joins the group."""
         deadline = time.monotonic() + self.timeout
         for r, p in enumerate(self.procs):
+            if p.stdout is None:
+                raise MPCError(f"institution {r} has no stdout pipe")
             sel = selectors.DefaultSelector()
             sel.register(p.stdout, selectors.EVENT_READ)
             line = ""
@@ -242,8 +246,8 @@ class BoroughPublicModel:
         self.n_params = len(boroughs) + 1
 
     def initial_theta(self) -> torch.Tensor:
-        return torch.tensor([float(self.module.log_beta[b]) for b in self.boroughs]
-                            + [float(self.module.logit_ascertainment)], dtype=torch.float64)
+        return torch.tensor([float(self.module.log_beta[b].detach()) for b in self.boroughs]
+                            + [float(self.module.logit_ascertainment.detach())], dtype=torch.float64)
 
     def evaluate(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if theta.shape != (self.n_params,):
@@ -312,6 +316,8 @@ def run_institutional_calibration(
     with MPCSession(data, [BOROUGH_COLUMNS[b] for b in boroughs], start=start, end=end,
                     model="coordinator.institutional:borough_public_model", model_args=model_args,
                     policy=policy) as session:
+        if not isinstance(session.model, BoroughPublicModel):
+            raise MPCError("the session's public model is not the borough model")
         theta = nn.Parameter(session.model.initial_theta())
         opt = torch.optim.Adam([theta], lr=lr)
         for step in range(steps):

@@ -34,6 +34,7 @@ def import_crypten() -> ModuleType:
     """Import CrypTen on torch 2.13 (module alias shim)."""
     if "crypten" in sys.modules:
         return sys.modules["crypten"]
+    registration: ModuleType | None
     try:
         import torch.onnx._internal.torchscript_exporter.registration as registration
     except ImportError:  # older torch: nothing to alias
@@ -164,7 +165,6 @@ def main_group():
 def leave() -> None:
     """Leave every process group (never CrypTen's shutdown: it pickles a message to the TTP)."""
     import torch.distributed as dist
-
     from crypten.communicator.distributed_communicator import DistributedCommunicator
 
     if dist.is_initialized():

@@ -31,6 +31,7 @@ from protocols.mpc.errors import DealerError
 __all__ = ["DealerProvider", "serve_dealer"]
 
 OP_STOP, OP_MUL, OP_MATMUL, OP_SQUARE, OP_WRAPS = 0, 1, 2, 3, 4
+WITH_WRAPS = 8  # flag: also serve the wrap pair for the product's truncation (next counter)
 _MAXD = 8
 HEADER_LEN = 2 + 2 * (1 + _MAXD)
 MAX_ELEMENTS = 1 << 22
@@ -104,21 +105,36 @@ class DealerProvider:
     def __init__(self, rank: int, dealer_rank: int, key: bytes) -> None:
         self.rank, self.dealer_rank, self.key = rank, dealer_rank, key
         self.counter = 0
-        self.requests = 0
+        self.requests = 0  # dealer requests (round trips of party 0), the same count at every party
+        self._pending: tuple[torch.Size, list[torch.Tensor]] | None = None
 
     def _tuple(self, op: int, size0, size1=()) -> list[torch.Tensor]:
+        """One request. A product (mul, matmul, square) also reserves the next counter for the
+        wrap pair of its truncation, served in the same round trip (CrypTen truncates every
+        fixed-point product right away; an unused reservation is skipped by every party alike)."""
         size0, size1 = torch.Size(size0), torch.Size(size1)
         first, last = _request_sizes(op, size0, size1)
+        prefetch = op in (OP_MUL, OP_MATMUL, OP_SQUARE)
         counter = self.counter
-        self.counter += 1
+        self.counter += 2 if prefetch else 1
+        self._pending = None
+        wrap_first, wrap_last = _request_sizes(OP_WRAPS, last, torch.Size())
         self.requests += 1
         if self.rank == 0:
             drawn = _draw(self.key, counter, first)
-            dist.send(_encode_header(op, counter, size0, size1), dst=self.dealer_rank)
-            correction = torch.empty(last, dtype=torch.int64)
-            dist.recv(correction, src=self.dealer_rank)
-            return [*drawn, correction]
-        return _draw(self.key, counter, [*first, last])
+            dist.send(_encode_header(op | (WITH_WRAPS if prefetch else 0), counter, size0, size1),
+                      dst=self.dealer_rank)
+            n_last = math.prod(last)
+            reply = torch.empty(n_last + (math.prod(wrap_last) if prefetch else 0), dtype=torch.int64)
+            dist.recv(reply, src=self.dealer_rank)
+            result = [*drawn, reply[:n_last].view(last)]
+            if prefetch:
+                self._pending = (last, [*_draw(self.key, counter + 1, wrap_first), reply[n_last:].view(wrap_last)])
+            return result
+        result = _draw(self.key, counter, [*first, last])
+        if prefetch:
+            self._pending = (last, _draw(self.key, counter + 1, [*wrap_first, wrap_last]))
+        return result
 
     def generate_additive_triple(self, size0, size1, op, device=None, *args, **kwargs):
         if args or kwargs or op not in ("mul", "matmul"):
@@ -131,7 +147,10 @@ class DealerProvider:
         return _shared(r), _shared(r2)
 
     def wrap_rng(self, size, device=None):
-        r, theta_r = self._tuple(OP_WRAPS, size)
+        if self._pending is not None and self._pending[0] == torch.Size(size):
+            (r, theta_r), self._pending = self._pending[1], None
+        else:
+            r, theta_r = self._tuple(OP_WRAPS, size)
         return _shared(r), _shared(theta_r)
 
     def generate_binary_triple(self, size0, size1, device=None):
@@ -162,27 +181,37 @@ def serve_dealer(parties: int) -> int:
         dist.send(torch.frombuffer(bytearray(key), dtype=torch.uint8), dst=rank)
     expected = 0
     header = torch.empty(HEADER_LEN, dtype=torch.int64)
+    def correction(op: int, counter: int, size0: torch.Size, size1: torch.Size) -> torch.Tensor:
+        first, last = _request_sizes(op, size0, size1)
+        draws = [_draw(key, counter, [*first, last]) for key in keys]
+        def total(i: int) -> torch.Tensor:
+            return torch.stack([d[i] for d in draws]).sum(dim=0)
+
+        if op in (OP_MUL, OP_MATMUL):
+            a, b = total(0), total(1)
+            value = a * b if op == OP_MUL else torch.matmul(a, b)
+        elif op == OP_SQUARE:
+            value = total(0) * total(0)
+        else:
+            value = count_wraps([d[0] for d in draws])
+        others = torch.stack([d[-1] for d in draws[1:]]).sum(dim=0) if len(draws) > 1 else torch.zeros_like(value)
+        return (value - others).reshape(-1)
+
     while True:
         dist.recv(header, src=0)
         op, counter, size0, size1 = _decode_header(header)
-        if op == OP_STOP:
+        base, prefetch = op & ~WITH_WRAPS, bool(op & WITH_WRAPS)
+        if base == OP_STOP:
             return expected
         if counter != expected:
-            raise DealerError(f"request {counter} out of order (expected {expected})")
-        expected += 1
-        first, last = _request_sizes(op, size0, size1)
-        draws = [_draw(key, counter, [*first, last]) for key in keys]
-        if op in (OP_MUL, OP_MATMUL):
-            a = sum(d[0] for d in draws)
-            b = sum(d[1] for d in draws)
-            value = a * b if op == OP_MUL else torch.matmul(a, b)
-        elif op == OP_SQUARE:
-            r = sum(d[0] for d in draws)
-            value = r * r
-        else:
-            value = count_wraps([d[0] for d in draws])
-        correction = value - sum(d[-1] for d in draws[1:])
-        dist.send(correction.contiguous(), dst=0)
+            raise DealerError(f"request {counter} replayed or out of order (expected {expected})")
+        if prefetch and base not in (OP_MUL, OP_MATMUL, OP_SQUARE):
+            raise DealerError(f"operation {base} has no truncation to prefetch")
+        parts = [correction(base, counter, size0, size1)]
+        if prefetch:
+            parts.append(correction(OP_WRAPS, counter + 1, _out_size(base, size0, size1), torch.Size()))
+        expected = counter + (2 if prefetch else 1)
+        dist.send(torch.cat(parts).contiguous(), dst=0)
 
 
 def receive_key(dealer_rank: int) -> bytes:

@@ -101,19 +101,19 @@ def institution_round(length: int, shared: SharedLogCounts, verifier: QueryVerif
     digests = _gather(_digest_row(query.digest() if query is not None else None), group)
     if verdict == OK and any(not torch.equal(d, digests[rank]) for d in digests[:institutions]):
         verdict = EQUIVOCATION
-    if verdict == OK:
+    a = w = None
+    if verdict == OK and query is not None:
         try:
             verifier.check(query)
+            a, w = public_multipliers(query.y_hat, query.jac)
+            if not check_headroom(a, w, policy.count_bound):
+                verdict = HEADROOM
         except BudgetExhausted:
             verdict = BUDGET
         except QueryRefused:
             verdict = REFUSED
-    if verdict == OK:
-        a, w = public_multipliers(query.y_hat, query.jac)
-        if not check_headroom(a, w, policy.count_bound):
-            verdict = HEADROOM
     verdicts = _gather(torch.tensor([verdict], dtype=torch.int64), group)
-    if any(int(v) != OK for v in verdicts):
+    if any(int(v) != OK for v in verdicts) or a is None or w is None:
         return verdict
     agg = aggregate_shares(shared, a, w)
     agg += noise_shares(dp_noise_std(policy, a, w), institutions, a.numel(), w.shape[-1])

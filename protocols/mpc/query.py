@@ -183,7 +183,10 @@ def load_public_model(spec: str, kwargs: dict | None = None) -> PublicModel:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise MPCError(f"cannot load public model {spec!r}: {exc}") from None
-    model = factory(**(kwargs or {}))
+    try:
+        model = factory(**(kwargs or {}))
+    except TypeError as exc:
+        raise MPCError(f"public model {spec!r} does not take {sorted(kwargs or {})}: {exc}") from None
     if not isinstance(model, PublicModel):
         raise MPCError(f"{spec} did not return a PublicModel")
     return model

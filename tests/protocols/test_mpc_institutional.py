@@ -13,7 +13,7 @@ import torch
 
 from coordinator.institutional import MPCSession
 from protocols.mpc.crypten_compat import decode, import_crypten
-from protocols.mpc.errors import DataRejected, QueryRefused
+from protocols.mpc.errors import QueryRefused
 from protocols.mpc.query import LogLinearModel, QueryPolicy
 from protocols.mpc.wire import Query
 
@@ -108,10 +108,22 @@ def test_theta_outside_the_public_box_is_refused(session):
         session.round(torch.tensor([6.0, 25.0, 0.3], dtype=torch.float64))
 
 
-def test_an_empty_cell_is_rejected_at_load_naming_institution_and_day(tmp_path):
-    """Before: the empty cell became NaN and failed later with a misleading headroom error."""
-    path = _write(tmp_path / "cases.csv", {"GOOD": [1.0] * DAYS, "BAD": [5.0, float("nan"), *[3.0] * (DAYS - 2)]})
-    with pytest.raises(DataRejected, match="empty or non-numeric cell on 2020-03-02") as info:
-        MPCSession(path, ["GOOD", "BAD"], start=START, end=END, model_args={"cells": 2, "days": DAYS},
-                   timeout=90)
-    assert "institution 1" in str(info.value) and "headroom" not in str(info.value)
+def test_crypten_zero_sharing_from_mt19937_is_refused():
+    from protocols.mpc.crypten_compat import _guard_przs
+    from protocols.mpc.errors import DealerError
+
+    guarded = _guard_przs(lambda *a, **k: pytest.fail("the mt19937 path ran"))
+    assert guarded(torch.Size([0])).share.numel() == 0  # CrypTen's internal MPCTensor([])
+    with pytest.raises(DealerError, match="mt19937"):
+        guarded(torch.Size([3, 4]))
+
+
+@pytest.mark.slow
+def test_sharing_interoperates_with_crypten_across_three_processes():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "protocols.mpc.selfcheck", "--world", "3"],
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "interop ok" in res.stdout

@@ -12,7 +12,13 @@ import torch
 from protocols.mpc.errors import BudgetExhausted, DataRejected, MPCError, QueryRefused
 from protocols.mpc.loss import check_headroom, public_multipliers
 from protocols.mpc.party import load_series
-from protocols.mpc.query import LogLinearModel, QueryPolicy, QueryVerifier, dp_noise_std, gaussian_noise
+from protocols.mpc.query import (
+    LogLinearModel,
+    QueryPolicy,
+    QueryVerifier,
+    dp_noise_std,
+    gaussian_noise,
+)
 from protocols.mpc.wire import Query
 
 C, T = 3, 20
