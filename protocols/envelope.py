@@ -55,9 +55,12 @@ class ReplayedEnvelopeError(EnvelopeError):
 
 
 def _field(value: str) -> bytes:
-    raw = value.encode()
+    try:
+        raw = value.encode()
+    except UnicodeEncodeError as exc:
+        raise MalformedEnvelopeError("context field is not valid UTF-8 text") from exc
     if len(raw) > _MAX_FIELD:
-        raise ValueError(f"context field too long ({len(raw)} > {_MAX_FIELD} bytes)")
+        raise MalformedEnvelopeError(f"context field too long ({len(raw)} > {_MAX_FIELD} bytes)")
     return bytes([len(raw)]) + raw
 
 
@@ -75,11 +78,11 @@ class MessageContext:
     def __post_init__(self) -> None:
         for name in ("protocol", "run_id", "sender", "receiver"):
             if not isinstance(getattr(self, name), str):
-                raise TypeError(f"MessageContext.{name} must be str")
+                raise MalformedEnvelopeError(f"MessageContext.{name} must be str")
         for name in ("round", "step"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
-                raise ValueError(f"MessageContext.{name} must be an int in [0, 2^63)")
+                raise MalformedEnvelopeError(f"MessageContext.{name} must be an int in [0, 2^63)")
 
     def to_bytes(self) -> bytes:
         """Canonical, injective encoding (length-prefixed fields)."""

@@ -168,6 +168,13 @@ def test_replay_guard():
 
 
 def test_context_validation():
+    from protocols.envelope import MalformedEnvelopeError
+
+    for bad in [("p", "r", -1, 0, "a", "b"), ("p", "r", 2**63, 0, "a", "b"),
+                ("p", "r", 0, 2**63, "a", "b"), ("p", "r", True, 0, "a", "b"),
+                ("p", 5, 0, 0, "a", "b"), ("p", "r", 0, 0, "\ud800", "b")]:
+        with pytest.raises(MalformedEnvelopeError):  # a project error (a ValueError)
+            MessageContext(*bad).to_bytes()  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         MessageContext("p", "r", -1, 0, "a", "b")
     with pytest.raises(ValueError):
