@@ -1,4 +1,5 @@
-"""`lpm calibrate` and `lpm sensitivity`: fit the simulator to data, rank parameter effects."""
+"""`lpm calibrate`, `lpm forecast`, `lpm backtest` and `lpm sensitivity`: fit the simulator to data,
+forecast with bands, score forecasts against baselines, rank parameter effects."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ def _bar() -> Progress:
 def calibrate_command(
     scenario: str = typer.Option("nyc", help="nyc (first wave, real data) or synthetic (known β)."),
     agents: int = typer.Option(100_000, min=1_000, help="Synthetic population size."),
-    steps: int = typer.Option(40, min=1, help="Adam steps."),
-    posterior_steps: int = typer.Option(12, min=1, help="GVI steps (nyc)."),
+    steps: int | None = typer.Option(None, min=1, help="Adam steps (default 80 for nyc, 40 otherwise)."),
+    posterior_steps: int = typer.Option(15, min=1, help="Variational posterior steps (nyc)."),
     data: Path | None = typer.Option(None, help="Cases CSV in the NYC Health trends/cases-by-day.csv "
                                      "layout (default: the bundled 2020 copy)."),
     start: str = typer.Option("2020-03-01", help="First day of the fitted window (YYYY-MM-DD)."),
@@ -38,6 +39,7 @@ def calibrate_command(
     from simulation.calibration.data import DataError
 
     out.mkdir(parents=True, exist_ok=True)
+    steps = steps or (80 if scenario == "nyc" and institutions is None else 40)
     if institutions is not None:
         _institutional(institutions, data, steps, out)
         return
@@ -55,26 +57,100 @@ def calibrate_command(
         return
     if scenario != "nyc":
         raise typer.BadParameter("scenario must be nyc or synthetic")
-    from simulation.calibration.nyc import fit_nyc_first_wave
+    from simulation.calibration.window import WindowConfig, fit_window
 
+    cfg = WindowConfig(agents=agents, steps=steps, posterior_steps=posterior_steps, seed=seed)
     with _bar() as bar:
-        tasks = {"point": bar.add_task("point fit (CalibNN)", total=steps, loss="-"),
-                 "posterior": bar.add_task("posterior (GVI)", total=posterior_steps, loss="-")}
+        tasks = {"map": bar.add_task("fit (MAP, random-walk β_t)", total=steps, loss="-"),
+                 "posterior": bar.add_task("posterior (variational)", total=posterior_steps, loss="-")}
         try:
-            fit = fit_nyc_first_wave(agents=agents, steps=steps, posterior_steps=posterior_steps,
-                                     seed=seed, path=data, start=start, end=end,
-                                     progress=lambda ph, s, v: bar.update(tasks[ph], completed=s + 1, loss=f"{v:.3f}"))
+            fit = fit_window(start, end, path=data, config=cfg,
+                             progress=lambda ph, s, v: bar.update(tasks[ph], completed=s + 1, loss=f"{v:.3f}"))
         except DataError as exc:
             raise typer.BadParameter(str(exc)) from exc
-    png = fit.plot(out / "nyc_first_wave.png")
-    summary = {"agents": fit.n_agents, **fit.quality, "ascertainment": fit.ascertainment,
-               "delay_mean_days": fit.delay_mean, "simulator_runs": fit.runs,
-               "seconds": fit.seconds, "beta_t": fit.beta_t.tolist()}
-    (out / "nyc_first_wave.json").write_text(json.dumps(summary, indent=2))
-    console.print(f"NYC first wave on {fit.n_agents:,} agents: R² (7-day) {fit.quality['r2_7day']:.3f}, "
+    png = fit.plot(out / "calibration.png")
+    summary = {"start": start, "end": end, "agents": agents, "seed": seed, **fit.quality,
+               "ascertainment": fit.ascertainment, "immune_at_run_start": fit.r0,
+               "dispersion": fit.dispersion, "simulator_runs": fit.runs, "seconds": fit.seconds,
+               "beta_t": fit.beta_t.tolist()}
+    (out / "calibration.json").write_text(json.dumps(summary, indent=2))
+    console.print(f"{start} → {end} on {agents:,} agents (seed {seed}): R² (7-day) {fit.quality['r2_7day']:.3f}, "
                   f"MAPE {fit.quality['mape_7day']:.1%}, ascertainment {fit.ascertainment:.1%}, "
-                  f"reporting delay {fit.delay_mean:.1f} d; {fit.runs} runs in {fit.seconds:.0f} s")
-    console.print(f"wrote {png} and {out / 'nyc_first_wave.json'}")
+                  f"immune at start {fit.r0:.1%}; {fit.runs} runs in {fit.seconds:.0f} s")
+    console.print(f"wrote {png} and {out / 'calibration.json'}")
+
+
+def forecast_command(
+    origin: str = typer.Option(..., help="Last day of data used (YYYY-MM-DD); the forecast starts the day after."),
+    horizon: int = typer.Option(28, min=1, max=120, help="Days to forecast."),
+    data: Path | None = typer.Option(None, help="Cases CSV in the NYC Health trends/cases-by-day.csv layout "
+                                     "(default: the bundled 2020 copy)."),
+    agents: int = typer.Option(100_000, min=1_000, help="Synthetic population size."),
+    fit_days: int = typer.Option(56, min=14, help="Days of data fitted before the origin."),
+    draws: int = typer.Option(40, min=2, help="Posterior draws × future β paths (one simulator run each)."),
+    steps: int = typer.Option(80, min=1, help="Adam steps of the fit."),
+    seed: int = typer.Option(0, help="Fixes every random choice (population, posterior, noise)."),
+    out: Path = typer.Option(Path("out/forecast"), help="Output directory."),
+) -> None:
+    """Forecast daily reported cases with posterior-predictive quantiles; writes forecast.csv + PNG."""
+    from simulation.calibration.data import DataError
+    from simulation.calibration.forecast import ForecastConfig, run_forecast
+    from simulation.calibration.window import WindowConfig
+
+    cfg = ForecastConfig(window=WindowConfig(agents=agents, steps=steps, seed=seed),
+                         fit_days=fit_days, draws=draws)
+    with _bar() as bar:
+        tasks = {"map": bar.add_task("fit (MAP)", total=steps, loss="-"),
+                 "posterior": bar.add_task("posterior", total=cfg.window.posterior_steps, loss="-")}
+        try:
+            fc = run_forecast(origin, horizon, path=data, config=cfg,
+                              progress=lambda ph, s, v: bar.update(tasks[ph], completed=s + 1, loss=f"{v:.3f}"))
+        except DataError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+    out.mkdir(parents=True, exist_ok=True)
+    csv = fc.write_csv(out / "forecast.csv")
+    png = fc.plot(out / "forecast.png")
+    q = fc.quantiles
+    console.print(f"forecast from {fc.origin} on {agents:,} agents: in-window R² {fc.fit.quality['r2_7day']:.3f}; "
+                  f"day {horizon}: median {q[-1, 3]:.0f} cases, 80 % {q[-1, 1]:.0f}–{q[-1, 5]:.0f}; "
+                  f"{fc.runs} runs in {fc.seconds:.0f} s")
+    console.print(f"wrote {csv} and {png}")
+
+
+def backtest_command(
+    origins: str = typer.Option(..., help="Comma-separated forecast origins (YYYY-MM-DD,...)."),
+    horizons: str = typer.Option("14,28", help="Comma-separated horizons in days."),
+    data: Path | None = typer.Option(None, help="Cases CSV (default: the bundled 2020 copy)."),
+    agents: int = typer.Option(20_000, min=1_000, help="Synthetic population size."),
+    fit_days: int = typer.Option(56, min=14, help="Days of data fitted before each origin."),
+    draws: int = typer.Option(40, min=2, help="Posterior draws × future β paths per origin."),
+    steps: int = typer.Option(80, min=1, help="Adam steps per fit."),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("out/backtest"), help="Output directory."),
+) -> None:
+    """Score forecasts from each origin against the data and the persistence / log-linear baselines."""
+    from simulation.calibration.backtest import run_backtest
+    from simulation.calibration.data import DataError
+    from simulation.calibration.forecast import ForecastConfig
+    from simulation.calibration.window import WindowConfig
+
+    try:
+        origin_list = [o.strip() for o in origins.split(",") if o.strip()]
+        horizon_list = [int(h) for h in horizons.split(",") if h.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter(f"horizons must be integers: {horizons!r}") from exc
+    cfg = ForecastConfig(window=WindowConfig(agents=agents, steps=steps, seed=seed),
+                         fit_days=fit_days, draws=draws)
+    with _bar() as bar:
+        task = bar.add_task("origins", total=len(origin_list), loss="-")
+        try:
+            bt = run_backtest(origin_list, horizon_list, path=data, config=cfg,
+                              progress=lambda o, fc: bar.update(task, advance=1, loss=f"R² {fc.fit.quality['r2_7day']:.2f}"))
+        except DataError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+    paths = bt.write(out)
+    console.print(bt.markdown())
+    console.print("wrote " + ", ".join(str(p) for p in paths))
 
 
 def _institutional(institutions: str, data: Path | None, steps: int, out: Path) -> None:
@@ -159,4 +235,6 @@ def sensitivity_command(
 
 def register(app: typer.Typer) -> None:
     app.command("calibrate")(calibrate_command)
+    app.command("forecast")(forecast_command)
+    app.command("backtest")(backtest_command)
     app.command("sensitivity")(sensitivity_command)
