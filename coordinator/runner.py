@@ -19,10 +19,11 @@ from coordinator.store import CoordinatorStore, LeaseHeldError
 from simulation.models import SIR
 from simulation.population import PRESETS, synthesize
 
-__all__ = ["LEASE_SECONDS", "RunConfig", "lease_owner", "take_lease", "RunConfigError", "RunOwnershipError",
+__all__ = ["DEFAULT_MIN_DEVICES", "LEASE_SECONDS", "RunConfig", "lease_owner", "take_lease", "RunConfigError", "RunOwnershipError",
            "build_simulation", "execute_run"]
 
 
+DEFAULT_MIN_DEVICES = 10  # minimum cohort: no run, day or published aggregate below it
 LEASE_SECONDS = 120.0  # a runner renews its lease every day; a dead one's expires
 
 

@@ -44,7 +44,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from coordinator.calibration import CalibrationSettings, OnlineCalibrator, read_observed_csv
 from coordinator.hybrid import HybridSimulation, agent_name
-from coordinator.runner import RunConfig, physical_agents, take_lease
+from coordinator.runner import DEFAULT_MIN_DEVICES, RunConfig, physical_agents, take_lease
 from coordinator.secagg_flower import ReportRound
 from coordinator.store import CoordinatorStore, LeaseHeldError
 from protocols.daily import (
@@ -69,7 +69,6 @@ from simulation.population import synthesize
 __all__ = ["app", "FederatedRun", "FederatedRunError", "FederatedSettings", "FlowerTransport",
            "MinCohortError", "Transport", "REPORT_FIELDS", "DEFAULT_MIN_DEVICES"]
 
-DEFAULT_MIN_DEVICES = 10
 LEASE_SECONDS = 900.0  # renewed every committed day
 _log = logging.getLogger(__name__)
 

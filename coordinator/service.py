@@ -39,7 +39,7 @@ from prometheus_client import (
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from coordinator.runner import RunConfig, RunConfigError, execute_run
+from coordinator.runner import DEFAULT_MIN_DEVICES, RunConfig, RunConfigError, execute_run
 from coordinator.store import CoordinatorStore, RunNotFoundError, RunRecord
 from simulation.population import PRESETS
 
@@ -196,7 +196,8 @@ def _json_safe(value: Any) -> Any:
 
 
 def create_app(store: CoordinatorStore, token: "str | WriteToken", *, execute: bool = True,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES,
+               min_devices: int = DEFAULT_MIN_DEVICES) -> FastAPI:
     """The service over ``store``; POST /runs starts the run loop in a thread if ``execute``."""
     secret = WriteToken(token)
     del token
@@ -243,6 +244,9 @@ def create_app(store: CoordinatorStore, token: "str | WriteToken", *, execute: b
 
     @app.post("/runs", status_code=201, dependencies=[Depends(require_token)])
     def create_run(body: RunCreate) -> RunStatus:
+        if body.devices < min_devices:  # issue 12: minimum cohort
+            raise HTTPException(422, f"devices={body.devices} is below the minimum cohort "
+                                     f"of {min_devices}")
         try:
             cfg = RunConfig(**body.model_dump())
         except RunConfigError as exc:
@@ -269,7 +273,8 @@ def create_app(store: CoordinatorStore, token: "str | WriteToken", *, execute: b
         day = last_day(run_id)
 
         def make() -> bytes:
-            rows = store.series(run_id)
+            rows = withhold_small_cohorts(store.series(run_id), get(run_id).config,
+                                          min_devices)
             if format == "json":
                 return json.dumps({"run_id": run_id, "series": rows}).encode()
             buf = io.StringIO()
@@ -433,6 +438,22 @@ class _MetricsMiddleware:
             path = getattr(route, "path", "unmatched")
             self.latency.labels(path).observe(time.perf_counter() - t0)
             self.requests.labels(path, str(status["code"])).inc()
+
+
+def withhold_small_cohorts(rows: list[dict[str, Any]], config: dict[str, Any],
+                           min_devices: int) -> list[dict[str, Any]]:
+    """Drop the device aggregates (``physical_*``, ``grad_devices``) of rows computed over
+    fewer than ``min_devices`` devices (issue 12: the API never publishes a small cohort's
+    sums; a run with few devices would reveal individual statuses)."""
+    out = []
+    for r in rows:
+        cohort = int(r.get("survivors", config.get("devices", 0)))
+        if cohort < min_devices:
+            r = {k: v for k, v in r.items()
+                 if not (k.startswith("physical_") or k == "grad_devices")}
+            r["device_aggregates_withheld"] = True
+        out.append(r)
+    return out
 
 
 def _run_quietly(store: CoordinatorStore, run_id: str) -> None:

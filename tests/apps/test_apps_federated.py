@@ -228,3 +228,24 @@ def test_calibrator_segments_and_exact_synthetic_sum():
     assert cal.theta == pytest.approx(truth, rel=2e-3)
     loss, g_syn, g_dev = cal.loss_and_grad()
     assert loss < 1e-6 and all(g != 0 for g in g_dev) or loss < 1e-9
+
+
+def test_api_refuses_and_withholds_small_cohorts(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from coordinator.service import create_app
+    from coordinator.store import CoordinatorStore
+
+    store = CoordinatorStore(tmp_path / "c.db")
+    token = "a-write-token-of-some-length"
+    client = TestClient(create_app(store, token, execute=False))
+    auth = {"Authorization": f"Bearer {token}"}
+    r = client.post("/runs", json={"population": "tiny", "days": 2, "devices": 5}, headers=auth)
+    assert r.status_code == 422 and "minimum cohort" in r.text
+    assert client.post("/runs", json={"population": "tiny", "days": 2, "devices": 10},
+                       headers=auth).status_code == 201
+    small = store.create_run({"devices": 3}, 2)  # e.g. an older run with 3 devices
+    store.commit_round(small, 1, {"I": 7.0, "physical_I": 1, "physical_dp_dbeta": 0.2})
+    rows = client.get(f"/runs/{small}/series").json()["series"]
+    assert rows[0]["I"] == 7.0 and "physical_I" not in rows[0]
+    assert rows[0]["device_aggregates_withheld"] is True
