@@ -96,6 +96,9 @@ def info_command(
     for r in report["marginals"]:
         t.add_row(r["area"], f"{r['n']:,}", *(f"{r['tvd'][k]:.2e}" for k in keys))
     console.print(t)
+    if meta.get("city"):
+        pooled = ", ".join(f"{k} {v:.2e}" for k, v in meta["city"].items())
+        console.print(f"pooled over all areas (TVD): {pooled}")
     if mixing:
         t = Table(title=f"contact layers vs {meta['contact_matrices']} (relative Frobenius norm)")
         for col in ("layer", "contacts/person", "published", "vs published", "floor (reciprocity)",

@@ -76,7 +76,7 @@ def _not_in(indptr, indices, src, dst):  # pragma: no cover - compiled
 def _sample_sizes(rng: np.random.Generator, brackets: np.ndarray, total: int) -> np.ndarray:
     """Group sizes holding ``total`` people: groups per bracket in proportion to the
     establishment counts (largest remainder, so the size distribution is reproduced), sizes
-    uniform within a bracket, in random order; the last group absorbs the rounding."""
+    uniform within a bracket, in random order, then rescaled to sum to ``total``."""
     if total <= 0:
         return np.empty(0, np.int64)
     p = brackets[:, 2] / brackets[:, 2].sum()
@@ -87,12 +87,8 @@ def _sample_sizes(rng: np.random.Generator, brackets: np.ndarray, total: int) ->
     lo, hi = brackets[k, 0], brackets[k, 1]
     sizes = (lo + rng.random(k.size) * (hi - lo + 1)).astype(np.int64)
     sizes = sizes[rng.permutation(sizes.size)]
-    cum = np.cumsum(sizes)
-    if cum[-1] >= total:
-        sizes = sizes[: int(np.searchsorted(cum, total)) + 1]
-        sizes[-1] -= int(sizes.sum()) - total
-    else:
-        sizes = np.append(sizes, total - cum[-1])
+    # rescale to hold exactly ``total`` (keeps every bracket's count, unlike truncation)
+    sizes = integerize(sizes.astype(np.float64), total)
     return sizes[sizes > 0]
 
 

@@ -19,7 +19,7 @@ from simulation.population.contacts import load_contact_matrices
 from simulation.population.errors import PopulationError
 from simulation.population.graph import ContactGraph, CSRLayer
 from simulation.population.marginals import Marginals, bundled_marginals
-from simulation.population.report import area_report
+from simulation.population.report import area_report, city_report
 from simulation.population.store import Population, PopulationWriter
 
 __all__ = ["PRESETS", "PopulationPreset", "build_population", "synthesize", "write_population"]
@@ -118,7 +118,7 @@ def build_population(
         layers[name] = CSRLayer(torch.from_numpy(indptr), torch.from_numpy(np.concatenate(idxs).astype(np.int32)))
     attributes = {k: torch.from_numpy(np.concatenate(v)) for k, v in attrs.items()}
     graph = ContactGraph(layers, dict(options.layer_weights))
-    info = _meta(marginals, n, seed, options, report=reports, **(meta or {}))
+    info = _meta(marginals, n, seed, options, report=reports, city=city_report(list(marginals.areas), reports), **(meta or {}))
     return Population(n, attributes, graph, info)
 
 
@@ -159,7 +159,7 @@ def write_population(
             if progress is not None:
                 progress(f"area {marginals.areas[i].code}: {ap.n:,} agents")
             del ap, a, edges
-        writer.set_meta(report=reports, edges=writer.edge_counts)
+        writer.set_meta(report=reports, city=city_report(list(marginals.areas), reports), edges=writer.edge_counts)
         meta = writer.meta
     return meta
 

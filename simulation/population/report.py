@@ -14,7 +14,7 @@ from simulation.population.contacts import (
 )
 from simulation.population.marginals import AgeBand, AreaMarginals
 
-__all__ = ["area_report", "mixing_report", "tvd"]
+__all__ = ["area_report", "city_report", "mixing_report", "tvd"]
 
 
 def tvd(p: np.ndarray, q: np.ndarray) -> float:
@@ -45,11 +45,12 @@ def area_report(m: AreaMarginals, bands: tuple[AgeBand, ...], ap: AreaPopulation
     wp = np.bincount(a["workplace"][a["workplace"] >= 0])
     sc = np.bincount(a["school"][a["school"] >= 0])
 
-    def bracket_tvd(sizes: np.ndarray, brackets: np.ndarray) -> float:
-        if sizes.size == 0:
-            return 0.0
+    def bracket_counts(sizes: np.ndarray, brackets: np.ndarray) -> np.ndarray:
         idx = np.clip(np.searchsorted(brackets[:, 1], sizes, side="left"), 0, len(brackets) - 1)
-        return tvd(np.bincount(idx, minlength=len(brackets)) + 0.0, brackets[:, 2])
+        return np.bincount(idx, minlength=len(brackets)).astype(np.float64)
+
+    def bracket_tvd(sizes: np.ndarray, brackets: np.ndarray) -> float:
+        return tvd(bracket_counts(sizes, brackets), brackets[:, 2]) if sizes.size else 0.0
 
     return {
         "area": m.code,
@@ -64,7 +65,32 @@ def area_report(m: AreaMarginals, bands: tuple[AgeBand, ...], ap: AreaPopulation
             "school_size": bracket_tvd(sc[sc > 0], m.school_sizes),
         },
         "ipf": {"iterations": ap.ipf.iterations, "max_error": ap.ipf.max_error},
+        "groups": {
+            "workplace_size": bracket_counts(wp[wp > 0], m.workplace_sizes).tolist(),
+            "school_size": bracket_counts(sc[sc > 0], m.school_sizes).tolist(),
+        },
     }
+
+
+def city_report(areas: list[AreaMarginals], reports: list[dict[str, object]]) -> dict[str, float]:
+    """TVD of the workplace and school size brackets pooled over all areas (each area's
+    target shares weighted by its number of groups): group counts per area are small, so
+    per-area TVD is bounded below by rounding."""
+    out = {}
+    for key, attr in (("workplace_size", "workplace_sizes"), ("school_size", "school_sizes")):
+        got, want = None, None
+        for m, r in zip(areas, reports, strict=True):
+            counts = np.asarray(r["groups"][key])  # type: ignore[index]
+            share = getattr(m, attr)[:, 2] / getattr(m, attr)[:, 2].sum()
+            if got is None or got.shape != counts.shape:
+                if got is not None:  # areas with different bracket tables: not poolable
+                    return {}
+                got, want = np.zeros_like(counts), np.zeros_like(counts)
+            got += counts
+            want += share * counts.sum()
+        if got is not None and got.sum() > 0:
+            out[key] = tvd(got, want)
+    return out
 
 
 def mixing_report(
