@@ -3,9 +3,9 @@
 1. Integer people per (age band, sex) and households per size (largest remainder).
 2. IPF fits the joint (age band × sex × household size) of people to both margins; the seed
    has structural zeros for children (< 15) living alone.
-3. Households: a head (adult where possible) per household; the other members' five-year
-   bands are drawn from the published *household* contact matrix row of the head's band and
-   matched to the people of that size class (who meets whom at home follows the survey).
+3. Households: a head (adult, with the tabled head age where given) per household; the other
+   members' five-year bands are drawn from the published *household* contact matrix row of
+   the head (or of the previous member) and matched to the people of that size class.
 4. Enrolment and employment: exactly round(rate · people) per band; school staff come from
    the employed (one per ``students_per_staff`` students).
 5. Schools, workplaces (sizes from the bracket tables) and neighbourhoods (contiguous runs of
