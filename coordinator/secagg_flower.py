@@ -57,6 +57,11 @@ class ReportRound:
         self.server = SecAggServer(self.config, list(registry), key)
         self.rejected: dict[str, str] = {}
 
+    def registry_for(self, name: str) -> list[int]:
+        """Roster indices whose identity keys ``name`` needs: itself and its neighbours."""
+        i = self._index[name]
+        return [i, *self.server.graph[i]]
+
     def receive(self, name: str, blob: bytes) -> None:
         """Feed one device's message for the current stage; a rejected one drops it."""
         try:

@@ -275,7 +275,8 @@ class FederatedRun:
                     req.delivery, req.mask_sum = list(pending[name][0]), pending[name][1]
                     if report is not None:
                         req.secagg_config = report.config.to_bytes()
-                        req.registry = [devices[r].identity for r in roster]
+                        req.registry_index = report.registry_for(name)
+                        req.registry = [devices[roster[i]].identity for i in req.registry_index]
                 if attempt is not None:
                     plan = attempt.plans[name]
                     req.plan = json.dumps(plan.to_dict())

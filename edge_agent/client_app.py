@@ -231,7 +231,8 @@ def day(message: Message, context: Context) -> Message:
         report = _finish_day(st, req)
         sec = SecAggDevice(st, _secret(st, "identity"))
         out.advertise = sec.advertise(req.secagg_config, req.registry, str(st["agent_id"]),
-                                      run_id=str(st["run_id"]), day=req.day - 1, report=report)
+                                      run_id=str(st["run_id"]), day=req.day - 1, report=report,
+                                      registry_index=req.registry_index)
         out.report_day = req.day - 1
     elif int(st["day"]) >= 0:  # missed deliveries (offline): status kept, rejoin today
         out.caught_up = req.day - 1 - int(st["day"])

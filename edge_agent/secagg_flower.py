@@ -46,9 +46,14 @@ class SecAggDevice:
         self.identity = IdentityKey.from_private_bytes(identity_private)
 
     def advertise(self, config: bytes, registry: list[bytes], client_id: str, *, run_id: str,
-                  day: int, report: list[float] | torch.Tensor) -> bytes:
-        """Start the round for ``day``'s report (stage 0): returns the key advertisement."""
+                  day: int, report: list[float] | torch.Tensor,
+                  registry_index: list[int] | None = None) -> bytes:
+        """Start the round for ``day``'s report (stage 0): returns the key advertisement.
+        ``registry`` is the roster's identity keys, or — with ``registry_index`` — only those
+        of the listed roster indices (itself and its neighbours: all a client verifies)."""
         cfg = RoundConfig.from_bytes(bytes(config))
+        if registry_index is not None:
+            registry = _full_registry(cfg.n, registry_index, registry)
         if cfg.run_id != run_id or cfg.round != day:
             raise SecAggDeviceError(f"round bound to {cfg.run_id!r} day {cfg.round}, expected "
                                     f"{run_id!r} day {day}")
@@ -57,7 +62,9 @@ class SecAggDevice:
         index = cfg.client_ids.index(client_id)
         client = SecAggClient(cfg, index, self.identity, [bytes(b) for b in registry])
         out = client.advertise_keys()
-        self.st["sa_config"], self.st["sa_registry"] = bytes(config), [bytes(b) for b in registry]
+        known = [j for j, b in enumerate(registry) if b != _UNKNOWN]
+        self.st["sa_config"] = bytes(config)
+        self.st["sa_reg_index"], self.st["sa_registry"] = known, [bytes(registry[j]) for j in known]
         self.st["sa_index"], self.st["sa_input"] = index, [float(v) for v in report]
         self.st["sa_state"] = client.export_state()
         return out
@@ -69,8 +76,9 @@ class SecAggDevice:
         cfg = RoundConfig.from_bytes(bytes(self.st["sa_config"]))
         if cfg.round != day:
             raise SecAggDeviceError(f"stage {name} for day {day}, round is day {cfg.round}")
-        client = SecAggClient.restore(cfg, int(self.st["sa_index"]), self.identity,
-                                      [bytes(b) for b in self.st["sa_registry"]],
+        registry = _full_registry(cfg.n, [int(j) for j in self.st["sa_reg_index"]],
+                                  [bytes(b) for b in self.st["sa_registry"]])
+        client = SecAggClient.restore(cfg, int(self.st["sa_index"]), self.identity, registry,
                                       bytes(self.st["sa_state"]))
         payload = bytes(payload)
         if name == "share_keys":
@@ -86,6 +94,18 @@ class SecAggDevice:
             raise SecAggDeviceError(f"unknown SecAgg stage {name!r}")
         self.st["sa_state"] = client.export_state()
         return out
+
+
+_UNKNOWN = b"\x00" * 32  # placeholder for a roster member this client never verifies
+
+
+def _full_registry(n: int, index: list[int], keys: list[bytes]) -> list[bytes]:
+    if len(index) != len(keys) or any(not 0 <= int(j) < n for j in index):
+        raise SecAggDeviceError("malformed registry")
+    full = [_UNKNOWN] * n
+    for j, k in zip(index, keys, strict=True):
+        full[int(j)] = bytes(k)
+    return full
 
 
 def _st(context: Context) -> ConfigRecord:

@@ -163,6 +163,9 @@ class DayRequest(_Wire):
     plan: str = ""  # JSON AgentPlan
     keys: str = ""  # JSON {party: hex public key}
     secagg_config: bytes = b""  # RoundConfig of the report round (with a delivery)
+    # identity keys of the device itself and its SecAgg+ neighbours only (roster indices):
+    # O(degree) per device, never the whole roster
+    registry_index: list[int] = field(default_factory=list)
     registry: list[bytes] = field(default_factory=list)
 
 
