@@ -68,6 +68,7 @@ def main() -> None:
         warm = (time.perf_counter() - t2) / args.rounds
         traffic = (session.stats.bytes_sent + session.stats.bytes_received) / (args.rounds + 1)
         setup, requests = session.setup_seconds, session.provider.requests
+        hits = session.provider.speculative_hits
     errs_l, errs_g, rel_l = [], [], []
     for th, res in zip(thetas, [first, *results], strict=True):
         loss, grad = plaintext(th, y)
@@ -78,7 +79,7 @@ def main() -> None:
     print(f"{K} institutions × {T} days, θ of {K + 1} parameters, {args.rounds} warm rounds; "
           f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"  plaintext loss+grad          {plain * 1e3:9.3f} ms")
-    print(f"  CrypTen log1p + Σb² (once)   {setup * 1e3:9.1f} ms  ({requests} dealer requests)")
+    print(f"  CrypTen log1p + Σb² (once)   {setup * 1e3:9.1f} ms  ({requests} tuples, {hits} served speculatively)")
     print(f"  cold round (CrypTen + round) {cold * 1e3:9.1f} ms  ({cold / plain:,.0f}× plaintext)")
     print(f"  warm round (verified query)  {warm * 1e3:9.1f} ms  ({warm / plain:,.0f}× plaintext)")
     print(f"  party start-up               {startup:9.1f} s once")

@@ -21,6 +21,7 @@ rounds after that need no correlated randomness, and the dealer exits.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -102,38 +103,88 @@ class DealerProvider:
 
     NAME = "LPM-DEALER"
 
-    def __init__(self, rank: int, dealer_rank: int, key: bytes) -> None:
+    def __init__(self, rank: int, dealer_rank: int, key: bytes, *, speculate: bool = True) -> None:
         self.rank, self.dealer_rank, self.key = rank, dealer_rank, key
         self.counter = 0
-        self.requests = 0  # dealer requests (round trips of party 0), the same count at every party
+        self.requests = 0  # tuples used, the same count at every party
+        self.speculative_hits = 0
+        self.speculate = speculate
         self._pending: tuple[torch.Size, list[torch.Tensor]] | None = None
+        # speculation: (op, size0, size1), its counter; party 0 also holds the dealer's reply
+        self._spec: tuple[tuple[int, torch.Size, torch.Size], int] | None = None
+        self._spec_io: tuple[torch.Tensor, torch.Tensor, Any, Any] | None = None
+
+    def _reply_len(self, op: int, size0: torch.Size, size1: torch.Size) -> int:
+        _, last = _request_sizes(op, size0, size1)
+        wraps = math.prod(last) if op in (OP_MUL, OP_MATMUL, OP_SQUARE) else 0
+        return math.prod(last) + wraps
+
+    def _header(self, op: int, counter: int, size0: torch.Size, size1: torch.Size) -> torch.Tensor:
+        prefetch = op in (OP_MUL, OP_MATMUL, OP_SQUARE)
+        return _encode_header(op | (WITH_WRAPS if prefetch else 0), counter, size0, size1)
+
+    def _collect_speculation(self) -> torch.Tensor | None:
+        """Party 0: wait for the outstanding speculative reply (in order on the channel)."""
+        if self._spec_io is None:
+            return None
+        _, reply, send_work, recv_work = self._spec_io
+        send_work.wait()
+        recv_work.wait()
+        self._spec_io = None
+        return reply
 
     def _tuple(self, op: int, size0, size1=()) -> list[torch.Tensor]:
-        """One request. A product (mul, matmul, square) also reserves the next counter for the
+        """One tuple. A product (mul, matmul, square) also reserves the next counter for the
         wrap pair of its truncation, served in the same round trip (CrypTen truncates every
-        fixed-point product right away; an unused reservation is skipped by every party alike)."""
+        fixed-point product right away). After each request every party reserves the next
+        counters for an identical request and party 0 asks the dealer for it at once, so a
+        repeated request (the squarings of exp) finds its correction already there. An
+        unused reservation is skipped by every party alike (all run the same code path)."""
         size0, size1 = torch.Size(size0), torch.Size(size1)
         first, last = _request_sizes(op, size0, size1)
         prefetch = op in (OP_MUL, OP_MATMUL, OP_SQUARE)
-        counter = self.counter
-        self.counter += 2 if prefetch else 1
+        step = 2 if prefetch else 1
+        signature = (op, size0, size1)
+        hit = self._spec is not None and self._spec[0] == signature
         self._pending = None
-        wrap_first, wrap_last = _request_sizes(OP_WRAPS, last, torch.Size())
         self.requests += 1
+        if hit:
+            assert self._spec is not None
+            counter = self._spec[1]
+            self.speculative_hits += 1
+        else:
+            if self.rank == 0:
+                self._collect_speculation()  # a miss: discard the unused reply
+            counter = self.counter
+            self.counter += step
+        self._spec = None
+        wrap_first, wrap_last = _request_sizes(OP_WRAPS, last, torch.Size())
         if self.rank == 0:
             drawn = _draw(self.key, counter, first)
-            dist.send(_encode_header(op | (WITH_WRAPS if prefetch else 0), counter, size0, size1),
-                      dst=self.dealer_rank)
+            if hit:
+                reply = self._collect_speculation()
+                assert reply is not None
+            else:
+                dist.send(self._header(op, counter, size0, size1), dst=self.dealer_rank)
+                reply = torch.empty(self._reply_len(op, size0, size1), dtype=torch.int64)
+                dist.recv(reply, src=self.dealer_rank)
             n_last = math.prod(last)
-            reply = torch.empty(n_last + (math.prod(wrap_last) if prefetch else 0), dtype=torch.int64)
-            dist.recv(reply, src=self.dealer_rank)
             result = [*drawn, reply[:n_last].view(last)]
             if prefetch:
                 self._pending = (last, [*_draw(self.key, counter + 1, wrap_first), reply[n_last:].view(wrap_last)])
-            return result
-        result = _draw(self.key, counter, [*first, last])
-        if prefetch:
-            self._pending = (last, _draw(self.key, counter + 1, [*wrap_first, wrap_last]))
+        else:
+            result = _draw(self.key, counter, [*first, last])
+            if prefetch:
+                self._pending = (last, _draw(self.key, counter + 1, [*wrap_first, wrap_last]))
+        if self.speculate:
+            self._spec = (signature, self.counter)
+            if self.rank == 0:
+                header = self._header(op, self.counter, size0, size1)
+                reply = torch.empty(self._reply_len(op, size0, size1), dtype=torch.int64)
+                send_work = dist.isend(header, dst=self.dealer_rank)
+                recv_work = dist.irecv(reply, src=self.dealer_rank)
+                self._spec_io = (header, reply, send_work, recv_work)
+            self.counter += step
         return result
 
     def generate_additive_triple(self, size0, size1, op, device=None, *args, **kwargs):
@@ -160,8 +211,10 @@ class DealerProvider:
         raise DealerError("B2A randomness is not served (the loss needs no comparison)")
 
     def stop(self) -> None:
-        """Tell the dealer that set-up is over (party 0 only)."""
+        """Tell the dealer that set-up is over (party 0 only, after any speculative reply)."""
+        self._spec = None
         if self.rank == 0:
+            self._collect_speculation()
             dist.send(_encode_header(OP_STOP, self.counter), dst=self.dealer_rank)
 
 
