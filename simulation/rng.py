@@ -99,12 +99,12 @@ def _fill_at(key, ids, total, out):  # pragma: no cover - compiled
 def counter_uniforms_at(
     seed: int, day: int, ids: torch.Tensor, total: int, device: torch.device, streams: int
 ) -> torch.Tensor:
-    """Uniforms [streams, len(ids)] for the agents ``ids`` (int64 global ids < ``total``):
+    """Uniforms [streams, len(ids)] for the agents ``ids`` (int32/int64 global ids < ``total``):
     bit-identical to ``counter_uniforms(seed, day, total, ...)[:, ids]`` without building it
     (a partitioned run draws each agent's numbers by its global id)."""
     key = day_key(seed, day)
     if device.type == "cpu":
-        idx = ids.detach().to("cpu", torch.int64).contiguous()
+        idx = ids.detach().cpu().contiguous()  # int32 or int64
         out = torch.empty(streams, idx.numel(), dtype=torch.float32)
         threads = torch.get_num_threads()
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))

@@ -39,8 +39,8 @@ class Shard:
     rank: int
     world: int
     n_total: int
-    owned: torch.Tensor  # int64 [n_local] global ids, sorted
-    halo: torch.Tensor  # int64 [n_halo] global ids, by (owner, id)
+    owned: torch.Tensor  # int32 (int64 beyond 2^31 agents) [n_local] global ids, sorted
+    halo: torch.Tensor  # [n_halo] global ids (dtype of ``owned``), by (owner, id)
     layer: CSRLayer  # symmetric CSR over owned ∪ halo (n_local + n_halo rows)
     send_index: torch.Tensor  # int64 [n_send] local indices to send, grouped by receiver
     send_counts: list[int]  # per receiver rank
@@ -119,14 +119,15 @@ def build_shard(layer: CSRLayer, partition: Partition, rank: int) -> Shard:
     pair = np.unique(dest[remote] * max(n_local, 1) + row_of[remote])
     send_dest, send_row = pair // max(n_local, 1), pair % max(n_local, 1)
     world = partition.n_parts
+    id_dtype = np.int32 if n < 2**31 else np.int64  # 4 bytes per agent while ids fit
     send_counts = np.bincount(send_dest, minlength=world).tolist()
     recv_counts = np.bincount(parts[halo], minlength=world).tolist()
     return Shard(
         rank=rank,
         world=world,
         n_total=n,
-        owned=torch.from_numpy(owned),
-        halo=torch.from_numpy(halo.astype(np.int64)),
+        owned=torch.from_numpy(owned.astype(id_dtype)),
+        halo=torch.from_numpy(halo.astype(id_dtype)),
         layer=CSRLayer(torch.from_numpy(all_ptr), torch.from_numpy(all_cols), all_w),
         send_index=torch.from_numpy(send_row.astype(np.int64)),
         send_counts=[int(c) for c in send_counts],

@@ -25,6 +25,8 @@ def test_uniforms_at_global_ids_equal_the_full_draw():
     full = counter_uniforms(7, 3, 5_000, torch.device("cpu"), 6)
     ids = torch.randperm(5_000, generator=torch.Generator().manual_seed(0))[:1_234]
     assert torch.equal(counter_uniforms_at(7, 3, ids, 5_000, torch.device("cpu"), 6), full[:, ids])
+    ids32 = ids.to(torch.int32)  # shards store ids as int32 below 2^31 agents
+    assert torch.equal(counter_uniforms_at(7, 3, ids32, 5_000, torch.device("cpu"), 6), full[:, ids])
     from simulation.rng import _torch_fill_at, day_key  # the non-CPU (int64 torch) path
 
     assert torch.equal(_torch_fill_at(day_key(7, 3), ids, 5_000, 6), full[:, ids])
