@@ -1,22 +1,27 @@
-"""Coordinator HTTP read latency under load: 100 concurrent asyncio+httpx clients (keep-alive
-connections opened before timing) on
-GET /runs/{id}/series (60 stored days) against a uvicorn process on 127.0.0.1; GET /health is
-the same-run baseline. Target: p99 ≤ 50 ms. Prints p50/p99 and the ratio to the baseline."""
+"""Coordinator HTTP read latency under load: 100 concurrent keep-alive connections from `wrk`
+(a C load generator, one thread, so the client is not the bottleneck) against one uvicorn
+process on 127.0.0.1, for every read endpoint: /health (baseline), /runs, /runs/{id},
+/runs/{id}/series (60 stored days), /exposure, /runs/{id}/plot.png, /bundle.
+Target: p99 ≤ 50 ms. Prints p50/p99, req/s and the load average.
+
+``--baseline-root DIR`` also serves the same store from another source tree (e.g. the code
+before a change, from `git archive`) and measures it in the same run, for ratios.
+Without `wrk` (Debian: `apt-get install wrk`) it falls back to a raw asyncio keep-alive
+HTTP/1.1 client run in a separate process.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import httpx
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 _SERVER = """
@@ -26,6 +31,7 @@ from coordinator.store import CoordinatorStore
 uvicorn.run(create_app(CoordinatorStore(sys.argv[1]), "b" * 32, execute=False),
             host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False)
 """
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
 def _port() -> int:
@@ -34,34 +40,75 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-async def _load(url: str, path: str, clients: int, per_client: int) -> tuple[np.ndarray, int]:
-    lat: list[float] = []
-    errors = [0]
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as c:
-        ready = asyncio.Barrier(clients)
+def _wrk(url: str, clients: int, seconds: float) -> tuple[float, float, float, int]:
+    """(p50 ms, p99 ms, req/s, non-2xx+errors) from `wrk --latency`."""
+    out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--latency",
+                          "--timeout", "10s", url], capture_output=True, text=True, check=True
+                         ).stdout
+    pct = {m[0]: float(m[1]) * _UNITS[m[2]]
+           for m in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, flags=re.M)}
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    n_bad = (int(bad[1]) if bad else 0) + (sum(map(int, errs.groups())) if errs else 0)
+    return pct["50"], pct["99"], rps, n_bad
 
-        async def worker() -> None:
-            await c.get("/health")  # open this client's keep-alive connection (not measured)
-            await ready.wait()
-            for _ in range(per_client):
-                t = time.perf_counter()
-                try:
-                    r = await c.get(path)
-                    r.raise_for_status()
-                except httpx.HTTPError:
-                    errors[0] += 1
-                    continue
-                lat.append(time.perf_counter() - t)
 
-        await asyncio.gather(*(worker() for _ in range(clients)))
-    return np.array(lat) * 1e3, errors[0]
+_RAW_CLIENT = r"""
+import asyncio, sys, time
+host, port, path, clients, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+req = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+lat, bad = [], [0]
+async def worker(stop):
+    r, w = await asyncio.open_connection(host, port)
+    while time.perf_counter() < stop:
+        t = time.perf_counter()
+        w.write(req)
+        head = await r.readuntil(b"\r\n\r\n")
+        n = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0].split(b":")[1])
+        await r.readexactly(n)
+        if not head.startswith(b"HTTP/1.1 2"):
+            bad[0] += 1
+        lat.append(time.perf_counter() - t)
+    w.close()
+async def main():
+    stop = time.perf_counter() + seconds
+    await asyncio.gather(*(worker(stop) for _ in range(clients)))
+asyncio.run(main())
+lat.sort()
+print(lat[len(lat) // 2] * 1e3, lat[int(len(lat) * 0.99)] * 1e3, len(lat) / seconds, bad[0])
+"""
+
+
+def _raw(url: str, clients: int, seconds: float) -> tuple[float, float, float, int]:
+    m = re.match(r"http://([\d.]+):(\d+)(/.*)", url)
+    out = subprocess.run([sys.executable, "-c", _RAW_CLIENT, m[1], m[2], m[3], str(clients),
+                          str(seconds)], capture_output=True, text=True, check=True).stdout
+    p50, p99, rps, bad = out.split()
+    return float(p50), float(p99), float(rps), int(bad)
+
+
+def _serve(root: Path, db: str) -> tuple[subprocess.Popen, str]:
+    port = _port()
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER, db, str(port)], cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc, url
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("server did not start")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=100)
-    ap.add_argument("--requests", type=int, default=20, help="per client")
+    ap.add_argument("--seconds", type=float, default=8.0, help="per endpoint")
+    ap.add_argument("--baseline-root", type=Path, default=None)
+    ap.add_argument("--client", choices=("wrk", "raw"), default="wrk" if shutil.which("wrk")
+                    else "raw")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from coordinator.store import CoordinatorStore
@@ -73,33 +120,39 @@ def main() -> None:
     for d in range(1, 61):
         store.commit_round(rid, d, {"S": 1e5 - d, "I": d, "R": 0.0, "new_infections": 1.0,
                                     "exposure": {str(a): 0.01 for a in range(20)}})
-    port = _port()
-    proc = subprocess.Popen([sys.executable, "-c", _SERVER, db, str(port)], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):
-            try:
-                httpx.get(f"{url}/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        asyncio.run(_load(url, "/health", 10, 5))  # warm-up
-        res = {}
-        for path in ("/health", f"/runs/{rid}/series"):
-            t0 = time.perf_counter()
-            lat, errors = asyncio.run(_load(url, path, args.clients, args.requests))
-            wall = time.perf_counter() - t0
-            res[path] = (np.percentile(lat, 50), np.percentile(lat, 99), len(lat) / wall)
-            print(f"{path:28s} n={len(lat)} errors={errors} p50={res[path][0]:7.1f} ms  p99={res[path][1]:7.1f} ms"
-                  f"  {res[path][2]:7.0f} req/s")
-        s, h = res[f"/runs/{rid}/series"], res["/health"]
-        print(f"series/health ratio: p50 {s[0] / h[0]:.2f}x, p99 {s[1] / h[1]:.2f}x; "
-              f"target p99 <= 50 ms: {'met' if s[1] <= 50 else 'NOT met'} "
-              f"({args.clients} concurrent clients, one uvicorn worker, loaded 2-core host)")
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    store.set_calibration(rid, {"beta": 0.4})
+    store.put_bundle(os.urandom(30_000), "1")
+    store.close()
+    paths = ["/health", "/runs", f"/runs/{rid}", f"/runs/{rid}/series", "/exposure",
+             f"/runs/{rid}/plot.png", "/bundle"]
+    load = _raw if args.client == "raw" else _wrk
+    servers = [("this tree", ROOT)] + ([("baseline", args.baseline_root)]
+                                       if args.baseline_root else [])
+    print(f"client: {args.client}, {args.clients} keep-alive connections, {args.seconds:.0f} s "
+          f"per endpoint, one uvicorn worker; load average before: {os.getloadavg()}")
+    results: dict[tuple[str, str], tuple[float, float, float, int]] = {}
+    for name, root in servers:
+        proc, url = _serve(root, db)
+        try:
+            for path in paths:
+                load(url + path, 10, 1.0)  # warm-up (caches, connections)
+                res = load(url + path, args.clients, args.seconds)
+                results[name, path] = res
+                p50, p99, rps, bad = res
+                label = path.replace(rid, "{id}")
+                print(f"[{name}] {label:22s} p50 {p50:8.1f} ms  p99 {p99:8.1f} ms  "
+                      f"{rps:8.0f} req/s  bad {bad}  "
+                      f"{'ok' if p99 <= 50 and bad == 0 else 'NOT met'}  "
+                      f"load {os.getloadavg()[0]:.2f}")
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    if args.baseline_root:
+        for path in paths:
+            new, old = results["this tree", path], results["baseline", path]
+            print(f"{path.replace(rid, '{id}'):22s} req/s {new[2] / old[2]:6.1f}x baseline, "
+                  f"p99 {old[1] / max(new[1], 1e-9):6.1f}x lower")
+    print(f"load average after: {os.getloadavg()}")
 
 
 if __name__ == "__main__":

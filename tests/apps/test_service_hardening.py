@@ -187,3 +187,59 @@ def test_store_open_errors_name_the_file(tmp_path):
     bad.write_bytes(b"garbage" * 1000)
     with pytest.raises(StoreError, match="bad.db"):
         CoordinatorStore(bad)
+
+
+_SERVE = """
+import sys, uvicorn
+from coordinator.service import create_app
+from coordinator.store import CoordinatorStore
+uvicorn.run(create_app(CoordinatorStore(sys.argv[1]), sys.argv[3], execute=False),
+            host="127.0.0.1", port=int(sys.argv[2]), log_level="critical")
+"""
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_unauthenticated_bodies_do_not_grow_memory(tmp_path):
+    """Four concurrent 50 MB unauthenticated POST /runs (the issue's attack: +1.06 GB before)."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _SERVE, str(tmp_path / "c.db"), str(port),
+                             TOKEN], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.time() + 180  # importing the service (torch) is slow on a loaded host
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline
+            time.sleep(0.1)
+        before = _rss_mb(proc.pid)
+        body = b'{"pad": "' + b"x" * (50 * 2**20) + b'"}'
+        codes: list[object] = []
+
+        def attack() -> None:
+            try:
+                codes.append(httpx.post(f"http://127.0.0.1:{port}/runs", content=body,
+                                        timeout=30).status_code)
+            except httpx.HTTPError as exc:  # the server may close before the upload ends
+                codes.append(type(exc).__name__)
+
+        threads = [threading.Thread(target=attack) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        grown = _rss_mb(proc.pid) - before
+        assert grown < 20, f"server RSS grew {grown:.0f} MB"
+        assert all(c == 401 or isinstance(c, str) for c in codes), codes
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
