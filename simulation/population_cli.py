@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import cast
 
 import typer
 from rich.console import Console
@@ -47,8 +48,9 @@ def build_command(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
     worst = _worst_tvd(meta)
+    edges = cast(dict[str, int], meta["edges"])
     console.print(
-        f"wrote {out} ({meta['n']:,} agents, {sum(meta['edges'].values()):,} edges) in "
+        f"wrote {out} ({meta['n']:,} agents, {sum(edges.values()):,} edges) in "
         f"{time.perf_counter() - t0:.1f} s; largest marginal TVD {worst:.2e}"
     )
 

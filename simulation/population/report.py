@@ -88,7 +88,7 @@ def city_report(areas: list[AreaMarginals], reports: list[dict[str, object]]) ->
                 got, want = np.zeros_like(counts), np.zeros_like(counts)
             got += counts
             want += share * counts.sum()
-        if got is not None and got.sum() > 0:
+        if got is not None and want is not None and got.sum() > 0:
             out[key] = tvd(got, want)
     return out
 

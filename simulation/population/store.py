@@ -88,10 +88,10 @@ class Population:
             path / "attributes.parquet",
         )
         for name, layer in self.graph.layers.items():
-            r, c, w = layer.upper()
+            r, c, wt = layer.upper()
             cols = {"src": r, "dst": c}
-            if w is not None:
-                cols["weight"] = w
+            if wt is not None:
+                cols["weight"] = wt
             pq.write_table(pa.table(cols), path / f"edges-{name}.parquet")
         meta = {"n": self.n, "layer_weights": self.graph.layer_weights, **self.meta}
         (path / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
