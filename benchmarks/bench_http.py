@@ -42,12 +42,14 @@ def _port() -> int:
 
 def _wrk(url: str, clients: int, seconds: float) -> tuple[float, float, float, int]:
     """(p50 ms, p99 ms, req/s, non-2xx+errors) from `wrk --latency`."""
-    out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{seconds}s", "--latency",
+    out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--latency",
                           "--timeout", "10s", url], capture_output=True, text=True, check=True
                          ).stdout
     pct = {m[0]: float(m[1]) * _UNITS[m[2]]
            for m in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", out, flags=re.M)}
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])
+    if rps == 0:  # nothing completed within wrk's 10 s timeout
+        return float("inf"), float("inf"), 0.0, clients
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     n_bad = (int(bad[1]) if bad else 0) + (sum(map(int, errs.groups())) if errs else 0)
@@ -146,12 +148,17 @@ def main() -> None:
                       f"load {os.getloadavg()[0]:.2f}")
         finally:
             proc.terminate()
-            proc.wait(10)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
     if args.baseline_root:
         for path in paths:
             new, old = results["this tree", path], results["baseline", path]
-            print(f"{path.replace(rid, '{id}'):22s} req/s {new[2] / old[2]:6.1f}x baseline, "
-                  f"p99 {old[1] / max(new[1], 1e-9):6.1f}x lower")
+            ratio = f"{new[2] / old[2]:6.1f}x" if old[2] else "  (baseline completed none)"
+            print(f"{path.replace(rid, '{id}'):22s} req/s {ratio} baseline, "
+                  f"p99 {new[1]:.0f} ms vs {old[1]:.0f} ms")
     print(f"load average after: {os.getloadavg()}")
 
 
