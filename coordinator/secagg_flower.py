@@ -19,7 +19,13 @@ from flwr.serverapp import Grid
 
 from protocols.daily import REPORT_FIELDS, report_spec_bound
 from protocols.keys import AgreementKey
-from protocols.secagg import InputSpec, RoundConfig, SecAggError, default_degree
+from protocols.secagg import (
+    InputSpec,
+    RoundConfig,
+    SecAggError,
+    default_degree,
+    default_threshold,
+)
 from protocols.secagg.server import SecAggServer
 
 __all__ = ["ReportRound", "report_degree", "SecAggRoundResult", "report_spec", "run_secagg_round",
@@ -51,9 +57,12 @@ class ReportRound:
         self._index = {name: i for i, name in enumerate(self.roster)}
         key = AgreementKey.generate()
         n = len(self.roster)
+        degree = report_degree(n)
+        # SecAgg+'s security floor: never reveal a sum of fewer than threshold + 1 (and 3)
+        floor = max(3, default_threshold(degree) + 1)
         self.config = RoundConfig(run_id, day, tuple(self.roster), spec or report_spec(),
-                                  os.urandom(32), key.public_bytes(), degree=report_degree(n),
-                                  min_survivors=min(max(min_survivors, 0), n))
+                                  os.urandom(32), key.public_bytes(), degree=degree,
+                                  min_survivors=min(max(min_survivors, floor), n))
         self.server = SecAggServer(self.config, list(registry), key)
         self.rejected: dict[str, str] = {}
 

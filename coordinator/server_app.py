@@ -266,7 +266,7 @@ class FederatedRun:
                 report = ReportRound(self.run_id, day - 1, roster,
                                      [devices[r].identity for r in roster],
                                      min_survivors=min(settings.min_devices, len(roster))) \
-                    if len(roster) >= 2 else None
+                    if len(roster) >= 3 else None  # SecAgg+ needs ≥ 3 (never a sum of 1–2)
             msgs: dict[int, dict[str, Any]] = {}
             for name, d in enrolled.items():
                 req = DayRequest(day=day, theta_beta=theta, has_delivery=name in pending,

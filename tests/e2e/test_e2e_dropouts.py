@@ -1,5 +1,7 @@
-"""Real processes: flower-superlink + 5 flower-supernode devices (each with its encrypted
+"""Real processes: flower-superlink + 6 flower-supernode devices (each with its encrypted
 EdgeStore) + `flwr run`; two SuperNodes are killed with SIGKILL at different days and stages.
+(6, not 5: SecAgg+ on a complete graph of 5 has threshold 3, so two dead devices would leave
+each survivor 2 live neighbours and the day's aggregation would rightly abort.)
 The run completes over the survivors, and the coordinator's device totals of the last day
 equal the sum of the survivors' own states read from their stores."""
 
@@ -24,7 +26,7 @@ def test_kill_two_supernodes_run_completes_over_survivors(tmp_path, e2e):
     from coordinator.store import CoordinatorStore
     from edge_agent.store import EdgeStore
 
-    link, *capio = e2e.ports(6)
+    link, *capio = e2e.ports(7)
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
@@ -35,7 +37,7 @@ def test_kill_two_supernodes_run_completes_over_survivors(tmp_path, e2e):
            "PYTHONPATH": str(ROOT), "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
            "LPM_EDGE_PASSPHRASE": pw}
     db = tmp_path / "coord.db"
-    stores = [tmp_path / f"device{k}.db" for k in range(5)]
+    stores = [tmp_path / f"device{k}.db" for k in range(6)]
     procs = [e2e.spawn([str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
                         "--port", str(link), "--disable-runtime-dependency-installation",
                         "--database", str(tmp_path / "link.db")], env, tmp_path / "link.log")]
@@ -50,7 +52,7 @@ def test_kill_two_supernodes_run_completes_over_survivors(tmp_path, e2e):
                 time.sleep(0.5)
         time.sleep(2)
         nodes = []
-        for k in range(5):
+        for k in range(6):
             nodes.append(e2e.spawn([str(BIN / "flower-supernode"), "--insecure", "--superlink",
                                     f"127.0.0.1:{link}", "--host", "127.0.0.1",
                                     "--port", str(capio[k]), "--node-config",
@@ -58,7 +60,7 @@ def test_kill_two_supernodes_run_completes_over_survivors(tmp_path, e2e):
         procs += nodes
         run = subprocess.Popen(
             [str(BIN / "flwr"), "run", ".", "e2e", "--stream", "--run-config",
-             f"num-days=4 devices=5 min-devices=3 seed=2 initial-infected=0.3 db='{db}' "
+             f"num-days=4 devices=6 min-devices=4 seed=2 initial-infected=0.3 db='{db}' "
              "run-id='drop' exchange-timeout=240"],
             env=env, cwd=ROOT, stdout=(tmp_path / "flwr-run.log").open("wb"),
             stderr=subprocess.STDOUT)
@@ -88,11 +90,11 @@ def test_kill_two_supernodes_run_completes_over_survivors(tmp_path, e2e):
         assert store.get_run("drop").status == "completed", log
         series = store.series("drop")
         assert [r["day"] for r in series] == [1, 2, 3, 4]
-        assert series[0]["survivors"] == 5 and series[-1]["survivors"] == 3, \
+        assert series[0]["survivors"] == 6 and series[-1]["survivors"] == 4, \
             [r["survivors"] for r in series]
         last = series[-1]
         report_day = last["day"] - 1
-        alive = [stores[k] for k in range(5) if k not in killed]
+        alive = [stores[k] for k in range(6) if k not in killed]
         states = []
         for path in alive:
             with EdgeStore(path, pw) as st:
