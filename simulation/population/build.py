@@ -210,6 +210,7 @@ def _pick_heads(
     return heads, rest[n_hh - k :]
 
 
+SIBLING_SAME_BAND = 0.4  # P(a member under 25 following one under 25 shares their band), tuned to the matrix
 SIBLING_CHAIN = 0.8  # P(a member's band follows the previous member's row, not the head's)
 
 
@@ -223,6 +224,7 @@ def _member_bands(rng: np.random.Generator, cdf: np.ndarray, head_band: np.ndarr
     want = np.empty(head_band.size, np.int64)
     u = rng.random(head_band.size)
     chain = rng.random(head_band.size) < SIBLING_CHAIN
+    same = rng.random(head_band.size)
     for j in range(int(slots.max(initial=0))):
         sel = np.flatnonzero(pos == j)
         src = head_band[sel].copy()
@@ -232,6 +234,10 @@ def _member_bands(rng: np.random.Generator, cdf: np.ndarray, head_band: np.ndarr
         for k in range(nb):
             kk = sel[src == k]
             want[kk] = np.minimum(np.searchsorted(cdf[k], u[kk], side="right"), nb - 1)
+        if j and SIBLING_SAME_BAND > 0:
+            prev = want[sel - 1]
+            copy = chain[sel] & (prev < 5) & (same[sel] < SIBLING_SAME_BAND)
+            want[sel[copy]] = prev[copy]
     return want
 
 
