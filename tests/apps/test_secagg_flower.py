@@ -21,7 +21,6 @@ def test_secagg_round_over_flower_simulation(monkeypatch) -> None:
     from flwr.simulation import run_simulation
 
     from edge_agent.secagg_flower import app as secagg_app
-
     from edge_agent.secagg_flower import demo_input  # the test checks the devices' inputs
     result: dict[str, object] = {}
     server = ServerApp()
