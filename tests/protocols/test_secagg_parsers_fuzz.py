@@ -129,35 +129,42 @@ PARSERS: dict[str, tuple[str, Callable[[bytes], object]]] = {
 PROJECT_ERRORS = (SecAggError, ShamirError, EnvelopeError, InvalidKeyError)
 
 
-@st.composite
-def mutated(draw: st.DrawFn, key: str) -> bytes:
-    """A valid encoding from the corpus, damaged in one to three ways."""
-    seeds = corpus()[key]
-    data = bytearray(draw(st.sampled_from(seeds)))
-    for _ in range(draw(st.integers(1, 3))):
-        op = draw(st.sampled_from(["flip", "truncate", "extend", "splice", "overwrite",
-                                   "insert"]))
-        pos = draw(st.integers(0, max(len(data) - 1, 0)))
-        if op == "flip" and data:
-            data[pos] ^= 1 << draw(st.integers(0, 7))
-        elif op == "truncate":
+@functools.lru_cache(maxsize=1)
+def _pool() -> list[bytes]:
+    return [s for v in corpus().values() for s in v]
+
+
+def mutate(seed_blob: bytes, recipe: int, extra: bytes) -> bytes:
+    """Damage a valid encoding 1–3 times (flip, truncate, extend, splice, overwrite, insert);
+    ``recipe`` drives the choices (hypothesis shrinks it like any integer)."""
+    data = bytearray(seed_blob)
+    pool = _pool()
+    for _ in range(1 + recipe % 3):
+        recipe //= 3
+        op, recipe = recipe % 6, recipe // 6
+        pos = recipe % (len(data) + 1)
+        recipe //= 1024
+        if op == 0 and data:
+            data[min(pos, len(data) - 1)] ^= 1 << (recipe % 8)
+        elif op == 1:
             del data[pos:]
-        elif op == "extend":
-            data += draw(st.binary(min_size=1, max_size=64))
-        elif op == "splice":
-            other = draw(st.sampled_from([s for v in corpus().values() for s in v]))
-            cut = draw(st.integers(0, len(other)))
-            data = data[:pos] + bytearray(other[cut:])
-        elif op == "overwrite":
-            chunk = draw(st.binary(min_size=1, max_size=16))
-            data[pos : pos + len(chunk)] = chunk
+        elif op == 2:
+            data += extra or b"\x00"
+        elif op == 3:
+            other = pool[recipe % len(pool)]
+            data = data[:pos] + bytearray(other[(recipe // 7) % (len(other) + 1):])
+        elif op == 4:
+            data[pos : pos + len(extra)] = extra
         else:
-            data[pos:pos] = draw(st.binary(min_size=1, max_size=8))
+            data[pos:pos] = extra[:8]
     return bytes(data)
 
 
 def inputs(key: str) -> st.SearchStrategy[bytes]:
-    return st.one_of(st.binary(max_size=600), mutated(key), mutated(key), mutated(key))
+    seeds = corpus()[key]
+    damaged = st.builds(mutate, st.sampled_from(seeds), st.integers(0, 2**40),
+                        st.binary(max_size=24))
+    return st.one_of(st.binary(max_size=600), damaged, damaged, damaged)
 
 
 def _check(name: str, blob: bytes) -> None:
