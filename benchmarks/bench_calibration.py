@@ -9,6 +9,11 @@ wall time until the loss first falls below the loss the gradient method ends wit
 Nelder–Mead is competitive: gradients pay off as parameters multiply.
 
     .venv/bin/python benchmarks/bench_calibration.py [--agents 100000] [--segments 6]
+
+``--forecast`` instead times one ``lpm forecast`` (fit + posterior predictive) at ``--agents``,
+split into the fit (on min(agents, fit_agents) agents) and the predictive draws:
+
+    .venv/bin/python benchmarks/bench_calibration.py --forecast --agents 100000 --threads 2
 """
 
 from __future__ import annotations
@@ -33,8 +38,13 @@ def main() -> None:
     ap.add_argument("--segments", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-runs", type=int, default=600)
+    ap.add_argument("--forecast", action="store_true", help="time one forecast instead")
+    ap.add_argument("--origin", default="2020-11-02")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.forecast:
+        bench_forecast(args.agents, args.origin)
+        return
     days, k = 60, args.segments
     seg_len = days // k
     truth = torch.tensor([0.5 if (i * seg_len) < 20 else 0.25 for i in range(k)])
@@ -84,6 +94,22 @@ def main() -> None:
     else:
         print(f"  Nelder–Mead    : {hit[0]:4d} runs {hit[1]:7.1f} s  β error then {hit[3]:.1%}")
         print(f"  ratio: {hit[0] / g_runs:.1f}× fewer runs, {hit[1] / g_time:.1f}× less time with gradients")
+
+
+def bench_forecast(agents: int, origin: str) -> None:
+    """Wall time of one 28-day forecast, fit and predictive separately."""
+    import os
+
+    from simulation.calibration.forecast import ForecastConfig, run_forecast
+    from simulation.calibration.window import WindowConfig
+
+    load = os.getloadavg()[0]
+    fc = run_forecast(origin, 28, config=ForecastConfig(window=WindowConfig(agents=agents)))
+    fit = fc.fit
+    print(f"forecast from {origin}, {agents:,} agents (fit on {min(agents, fit.config.fit_agents or agents):,}): "
+          f"total {fc.seconds:.1f} s = fit {fit.seconds:.1f} s ({fit.runs} runs) + predictive "
+          f"{fc.seconds - fit.seconds:.1f} s ({fc.runs - fit.runs} runs at {agents:,}); "
+          f"in-window R² {fit.quality['r2_7day']:.3f}; load average at start {load:.1f}")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ def calibrate_command(
         except DataError as exc:
             raise typer.BadParameter(str(exc)) from exc
     png = fit.plot(out / "calibration.png")
-    summary = {"start": start, "end": end, "agents": agents, "seed": seed, **fit.quality,
+    summary = {"start": start, "end": end, "agents": agents, "fit_agents": min(agents, cfg.fit_agents or agents),
+               "seed": seed, **fit.quality,
                "ascertainment": fit.ascertainment, "immune_at_run_start": fit.r0,
                "dispersion": fit.dispersion, "simulator_runs": fit.runs, "seconds": fit.seconds,
                "beta_t": fit.beta_t.tolist()}
