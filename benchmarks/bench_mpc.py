@@ -58,7 +58,8 @@ def main() -> None:
     start = time.perf_counter()
     end = str((pd.Timestamp("2020-03-01") + pd.Timedelta(days=T - 1)).date())
     with MPCSession(tmp, [f"C{k}" for k in range(K)], start="2020-03-01", end=end,
-                    model_args={"cells": K, "days": T}, policy=QueryPolicy(max_rounds=args.rounds + 1)) as session:
+                    model_args={"cells": K, "days": T}, policy=QueryPolicy(max_rounds=args.rounds + 1),
+                    timeout=600) as session:
         startup = time.perf_counter() - start - session.setup_seconds
         t1 = time.perf_counter()
         first = session.round(thetas[0])

@@ -67,10 +67,22 @@ def _decode_header(h: torch.Tensor) -> tuple[int, int, torch.Size, torch.Size]:
     return op, counter, sizes[0], sizes[1]
 
 
+def _broadcast(size0: torch.Size, size1: torch.Size) -> torch.Size:
+    """NumPy broadcasting of two shapes (``torch.broadcast_shapes`` imports sympy: ~1 s)."""
+    n = max(len(size0), len(size1))
+    a, b = (1,) * (n - len(size0)) + tuple(size0), (1,) * (n - len(size1)) + tuple(size1)
+    out = []
+    for x, y in zip(a, b, strict=True):
+        if x != y and 1 not in (x, y):
+            raise DealerError(f"shapes {tuple(size0)} and {tuple(size1)} do not broadcast")
+        out.append(y if x == 1 else x)
+    return torch.Size(out)
+
+
 def _out_size(op: int, size0: torch.Size, size1: torch.Size) -> torch.Size:
     try:
         if op == OP_MUL:
-            return torch.broadcast_shapes(size0, size1)
+            return _broadcast(size0, size1)
         if op == OP_MATMUL:
             return torch.matmul(torch.empty(size0, device="meta"), torch.empty(size1, device="meta")).shape
     except RuntimeError as exc:
