@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -45,7 +46,9 @@ def _cost(make, pop, days, estimator) -> float:
     return (time.perf_counter() - t) / fwd
 
 
-def run_point(label, make, pop, days, seeds, params, estimators, fd_step, rows):
+def run_point(label, make, pop, days, seeds, params, estimators, fd_step, rows, only=None):
+    if only is not None and not re.search(only, label):
+        return
     for est in estimators:
         t = time.perf_counter()
         report = gradcheck(make, pop, days, seeds, params, estimator=est, fd_step=fd_step)
@@ -68,6 +71,7 @@ def main() -> None:
     ap.add_argument("--part", default="sir,seirm,behaviour")
     ap.add_argument("--estimators", default="smoothed,straight_through,expected,relaxed")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", default=None, help="regular expression: run only the points whose label matches")
     ap.add_argument("--json", type=Path, default=Path("out/gradients.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -81,7 +85,7 @@ def main() -> None:
         g = random_contact_graph(args.agents, 10, seed=1)
         for beta, gamma in SIR_GRID:
             run_point(f"SIR β {beta} γ {gamma}", lambda b=beta, c=gamma: SIR(b, c, 0.01), g, args.days,
-                      args.seeds, ["beta", "gamma"], estimators, args.fd_step, rows)
+                      args.seeds, ["beta", "gamma"], estimators, args.fd_step, rows, args.only)
     if "seirm" in parts or "behaviour" in parts:
         pop = synthesize("nyc", seed=0, scale=args.agents / 8_400_000)
     if "seirm" in parts:
@@ -89,7 +93,7 @@ def main() -> None:
             run_point(f"SEIRM β {beta} latent {lat} inf {inf}",
                       lambda b=beta, la=lat, i=inf: SEIRM(beta=b, latent_days=la, infectious_days=i),
                       pop, args.seirm_days, args.seeds, ["beta", "latent_days", "infectious_days"],
-                      estimators, args.fd_step, rows)
+                      estimators, args.fd_step, rows, args.only)
     if "behaviour" in parts:
         from simulation.behaviour import add_archetype_behaviour
 
@@ -99,7 +103,7 @@ def main() -> None:
             return m
 
         run_point("SEIRM+behaviour β 0.6 test 0.1", with_behaviour, pop, args.seirm_days, args.seeds,
-                  ["efficacy"], estimators, args.fd_step, rows)
+                  ["efficacy"], estimators, args.fd_step, rows, args.only)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=1))
     print(f"wrote {args.json}")

@@ -15,6 +15,7 @@ numba pass per day; nothing is taped, so memory does not grow with the horizon. 
 function exposes the daily series with their Jacobian, so ``loss.backward()`` works as usual.
 """
 
+# ruff: noqa: E741  (S, I, R are the epidemiological names)
 from __future__ import annotations
 
 import math
@@ -22,6 +23,7 @@ import math
 import numba
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from simulation.population import CSRLayer
 from simulation.rng import counter_uniforms
@@ -72,6 +74,38 @@ def _events(indptr, indices, weights, S, I, u0, u1, deg, beta, r, dt, h, x, y): 
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
+def _events_bits(indptr, indices, bits, S, I, u0, u1, deg, beta, r, dt, h, x, y):  # pragma: no cover
+    """Phase A for unit weights: the infected flags are bit-packed (a 32× smaller gather)."""
+    n = indptr.size - 1
+    for m in numba.prange(n):
+        x[m] = 0.0
+        y[m] = 0.0
+        if S[m] == 0 and I[m] == 0:
+            continue
+        y[m] = 1.0 if u1[m] < r else 0.0
+        if S[m] == 1:
+            acc = 0
+            for e in range(indptr[m], indptr[m + 1]):
+                k = indices[e]
+                acc += (bits[k >> 6] >> np.uint64(k & 63)) & np.uint64(1)
+            h[m] = acc
+            q = 1.0 - math.exp(-beta * dt * acc / deg[m])
+            x[m] = 1.0 if u0[m] < q else 0.0
+
+
+@numba.njit(parallel=True, cache=True)
+def _pack(I, bits):  # pragma: no cover - compiled
+    n = I.size
+    for w in numba.prange(bits.size):
+        word = np.uint64(0)
+        for b in range(64):
+            i = w * 64 + b
+            if i < n and I[i] == 1.0:
+                word |= np.uint64(1) << np.uint64(b)
+        bits[w] = word
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
 def _messages(indptr, indices, weights, rev, S, x, y, deg, beta, dt, dIt, cI, J, inflow):  # pragma: no cover
     """Phase B: per-edge inflow into susceptible m from neighbour k (non-backtracking).
 
@@ -80,7 +114,7 @@ def _messages(indptr, indices, weights, rev, S, x, y, deg, beta, dt, dIt, cI, J,
     (1 − x_m) β Δt / n_m · (msg − J). J then follows k's mass: it recovers with k (y_k) and
     vanishes when the primal path infects k too (x_k)."""
     n = indptr.size - 1
-    P = dIt.shape[0]
+    P = dIt.shape[1]
     for m in numba.prange(n):
         if S[m] == 0:
             continue
@@ -90,10 +124,10 @@ def _messages(indptr, indices, weights, rev, S, x, y, deg, beta, dt, dIt, cI, J,
             keep = (1.0 - y[k]) * (1.0 - S[k] * x[k])
             r = rev[e]
             for p in range(P):
-                mv = weights[e] * (dIt[p, k] - cI[p, r])
-                f = rate * (mv - J[p, e])
-                inflow[p, e] = f
-                J[p, e] = (J[p, e] + f) * keep
+                mv = weights[e] * (dIt[k, p] - cI[r, p])
+                f = rate * (mv - J[e, p])
+                inflow[e, p] = f
+                J[e, p] = (J[e, p] + f) * keep
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
@@ -106,17 +140,17 @@ def _advance(indptr, S, I, x_arr, y_arr, h, deg, r, dr, dt, inj_beta, inj_gamma,
     a susceptible not infected today gets (1 − x) Δt h / n for β (the smoothed right
     stochastic derivative); an infectious agent not recovering gets (1 − y)/(1 − r) ∂r/∂γ."""
     n = indptr.size - 1
-    P = cS.shape[0]
+    P = cS.shape[1]
     for m in numba.prange(n):
         s = S[m]
         i = I[m]
         out_new[m] = 0.0
         if s == 0 and i == 0:
             for p in range(P):
-                dIt[p, m] = 0.0
-                out_dnew[p, m] = 0.0
-                out_dS[p, m] = 0.0
-                out_dI[p, m] = 0.0
+                dIt[m, p] = 0.0
+                out_dnew[m, p] = 0.0
+                out_dS[m, p] = 0.0
+                out_dI[m, p] = 0.0
             continue
         x = x_arr[m]
         y = y_arr[m]
@@ -127,30 +161,30 @@ def _advance(indptr, S, I, x_arr, y_arr, h, deg, r, dr, dt, inj_beta, inj_gamma,
                 inj_new = inj_beta[p] * (1.0 - x) * dt * h[m] / deg[m]
             if i == 1 and inj_gamma[p] != 0.0:
                 inj_rec = inj_gamma[p] * (1.0 - y) * dr / (1.0 - r)
-            dnew = oS[p, m] * x + inj_new
-            drec = oI[p, m] * y + inj_rec
-            oS[p, m] -= dnew
-            oI[p, m] += dnew - drec
+            dnew = oS[m, p] * x + inj_new
+            drec = oI[m, p] * y + inj_rec
+            oS[m, p] -= dnew
+            oI[m, p] += dnew - drec
             tot_new = dnew
-            tot_S = oS[p, m]
-            tot_I = oI[p, m]
+            tot_S = oS[m, p]
+            tot_I = oI[m, p]
             for e in range(indptr[m], indptr[m + 1]):
-                cs = cS[p, e]
-                ci = cI[p, e]
-                f = inflow[p, e] if s == 1 else 0.0
+                cs = cS[e, p]
+                ci = cI[e, p]
+                f = inflow[e, p] if s == 1 else 0.0
                 if cs == 0.0 and ci == 0.0 and f == 0.0:
                     continue
                 dn = cs * x + f
                 dc = ci * y
-                cS[p, e] = cs - dn
-                cI[p, e] = ci + dn - dc
+                cS[e, p] = cs - dn
+                cI[e, p] = ci + dn - dc
                 tot_new += dn
                 tot_S += cs - dn
                 tot_I += ci + dn - dc
-            dIt[p, m] = tot_I
-            out_dnew[p, m] = tot_new
-            out_dS[p, m] = tot_S
-            out_dI[p, m] = tot_I
+            dIt[m, p] = tot_I
+            out_dnew[m, p] = tot_new
+            out_dS[m, p] = tot_S
+            out_dI[m, p] = tot_I
         new = s * x
         rec = i * y
         out_new[m] = new
@@ -169,7 +203,9 @@ def run_sir_nonbacktracking(
     ``simulate`` (same uniforms, same formulas, float32 probabilities)."""
     n = layer.n
     indptr, indices = layer.indptr.numpy(), layer.indices.numpy()
+    unit = layer.weights is None
     weights = (layer.weights.numpy() if layer.weights is not None else np.ones(layer.nnz, np.float32))
+    bits = np.zeros((layer.n + 63) // 64, dtype=np.uint64)
     rev = reverse_edges(layer)
     if (rev < 0).any():
         raise ValueError("the contact graph is not symmetric")
@@ -178,20 +214,20 @@ def run_sir_nonbacktracking(
     I = I0.detach().numpy().astype(np.float32).copy()
     P = 2 if tangents else 0
     nnz = layer.nnz
-    cS = np.zeros((P, nnz), np.float32)
-    cI = np.zeros((P, nnz), np.float32)
-    inflow = np.zeros((P, nnz), np.float32)
-    J = np.zeros((P, nnz), np.float32)
+    cS = np.zeros((nnz, P), np.float32)  # edge-major: one cache line per edge for all parameters
+    cI = np.zeros((nnz, P), np.float32)
+    inflow = np.zeros((nnz, P), np.float32)
+    J = np.zeros((nnz, P), np.float32)
     xa = np.zeros(n, np.float32)
     ya = np.zeros(n, np.float32)
-    oS = np.zeros((P, n), np.float64)
-    oI = np.zeros((P, n), np.float64)
-    dIt = np.zeros((P, n), np.float32)
+    oS = np.zeros((n, P), np.float64)
+    oI = np.zeros((n, P), np.float64)
+    dIt = np.zeros((n, P), np.float32)
     h = np.zeros(n, np.float64)
     out_new = np.zeros(n, np.float32)
-    out_dS = np.zeros((P, n), np.float64)
-    out_dI = np.zeros((P, n), np.float64)
-    out_dnew = np.zeros((P, n), np.float64)
+    out_dS = np.zeros((n, P), np.float64)
+    out_dI = np.zeros((n, P), np.float64)
+    out_dnew = np.zeros((n, P), np.float64)
     inj_beta = np.array([1.0, 0.0])[:P]
     inj_gamma = np.array([0.0, 1.0])[:P]
     r = -math.expm1(-gamma * dt)
@@ -206,7 +242,11 @@ def run_sir_nonbacktracking(
     for day in range(days):
         u = counter_uniforms(seed, day, n, torch.device("cpu"), 2).numpy()
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-        _events(indptr, indices, weights, S, I, u[0], u[1], deg, beta, r, dt, h, xa, ya)
+        if unit:
+            _pack(I, bits)
+            _events_bits(indptr, indices, bits, S, I, u[0], u[1], deg, beta, r, dt, h, xa, ya)
+        else:
+            _events(indptr, indices, weights, S, I, u[0], u[1], deg, beta, r, dt, h, xa, ya)
         if P:
             _messages(indptr, indices, weights, rev, S, xa, ya, deg, beta, dt, dIt, cI, J, inflow)
         _advance(indptr, S, I, xa, ya, h, deg, r, dr, dt, inj_beta, inj_gamma,
@@ -214,9 +254,9 @@ def run_sir_nonbacktracking(
         s_tot, i_tot = float(S.sum(dtype=np.float64)), float(I.sum(dtype=np.float64))
         series[day + 1] = (s_tot, i_tot, n - s_tot - i_tot, float(out_new.sum(dtype=np.float64)))
         if P:
-            dS, dI = out_dS.sum(1), out_dI.sum(1)
+            dS, dI = out_dS.sum(0), out_dI.sum(0)
             jac[day + 1, 0], jac[day + 1, 1], jac[day + 1, 2] = dS, dI, -dS - dI
-            jac[day + 1, 3] = out_dnew.sum(1)
+            jac[day + 1, 3] = out_dnew.sum(0)
         if progress is not None:
             progress(day)
     torch.set_num_threads(threads)
@@ -260,9 +300,22 @@ def simulate_sir_fused(model, layer: CSRLayer, days: int, seed: int, progress=No
     gen = torch.Generator().manual_seed(int(seed))
     state = model.initial_state(n, gen, torch.device("cpu"))
     out: dict[str, torch.Tensor] = {}
+    tangents = [fwAD.unpack_dual(p).tangent for p in (model.beta, model.gamma)]
+    if any(t is not None for t in tangents):  # forward-mode AD (dual numbers): J · tangent
+        series_np, jac, s, i, new = run_sir_nonbacktracking(
+            layer, state["S"], state["I"], float(fwAD.unpack_dual(model.beta).primal),
+            float(fwAD.unpack_dual(model.gamma).primal), days, seed, progress=progress)
+        tan = sum(torch.from_numpy(jac[..., j]).float() * t.float() for j, t in enumerate(tangents) if t is not None)
+        series = fwAD.make_dual(torch.from_numpy(series_np).float(), tan)
+        out.update(S=torch.from_numpy(s), I=torch.from_numpy(i), new=torch.from_numpy(new))
+        return _named(series, out)
     grad = torch.is_grad_enabled() and (model.beta.requires_grad or model.gamma.requires_grad)
     beta, gamma = (model.beta, model.gamma) if grad else (model.beta.detach(), model.gamma.detach())
     series = _FusedSIR.apply(beta, gamma, layer, state["S"], state["I"], days, seed, progress, out)
+    return _named(series, out)
+
+
+def _named(series: torch.Tensor, out: dict[str, torch.Tensor]):
     cols = series.unbind(1)
     named = {"S": cols[0], "I": cols[1], "R": cols[2], "new_infections": cols[3]}
     final = {"S": out["S"], "I": out["I"], "R": 1.0 - out["S"] - out["I"], "new_infections": out["new"]}
