@@ -33,22 +33,21 @@ def demo(
     run_demo(out, devices=devices, days=days, scale=scale, seed=seed)
 
 
-def _write_token() -> WriteToken:
-    """The write token from ``$LPM_COORDINATOR_TOKEN``; generated (and printed once) if unset.
-    Set-but-empty or too short is an error, never a silent substitute."""
+def _write_token() -> tuple[WriteToken, bool]:
+    """The write token from ``$LPM_COORDINATOR_TOKEN``, or a generated one (``True``: the
+    caller prints it once the service can start). Set-but-empty or too short is an error,
+    never a silent substitute."""
     from coordinator.service import MIN_TOKEN_CHARS, WriteToken
 
     raw = os.environ.get(TOKEN_ENV)
     if raw is None:
-        token = WriteToken(secrets.token_urlsafe(24))
-        typer.echo(f"write token (set {TOKEN_ENV} to choose one): {token.reveal()}")
-        return token
+        return WriteToken(secrets.token_urlsafe(24)), True
     if not raw.strip():
         _fail(f"${TOKEN_ENV} is set but empty: set it to a secret of at least "
               f"{MIN_TOKEN_CHARS} characters, or unset it to have one generated")
     if len(raw) < MIN_TOKEN_CHARS:
         _fail(f"${TOKEN_ENV} is {len(raw)} characters; it must be at least {MIN_TOKEN_CHARS}")
-    return WriteToken(raw)
+    return WriteToken(raw), False
 
 
 def _fail(message: str) -> NoReturn:
@@ -86,8 +85,10 @@ def coordinator(
     from coordinator.runner import execute_run
     from coordinator.service import create_app
 
-    token = _write_token()
-    store = _open_store(db, check=True)
+    token, generated = _write_token()
+    store = _open_store(db, check=True)  # a failure before here prints no token at all
+    if generated:
+        typer.echo(f"write token (set {TOKEN_ENV} to choose one): {token.reveal()}")
     if resume:
         for rec in store.list_runs():
             if rec.config.get("federated"):  # its ServerApp owns it (lease): never here

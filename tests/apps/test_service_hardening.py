@@ -99,6 +99,16 @@ def test_coordinator_failures_print_one_line_and_no_token(tmp_path, case):
         assert len(lines) == 1 and str(db) in lines[0] and "Traceback" not in text, text
 
 
+def test_generated_token_not_printed_when_startup_fails(tmp_path):
+    db = tmp_path / "c.db"
+    db.write_bytes(b"not a database" * 100)
+    env = {k: v for k, v in os.environ.items() if k != "LPM_COORDINATOR_TOKEN"}
+    out = subprocess.run([sys.executable, "-m", "lpm_cli", "coordinator", "--db", str(db)],
+                         env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 1 and "write token" not in out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("value,needle", [("", "empty"), ("   ", "empty"), ("short", "at least")])
 def test_coordinator_token_env_errors(tmp_path, value, needle):
     out = _lpm(["coordinator", "--db", str(tmp_path / "c.db")], {"LPM_COORDINATOR_TOKEN": value})
