@@ -64,7 +64,8 @@ def test_write_token_never_shown():
         pickle.dumps(tok)
 
 
-@pytest.mark.parametrize("case", ["corrupt", "truncated", "unreadable", "bad-row", "bad-host"])
+@pytest.mark.parametrize("case", ["corrupt", "truncated", "unreadable", "bad-row",
+                                  pytest.param("bad-host", marks=pytest.mark.slow)])
 def test_coordinator_failures_print_one_line_and_no_token(tmp_path, case):
     db = tmp_path / "c.db"
     args = ["coordinator", "--db", str(db), "--port", str(_free_port())]
@@ -109,7 +110,8 @@ def test_generated_token_not_printed_when_startup_fails(tmp_path):
     assert out.returncode == 1 and "write token" not in out.stdout + out.stderr
 
 
-@pytest.mark.parametrize("value,needle", [("", "empty"), ("   ", "empty"), ("short", "at least")])
+@pytest.mark.parametrize("value,needle", [("", "empty"), ("short", "at least"),
+                                          pytest.param("   ", "empty", marks=pytest.mark.slow)])
 def test_coordinator_token_env_errors(tmp_path, value, needle):
     out = _lpm(["coordinator", "--db", str(tmp_path / "c.db")], {"LPM_COORDINATOR_TOKEN": value})
     assert out.returncode == 1 and needle in out.stderr and "Traceback" not in out.stderr
