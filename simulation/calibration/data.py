@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date
-from importlib import resources
 from pathlib import Path
 
 import pandas as pd
 import torch
+
+from simulation.datafiles import DATA_DIR
 
 __all__ = ["BOROUGHS", "CaseSeries", "DataError", "load_case_frame", "load_nyc_cases", "parse_date"]
 
@@ -63,9 +64,7 @@ def load_case_frame(path: str | Path | None = None, column: str = "CASE_COUNT",
     MM/DD/YYYY, unique and consecutive (no gaps), counts are finite and non-negative.
     """
     if path is None:
-        src = resources.files("simulation.data").joinpath("nyc_cases_2020.csv")
-        with src.open() as fh:
-            frame = pd.read_csv(fh)
+        frame = pd.read_csv(DATA_DIR / "nyc_cases_2020.csv")
         name = "bundled nyc_cases_2020.csv"
     else:
         p = Path(path)

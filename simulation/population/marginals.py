@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simulation.datafiles import DATA_DIR
 from simulation.population.errors import PopulationError
 from simulation.population.ipf import integerize
 
@@ -38,7 +39,6 @@ __all__ = [
     "parse_band",
 ]
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 OPEN_BAND_WIDTH = 10  # ages in an open band "85+" are drawn from 85..94
 _REQUIRED = ("areas.csv", "age_sex.csv", "household_size.csv", "rates.csv")
 _DEFAULT_WORKPLACES = np.array([[1, 4, 0.55], [5, 19, 0.3], [20, 99, 0.12], [100, 499, 0.03]])
