@@ -2,11 +2,12 @@
 messages, the dealer's request header, the query policy and the cell map. Every input either
 parses or raises an MPCError subclass; nothing else escapes. Round-trips are exact.
 
-Default profile: a few hundred examples per parser. ``LPM_FUZZ_EXAMPLES=10000 pytest -m slow``
-(or the slow test below, 10,000 each) for the long run."""
+Default profile: 100 examples per parser (``LPM_FUZZ_EXAMPLES`` overrides); the slow
+profile (``pytest -m slow``) runs the same properties with 10,000 examples each."""
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 
@@ -74,39 +75,39 @@ def _parse_or_project_error(fn, *args) -> object:
         return None
 
 
-@FUZZ
-@given(queries())
-def test_query_round_trips_exactly(q):
+def check_query_round_trips_exactly(q):
     back = decode_query(encode_query(q))
     assert back.round == q.round and back.shape == q.shape
     assert torch.equal(back.theta, q.theta) and torch.equal(back.y_hat, q.y_hat) and torch.equal(back.jac, q.jac)
     assert back.digest() == q.digest()
 
 
-@FUZZ
-@given(st.one_of(near_queries(), st.binary(max_size=256)))
-def test_query_parser_raises_only_project_errors(data):
+def check_query_parser(data):
     q = _parse_or_project_error(decode_query, data)
     if q is not None:
         assert encode_query(q) == data  # anything accepted is canonical
 
 
-@FUZZ
-@given(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=0, max_size=4),
-       st.sampled_from([torch.int64, torch.int32, torch.float64]))
-def test_control_parser_raises_only_project_errors(values, dtype):
+def check_control_parser(values, dtype):
     header = torch.tensor(values, dtype=torch.int64).to(dtype)
     _parse_or_project_error(decode_control, header)
 
 
-@FUZZ
-@given(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=HEADER_LEN, max_size=HEADER_LEN)
-       | st.lists(st.integers(-3, 12), min_size=HEADER_LEN, max_size=HEADER_LEN))
-def test_dealer_header_parser_raises_only_project_errors(values):
+def check_dealer_header_parser(values):
     parsed = _parse_or_project_error(_decode_header, torch.tensor(values, dtype=torch.int64))
     if parsed is not None:
         op, _, size0, size1 = parsed
         _parse_or_project_error(_out_size, op, size0, size1)
+
+
+def check_policy_parser(text):
+    _parse_or_project_error(QueryPolicy.from_json, text)
+
+
+def check_cell_map_parser(text, k):
+    cells = _parse_or_project_error(parse_cells, text, k)
+    if cells is not None:
+        assert len(cells) == k and sorted(set(cells)) == list(range(max(cells) + 1))
 
 
 policy_fields = st.dictionaries(
@@ -114,36 +115,29 @@ policy_fields = st.dictionaries(
                      "dp_delta", "other"]),
     st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), any_float, st.text(max_size=5),
               st.lists(st.integers(), max_size=2)))
+int64 = st.integers(-(2**63), 2**63 - 1)
+
+PROPERTIES = {
+    "query_round_trip": (check_query_round_trips_exactly, (queries(),)),
+    "query_parser": (check_query_parser, (st.one_of(near_queries(), st.binary(max_size=256)),)),
+    "control_parser": (check_control_parser, (st.lists(int64, min_size=0, max_size=4),
+                                              st.sampled_from([torch.int64, torch.int32, torch.float64]))),
+    "dealer_header_parser": (check_dealer_header_parser,
+                             (st.lists(int64, min_size=HEADER_LEN, max_size=HEADER_LEN)
+                              | st.lists(st.integers(-3, 12), min_size=HEADER_LEN, max_size=HEADER_LEN),)),
+    "policy_parser": (check_policy_parser, (st.one_of(policy_fields.map(json.dumps), st.text(max_size=40)),)),
+    "cell_map_parser": (check_cell_map_parser, (st.text(max_size=20), st.integers(1, 6))),
+}
 
 
-@FUZZ
-@given(st.one_of(policy_fields.map(lambda d: __import__("json").dumps(d)), st.text(max_size=40)))
-def test_policy_parser_raises_only_project_errors(text):
-    _parse_or_project_error(QueryPolicy.from_json, text)
-
-
-@FUZZ
-@given(st.text(max_size=20), st.integers(1, 6))
-def test_cell_map_parser_raises_only_project_errors(text, k):
-    cells = _parse_or_project_error(parse_cells, text, k)
-    if cells is not None:
-        assert len(cells) == k and sorted(set(cells)) == list(range(max(cells) + 1))
+@pytest.mark.parametrize("name", sorted(PROPERTIES))
+def test_parser_property(name):
+    check, strategies = PROPERTIES[name]
+    FUZZ(given(*strategies)(check))()
 
 
 @pytest.mark.slow
-def test_every_parser_with_ten_thousand_examples_each():
-    for fn, strategy in [
-        (test_query_round_trips_exactly, queries()),
-        (test_query_parser_raises_only_project_errors, st.one_of(near_queries(), st.binary(max_size=256))),
-    ]:
-        SLOW(given(strategy)(fn.hypothesis.inner_test))()
-    SLOW(given(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=0, max_size=4),
-               st.sampled_from([torch.int64, torch.int32, torch.float64]))(
-        test_control_parser_raises_only_project_errors.hypothesis.inner_test))()
-    SLOW(given(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=HEADER_LEN, max_size=HEADER_LEN)
-               | st.lists(st.integers(-3, 12), min_size=HEADER_LEN, max_size=HEADER_LEN))(
-        test_dealer_header_parser_raises_only_project_errors.hypothesis.inner_test))()
-    SLOW(given(st.one_of(policy_fields.map(lambda d: __import__("json").dumps(d)), st.text(max_size=40)))(
-        test_policy_parser_raises_only_project_errors.hypothesis.inner_test))()
-    SLOW(given(st.text(max_size=20), st.integers(1, 6))(
-        test_cell_map_parser_raises_only_project_errors.hypothesis.inner_test))()
+@pytest.mark.parametrize("name", sorted(PROPERTIES))
+def test_parser_property_ten_thousand_examples(name):
+    check, strategies = PROPERTIES[name]
+    SLOW(given(*strategies)(check))()
