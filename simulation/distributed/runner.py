@@ -42,7 +42,8 @@ class LocalGraph(ContactGraph):
     def __init__(self, owned_rows: CSRLayer) -> None:
         super().__init__({"local": owned_rows}, {"local": 1.0})
 
-    def merged(self, weighted: bool = True) -> CSRLayer:  # noqa: D102 - see ContactGraph
+    def merged(self, weighted: bool = True) -> CSRLayer:
+        """The owned rows (already merged and weighted by the global graph)."""
         layer = self.layers["local"]
         return layer if weighted else CSRLayer(layer.indptr, layer.indices)
 

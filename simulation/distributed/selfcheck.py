@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from simulation.distributed.partition import DistributedError
 from simulation.population import Population, synthesize
+from simulation.substeps import SubstepModel
 
 __all__ = ["Case", "build_case", "compare", "reference", "run_case", "run_cases"]
 
@@ -37,17 +39,18 @@ class Case:
         return asdict(self)
 
 
-def build_case(case: Case) -> tuple[torch.nn.Module, Population]:
+def build_case(case: Case) -> tuple[SubstepModel, Population]:
     from simulation.models import SEIRM, SIR
 
     pop = synthesize("oxford", seed=case.seed, scale=case.n / 150_000)
+    model: SubstepModel
     if case.model == "sir":
         model = SIR(beta=case.beta)
     elif case.model == "seirm":
         # testing and vaccination on, so isolation makes the neighbour sum non-binary
         model = SEIRM(beta=case.beta, vaccination_rate=0.01, test_rate=0.1)
     else:
-        raise ValueError(f"unknown model {case.model!r}")
+        raise DistributedError(f"unknown model {case.model!r}; choose 'sir' or 'seirm'")
     return model, pop
 
 
@@ -62,7 +65,7 @@ def _result(model, traj) -> dict[str, Any]:
     }
 
 
-def _est(case: Case) -> dict[str, str]:
+def _est(case: Case) -> dict[str, Any]:
     return {} if case.estimator is None else {"estimator": case.estimator}
 
 
