@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--model", choices=("sir", "seirm"), default="sir")
     chk.add_argument("--n", type=int, default=5_000)
     chk.add_argument("--days", type=int, default=20)
+    chk.add_argument("--estimator", default="smoothed",
+                     help="a per-event estimator (the fused default runs single-process only)")
     return p
 
 
@@ -100,7 +102,7 @@ def _check(args: argparse.Namespace) -> int:
     from simulation.distributed.launch import spawn_local
     from simulation.distributed.selfcheck import Case, compare, reference, run_case
 
-    case = Case(model=args.model, n=args.n, days=args.days)
+    case = Case(model=args.model, n=args.n, days=args.days, estimator=args.estimator)
     ref = reference(case)
     worst = {"series_max_abs_diff": 0.0, "grad_max_rel_diff": 0.0}
     for r, got in enumerate(spawn_local(run_case, args.procs, case)):
