@@ -28,14 +28,8 @@ _COMMAND_MODULES = (
     "coordinator.calibrate_cli",
 )
 
-for _name in _COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(_name)
-    except ModuleNotFoundError as exc:  # a package without commands yet
-        if exc.name != _name:
-            raise
-        continue
-    _module.register(app)
+for _name in _COMMAND_MODULES:  # an import error is fatal: never drop a command silently
+    importlib.import_module(_name).register(app)
 
 
 if __name__ == "__main__":
