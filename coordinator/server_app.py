@@ -259,6 +259,7 @@ class FederatedRun:
             theta = self.calibrator.beta_for(day) if self.calibrator else cfg.beta
             online = set(enrolled) | set(proxies)
             attempt = relay.begin_round(day, online) if day < cfg.days else None
+            plans = attempt.plans if attempt is not None else {}  # a property: build it once
             all_keys = relay.public_keys()
             roster = sorted(pending) if day > start else []
             report = None
@@ -278,7 +279,7 @@ class FederatedRun:
                         req.registry_index = report.registry_for(name)
                         req.registry = [devices[roster[i]].identity for i in req.registry_index]
                 if attempt is not None:
-                    plan = attempt.plans[name]
+                    plan = plans[name]
                     req.plan = json.dumps(plan.to_dict())
                     req.keys = json.dumps({p: all_keys[p].hex() for p in _parties(plan)
                                            if p in all_keys})
@@ -304,7 +305,7 @@ class FederatedRun:
             i_now = sim.state["I"]
             for name, agent in proxies.items():
                 idx = int(name[1:])
-                plan = attempt.plans[name]
+                plan = plans[name]
                 agent.keyring.add_peers({p: all_keys[p] for p in _parties(plan) if p in all_keys})
                 uploads[name] = agent.start(plan, float(i_now[idx]),
                                             weights=weights.get(name),
