@@ -174,7 +174,6 @@ def _predictive(fit: WindowFit, history: pd.Series, horizon: int, cfg: ForecastC
                 vol: float) -> tuple[np.ndarray, np.ndarray, int]:
     w = fit.at_agents(fit.config.agents)  # posterior predictive on the full population
     days = fit._ctx["days"]
-    total = days + horizon
     gamma = fit.config.gamma
     inf = fit._ctx["infections"].numpy()
     r_t = math.log(max(inf[-1], 1e-9) / max(inf[-8], 1e-9)) / 7.0

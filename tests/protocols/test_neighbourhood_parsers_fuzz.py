@@ -126,7 +126,7 @@ def _run_plans(examples: int) -> None:
 
 
 def test_corpus_parses_and_good_plan_round_trips() -> None:
-    for name, (key, parse) in PARSERS.items():
+    for key, parse in PARSERS.values():
         for blob in corpus()[key]:
             parse(blob)
     assert AgentPlan.from_dict(GOOD_PLAN).to_dict() == GOOD_PLAN
