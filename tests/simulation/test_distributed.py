@@ -39,7 +39,12 @@ def test_metis_and_locality_cut_far_fewer_edges_than_random(pop, parts):
            for m in ("metis", "locality", "block", "random")}
     assert cut["metis"]["cut_fraction"] < 0.7 * cut["random"]["cut_fraction"]
     assert cut["locality"]["cut_fraction"] < 0.7 * cut["random"]["cut_fraction"]
-    assert cut["metis"]["imbalance"] < 1.05 and cut["random"]["imbalance"] < 1.01
+    assert cut["random"]["imbalance"] < 1.01
+    # METIS balances what a rank stores (agents and their neighbour entries) within 1 %, so
+    # a rank with many high-degree agents holds fewer of them (agent counts may differ more)
+    assert cut["metis"]["memory_imbalance"] < 1.011
+    assert cut["random"]["memory_imbalance"] > cut["metis"]["memory_imbalance"]
+    assert cut["metis"]["imbalance"] < 1.3
 
 
 def test_locality_keeps_households_together(pop):
