@@ -23,12 +23,13 @@ from typing import Any
 from coordinator.runner import RunConfig
 from coordinator.server_app import FederatedRun, FederatedSettings, MinCohortError
 from coordinator.store import CoordinatorStore
+from protocols.daily import EXCHANGES
 
 __all__ = ["DEVICE_HOST_MODULE", "FleetError", "ProcessTransport", "dropout_schedule",
            "run_fleet", "timed", "write_summary"]
 
 DEVICE_HOST_MODULE = "edge_agent.fleet_host"
-_STAGES = ("day", "share_keys", "masked_input", "unmask")
+_STAGES = EXCHANGES  # day, then the SecAgg+ stages
 
 
 class FleetError(RuntimeError):

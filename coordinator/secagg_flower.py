@@ -1,9 +1,15 @@
-"""SecAgg+ (protocols.secagg) driven by the coordinator over a message transport.
+"""Multi-round SecAgg+ (protocols.secagg.epoch_server) driven by the coordinator over a
+message transport.
 
-:class:`ReportRound` is the server side of one day's report aggregation in a federated run:
-the coordinator only relays the state machine's bytes; a device that errors, answers out of
-protocol or does not answer counts as dropped at that stage, and the decoded sum covers
-exactly the survivors. :func:`run_secagg_round` drives a stand-alone round over a Flower
+:class:`ReportEpoch` is the coordinator's side of one SecAgg+ key epoch over a fixed roster
+of devices: keys are agreed once, then each day's reports are summed with masks derived
+with the day in their context. :class:`ReportRound` is one day's report aggregation in a
+federated run: it continues the previous day's epoch when the day's roster is exactly the
+epoch's live roster, and starts a new epoch (re-keys) otherwise — after a dropout, a new
+device or a returning one, and after a coordinator restart. The coordinator only relays the
+state machine's bytes; a device that errors, answers out of protocol or does not answer
+counts as dropped at that stage, and the decoded sum covers exactly the survivors.
+:func:`run_secagg_round` drives a stand-alone single sum (setup + one day) over a Flower
 ``Grid`` (tests, benchmarks) with ``edge_agent.secagg_flower:app`` on the devices.
 """
 
@@ -17,7 +23,7 @@ import torch
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from protocols.daily import REPORT_FIELDS, report_spec_bound
+from protocols.daily import REPORT_FIELDS, SECAGG_STAGES, report_spec_bound
 from protocols.keys import AgreementKey
 from protocols.secagg import (
     InputSpec,
@@ -26,10 +32,10 @@ from protocols.secagg import (
     default_degree,
     default_threshold,
 )
-from protocols.secagg.server import SecAggServer
+from protocols.secagg.epoch_server import EpochServer, EpochServerStage
 
-__all__ = ["ReportRound", "report_degree", "SecAggRoundResult", "report_spec", "run_secagg_round",
-           "wait_for_nodes"]
+__all__ = ["ReportEpoch", "ReportRound", "report_degree", "SecAggRoundResult", "report_spec",
+           "run_secagg_round", "wait_for_nodes"]
 
 _TYPE = "query.secagg"
 
@@ -48,46 +54,106 @@ def report_degree(n: int) -> int:
     return max(default_degree(n), 8)
 
 
-class ReportRound:
-    """One day's SecAgg+ round over the devices named in ``roster`` (in order)."""
+class ReportEpoch:
+    """The coordinator's side of one SecAgg+ key epoch over ``roster`` (device names, in
+    order; ``registry`` their Ed25519 identity keys). ``epoch`` numbers it within the run
+    (the first report day it serves)."""
 
-    def __init__(self, run_id: str, day: int, roster: Sequence[str], registry: Sequence[bytes],
-                 spec: InputSpec | None = None, min_survivors: int = 0) -> None:
+    def __init__(self, run_id: str, epoch: int, roster: Sequence[str],
+                 registry: Sequence[bytes], spec: InputSpec | None = None,
+                 min_survivors: int = 0) -> None:
         self.roster = list(roster)
-        self._index = {name: i for i, name in enumerate(self.roster)}
+        self.index = {name: i for i, name in enumerate(self.roster)}
+        self.identities = {name: bytes(k) for name, k in zip(self.roster, registry, strict=True)}
         key = AgreementKey.generate()
         n = len(self.roster)
         degree = report_degree(n)
         # SecAgg+'s security floor: never reveal a sum of fewer than threshold + 1 (and 3)
         floor = max(3, default_threshold(degree) + 1)
-        self.config = RoundConfig(run_id, day, tuple(self.roster), spec or report_spec(),
+        self.config = RoundConfig(run_id, epoch, tuple(self.roster), spec or report_spec(),
                                   os.urandom(32), key.public_bytes(), degree=degree,
                                   min_survivors=min(max(min_survivors, floor), n))
-        self.server = SecAggServer(self.config, list(registry), key)
+        self.server = EpochServer(self.config, list(registry), key)
+        self.confirmed: set[str] = set()  # devices that sent a masked input in this epoch
+
+    def live(self) -> set[str]:
+        """Devices that completed the epoch's key setup (empty before)."""
+        return {self.roster[i] for i in self.server.live}
+
+    def serves(self, roster: Sequence[str], identities: dict[str, bytes],
+               spec: InputSpec, min_survivors: int) -> bool:
+        """Whether the next day over ``roster`` can continue this epoch: set up, no day in
+        progress, the same devices with the same identity keys, the same parameters."""
+        floor = max(3, self.config.threshold + 1)
+        want = min(max(min_survivors, floor), self.config.n)
+        return (self.server.stage is EpochServerStage.READY
+                and set(roster) == self.live() and set(roster) <= self.confirmed
+                and all(identities.get(n) == self.identities[n] for n in roster)
+                and spec == self.config.spec and want == self.config.min_survivors)
+
+
+class ReportRound:
+    """One day's SecAgg+ aggregation of the reports of the devices named in ``roster``.
+
+    ``epoch`` is the previous day's :attr:`epoch`: it is continued when it
+    :meth:`~ReportEpoch.serves` this roster, else a new epoch (numbered ``day``) starts.
+    :attr:`new_epoch` says which; :attr:`stages` are the exchanges after the day message
+    (the day reply carries the key advertisement in a new epoch, the masked report
+    otherwise)."""
+
+    def __init__(self, run_id: str, day: int, roster: Sequence[str], registry: Sequence[bytes],
+                 spec: InputSpec | None = None, min_survivors: int = 0,
+                 epoch: ReportEpoch | None = None) -> None:
+        spec = spec or report_spec()
+        identities = {n: bytes(k) for n, k in zip(roster, registry, strict=True)}
+        self.day = day
+        self.new_epoch = epoch is None or not epoch.serves(roster, identities, spec,
+                                                           min_survivors)
+        if self.new_epoch:
+            epoch = ReportEpoch(run_id, day, roster, registry, spec, min_survivors)
+        assert epoch is not None
+        self.epoch = epoch
+        self.config = epoch.config
+        self.roster = epoch.roster  # the epoch's roster order (indices of its messages)
+        self.stages: tuple[str, ...] = SECAGG_STAGES if self.new_epoch else SECAGG_STAGES[1:]
+        self._setup = self.new_epoch  # key setup still to close (then the day opens)
+        if not self.new_epoch:
+            epoch.server.open_day(day)
         self.rejected: dict[str, str] = {}
+
+    @property
+    def server(self) -> EpochServer:
+        return self.epoch.server
 
     def registry_for(self, name: str) -> list[int]:
         """Roster indices whose identity keys ``name`` needs: itself and its neighbours."""
-        i = self._index[name]
-        return [i, *self.server.graph[i]]
+        i = self.epoch.index[name]
+        return [i, *sorted(self.server.neighbours(i))]
 
     def receive(self, name: str, blob: bytes) -> None:
         """Feed one device's message for the current stage; a rejected one drops it."""
         try:
-            self.server.receive(self._index[name], bytes(blob))
-        except SecAggError as exc:
+            self.server.receive(self.epoch.index[name], bytes(blob))
+        except (SecAggError, KeyError) as exc:
             self.rejected[name] = f"{type(exc).__name__}: {exc}"
+            return
+        if self.server.stage is EpochServerStage.INPUT:
+            self.epoch.confirmed.add(name)  # it holds the epoch's keys (roster accepted)
 
     def advance(self) -> dict[str, bytes]:
         """Close the stage; ``{device name: bytes}`` for the next one (SecAggAbortError if
-        too few devices are left)."""
-        return {self.roster[i]: b for i, b in self.server.advance().items()}
+        too few devices are left). Closing a new epoch's key setup opens the day."""
+        out = self.server.advance()
+        if self._setup:  # setup closed: rosters go out, the masked reports come back
+            self._setup = False
+            self.server.open_day(self.day)
+        return {self.roster[i]: b for i, b in out.items()}
 
     def total(self) -> torch.Tensor:
-        return self.server.decoded()
+        return self.server.decoded(self.day)
 
     def survivors(self) -> list[str]:
-        return [self.roster[i] for i in sorted(self.server.u3)]
+        return [self.roster[i] for i in sorted(self.server.survivors[self.day])]
 
 
 class SecAggRoundResult:
@@ -134,8 +200,9 @@ def run_secagg_round(
     timeout: float = 120.0,
     **round_kw: int,
 ) -> SecAggRoundResult:
-    """One SecAgg+ round over ``nodes`` (each device sums its own demo input); ``silent``
-    (tests) lists node ids not contacted at a stage, as if they had dropped."""
+    """One SecAgg+ sum over ``nodes`` (key setup + one day, epoch = day = ``round_``; each
+    device sums its own demo input); ``silent`` (tests) lists node ids not contacted at a
+    stage (advertise, masked_input, consistency, unmask), as if they had dropped."""
     nodes = sorted(nodes)
     silent = silent or {}
     replies = _exchange(grid, {n: ConfigRecord({"stage": "enrol"}) for n in nodes}, timeout,
@@ -145,7 +212,7 @@ def run_secagg_round(
     key = AgreementKey.generate()
     cfg = RoundConfig(run_id, round_, tuple(str(n) for n in nodes), spec, os.urandom(32),
                       key.public_bytes(), **round_kw)
-    server = SecAggServer(cfg, registry, key)
+    server = EpochServer(cfg, registry, key)
     index = {n: i for i, n in enumerate(nodes)}
     cfg_bytes = cfg.to_bytes()
     gone: set[int] = set()
@@ -162,10 +229,13 @@ def run_secagg_round(
     stage("advertise", {n: ConfigRecord({"stage": "advertise", "config": cfg_bytes,
                                          "registry": registry, "index": index[n]})
                         for n in nodes})
-    for name in ("share_keys", "masked_input", "unmask"):
+    for name in SECAGG_STAGES:
         out = server.advance()
-        stage(name, {nodes[i]: ConfigRecord({"stage": name, "payload": b})
+        if name == "masked_input":
+            server.open_day(round_)
+        stage(name, {nodes[i]: ConfigRecord({"stage": name, "payload": b, "day": round_})
                      for i, b in out.items()})
     server.advance()
     pids = {n: int(replies[n].get("partition_id", -1)) for n in nodes}  # type: ignore[arg-type]
-    return SecAggRoundResult(server.decoded(), [nodes[i] for i in sorted(server.u3)], nodes, pids)
+    return SecAggRoundResult(server.decoded(round_),
+                             [nodes[i] for i in sorted(server.survivors[round_])], nodes, pids)

@@ -3,10 +3,14 @@ devices, with online federated calibration. Wire format: :mod:`protocols.daily`.
 
 Per day d: the relay plans the assisted secure neighbourhood round over the cross edges
 (:mod:`coordinator.hybrid`); every enrolled device gets one ``query.day`` message with
-yesterday's delivery, today's plan and the model's θ, and answers with the SecAgg+ key
-advertisement of its report of yesterday and its masked contributions of today. Three
-``query.stage`` exchanges finish the report's SecAgg+ round, whose decoded sum gives the
-physical counts, Σ p_i and Σ ∂p_i/∂β over exactly the surviving devices. Coordinator-run
+yesterday's delivery, today's plan and the model's θ, and answers with its report of
+yesterday for multi-round SecAgg+ and its masked contributions of today. SecAgg+ keys are
+agreed once per epoch (:class:`coordinator.secagg_flower.ReportRound`): while the day's
+roster equals the epoch's, the day reply carries the masked report and two ``query.stage``
+exchanges (consistency, unmask) finish the day; a changed roster (dropout, new or returning
+device, restart) starts a new epoch: the day reply is the key advertisement and a third
+stage (masked_input) carries the rosters. The decoded sum gives the physical counts, Σ p_i
+and Σ ∂p_i/∂β over exactly the surviving devices. Coordinator-run
 proxies contribute the synthetic agents' status; the synthetic population then steps
 centrally. The coordinator never holds a physical agent's state: their rows in the
 synthetic state stay zero, and a device's events use a seed that never leaves it.
@@ -45,11 +49,10 @@ from flwr.serverapp import Grid, ServerApp
 from coordinator.calibration import CalibrationSettings, OnlineCalibrator, read_observed_csv
 from coordinator.hybrid import HybridSimulation, agent_name
 from coordinator.runner import DEFAULT_MIN_DEVICES, RunConfig, physical_agents, take_lease
-from coordinator.secagg_flower import ReportRound
+from coordinator.secagg_flower import ReportEpoch, ReportRound
 from coordinator.store import CoordinatorStore, LeaseHeldError
 from protocols.daily import (
     REPORT_FIELDS,
-    SECAGG_STAGES,
     DayReply,
     DayRequest,
     EnrolReply,
@@ -165,6 +168,7 @@ class FederatedRun:
             raise FederatedRunError("resuming a run needs its store")
         self.sim: HybridSimulation | None = None  # synthetic agents only (physical rows 0)
         self.survivors: dict[int, list[int]] = {}  # day -> node ids whose report is in it
+        self.epochs: dict[int, int] = {}  # day -> SecAgg+ key epoch of its report round
 
     # ------------------------------------------------------------------ transport
     def _nodes(self, wait: float = 120.0) -> list[int]:
@@ -255,6 +259,7 @@ class FederatedRun:
         pending: dict[str, tuple[list[bytes], bytes]] = {}
         pending_syn: dict[str, object] | None = None
         pending_theta = 0.0
+        epoch: ReportEpoch | None = None  # the SecAgg+ key epoch of the daily reports
         for day in range(start, cfg.days + 1):
             theta = self.calibrator.beta_for(day) if self.calibrator else cfg.beta
             online = set(enrolled) | set(proxies)
@@ -266,8 +271,10 @@ class FederatedRun:
             if roster:
                 report = ReportRound(self.run_id, day - 1, roster,
                                      [devices[r].identity for r in roster],
-                                     min_survivors=min(settings.min_devices, len(roster))) \
+                                     min_survivors=min(settings.min_devices, len(roster)),
+                                     epoch=epoch) \
                     if len(roster) >= 3 else None  # SecAgg+ needs ≥ 3 (never a sum of 1–2)
+                epoch = report.epoch if report is not None else None
             msgs: dict[int, dict[str, Any]] = {}
             for name, d in enrolled.items():
                 req = DayRequest(day=day, theta_beta=theta, has_delivery=name in pending,
@@ -275,9 +282,12 @@ class FederatedRun:
                 if name in pending:
                     req.delivery, req.mask_sum = list(pending[name][0]), pending[name][1]
                     if report is not None:
-                        req.secagg_config = report.config.to_bytes()
-                        req.registry_index = report.registry_for(name)
-                        req.registry = [devices[roster[i]].identity for i in req.registry_index]
+                        req.secagg_epoch = report.config.round
+                        if report.new_epoch:  # keys agreed once per epoch
+                            req.secagg_config = report.config.to_bytes()
+                            req.registry_index = report.registry_for(name)
+                            req.registry = [devices[report.roster[i]].identity
+                                            for i in req.registry_index]
                 if attempt is not None:
                     plan = plans[name]
                     req.plan = json.dumps(plan.to_dict())
@@ -337,11 +347,13 @@ class FederatedRun:
         group = f"{self.run_id}/{day - 1}"
         for name in roster:
             r = replies.get(name)
-            if r is not None and r.report_day == day - 1 and r.advertise:
-                report.receive(name, r.advertise)
+            blob = None if r is None or r.report_day != day - 1 else \
+                (r.advertise if report.new_epoch else r.masked)
+            if blob:
+                report.receive(name, blob)
         name_to_node = {n: devices[n].node_id for n in roster}
         try:
-            for stage in SECAGG_STAGES:
+            for stage in report.stages:
                 out = report.advance()
                 msgs = {name_to_node[n]: StageRequest(stage=stage, day=day - 1,
                                                       payload=b).to_dict()
@@ -369,6 +381,7 @@ class FederatedRun:
         survivors = report.survivors()
         self._check_cohort(day, survivors, devices, "report aggregation")
         self.survivors[day] = sorted(devices[s].node_id for s in survivors)
+        self.epochs[day] = report.config.round
         phys = dict(zip(REPORT_FIELDS, report.total().tolist(), strict=True))
         self._commit(day, syn or {}, phys, survivors, theta, sim)
 

@@ -7,16 +7,19 @@
 - ``query.day``: yesterday's delivery (masked contributions + mask sum) gives the device its
   neighbour sum Σ_j w_ij I_j; it computes its risk p_i and ∂p_i/∂β at the model's θ (public,
   in the message), updates its own status — from its user (``lpm edge status``) if set, else
-  simulated with its private uniforms — and answers with the SecAgg+ key advertisement of its
-  report; it also uploads its masked contributions for today's plan.
-- ``query.stage``: the three later SecAgg+ stages of the report round. The report
-  (:data:`protocols.daily.REPORT_FIELDS`) is only ever sent masked.
+  simulated with its private uniforms — and answers with its report masked by multi-round
+  SecAgg+ (:mod:`edge_agent.secagg_flower`): on the first day of a key epoch the answer is
+  its key advertisement (the report is masked once the roster comes), on later days the
+  masked report itself; it also uploads its masked contributions for today's plan.
+- ``query.stage``: the later SecAgg+ stages of the day (``masked_input`` on an epoch's first
+  day, ``consistency``, ``unmask``). The report (:data:`protocols.daily.REPORT_FIELDS`) is
+  only ever sent masked.
 
 A device that missed days (offline) catches up on its next message: it skips the deliveries
 it missed, its status stays as it was while it was away (its user can set it), and it joins
 today's plan. State lives in the node's ``context.state``; a real device
-(``lpm edge run --store PATH``, node config ``lpm-store``) keeps its private keys and seed
-encrypted in :class:`edge_agent.store.EdgeStore` instead.
+(``lpm edge run --store PATH``, node config ``lpm-store``) keeps its private keys, seed and
+SecAgg+ epoch state encrypted in :class:`edge_agent.store.EdgeStore` instead.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from edge_agent.secagg_flower import SecAggDevice
+from edge_agent.secagg_flower import SecAggDevice, StoreVault
 from edge_agent.store import EdgeStore
 from protocols.daily import (
     REPORT_FIELDS,
@@ -92,6 +97,18 @@ def _secret(st: ConfigRecord, name: str) -> bytes:
         return bytes(st[name])
     with EdgeStore(str(st["store"])) as store:
         return store.get_private_key(f"{st['run_id']}/{name}")
+
+
+@contextmanager
+def _secagg(st: ConfigRecord) -> Iterator[SecAggDevice]:
+    """The device's SecAgg+ side: epoch secrets in its store if it has one (opened once)."""
+    if "store" not in st:
+        yield SecAggDevice(st, bytes(st["identity"]))  # type: ignore[arg-type]
+        return
+    run_id = str(st["run_id"])
+    with EdgeStore(str(st["store"])) as store:
+        yield SecAggDevice(st, store.get_private_key(f"{run_id}/identity"),
+                           StoreVault(store, run_id))
 
 
 @app.query("enrol")
@@ -229,11 +246,18 @@ def day(message: Message, context: Context) -> Message:
         raise DeviceProtocolError(f"day {req.day} again: device is at day {st['day']}")
     if req.has_delivery and int(st["day"]) == req.day - 1:
         report = _finish_day(st, req)
-        sec = SecAggDevice(st, _secret(st, "identity"))
-        out.advertise = sec.advertise(req.secagg_config, req.registry, str(st["agent_id"]),
-                                      run_id=str(st["run_id"]), day=req.day - 1, report=report,
-                                      registry_index=req.registry_index)
-        out.report_day = req.day - 1
+        if req.secagg_epoch >= 0:  # a report round today (never a sum of fewer than 3)
+            with _secagg(st) as sec:
+                if req.secagg_config:  # the first day of a key epoch
+                    out.advertise = sec.advertise(
+                        req.secagg_config, req.registry, str(st["agent_id"]),
+                        run_id=str(st["run_id"]), day=req.day - 1, report=report,
+                        registry_index=req.registry_index)
+                else:
+                    out.masked = sec.masked_input(req.day - 1, report,
+                                                  run_id=str(st["run_id"]),
+                                                  epoch=req.secagg_epoch)
+            out.report_day = req.day - 1
     elif int(st["day"]) >= 0:  # missed deliveries (offline): status kept, rejoin today
         out.caught_up = req.day - 1 - int(st["day"])
     if req.has_plan:
@@ -251,8 +275,9 @@ def day(message: Message, context: Context) -> Message:
 
 @app.query("stage")
 def stage(message: Message, context: Context) -> Message:
-    """One later SecAgg+ stage of the report round."""
+    """One later SecAgg+ stage of the day's report (masked_input, consistency, unmask)."""
     req = StageRequest.from_dict(_cfg(message))
     st = _state(context)
-    sec = SecAggDevice(st, _secret(st, "identity"))
-    return _reply(message, StageReply(payload=sec.stage(req.stage, req.day, req.payload)).to_dict())
+    with _secagg(st) as sec:
+        payload = sec.stage(req.stage, req.day, req.payload)
+    return _reply(message, StageReply(payload=payload).to_dict())

@@ -11,7 +11,8 @@ Frames: ``("init", {"nodes": [...], "offline": {node: [day, stage, back_day]},
 ``("exchange", (message_type, {node: dict}, group))`` -> ``(replies, failures)``,
 ``("states", None)`` -> each device's true S, I, R (the test harness's view of what the
 devices' stores hold; the coordinator never asks), ``("close", None)``. ``offline`` simulates dropouts: a node stops answering from ``stage``
-of ``day`` (stages: day, share_keys, masked_input, unmask) until ``back_day``.
+of ``day`` (stages: :data:`protocols.daily.EXCHANGES` — day, masked_input, consistency,
+unmask) until ``back_day``.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from typing import Any, BinaryIO
 
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
-from protocols.daily import Keys, MessageType
+from protocols.daily import EXCHANGES, Keys, MessageType
 
 __all__ = ["main", "read_frame", "write_frame", "STAGE_RANK"]
 
-STAGE_RANK = {"enrol": -1, "day": 0, "share_keys": 1, "masked_input": 2, "unmask": 3}
+STAGE_RANK = {"enrol": -1, **{name: rank for rank, name in enumerate(EXCHANGES)}}
 
 
 def read_frame(f: BinaryIO) -> Any:

@@ -1,11 +1,17 @@
-"""The device side of SecAgg+ (protocols.secagg) over Flower's Message API.
+"""The device side of multi-round SecAgg+ (protocols.secagg.epoch_client) over Flower's
+Message API.
 
-:class:`SecAggDevice` keeps one round's client state (private keys included) in the
-device's own node state and advances it one stage per message; the daily ClientApp
-(:mod:`edge_agent.client_app`) uses it to send its report masked. The input is always the
-device's own vector, given by the app: the coordinator never names code for the device to
-run. Every round is bound to its run and day (the round config's context) and the device
-refuses a config for another run or day.
+:class:`SecAggDevice` keeps the device's SecAgg+ key epoch between messages: keys are agreed
+once per epoch (:meth:`SecAggDevice.advertise`, then the roster in the ``masked_input``
+stage), and each day's report is masked with masks derived with the day in their context
+(:meth:`SecAggDevice.masked_input` on later days of the epoch), then the ``consistency``
+and ``unmask`` stages finish the day. The epoch state (derived secret keys) and a report
+waiting for its roster are kept in a :class:`Vault`: the node's state record by default,
+the device's encrypted :class:`edge_agent.store.EdgeStore` on a real device
+(:class:`StoreVault`), so a fresh ClientApp process per message works. The input is always
+the device's own vector, given by the app: the coordinator never names code for the device
+to run. Every epoch is bound to its run, every message to run, epoch, day and stage, and a
+device masks a day's report at most once per enrolment (also across epochs).
 
 ``app`` is a stand-alone SecAgg+ ClientApp (tests, benchmarks): one message type
 ``query.secagg`` with ``{"stage", "payload", ...}``; its input is :func:`demo_input` of the
@@ -14,15 +20,19 @@ node's ``partition-id``.
 
 from __future__ import annotations
 
+import json
+from typing import Protocol
+
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from protocols.keys import IdentityKey
-from protocols.secagg import RoundConfig
-from protocols.secagg.client import SecAggClient
+from protocols.secagg import RoundConfig, SecAggError
+from protocols.secagg.epoch_client import EpochClient
 
-__all__ = ["app", "demo_input", "SecAggDevice", "SecAggDeviceError"]
+__all__ = ["app", "demo_input", "NodeStateVault", "SecAggDevice", "SecAggDeviceError",
+           "StoreVault", "Vault"]
 
 app = ClientApp()
 _STATE = "secagg"
@@ -30,70 +40,49 @@ _STATE = "secagg"
 
 class SecAggDeviceError(RuntimeError):
     """The device got a SecAgg message it cannot act on (not enrolled, unknown stage,
-    a round bound to another run or day)."""
+    an epoch bound to another run, a day it already reported)."""
+
+
+class Vault(Protocol):
+    """Where a device keeps its secret SecAgg+ epoch state between messages."""
+
+    def get(self) -> bytes | None: ...
+
+    def put(self, blob: bytes) -> None: ...
+
+
+class NodeStateVault:
+    """The epoch state in the node's state record (simulated devices)."""
+
+    def __init__(self, st: ConfigRecord) -> None:
+        self.st = st
+
+    def get(self) -> bytes | None:
+        return bytes(self.st["sa_secret"]) if "sa_secret" in self.st else None  # type: ignore[arg-type]
+
+    def put(self, blob: bytes) -> None:
+        self.st["sa_secret"] = blob
+
+
+class StoreVault:
+    """The epoch state encrypted in the device's EdgeStore (an open store)."""
+
+    def __init__(self, store: object, run_id: str) -> None:
+        self.store, self.name = store, f"{run_id}/secagg-epoch"
+
+    def get(self) -> bytes | None:
+        try:
+            return self.store.get_private_key(self.name)  # type: ignore[attr-defined]
+        except KeyError:
+            return None
+
+    def put(self, blob: bytes) -> None:
+        self.store.put_private_key(self.name, blob)  # type: ignore[attr-defined]
 
 
 def demo_input(partition_id: int, length: int) -> torch.Tensor:
     """A deterministic integer vector per device (tests and demos)."""
     return (torch.arange(length, dtype=torch.int64) - length // 2) * (partition_id + 1)
-
-
-class SecAggDevice:
-    """One device's SecAgg+ client state, persisted in ``st`` (a node-state record)."""
-
-    def __init__(self, st: ConfigRecord, identity_private: bytes) -> None:
-        self.st = st
-        self.identity = IdentityKey.from_private_bytes(identity_private)
-
-    def advertise(self, config: bytes, registry: list[bytes], client_id: str, *, run_id: str,
-                  day: int, report: list[float] | torch.Tensor,
-                  registry_index: list[int] | None = None) -> bytes:
-        """Start the round for ``day``'s report (stage 0): returns the key advertisement.
-        ``registry`` is the roster's identity keys, or — with ``registry_index`` — only those
-        of the listed roster indices (itself and its neighbours: all a client verifies)."""
-        cfg = RoundConfig.from_bytes(bytes(config))
-        if registry_index is not None:
-            registry = _full_registry(cfg.n, registry_index, registry)
-        if cfg.run_id != run_id or cfg.round != day:
-            raise SecAggDeviceError(f"round bound to {cfg.run_id!r} day {cfg.round}, expected "
-                                    f"{run_id!r} day {day}")
-        if client_id not in cfg.client_ids:
-            raise SecAggDeviceError(f"{client_id} is not in the round's roster")
-        index = cfg.client_ids.index(client_id)
-        client = SecAggClient(cfg, index, self.identity, [bytes(b) for b in registry])
-        out = client.advertise_keys()
-        known = [j for j, b in enumerate(registry) if b != _UNKNOWN]
-        self.st["sa_config"] = bytes(config)
-        self.st["sa_reg_index"], self.st["sa_registry"] = known, [bytes(registry[j]) for j in known]
-        self.st["sa_index"], self.st["sa_input"] = index, [float(v) for v in report]
-        self.st["sa_state"] = client.export_state()
-        return out
-
-    def stage(self, name: str, day: int, payload: bytes) -> bytes:
-        """Advance the round by one stage (share_keys, masked_input, unmask)."""
-        if "sa_state" not in self.st:
-            raise SecAggDeviceError("no SecAgg round in progress on this device")
-        cfg = RoundConfig.from_bytes(bytes(self.st["sa_config"]))
-        if cfg.round != day:
-            raise SecAggDeviceError(f"stage {name} for day {day}, round is day {cfg.round}")
-        registry = _full_registry(cfg.n, [int(j) for j in self.st["sa_reg_index"]],
-                                  [bytes(b) for b in self.st["sa_registry"]])
-        client = SecAggClient.restore(cfg, int(self.st["sa_index"]), self.identity, registry,
-                                      bytes(self.st["sa_state"]))
-        payload = bytes(payload)
-        if name == "share_keys":
-            out = client.share_keys(payload)
-        elif name == "masked_input":
-            x = torch.tensor(list(self.st["sa_input"]), dtype=torch.float64)
-            if cfg.spec.kind == "int":
-                x = x.round().to(torch.int64)
-            out = client.masked_input(payload, x)
-        elif name == "unmask":
-            out = client.unmask(payload)
-        else:
-            raise SecAggDeviceError(f"unknown SecAgg stage {name!r}")
-        self.st["sa_state"] = client.export_state()
-        return out
 
 
 _UNKNOWN = b"\x00" * 32  # placeholder for a roster member this client never verifies
@@ -106,6 +95,128 @@ def _full_registry(n: int, index: list[int], keys: list[bytes]) -> list[bytes]:
     for j, k in zip(index, keys, strict=True):
         full[int(j)] = bytes(k)
     return full
+
+
+class SecAggDevice:
+    """One device's SecAgg+ epoch client. Public epoch data (config, the identity keys it
+    verifies, its index) lives in ``st`` (a node-state record); secrets in ``vault``."""
+
+    def __init__(self, st: ConfigRecord, identity_private: bytes,
+                 vault: Vault | None = None) -> None:
+        self.st = st
+        self.identity = IdentityKey.from_private_bytes(identity_private)
+        self.vault = vault if vault is not None else NodeStateVault(st)
+
+    # -- persistence -------------------------------------------------------------------
+    def _last_day(self) -> int:
+        return int(self.st.get("sa_last_day", -1))  # type: ignore[arg-type]
+
+    def _load(self) -> tuple[EpochClient, list[float] | None]:
+        if "sa_config" not in self.st:
+            raise SecAggDeviceError("no SecAgg+ epoch on this device")
+        blob = self.vault.get()
+        if blob is None:
+            raise SecAggDeviceError("the SecAgg+ epoch state is missing")
+        cfg = RoundConfig.from_bytes(bytes(self.st["sa_config"]))  # type: ignore[arg-type]
+        registry = _full_registry(cfg.n, [int(j) for j in self.st["sa_reg_index"]],  # type: ignore[union-attr]
+                                  [bytes(b) for b in self.st["sa_registry"]])  # type: ignore[union-attr]
+        try:
+            d = json.loads(blob.decode())
+            client = EpochClient.restore(cfg, int(self.st["sa_index"]), self.identity,  # type: ignore[arg-type]
+                                         registry, d["client"].encode())
+            report = None if d["report"] is None else [float(v) for v in d["report"]]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SecAggDeviceError(f"the SecAgg+ epoch state is damaged: {exc}") from exc
+        return client, report
+
+    def _save(self, client: EpochClient, report: list[float] | None) -> None:
+        self.vault.put(json.dumps({"client": client.export_state().decode(),
+                                   "report": report}).encode())
+
+    def _tensor(self, cfg: RoundConfig, report: list[float] | torch.Tensor) -> torch.Tensor:
+        x = torch.tensor([float(v) for v in report], dtype=torch.float64)
+        return x.round().to(torch.int64) if cfg.spec.kind == "int" else x
+
+    def _check_day(self, day: int) -> None:
+        if day <= self._last_day():
+            raise SecAggDeviceError(f"day {day} already reported (last reported day "
+                                    f"{self._last_day()}): a day is masked once")
+
+    # -- a new epoch -------------------------------------------------------------------
+    def advertise(self, config: bytes, registry: list[bytes], client_id: str, *, run_id: str,
+                  day: int, report: list[float] | torch.Tensor,
+                  registry_index: list[int] | None = None) -> bytes:
+        """Start a key epoch whose first report is ``day``'s: returns the signed key
+        advertisement; the report waits (in the vault) for the roster. ``registry`` is the
+        roster's identity keys, or — with ``registry_index`` — only those of the listed
+        roster indices (itself and its neighbours: all a client verifies)."""
+        cfg = RoundConfig.from_bytes(bytes(config))
+        if registry_index is not None:
+            registry = _full_registry(cfg.n, registry_index, registry)
+        if cfg.run_id != run_id:
+            raise SecAggDeviceError(f"epoch bound to run {cfg.run_id!r}, expected {run_id!r}")
+        if cfg.round > day:
+            raise SecAggDeviceError(f"epoch {cfg.round} starts after day {day}")
+        if client_id not in cfg.client_ids:
+            raise SecAggDeviceError(f"{client_id} is not in the epoch's roster")
+        self._check_day(day)
+        x = self._tensor(cfg, report)
+        cfg.spec.encode(x)  # refuse a report outside the spec before anything is sent
+        index = cfg.client_ids.index(client_id)
+        client = EpochClient(cfg, index, self.identity, [bytes(b) for b in registry])
+        if self._last_day() >= 0:
+            client.last_day = self._last_day()
+        out = client.advertise_keys()
+        known = [j for j, b in enumerate(registry) if b != _UNKNOWN]
+        self.st["sa_config"] = bytes(config)
+        self.st["sa_reg_index"], self.st["sa_registry"] = known, [bytes(registry[j]) for j in known]
+        self.st["sa_index"], self.st["sa_day"] = index, day
+        self._save(client, [float(v) for v in x.tolist()])
+        return out
+
+    # -- a later day of the epoch ------------------------------------------------------
+    def masked_input(self, day: int, report: list[float] | torch.Tensor, *, run_id: str,
+                     epoch: int) -> bytes:
+        """Mask ``day``'s report in the current epoch (no key agreement)."""
+        client, _ = self._load()
+        cfg = client.config
+        if cfg.run_id != run_id or cfg.round != epoch:
+            raise SecAggDeviceError(f"this device is in epoch {cfg.round} of {cfg.run_id!r}, "
+                                    f"asked for epoch {epoch} of {run_id!r}")
+        self._check_day(day)
+        out = client.masked_input(day, self._tensor(cfg, report))
+        self.st["sa_last_day"] = self.st["sa_day"] = day
+        self._save(client, None)
+        return out
+
+    # -- the stages after the day message ----------------------------------------------
+    def stage(self, name: str, day: int, payload: bytes) -> bytes:
+        """Advance the epoch by one stage (masked_input: the roster, consistency,
+        unmask) of ``day``'s report."""
+        client, report = self._load()
+        if int(self.st["sa_day"]) != day:  # type: ignore[arg-type]
+            raise SecAggDeviceError(f"stage {name} for day {day}, the device is at day "
+                                    f"{self.st['sa_day']}")
+        payload = bytes(payload)
+        try:
+            if name == "masked_input":
+                if report is None:
+                    raise SecAggDeviceError("no report waits for a roster")
+                self._check_day(day)
+                client.accept_roster(payload)
+                out = client.masked_input(day, self._tensor(client.config, report))
+                self.st["sa_last_day"] = day
+                report = None
+            elif name == "consistency":
+                out = client.sign_survivors(payload)
+            elif name == "unmask":
+                out = client.unmask(payload)
+            else:
+                raise SecAggDeviceError(f"unknown SecAgg stage {name!r}")
+        except SecAggError:
+            raise  # the stored state is unchanged: nothing was saved
+        self._save(client, report)
+        return out
 
 
 def _st(context: Context) -> ConfigRecord:
@@ -121,7 +232,7 @@ def _reply(message: Message, **values: object) -> Message:
 
 @app.query("secagg")
 def secagg(message: Message, context: Context) -> Message:
-    """Advance this device's stand-alone SecAgg+ round by one stage."""
+    """Advance this device's stand-alone SecAgg+ sum (setup + one day) by one stage."""
     cfg = message.content.config_records["cfg"]
     stage = str(cfg["stage"])
     st = _st(context)
@@ -136,6 +247,5 @@ def secagg(message: Message, context: Context) -> Message:
                             rc.client_ids[int(cfg["index"])], run_id=rc.run_id,  # type: ignore[arg-type]
                             day=rc.round, report=x.tolist())
     else:
-        rc = RoundConfig.from_bytes(bytes(st["sa_config"])) if "sa_config" in st else None
-        out = dev.stage(stage, -1 if rc is None else rc.round, bytes(cfg["payload"]))  # type: ignore[arg-type]
+        out = dev.stage(stage, int(cfg["day"]), bytes(cfg["payload"]))  # type: ignore[arg-type]
     return _reply(message, payload=out)

@@ -6,10 +6,15 @@ primitives (str, int, float, bool, bytes, lists of them), which Flower carries i
 
 A day ``d`` is one :class:`DayRequest` per device: the relay's delivery for day ``d − 1``,
 the neighbourhood plan of day ``d`` and the public parameters θ of the model; the reply
-(:class:`DayReply`) carries the device's SecAgg+ key advertisement for its report of day
-``d − 1`` and its masked neighbourhood contributions of day ``d``. The report itself
-(:data:`REPORT_FIELDS`) then crosses in the three SecAgg+ stages (:data:`SECAGG_STAGES`),
-bound to run, day and stage by the round config's context.
+(:class:`DayReply`) carries the device's report of day ``d − 1`` for multi-round SecAgg+
+(:mod:`protocols.secagg.epoch_client`) and its masked neighbourhood contributions of day
+``d``. SecAgg+ keys are agreed once per *epoch* of days: on the first day of an epoch the
+request carries the epoch's public config and the reply the device's key advertisement;
+the roster then comes in the ``masked_input`` stage, whose reply is the masked report. On
+every later day of the epoch the masked report rides in the day reply itself. Two more
+stages follow each day (:data:`SECAGG_STAGES`): ``consistency`` (the device signs the
+survivor set) and ``unmask``. Every SecAgg+ message is bound to run, epoch, day and stage
+by its header and the epoch's keys.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ __all__ = [
     "MessageType",
     "REPORT_FIELDS",
     "SECAGG_STAGES",
+    "EXCHANGES",
     "WireFormatError",
     "EnrolRequest",
     "EnrolReply",
@@ -36,8 +42,13 @@ __all__ = [
 #: reporting device, so the aggregate says how many reports it sums.
 REPORT_FIELDS: tuple[str, ...] = ("S", "I", "R", "new_infections", "p", "dp_dbeta", "count")
 
-#: SecAgg+ stages after the day message (which carries the key advertisement).
-SECAGG_STAGES: tuple[str, ...] = ("share_keys", "masked_input", "unmask")
+#: SecAgg+ stages after the day message. ``masked_input`` (roster in, masked report out)
+#: happens only on the first day of a key epoch; on other days the day reply carries the
+#: masked report.
+SECAGG_STAGES: tuple[str, ...] = ("masked_input", "consistency", "unmask")
+
+#: Every exchange of a day, in order (``day`` = the :class:`DayRequest`).
+EXCHANGES: tuple[str, ...] = ("day", *SECAGG_STAGES)
 
 
 def report_spec_bound() -> float:
@@ -162,9 +173,12 @@ class DayRequest(_Wire):
     mask_sum: bytes = b""
     plan: str = ""  # JSON AgentPlan
     keys: str = ""  # JSON {party: hex public key}
-    secagg_config: bytes = b""  # RoundConfig of the report round (with a delivery)
-    # identity keys of the device itself and its SecAgg+ neighbours only (roster indices):
-    # O(degree) per device, never the whole roster
+    # SecAgg+ key epoch of the report of day − 1 (−1: no report round today). On the first
+    # day of an epoch, ``secagg_config`` is its RoundConfig and the registry fields hold
+    # the identity keys of the device itself and its SecAgg+ neighbours only (roster
+    # indices): O(degree) per device, never the whole roster. Empty on later days.
+    secagg_epoch: int = -1
+    secagg_config: bytes = b""
     registry_index: list[int] = field(default_factory=list)
     registry: list[bytes] = field(default_factory=list)
 
@@ -172,7 +186,8 @@ class DayRequest(_Wire):
 @dataclass
 class DayReply(_Wire):
     report_day: int = -1
-    advertise: bytes = b""  # SecAgg+ key advertisement for the report of ``report_day``
+    advertise: bytes = b""  # SecAgg+ key advertisement (first day of a key epoch)
+    masked: bytes = b""  # the masked report of ``report_day`` (later days of the epoch)
     envelopes: list[bytes] = field(default_factory=list)
     caught_up: int = 0  # days the device simulated alone after being offline
 

@@ -104,6 +104,10 @@ class EpochServer:
         self.result: torch.Tensor | None = None
 
     # -- public ----------------------------------------------------------------------
+    def neighbours(self, index: int) -> frozenset[int]:
+        """The neighbours of roster client ``index`` in the epoch's public graph."""
+        return self._nbrs[index]
+
     def receive(self, sender: int, blob: bytes) -> None:
         """Accept one client message for the current stage (``sender`` = the roster index
         the transport received it from)."""

@@ -94,9 +94,11 @@ def test_dropouts_complete_over_survivors_exactly():
                     beta=0.9)
     # node: offline from (day, stage) until back_day; stages cover every SecAgg+ step.
     # Exchange d carries the day-(d-1) delivery and report: node 3 misses two reports and
-    # catches up (no report in exchange 3, back in 4); 5, 8 drop before their masked input;
+    # catches up (no report in exchange 3, back in 4); 5 drops before its masked input on a
+    # day that continues the key epoch (the masked report rides in the day reply), 8 after
+    # its key advertisement on the first day of a new epoch (the roster change re-keys);
     # 11 drops at unmask, after its masked input (still summed).
-    offline = {3: [1, "day", 3], 5: [2, "share_keys", 99], 8: [3, "masked_input", 99],
+    offline = {3: [1, "day", 3], 5: [2, "day", 99], 8: [3, "masked_input", 99],
                11: [4, "unmask", 99]}
     t = ProcessTransport(cfg.devices, offline=offline)
     checks: list[tuple[int, int]] = []
