@@ -74,16 +74,16 @@ def coordinator(
     db: Annotated[Path, typer.Option(help="Coordinator SQLite store.")] = Path(
         "lpm-coordinator.db"),
     resume: Annotated[bool, typer.Option(help="Resume unfinished runs at start.")] = True,
+    access_log: Annotated[bool, typer.Option(help="Log every request (uvicorn access log).")
+                          ] = True,
 ) -> None:
     """HTTP service + run loop. The write token comes from $LPM_COORDINATOR_TOKEN (or is
     generated and printed). Flower deployments run `flwr run .` against a SuperLink; the
     ServerApp writes to the same store (run config key `db`)."""
     import threading
 
-    import uvicorn
-
     from coordinator.runner import execute_run
-    from coordinator.service import create_app
+    from coordinator.service import serve
 
     token, generated = _write_token()
     store = _open_store(db, check=True)  # a failure before here prints no token at all
@@ -96,7 +96,7 @@ def coordinator(
             if rec.status in ("running", "pending") and "devices" in rec.config:
                 typer.echo(f"resuming run {rec.id} from day {rec.completed_days}")
                 threading.Thread(target=execute_run, args=(store, rec.id), daemon=True).start()
-    uvicorn.run(create_app(store, token), host=host, port=port, log_level="info")
+    serve(store, token, host=host, port=port, access_log=access_log)
 
 
 def register(app: typer.Typer) -> None:

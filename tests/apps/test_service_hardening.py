@@ -255,3 +255,110 @@ def test_unauthenticated_bodies_do_not_grow_memory(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# --- read latency (issue 14: p99 <= 50 ms at 100 clients) -----------------------------------
+
+
+class _CountingStore(CoordinatorStore):
+    """Counts the store reads the handlers make."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.reads = 0
+
+    def last_round(self, run_id=None):
+        self.reads += 1
+        return super().last_round(run_id)
+
+    def last_day(self, run_id):
+        self.reads += 1
+        return super().last_day(run_id)
+
+    def get_run(self, run_id):
+        self.reads += 1
+        return super().get_run(run_id)
+
+
+def _serve_in_thread(app):
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    deadline = time.time() + 20
+    while not srv.started:
+        assert time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    return srv, th, f"http://127.0.0.1:{port}"
+
+
+def test_unchanged_database_reads_are_replayed_without_the_store(tmp_path):
+    """While nothing is committed, a repeated read is served from the event loop: no store
+    call, no threadpool hop (before: every read ran a handler in the threadpool and queried
+    SQLite). Bytes and headers are those of the first response; metrics still count it."""
+    store = _CountingStore(tmp_path / "c.db")
+    rid = store.create_run({"population": "tiny"}, days=3)
+    store.commit_round(rid, 1, {"S": 990, "I": 10, "R": 0, "exposure": {"a": 0.01}})
+    store.put_bundle(b"blob" * 100, "7")
+    srv, th, url = _serve_in_thread(create_app(store, TOKEN, execute=False))
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            paths = ["/exposure", f"/runs/{rid}", f"/runs/{rid}/series",
+                     f"/runs/{rid}/series?format=csv", f"/runs/{rid}/plot.png", "/runs",
+                     "/bundle"]
+            first = {p: c.get(p) for p in paths}
+            assert all(r.status_code == 200 for r in first.values())
+            reads = store.reads
+            for _ in range(3):
+                for p in paths:
+                    r = c.get(p)
+                    assert r.status_code == 200 and r.content == first[p].content
+                    assert r.headers["content-type"] == first[p].headers["content-type"]
+            assert r.headers["x-model-version"] == "7"
+            assert store.reads == reads, "a repeated read went to the store"
+            metrics = c.get("/metrics").text
+            assert 'lpm_http_requests_total{path="/exposure",status="200"} 4.0' in metrics
+            assert c.get("/metrics").text != metrics  # /metrics is never replayed
+            store.set_status(rid, "running")  # any commit invalidates
+            assert c.get(f"/runs/{rid}").json()["status"] == "running"
+            assert store.reads > reads
+    finally:
+        srv.should_exit = True
+        th.join(10)
+
+
+def test_commit_by_another_process_invalidates_replayed_reads(server):
+    url, store, _ = server
+    rid = store.create_run({"population": "tiny"}, days=3)
+    store.commit_round(rid, 1, {"S": 990, "I": 10, "R": 0, "exposure": {"a": 0.01}})
+    with httpx.Client(base_url=url, timeout=30) as c:
+        assert c.get("/exposure").json()["day"] == 1
+        assert c.get("/exposure").json()["day"] == 1
+        code = ("import sys; from coordinator.store import CoordinatorStore; "
+                "CoordinatorStore(sys.argv[1]).commit_round(sys.argv[2], 2, "
+                "{'S': 980, 'I': 20, 'R': 0, 'exposure': {'a': 0.02}})")
+        subprocess.run([sys.executable, "-c", code, store.path, rid], check=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+        assert c.get("/exposure").json() == {"run_id": rid, "day": 2, "prevalence": {"a": 0.02}}
+
+
+def test_in_memory_store_is_never_replayed():
+    from coordinator.service import _StoreVersion
+
+    assert _StoreVersion(":memory:")() is None
+
+
+def test_serve_freezes_the_startup_heap():
+    """Full collections of the ~240k startup objects stalled the loop 100-180 ms (the p99
+    tail); ``serve`` freezes them out of the collector before accepting connections."""
+    import gc
+
+    from coordinator.service import freeze_startup_heap
+
+    gc.unfreeze()
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() > 10_000
+        assert "matplotlib.figure" in sys.modules  # imported before the freeze
+    finally:
+        gc.unfreeze()
