@@ -1,0 +1,224 @@
+"""Multi-round SecAgg+ in the daily loop, through the adapters the apps use
+(coordinator.secagg_flower.ReportRound on the coordinator, edge_agent.secagg_flower.SecAggDevice
+on each device, a fresh device object per message as with a ClientApp process per message):
+keys agreed once per epoch, re-keying on a roster change, the epoch state kept in the
+device's encrypted store, a day masked once, and a coordinator that shows devices different
+survivor sets in the daily loop caught before it learns an input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ConfigRecord
+
+from coordinator.secagg_flower import ReportRound
+from edge_agent.secagg_flower import SecAggDevice, SecAggDeviceError, StoreVault
+from protocols.daily import REPORT_FIELDS
+from protocols.keys import IdentityKey
+from protocols.secagg import SecAggError
+
+L = len(REPORT_FIELDS)
+
+
+class Fleet:
+    """N devices with node-state records (or stores) and a coordinator epoch, in-process."""
+
+    def __init__(self, n: int, stores: dict[str, object] | None = None) -> None:
+        self.names = [f"a{i}" for i in range(n)]
+        self.ids = {m: IdentityKey.generate() for m in self.names}
+        self.st = {m: ConfigRecord() for m in self.names}
+        self.stores = stores or {}
+        self.epoch = None
+        self.advertised = 0
+
+    def device(self, name: str) -> SecAggDevice:  # a fresh object per message
+        vault = StoreVault(self.stores[name], "run") if name in self.stores else None
+        return SecAggDevice(self.st[name], self.ids[name].private_bytes(), vault)
+
+    def report(self, name: str, day: int) -> list[float]:
+        i = self.names.index(name)
+        return [float((i + 1) * (k + 1) % 5) / 4 + day for k in range(L)]
+
+    def day(self, day: int, roster: list[str], silent: dict[str, set[str]] | None = None,
+            tamper=None) -> ReportRound:  # type: ignore[no-untyped-def]
+        silent = silent or {}
+        rr = ReportRound("run", day, roster, [self.ids[m].public_bytes() for m in roster],
+                         min_survivors=3, epoch=self.epoch)
+        self.epoch = rr.epoch
+        gone = set(silent.get("day", set()))
+        for m in roster:
+            if m in gone:
+                continue
+            dev = self.device(m)
+            if rr.new_epoch:
+                idx = rr.registry_for(m)
+                blob = dev.advertise(rr.config.to_bytes(),
+                                     [self.ids[rr.roster[j]].public_bytes() for j in idx], m,
+                                     run_id="run", day=day, report=self.report(m, day),
+                                     registry_index=idx)
+                self.advertised += 1
+            else:
+                blob = dev.masked_input(day, self.report(m, day), run_id="run",
+                                        epoch=rr.config.round)
+            rr.receive(m, blob)
+        self.log: dict[str, dict[str, bytes]] = {}  # stage -> device -> its reply
+        self.refused: dict[str, str] = {}
+        for stage in rr.stages:
+            out = rr.advance() if tamper is None else tamper(stage, rr, self.log)
+            gone |= silent.get(stage, set())
+            for m, b in out.items():
+                if m not in gone:
+                    try:
+                        reply = self.device(m).stage(stage, day, b)
+                    except (SecAggError, SecAggDeviceError) as exc:
+                        self.refused[m] = type(exc).__name__
+                        continue
+                    self.log.setdefault(stage, {})[m] = reply
+                    rr.receive(m, reply)
+        if tamper is None:
+            rr.advance()
+        return rr
+
+    def expected(self, members: list[str], day: int) -> torch.Tensor:
+        return torch.tensor([sum(self.report(m, day)[k] for m in members) for k in range(L)],
+                            dtype=torch.float64)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, n: int) -> None:
+    assert float((got.double() - want).abs().max()) <= n * 2.0**-16
+
+
+def test_keys_agreed_once_per_epoch_and_rekeyed_on_roster_change() -> None:
+    f = Fleet(12)
+    everyone = list(f.names)
+    r0 = f.day(0, everyone)
+    assert r0.new_epoch and f.advertised == 12 and r0.stages[0] == "masked_input"
+    _close(r0.total(), f.expected(everyone, 0), 12)
+    r1 = f.day(1, everyone, silent={"consistency": {"a4"}})  # same roster: same epoch
+    assert not r1.new_epoch and f.advertised == 12 and r1.config.round == 0
+    assert r1.stages == ("consistency", "unmask") and "a4" in r1.survivors()
+    _close(r1.total(), f.expected(everyone, 1), 12)
+    r2 = f.day(2, everyone, silent={"day": {"a7"}})  # a7 offline: out of day 2, same epoch
+    assert not r2.new_epoch and r2.survivors() == [m for m in everyone if m != "a7"]
+    _close(r2.total(), f.expected(r2.survivors(), 2), 12)
+    roster = [m for m in everyone if m != "a7"]  # a7 left the roster: re-key
+    r3 = f.day(3, roster)
+    assert r3.new_epoch and r3.config.round == 3 and f.advertised == 12 + 11
+    _close(r3.total(), f.expected(roster, 3), 11)
+    r4 = f.day(4, everyone)  # a7 returns: re-key again
+    assert r4.new_epoch and r4.config.n == 12
+    _close(r4.total(), f.expected(everyone, 4), 12)
+
+
+def test_epoch_state_lives_in_the_device_store(tmp_path, monkeypatch) -> None:
+    from edge_agent.store import EdgeStore
+
+    monkeypatch.setenv("LPM_EDGE_PASSPHRASE", "device passphrase 12")
+    stores = {f"a{i}": EdgeStore(tmp_path / f"d{i}.db") for i in range(5)}
+    try:
+        f = Fleet(5, stores)
+        for d in range(3):
+            r = f.day(d, list(f.names))
+            _close(r.total(), f.expected(list(f.names), d), 5)
+        assert f.advertised == 5  # one key agreement for three days
+        for m in f.names:  # the node state holds no secret of the epoch
+            assert "sa_secret" not in f.st[m]
+            assert stores[m].get_private_key("run/secagg-epoch")
+    finally:
+        for s in stores.values():
+            s.close()
+
+
+def test_a_day_is_masked_once_even_in_a_new_epoch() -> None:
+    f = Fleet(6)
+    f.day(0, list(f.names))
+    f.epoch = None  # the coordinator starts another epoch and asks day 0 again
+    with pytest.raises(SecAggDeviceError, match="already reported"):
+        f.day(0, list(f.names))
+    dev = f.device("a0")
+    with pytest.raises(SecAggDeviceError, match="already reported"):
+        dev.masked_input(0, f.report("a0", 0), run_id="run", epoch=0)
+
+
+def test_device_refuses_another_run_or_epoch() -> None:
+    f = Fleet(6)
+    f.day(0, list(f.names))
+    with pytest.raises(SecAggDeviceError, match="epoch"):
+        f.device("a1").masked_input(1, f.report("a1", 1), run_id="run", epoch=7)
+    with pytest.raises(SecAggDeviceError, match="epoch"):
+        f.device("a1").masked_input(1, f.report("a1", 1), run_id="other", epoch=0)
+
+
+def test_equivocating_coordinator_in_the_daily_loop_is_caught() -> None:
+    """Day 1 of an epoch (keys agreed on day 0): the coordinator tells the target's
+    neighbours that the target survived and its other neighbours dropped — each neighbour a
+    different set — and everyone else the truth, then forwards every signature it holds.
+    Each neighbour of the target refuses (to sign a set that leaves it too few neighbours, or
+    to unmask without t neighbour signatures on its own set), and no reveal lets the
+    coordinator strip the target's masks."""
+    from protocols.secagg.epoch_messages import (
+        DayUnmaskRequest,
+        DayUnmaskResponse,
+        EHeader,
+        EMsg,
+        RevealKind,
+        SurvivorSet,
+        SurvivorSignature,
+        encode_bitmap,
+    )
+    from protocols.secagg.messages import SERVER, add_mac, strip_mac
+
+    f = Fleet(20)
+    f.day(0, list(f.names))
+    target = 0
+    views: dict[int, frozenset[int]] = {}
+
+    def tamper(stage: str, rr: ReportRound, log: dict[str, dict[str, bytes]]
+               ) -> dict[str, bytes]:
+        srv, cfg = rr.server, rr.config
+        n, nb = cfg.n, srv.neighbours(target)
+        everyone = frozenset(range(n))
+        mac = srv._macs  # the coordinator's own keys with each device
+
+        def hdr(t: EMsg, i: int) -> EHeader:
+            return EHeader(t, cfg.run_id, cfg.round, rr.day, SERVER, i)
+
+        if stage == "consistency":
+            srv.advance()  # the honest survivor set is everyone; show the neighbours others
+            views.update({i: ((everyone - nb) | {i, target}) if i in nb else everyone
+                          for i in range(n)})
+            return {rr.roster[i]: add_mac(mac[i], SurvivorSet(
+                hdr(EMsg.SURVIVORS, i), encode_bitmap(views[i], n)).encode()) for i in range(n)}
+        assert stage == "unmask"
+        sigs = {rr.epoch.index[m]: SurvivorSignature.decode(
+                    strip_mac(mac[rr.epoch.index[m]], blob, 10**6), n).signature
+                for m, blob in log["consistency"].items()}
+        reqs = {}
+        for i in sigs:  # forward every signature that could convince i
+            good = tuple((j, sigs[j]) for j in sorted(srv.neighbours(i))
+                         if j in sigs and views[j] == views[i])
+            envs = tuple((j, dict(srv._inputs[j].envelopes)[i])
+                         for j in sorted(srv.neighbours(i) & views[i]))
+            reqs[rr.roster[i]] = add_mac(mac[i], DayUnmaskRequest(
+                hdr(EMsg.UNMASK_REQUEST, i), good, envs).encode())
+        return reqs
+
+    rr = f.day(1, list(f.names), tamper=tamper)
+    cfg, nb = rr.config, rr.server.neighbours(target)
+    # away from the target every device signed the (true) set it was shown ...
+    assert {rr.roster[i] for i in range(cfg.n) if i not in nb} <= set(f.log["consistency"])
+    # ... and each neighbour of the target refused: to sign a set in which too few of its
+    # neighbours survive, or to unmask without t neighbour signatures on its own set
+    assert {rr.roster[i] for i in nb} <= set(f.refused)
+    assert set(f.refused.values()) <= {"ProtocolViolationError", "BadSignatureError",
+                                       "SecAggAbortError"}
+    shares = keys = 0
+    for m, blob in f.log.get("unmask", {}).items():
+        i = rr.epoch.index[m]
+        resp = DayUnmaskResponse.decode(strip_mac(rr.server._macs[i], blob, 10**6), cfg.n,
+                                        cfg.degree)
+        shares += sum(1 for j, k, _ in resp.reveals
+                      if j == target and k is RevealKind.SELF_MASK_SHARE)
+        keys += sum(1 for j, k, _ in resp.reveals if j == target and k is RevealKind.DAY_KEY)
+    assert f.log.get("unmask")  # devices away from the target did reveal (same honest set)
+    assert shares < cfg.threshold and keys == 0  # the target's masks stay on
