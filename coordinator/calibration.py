@@ -163,7 +163,7 @@ class OnlineCalibrator:
             return torch.stack([d.synthetic(b[d.segment]) for d in self.days])
 
         b = beta.detach()
-        syn, j_syn = torch.func.jvp(synthetic, (b,), (torch.ones_like(b),))
+        syn, j_syn = torch.func.jvp(synthetic, (b,), (torch.ones_like(b),))[:2]
         dev_p = torch.tensor([d.phys_p for d in self.days], dtype=torch.float64)
         j_dev = torch.tensor([d.phys_dp for d in self.days], dtype=torch.float64)
         theta_t = torch.tensor([d.theta for d in self.days], dtype=torch.float64)

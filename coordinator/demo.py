@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -109,7 +110,8 @@ def run_demo(out_dir: Path, *, devices: int = 50, days: int = 20, scale: float =
     console.print("3. Calibration happened during the run (no central re-simulation of the "
                   "devices): β per day above, also served at GET /runs/{id}/series "
                   "(theta_beta, loss) and /calibration.")
-    calib = {"beta_start": beta_init, "beta_fitted": float(rows[-1]["theta_beta"]),
+    beta_fitted = float(cast(float, rows[-1]["theta_beta"]))
+    calib = {"beta_start": beta_init, "beta_fitted": beta_fitted,
              "beta_true": cfg.beta, "theta_beta_per_day": [r["theta_beta"] for r in rows],
              "loss_per_day": [r["loss"] for r in rows],
              "grad_synthetic_per_day": [r["grad_synthetic"] for r in rows],
@@ -120,7 +122,7 @@ def run_demo(out_dir: Path, *, devices: int = 50, days: int = 20, scale: float =
                   "sign it (Ed25519), publish it at /bundle.")
     key = IdentityKey.generate()
     bundle_path = build_bundle(None, key, out_dir / "model.lpmb",
-                               theta=Theta(beta=float(calib["beta_fitted"])),
+                               theta=Theta(beta=beta_fitted),
                                model_version=run_id)
     store.put_bundle(bundle_path.read_bytes(), run_id)
 

@@ -297,7 +297,9 @@ class CoordinatorStore:
         with self._tx() as con:
             cur = con.execute("INSERT INTO bundles (created, model_version, blob) VALUES (?, ?, ?)",
                               (time.time(), model_version, sqlite3.Binary(blob)))
-            return int(cur.lastrowid)
+            if cur.lastrowid is None:  # pragma: no cover - sqlite sets it after an INSERT
+                raise StoreError("bundle insert returned no row id")
+            return cur.lastrowid
 
     def latest_bundle(self) -> tuple[str, bytes] | None:
         row = self._con().execute(

@@ -71,6 +71,8 @@ class PersonalForecast(nn.Module):
     (M, K) float32 day index of infection in Monte Carlo sample m, −1 if not infected.
     """
 
+    isolation_applies: torch.Tensor  # buffer [1, L]: 1 where isolating removes that layer
+
     def __init__(
         self,
         layers: Sequence[str] = LAYERS,

@@ -217,7 +217,7 @@ def ring_keystream(
     buf = out.numpy().reshape(-1).view(np.uint8)
     encryptor = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
     # Encrypting zeros yields the raw keystream; update_into writes straight into `out`.
-    encryptor.update_into(bytes(len(buf)), buf)
+    encryptor.update_into(bytes(len(buf)), buf.data)
     return out
 
 

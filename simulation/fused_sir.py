@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from simulation.numba_threads import follow_torch_threads
 from simulation.population import CSRLayer
 from simulation.rng import counter_uniforms
 
@@ -237,11 +238,10 @@ def run_sir_nonbacktracking(
     series[0] = (S.sum(dtype=np.float64), I.sum(dtype=np.float64), n - S.sum(dtype=np.float64)
                  - I.sum(dtype=np.float64), I.sum(dtype=np.float64))
     out_new[:] = I
-    threads = torch.get_num_threads()
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    threads = follow_torch_threads()
     for day in range(days):
         u = counter_uniforms(seed, day, n, torch.device("cpu"), 2).numpy()
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        follow_torch_threads()
         if unit:
             _pack(I, bits)
             _events_bits(indptr, indices, bits, S, I, u[0], u[1], deg, beta, r, dt, h, xa, ya)

@@ -12,6 +12,7 @@ import numba
 import numpy as np
 import torch
 
+from simulation.numba_threads import follow_torch_threads
 from simulation.population import CSRLayer
 
 __all__ = ["NeighbourSum", "neighbour_sum"]
@@ -83,8 +84,7 @@ def _cpu_sum(
         out = torch.empty_like(xc)
     args = (layer.indptr.numpy(), layer.indices.numpy())
     # numba follows torch's thread setting; numba's pool may reset torch's, so restore it
-    threads = torch.get_num_threads()
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    threads = follow_torch_threads()
     # 0/1 inputs (infection flags) are bit-packed first: the gathers then hit a vector 32×
     # smaller, which stays in cache (DESIGN.md §4: 6.6× over a float SpMV)
     if bits is not None and _pack_binary(xc.numpy(), bits):

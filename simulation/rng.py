@@ -13,6 +13,8 @@ import numba
 import numpy as np
 import torch
 
+from simulation.numba_threads import follow_torch_threads
+
 __all__ = ["counter_uniforms", "counter_uniforms_at"]
 
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -72,8 +74,7 @@ def counter_uniforms(seed: int, day: int, n: int, device: torch.device, streams:
     key = day_key(seed, day)
     if device.type == "cpu":
         out = torch.empty(streams, n, dtype=torch.float32)
-        threads = torch.get_num_threads()
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        threads = follow_torch_threads()
         _fill(np.uint64(key), out.numpy())
         torch.set_num_threads(threads)
         return out
@@ -106,8 +107,7 @@ def counter_uniforms_at(
     if device.type == "cpu":
         idx = ids.detach().cpu().contiguous()  # int32 or int64
         out = torch.empty(streams, idx.numel(), dtype=torch.float32)
-        threads = torch.get_num_threads()
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        threads = follow_torch_threads()
         _fill_at(np.uint64(key), idx.numpy(), np.int64(total), out.numpy())
         torch.set_num_threads(threads)
         return out

@@ -91,13 +91,14 @@ class SubstepModel(nn.Module):
                 raise KeyError(f"no substep {anchor!r}; have {names}")
             idx = names.index(anchor) + (1 if after else 0)
             items.insert(idx, (name, substep))
-        self.substeps = nn.ModuleDict(items)
+        self.substeps = nn.ModuleDict(dict(items))
 
     def remove_substep(self, name: str) -> Substep:
         if name not in self.substeps:
             raise KeyError(f"no substep {name!r}")
         sub = self.substeps[name]
-        self.substeps = nn.ModuleDict([(k, v) for k, v in self.substeps.items() if k != name])
+        self.substeps = nn.ModuleDict({k: v for k, v in self.substeps.items() if k != name})
+        assert isinstance(sub, Substep)
         return sub
 
     def initial_state(

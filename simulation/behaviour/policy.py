@@ -95,7 +95,7 @@ class ArchetypePolicy(Substep):
         self.queries_per_day: list[int] = []
         self.last_probabilities: torch.Tensor | None = None  # [K, A] of the latest day
         self._static: tuple[object, torch.Tensor, torch.Tensor, int] | None = None
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._scratch: dict[str, torch.Tensor] = {}  # reused work arrays (not nn buffers)
         self._flips: dict[str, bool] = {}
 
     def fatigue(self, day: int) -> float:
@@ -120,9 +120,9 @@ class ArchetypePolicy(Substep):
                 return torch.empty(n, dtype=dtype)
             flip = self._flips[name] = not self._flips.get(name, False)
             name = f"{name}{int(flip)}"
-        buf = self._buffers.get(name)
+        buf = self._scratch.get(name)
         if buf is None or buf.numel() != n or buf.dtype != dtype:
-            buf = self._buffers[name] = torch.empty(n, dtype=dtype)
+            buf = self._scratch[name] = torch.empty(n, dtype=dtype)
         return buf
 
     def _use_kernels(self, state: State, ctx: StepContext) -> bool:
@@ -170,8 +170,8 @@ class ArchetypePolicy(Substep):
         else:
             for row, situation in zip(present, situations, strict=True):
                 for a, action in enumerate(ACTIONS):
-                    answers = self.backend.query(situation, action, self.samples)
-                    table[row, a] = sum(answers) / len(answers)
+                    replies = self.backend.query(situation, action, self.samples)
+                    table[row, a] = sum(replies) / len(replies)
         self.queries_per_day.append(len(present) * len(ACTIONS) * self.samples)
         self.last_probabilities = table
         return table

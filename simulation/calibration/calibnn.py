@@ -37,11 +37,12 @@ class CalibNN(nn.Module):
                  beta_max: float = 1.5, beta_init: float = 0.5) -> None:
         super().__init__()
         self.beta_min, self.beta_max = beta_min, beta_max
-        self.net = nn.Sequential(nn.Linear(n_features, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        head = nn.Linear(hidden, 1)
+        self.net = nn.Sequential(nn.Linear(n_features, hidden), nn.Tanh(), head)
         frac = (beta_init - beta_min) / (beta_max - beta_min)
         with torch.no_grad():
-            self.net[-1].weight.mul_(0.1)
-            self.net[-1].bias.fill_(math.log(frac / (1 - frac)))
+            head.weight.mul_(0.1)
+            head.bias.fill_(math.log(frac / (1 - frac)))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         s = torch.sigmoid(self.net(features).squeeze(-1))

@@ -38,6 +38,8 @@ def _dual_parameter(model: nn.Module, name: str, tangent: torch.Tensor) -> Itera
     for part in path:
         owner = getattr(owner, part)
     original = owner._parameters[leaf]
+    if original is None:
+        raise KeyError(f"parameter {name!r} is None")
     dual = fwAD.make_dual(original.detach(), tangent)
     del owner._parameters[leaf]
     setattr(owner, leaf, dual)

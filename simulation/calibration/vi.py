@@ -57,9 +57,12 @@ class PlanarFlow(nn.Module):
         return z, logq
 
 
+Family = DiagonalGaussian | PlanarFlow  # what ``fit_gvi`` fits: anything with ``sample(k)``
+
+
 @dataclass
 class GVIResult:
-    family: nn.Module
+    family: Family
     losses: list[float]
     runs: int
     seconds: float
@@ -79,7 +82,7 @@ class GVIResult:
 
 def fit_gvi(
     loss_of: Callable[[torch.Tensor], torch.Tensor],
-    family: nn.Module,
+    family: Family,
     prior: torch.distributions.Distribution,
     *,
     steps: int = 100,

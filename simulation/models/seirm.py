@@ -177,7 +177,9 @@ class SEIRM(SubstepModel):
 
     @property
     def beta(self) -> nn.Parameter:
-        return self.substeps["infection"].beta
+        infection = self.substeps["infection"]
+        assert isinstance(infection, Transmission)
+        return infection.beta
 
     def n_uniform_streams(self) -> int:
         return 6 + len(self.extra_streams)

@@ -116,11 +116,15 @@ class SIR(SubstepModel):
 
     @property
     def beta(self) -> nn.Parameter:
-        return self.substeps["infection"].beta
+        infection = self.substeps["infection"]
+        assert isinstance(infection, Infection)
+        return infection.beta
 
     @property
     def gamma(self) -> nn.Parameter:
-        return self.substeps["recovery"].gamma
+        recovery = self.substeps["recovery"]
+        assert isinstance(recovery, Recovery)
+        return recovery.gamma
 
     def initial_state(self, n: int, generator: torch.Generator, device: torch.device) -> State:
         infected = (torch.rand(n, generator=generator) < self.initial_infected).float().to(device)
