@@ -57,9 +57,8 @@ def run_round(
     results: dict[str, NeighbourSum | None] = {}
     gone: set[str] = set()
     while attempt is not None:
-        for a in attempt.plans:
-            keys = relay.public_keys()
-            devices[a].keyring.add_peers(keys)
+        for a, plan in attempt.plans.items():
+            devices[a].keyring.add_peers(relay.keys_for(plan))  # O(degree) keys per device
         wsum = {t: sum(weights.get(c, {}).get(t, 1.0) for c in nb.roster if c in devices)
                 for t, nb in attempt.hoods.items()}
         first = attempt.attempt == 0

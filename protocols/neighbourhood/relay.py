@@ -5,7 +5,8 @@ in the assisted variant, sends each target the sum of the masks it forwarded.
 Message flow of one round (both variants; the transport is the caller's, e.g. Flower):
 
 1. ``attempt = relay.begin_round(round, online)``; every online device gets
-   ``attempt.plans[id]`` and ``relay.public_keys()`` (dummies included).
+   ``attempt.plans[id]`` and ``relay.keys_for(plan)``: the keys of the parties its plan
+   names (relay, roster, targets; dummies included), O(degree), never every key of the run.
 2. Every device uploads ``agent.start(plan, I_j)`` (possibly an empty list: liveness).
    ``attempt.route_phase1(uploads)`` returns per device what to deliver:
    peer -> :class:`ShareDelivery` (``agent.on_shares``), assisted ->
@@ -22,6 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from protocols.envelope import MessageContext
 from protocols.keys import IdentityKey, verify_signature
@@ -59,6 +61,7 @@ __all__ = [
     "PartialDelivery",
     "RelayAttempt",
     "ShareDelivery",
+    "plan_parties",
 ]
 
 NOISE_PREFIX = DUMMY_PREFIX + "noise:"
@@ -152,6 +155,11 @@ class NeighbourhoodRelay:
         """Public keys of every party (devices, dummies, relay) to hand to devices."""
         return dict(self._public)
 
+    def keys_for(self, plan: AgentPlan) -> dict[str, bytes]:
+        """The public keys an agent needs for ``plan`` (:func:`plan_parties`): what to hand a
+        device with its plan, O(degree) instead of :meth:`public_keys`' O(N)."""
+        return {p: self._public[p] for p in plan_parties(plan) if p in self._public}
+
     def signed_public_keys(self) -> dict[str, tuple[bytes, bytes]]:
         """``{party: (public key, signature)}`` for :meth:`Keyring.add_signed_peers`; the
         relay's own and its dummies' keys are signed with the relay's ``identity``."""
@@ -209,14 +217,27 @@ class NeighbourhoodRelay:
         for nb in hoods.values():
             for c in nb.roster:
                 members.setdefault(c, []).append(nb)
-        for d in {c for nb in hoods.values() for c in nb.roster if c in self._dummies}:
-            self._dummies[d].keyring.add_peers(self._public)
+        dummies = [d for d in members if d in self._dummies]
+        for d in dummies:  # a dummy gets the keys it uses only: O(degree), not O(N) (issue 12)
+            self._dummies[d].keyring.add_peers(
+                self.keys_for(AgentPlan(rnd, attempt, None, tuple(members[d]))))
         parties = set(alive) if attempt == 0 else set(members) | set(hoods)
         plans = {
             a: AgentPlan(rnd, attempt, hoods.get(a), tuple(members.get(a, ())))
-            for a in sorted(parties | {d for d in members if d in self._dummies})
+            for a in sorted(parties | set(dummies))
         }
         return RelayAttempt(self, rnd, attempt, alive, hoods, plans)
+
+
+def plan_parties(plan: AgentPlan) -> set[str]:
+    """The parties whose public keys an agent needs for ``plan``: the relay, its own roster,
+    the targets it serves and (peer variant: it seals shares to every co-member) the rosters
+    of those targets. O(degree · roster), never every key of the run."""
+    out = {RELAY_ID, *(plan.own.roster if plan.own is not None else ())}
+    for nb in plan.memberships:
+        out.add(nb.target)
+        out.update(nb.roster)
+    return out
 
 
 @dataclass
@@ -237,10 +258,15 @@ class RelayAttempt:
     _live2: set[str] = field(default_factory=set)  # uploaded in phase 2
     culprits: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self._dummy_ids = [a for a in self.all_plans if a in self.relay._dummies]
+        self._plans = {a: p for a, p in self.all_plans.items() if a not in self.relay._dummies}
+
     @property
-    def plans(self) -> dict[str, AgentPlan]:
-        """Plans for the real devices (dummies are run by the relay)."""
-        return {a: p for a, p in self.all_plans.items() if a not in self.relay._dummies}
+    def plans(self) -> Mapping[str, AgentPlan]:
+        """Plans for the real devices (dummies are run by the relay): a read-only view built
+        once per attempt (reading it per device used to rebuild an O(N) dict each time)."""
+        return MappingProxyType(self._plans)
 
     def _ctx_ok(self, env: Envelope, uploader: str, phase: int) -> None:
         c = env.context
@@ -258,7 +284,7 @@ class RelayAttempt:
             raise UnexpectedMessageError(f"uploads from devices without a plan: {sorted(extra)}")
         if self._dummy_uploads is None:  # dummies run once, even if a routing call fails
             self._dummy_uploads = {
-                d: make(dev) for d, dev in self.relay._dummies.items() if d in self.all_plans
+                d: make(self.relay._dummies[d]) for d in self._dummy_ids
             }
         return dict(uploads) | self._dummy_uploads
 
@@ -322,7 +348,7 @@ class RelayAttempt:
     ) -> dict[str, MaskedDelivery]:
         relay = self.relay
         out: dict[str, MaskedDelivery] = {}
-        for a in self.plans:
+        for a in self._plans:
             if a not in live:
                 continue
             nb = self.hoods.get(a)
@@ -342,9 +368,8 @@ class RelayAttempt:
                                  step_number(self.attempt, STEP_MASKSUM), RELAY_ID, a)
             out[a] = MaskedDelivery(tuple(envs),
                                     relay.keyring.seal_to(ctx, encode_mask_sum(total, senders)))
-        for d in relay._dummies:
-            if d in self.all_plans:
-                relay._dummies[d].on_masked((), None)  # dummies are never targets
+        for d in self._dummy_ids:
+            relay._dummies[d].on_masked((), None)  # dummies are never targets
         return out
 
     def route_phase2(
@@ -385,15 +410,14 @@ class RelayAttempt:
                     or got_from.get(t, set()) != set(nb.roster)):
                 self.aborted.add(t)
         self._live2 = live
-        for d in self.relay._dummies:
-            if d in self.all_plans:
-                self.relay._dummies[d].on_partials((), aborted=True)
+        for d in self._dummy_ids:
+            self.relay._dummies[d].on_partials((), aborted=True)
         return {
             a: PartialDelivery(
                 () if a in self.aborted else tuple(by_target.get(a, ())),
                 a in self.hoods and a in self.aborted,
             )
-            for a in self.plans if a in live
+            for a in self._plans if a in live
         }
 
     def retry(self) -> RelayAttempt | None:
