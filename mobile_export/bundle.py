@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from mobile_export.errors import (
     BundleFormatError,
@@ -72,7 +71,7 @@ def canonical_json(obj: Mapping[str, Any]) -> bytes:
 
 def _public_raw(key: PublicKey) -> bytes:
     if isinstance(key, Ed25519PublicKey):
-        return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return key.public_bytes_raw()
     if isinstance(key, bytes | bytearray) and len(key) == 32:
         return bytes(key)
     raise TypeError("a trusted public key is an Ed25519PublicKey or its 32 raw bytes")

@@ -8,12 +8,6 @@ from typing import Annotated
 
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-    PublicFormat,
-)
 
 from mobile_export.bundle import (
     build_bundle,
@@ -28,7 +22,7 @@ bundle_app = typer.Typer(help="Signed on-device forecast bundles.", no_args_is_h
 
 
 def _public_hex(key: Ed25519PrivateKey) -> str:
-    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+    return key.public_key().public_bytes_raw().hex()
 
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
@@ -48,7 +42,7 @@ def keygen(
 ) -> None:
     """Create an Ed25519 signing key; prints the public key devices should trust."""
     key = Ed25519PrivateKey.generate()
-    raw = key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+    raw = key.private_bytes_raw()
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(raw.hex() + "\n")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -59,7 +59,7 @@ class SignatureError(ValueError):
 
 
 def _raw_public(key: Ed25519PublicKey | X25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return key.public_bytes_raw()
 
 
 def _check_len(data: bytes, what: str) -> bytes:
@@ -84,11 +84,7 @@ class IdentityKey:
 
     def private_bytes(self) -> bytes:
         """Raw private key; store it only encrypted at rest."""
-        return self._key.private_bytes(
-            serialization.Encoding.Raw,
-            serialization.PrivateFormat.Raw,
-            serialization.NoEncryption(),
-        )
+        return self._key.private_bytes_raw()
 
     def public_bytes(self) -> bytes:
         return _raw_public(self._key.public_key())
@@ -125,11 +121,7 @@ class AgreementKey:
         return cls(X25519PrivateKey.from_private_bytes(_check_len(data, "X25519 private key")))
 
     def private_bytes(self) -> bytes:
-        return self._key.private_bytes(
-            serialization.Encoding.Raw,
-            serialization.PrivateFormat.Raw,
-            serialization.NoEncryption(),
-        )
+        return self._key.private_bytes_raw()
 
     def public_bytes(self) -> bytes:
         return _raw_public(self._key.public_key())
