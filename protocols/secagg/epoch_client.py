@@ -6,14 +6,19 @@ Stages: ``ADVERTISE → ROSTER → READY`` once, then per day
 changes any state; a rejected message raises a
 :class:`~protocols.secagg.errors.SecAggError` subclass and leaves the client unchanged.
 
-What the client reveals on day d, and when: only after it has signed one survivor set S and
-verified ≥ t signatures on the *identical* S from its own live neighbours in S; then, for
-each live neighbour j: the share of b_{j,d} if j ∈ S, else the day-d pairwise key with j.
-It never reveals a long-term key, and never uses a server list other than the signed S.
+What the client reveals on day d, and when: only after it has authenticated one survivor
+set S to its live neighbours in S and verified ≥ t tags on the *identical* S from its own
+live neighbours in S; then, for each live neighbour j: the share of b_{j,d} if j ∈ S, else
+the day-d pairwise key with j. It never reveals a long-term key, and never uses a server
+list other than the S it authenticated. The tags are HMAC-SHA256 under pairwise consistency
+keys derived from the epoch's agreed roots (:meth:`EpochContexts.consistency_key`): only
+the neighbour checks a tag, so a MAC gives it what a signature would, and the coordinator,
+not holding the key, can forge neither.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 from collections.abc import Sequence
@@ -45,7 +50,7 @@ from protocols.secagg.epoch_messages import (
     RevealKind,
     SharePayload,
     SurvivorSet,
-    SurvivorSignature,
+    SurvivorTags,
 )
 from protocols.secagg.errors import (
     BadSignatureError,
@@ -130,6 +135,7 @@ class EpochClient:
         self._peers: tuple[int, ...] = ()  # live neighbours after setup
         self._channel: dict[int, bytes] = {}
         self._roots: dict[int, bytes] = {}
+        self._cons: dict[int, bytes] = {}  # pairwise consistency keys (survivor-set tags)
         self._day: int | None = None
         self._bitmap = b""
         self._survivors: frozenset[int] = frozenset()
@@ -190,6 +196,7 @@ class EpochClient:
                                    f"{cfg.threshold}")
         self._peers = tuple(sorted(roots))
         self._channel, self._roots = channel, roots
+        self._cons = {j: self._ctx.consistency_key(r, self.index, j) for j, r in roots.items()}
         self._c_key = self._s_key = None  # long-term secrets now live only in derived keys
         self.stage = EpochStage.READY
 
@@ -232,7 +239,8 @@ class EpochClient:
 
     # -- day 2/3 -----------------------------------------------------------------------
     def sign_survivors(self, survivors_blob: bytes) -> bytes:
-        """Check and sign the day's survivor set S (consistency round)."""
+        """Check the day's survivor set S and authenticate it to each live neighbour in S
+        (consistency round: one HMAC tag per neighbour)."""
         self._expect(EpochStage.CONSISTENCY)
         cfg = self.config
         assert self._day is not None
@@ -243,19 +251,21 @@ class EpochClient:
         if len(members) < cfg.min_survivors:
             raise SecAggAbortError(f"{len(members)} survivors, fewer than the minimum "
                                    f"{cfg.min_survivors}")
-        if len(members.intersection(self._peers)) < cfg.threshold:
+        live_in = [j for j in self._peers if j in members]
+        if len(live_in) < cfg.threshold:
             raise SecAggAbortError("fewer than threshold live neighbours survive")
-        sig = self._identity.sign(self._ctx.survivors_statement(self.index, self._day,
-                                                                msg.bitmap))
+        digest = self._ctx.survivors_digest(self._day, msg.bitmap)
+        tags = tuple((j, self._ctx.survivors_tag(self._cons[j], self.index, j, digest))
+                     for j in live_in)
         self._bitmap, self._survivors = msg.bitmap, members
         self.stage = EpochStage.UNMASK
         return add_mac(self._mac,
-                       SurvivorSignature(self._header(EMsg.SIGNATURE, self._day), sig).encode())
+                       SurvivorTags(self._header(EMsg.TAGS, self._day), tags).encode())
 
     # -- day 3/3 -----------------------------------------------------------------------
     def unmask(self, request_blob: bytes) -> bytes:
-        """Verify ≥ t neighbours' signatures on the signed S, open the self-mask shares,
-        and reveal one item per live neighbour (share if in S, day key if not)."""
+        """Verify ≥ t neighbours' tags on this client's S, open the self-mask shares, and
+        reveal one item per live neighbour (share if in S, day key if not)."""
         self._expect(EpochStage.UNMASK)
         cfg, ctx, me = self.config, self._ctx, self.index
         day = self._day
@@ -264,20 +274,21 @@ class EpochClient:
         check_eheader(cfg, req.header, day, SERVER, me)
         surv = self._survivors
         live_in = [j for j in self._peers if j in surv]
-        signers = {j for j, _ in req.signatures}
+        signers = {j for j, _ in req.tags}
         if not signers <= set(live_in):
-            raise ProtocolViolationError("a signature comes from a client that is not a live "
+            raise ProtocolViolationError("a tag comes from a client that is not a live "
                                          "neighbour in the survivor set")
         if len(signers) < cfg.threshold:
-            raise ProtocolViolationError(f"{len(signers)} neighbour signatures on the survivor "
+            raise ProtocolViolationError(f"{len(signers)} neighbour tags on the survivor "
                                          f"set, need {cfg.threshold}")
-        for j, sig in req.signatures:
-            try:
-                verify_signature(self._registry[j], sig,
-                                 ctx.survivors_statement(j, day, self._bitmap))
-            except (SignatureError, InvalidKeyError) as exc:
-                raise BadSignatureError(f"neighbour {j} did not sign this survivor set "
-                                        "(the server equivocated or forged)") from exc
+        digest = ctx.survivors_digest(day, self._bitmap)
+        good = sum(hmac.compare_digest(ctx.survivors_tag(self._cons[j], j, me, digest), tag)
+                   for j, tag in req.tags)
+        if good < cfg.threshold:  # an invalid tag counts for nothing (a corrupt neighbour
+            # cannot block the day), but t valid ones are needed on this very set
+            raise BadSignatureError(f"only {good} of {len(req.tags)} neighbour tags verify on "
+                                    f"this survivor set, need {cfg.threshold} (the server "
+                                    "equivocated or forged)")
         if {j for j, _ in req.envelopes} != set(live_in):
             raise ProtocolViolationError("self-mask shares must come from exactly the live "
                                          "neighbours in the survivor set")
@@ -313,12 +324,13 @@ class EpochClient:
             return "" if b is None else b.hex()
 
         return json.dumps({
-            "v": 2, "stage": self.stage.value, "last_day": self.last_day, "day": self._day,
+            "v": 3, "stage": self.stage.value, "last_day": self.last_day, "day": self._day,
             "c": hx(self._c_key.private_bytes() if self._c_key else None),
             "s": hx(self._s_key.private_bytes() if self._s_key else None),
             "mac": self._mac.hex(), "peers": list(self._peers),
             "channel": {str(j): k.hex() for j, k in self._channel.items()},
             "roots": {str(j): k.hex() for j, k in self._roots.items()},
+            "cons": {str(j): k.hex() for j, k in self._cons.items()},
             "bitmap": self._bitmap.hex(), "survivors": sorted(self._survivors),
         }).encode()
 
@@ -331,7 +343,7 @@ class EpochClient:
             raise MalformedMessageError("client state must be bytes")
         try:
             d = json.loads(bytes(state).decode())
-            if d["v"] != 2:
+            if d["v"] != 3:
                 raise ValueError("unknown state version")
             c.stage = EpochStage(d["stage"])
             c.last_day = None if d["last_day"] is None else check_day(d["last_day"])
@@ -342,11 +354,13 @@ class EpochClient:
             c._peers = tuple(int(j) for j in d["peers"])
             c._channel = {int(j): bytes.fromhex(k) for j, k in d["channel"].items()}
             c._roots = {int(j): bytes.fromhex(k) for j, k in d["roots"].items()}
+            c._cons = {int(j): bytes.fromhex(k) for j, k in d["cons"].items()}
             c._bitmap = bytes.fromhex(d["bitmap"])
             c._survivors = frozenset(int(j) for j in d["survivors"])
         except (ValueError, KeyError, TypeError, AttributeError, InvalidKeyError,
                 UnicodeDecodeError) as exc:
             raise MalformedMessageError(f"invalid client state: {exc}") from exc
-        if not set(c._peers) <= c.neighbours or set(c._roots) != set(c._peers):
+        if not set(c._peers) <= c.neighbours or set(c._roots) != set(c._peers) \
+                or set(c._cons) != set(c._peers):
             raise MalformedMessageError("client state names peers outside the neighbourhood")
         return c

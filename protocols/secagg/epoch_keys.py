@@ -4,11 +4,16 @@ Every derived key and every signed statement is bound to (protocol, run, epoch, 
 party, party) through a length-prefixed, injective encoding. The pairwise *root* key of two
 neighbours comes from X25519 of their mask keys once per epoch; each day's pairwise mask key
 is HKDF(root, …, day, …) (as in Flamingo, S&P 2023), so revealing one day's key (when a
-neighbour drops) says nothing about any other day's.
+neighbour drops) says nothing about any other day's. The same root gives the pair's
+*consistency key*: in the daily consistency round each client authenticates the survivor set
+it saw to each live neighbour with HMAC-SHA256 under that key (a pairwise tag in place of an
+Ed25519 signature: only the neighbour ever checks it, and the coordinator cannot forge it).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 from enum import IntEnum
 
@@ -64,10 +69,17 @@ class EpochContexts:
         """What a client signs at setup: its two public keys bound to run, epoch and id."""
         return b"secagg2/advertise" + self.info(EStep.ADVERTISE, index, -1) + c_pk + s_pk
 
-    def survivors_statement(self, signer: int, day: int, bitmap: bytes) -> bytes:
-        """What a client signs in the consistency round: the day's survivor set."""
-        return (b"secagg2/survivors" + self.info(EStep.CONSISTENCY, signer, -1, day)
-                + struct.pack(">I", len(bitmap)) + bitmap)
+    def survivors_digest(self, day: int, bitmap: bytes) -> bytes:
+        """SHA-256 of (protocol, run, epoch, day, the survivor set): what the consistency
+        tags authenticate."""
+        return hashlib.sha256(b"secagg2/survivors" + self.info(EStep.CONSISTENCY, -1, -1, day)
+                              + struct.pack(">I", len(bitmap)) + bitmap).digest()
+
+    @staticmethod
+    def survivors_tag(key: bytes, signer: int, receiver: int, digest: bytes) -> bytes:
+        """HMAC-SHA256 under the pair's consistency key: ``signer`` saw the survivor set of
+        ``digest``, told to ``receiver`` (direction bound: the key is shared by both)."""
+        return hmac.digest(key, struct.pack(">II", signer, receiver) + digest, "sha256")
 
     # -- keys ----------------------------------------------------------------------------
     def server_mac_key(self, own: AgreementKey, client: int, peer_pk: bytes) -> bytes:
@@ -83,6 +95,12 @@ class EpochContexts:
         info = self._pair(EStep.SETUP, me, peer)
         return (derive_key(secret, info, label="secagg2/share-channel"),
                 derive_key(secret, info, label="secagg2/pairwise-root"))
+
+    def consistency_key(self, root: bytes, a: int, b: int) -> bytes:
+        """HKDF-Expand(root, (…, CONSISTENCY, lo, hi)): the pair's key for survivor-set tags
+        for the whole epoch (independent of every mask key)."""
+        return expand_key(root, self._pair(EStep.CONSISTENCY, a, b),
+                          label="secagg2/consistency")
 
     def day_pair_key(self, root: bytes, day: int, a: int, b: int) -> bytes:
         """HKDF-Expand(root, (…, day, lo, hi)): the day's pairwise mask key."""

@@ -31,7 +31,7 @@ __all__ = [
     "SERVER",
     "SharePayload",
     "SurvivorSet",
-    "SurvivorSignature",
+    "SurvivorTags",
     "DayUnmaskRequest",
     "DayUnmaskResponse",
     "parse_eheader",
@@ -40,6 +40,7 @@ __all__ = [
 MAGIC = b"SAG2"
 KEY = 32
 SIG = 64
+TAG = 32
 SHARE_PAYLOAD_BYTES = 8 + SHARE_BYTES
 ENVELOPE_BYTES = NONCE_BYTES + SHARE_PAYLOAD_BYTES + TAG_BYTES
 HEADER_MAX = 4 + 2 + 255 + 24
@@ -52,7 +53,7 @@ class EMsg(IntEnum):
     ROSTER = 2
     INPUT = 3
     SURVIVORS = 4
-    SIGNATURE = 5
+    TAGS = 5
     UNMASK_REQUEST = 6
     UNMASK_RESPONSE = 7
 
@@ -257,54 +258,66 @@ class SurvivorSet:
         return cls(header, bitmap), decode_bitmap(bitmap, n)
 
 
+def _pack_tags(tags: tuple[tuple[int, bytes], ...]) -> list[bytes]:
+    parts = [_U32.pack(len(tags))]
+    for idx, tag in tags:
+        if len(tag) != TAG:
+            raise MalformedMessageError("tag of the wrong size")
+        parts += [_U32.pack(idx), tag]
+    return parts
+
+
+def _tags(r: _Reader, n: int, limit: int) -> tuple[tuple[int, bytes], ...]:
+    tags = []
+    for _ in range(_count(r, limit)):
+        idx = _index(r.u32(), n)
+        tags.append((idx, r.take(TAG)))
+    _no_duplicates(i for i, _ in tags)
+    return tuple(tags)
+
+
 @dataclass(frozen=True)
-class SurvivorSignature:
-    """Client → server (day, 2/3): Ed25519 signature over (run, epoch, day, signer, S)."""
+class SurvivorTags:
+    """Client → server (day, 2/3): per live neighbour in the survivor set S (index =
+    receiver), HMAC-SHA256 under the pair's consistency key over (run, epoch, day, S,
+    signer, receiver)."""
 
     header: EHeader
-    signature: bytes
+    tags: tuple[tuple[int, bytes], ...]
 
     def encode(self) -> bytes:
-        return self.header.encode() + self.signature
+        return b"".join([self.header.encode(), *_pack_tags(self.tags)])
 
     @classmethod
-    def decode(cls, blob: object, n: int) -> SurvivorSignature:
-        header, r = _start(blob, EMsg.SIGNATURE, HEADER_MAX + SIG)
-        sig = r.take(SIG)
+    def decode(cls, blob: object, n: int, max_entries: int) -> SurvivorTags:
+        header, r = _start(blob, EMsg.TAGS, HEADER_MAX + 4 + max_entries * (4 + TAG))
+        tags = _tags(r, n, max_entries)
         r.end()
         _index(header.sender, n)
-        return cls(header, sig)
+        return cls(header, tags)
 
 
 @dataclass(frozen=True)
 class DayUnmaskRequest:
-    """Server → client (day, 3/3): neighbours' signatures on the client's S and the sealed
-    self-mask shares addressed to it (index = sender)."""
+    """Server → client (day, 3/3): its neighbours' consistency tags addressed to it (index =
+    signer) and the sealed self-mask shares addressed to it (index = sender)."""
 
     header: EHeader
-    signatures: tuple[tuple[int, bytes], ...]
+    tags: tuple[tuple[int, bytes], ...]
     envelopes: tuple[tuple[int, bytes], ...]
 
     def encode(self) -> bytes:
-        parts = [self.header.encode(), _U32.pack(len(self.signatures))]
-        for idx, sig in self.signatures:
-            if len(sig) != SIG:
-                raise MalformedMessageError("signature of the wrong size")
-            parts += [_U32.pack(idx), sig]
-        return b"".join(parts + _pack_envelopes(self.envelopes))
+        return b"".join([self.header.encode(), *_pack_tags(self.tags),
+                         *_pack_envelopes(self.envelopes)])
 
     @classmethod
     def decode(cls, blob: object, n: int, max_entries: int) -> DayUnmaskRequest:
-        size = HEADER_MAX + 8 + max_entries * (8 + SIG + ENVELOPE_BYTES)
+        size = HEADER_MAX + 8 + max_entries * (8 + TAG + ENVELOPE_BYTES)
         header, r = _start(blob, EMsg.UNMASK_REQUEST, size)
-        sigs = []
-        for _ in range(_count(r, max_entries)):
-            idx = _index(r.u32(), n)
-            sigs.append((idx, r.take(SIG)))
-        _no_duplicates(i for i, _ in sigs)
+        tags = _tags(r, n, max_entries)
         envs = _envelopes(r, n, max_entries)
         r.end()
-        return cls(header, tuple(sigs), envs)
+        return cls(header, tags, envs)
 
 
 @dataclass(frozen=True)

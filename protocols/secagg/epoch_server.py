@@ -40,7 +40,7 @@ from protocols.secagg.epoch_messages import (
     RevealKind,
     RosterEntry,
     SurvivorSet,
-    SurvivorSignature,
+    SurvivorTags,
     encode_bitmap,
 )
 from protocols.secagg.errors import (
@@ -96,7 +96,7 @@ class EpochServer:
         self._inputs: dict[int, DayInput] = {}
         self._s: frozenset[int] = frozenset()
         self._bitmap = b""
-        self._sigs: dict[int, bytes] = {}
+        self._tags: dict[int, dict[int, bytes]] = {}  # signer -> {receiver: tag}
         self._responders: frozenset[int] = frozenset()
         self._responses: dict[int, DayUnmaskResponse] = {}
         self.results: dict[int, torch.Tensor] = {}
@@ -171,7 +171,7 @@ class EpochServer:
 
     # -- helpers ---------------------------------------------------------------------
     def _clear_day(self) -> None:
-        self._inputs, self._sigs, self._responses = {}, {}, {}
+        self._inputs, self._tags, self._responses = {}, {}, {}
         self._s, self._responders, self._bitmap = frozenset(), frozenset(), b""
 
     def _out(self, mtype: EMsg, receiver: int, day: int = 0) -> EHeader:
@@ -267,21 +267,21 @@ class EpochServer:
 
     # -- day 2/3 -----------------------------------------------------------------------
     def _on_signature(self, sender: int, blob: bytes) -> None:
+        cfg = self.config
         assert self.day is not None
-        msg = SurvivorSignature.decode(self._body(sender, blob), self.config.n)
-        self._check(sender, msg.header, self.day, self._sigs, self._s)
-        try:
-            verify_signature(self._registry[sender], msg.signature,
-                             self._ctx.survivors_statement(sender, self.day, self._bitmap))
-        except (SignatureError, InvalidKeyError) as exc:
-            raise BadSignatureError(f"client {sender} sent an invalid survivor-set "
-                                    "signature") from exc
-        self._sigs[sender] = msg.signature
+        msg = SurvivorTags.decode(self._body(sender, blob), cfg.n, cfg.degree)
+        self._check(sender, msg.header, self.day, self._tags, self._s)
+        # one tag per live neighbour in S: the server cannot check a tag (it does not hold
+        # the pair's key), only that the sender addressed exactly its neighbours in S
+        if {j for j, _ in msg.tags} != self._nbrs[sender] & self._s:
+            raise ProtocolViolationError(f"client {sender} did not tag the survivor set for "
+                                         "exactly its live neighbours in it")
+        self._tags[sender] = dict(msg.tags)
 
     def _close_consistency(self) -> dict[int, bytes]:
         cfg = self.config
         assert self.day is not None
-        signers = frozenset(self._sigs)
+        signers = frozenset(self._tags)
         responders = self._prune(set(signers))
         # Check, before anyone reveals anything, that the day can complete if every
         # responder answers: each b_i needs t holders, and every mask between a survivor and
@@ -298,9 +298,9 @@ class EpochServer:
         out = {}
         for i in sorted(responders):
             nb = self._nbrs[i]
-            sigs = tuple((j, self._sigs[j]) for j in sorted(nb & signers)[: cfg.threshold])
+            tags = tuple((j, self._tags[j][i]) for j in sorted(nb & signers))
             envs = tuple((j, dict(self._inputs[j].envelopes)[i]) for j in sorted(nb & self._s))
-            req = DayUnmaskRequest(self._out(EMsg.UNMASK_REQUEST, i, self.day), sigs, envs)
+            req = DayUnmaskRequest(self._out(EMsg.UNMASK_REQUEST, i, self.day), tags, envs)
             out[i] = add_mac(self._macs[i], req.encode())
         self._responders = responders
         self.stage = EpochServerStage.UNMASK

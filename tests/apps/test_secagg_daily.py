@@ -152,9 +152,10 @@ def test_device_refuses_another_run_or_epoch() -> None:
 def test_equivocating_coordinator_in_the_daily_loop_is_caught() -> None:
     """Day 1 of an epoch (keys agreed on day 0): the coordinator tells the target's
     neighbours that the target survived and its other neighbours dropped — each neighbour a
-    different set — and everyone else the truth, then forwards every signature it holds.
-    Each neighbour of the target refuses (to sign a set that leaves it too few neighbours, or
-    to unmask without t neighbour signatures on its own set), and no reveal lets the
+    different set — and everyone else the truth, then forwards every consistency tag it
+    holds.
+    Each neighbour of the target refuses (to tag a set that leaves it too few neighbours, or
+    to unmask without t valid neighbour tags on its own set), and no reveal lets the
     coordinator strip the target's masks."""
     from protocols.secagg.epoch_messages import (
         DayUnmaskRequest,
@@ -163,7 +164,7 @@ def test_equivocating_coordinator_in_the_daily_loop_is_caught() -> None:
         EMsg,
         RevealKind,
         SurvivorSet,
-        SurvivorSignature,
+        SurvivorTags,
         encode_bitmap,
     )
     from protocols.secagg.messages import SERVER, add_mac, strip_mac
@@ -190,13 +191,13 @@ def test_equivocating_coordinator_in_the_daily_loop_is_caught() -> None:
             return {rr.roster[i]: add_mac(mac[i], SurvivorSet(
                 hdr(EMsg.SURVIVORS, i), encode_bitmap(views[i], n)).encode()) for i in range(n)}
         assert stage == "unmask"
-        sigs = {rr.epoch.index[m]: SurvivorSignature.decode(
-                    strip_mac(mac[rr.epoch.index[m]], blob, 10**6), n).signature
+        tags = {rr.epoch.index[m]: dict(SurvivorTags.decode(
+                    strip_mac(mac[rr.epoch.index[m]], blob, 10**6), n, cfg.degree).tags)
                 for m, blob in log["consistency"].items()}
         reqs = {}
-        for i in sigs:  # forward every signature that could convince i
-            good = tuple((j, sigs[j]) for j in sorted(srv.neighbours(i))
-                         if j in sigs and views[j] == views[i])
+        for i in tags:  # forward every tag that could convince i
+            good = tuple((j, tags[j][i]) for j in sorted(srv.neighbours(i))
+                         if j in tags and views[j] == views[i] and i in tags[j])
             envs = tuple((j, dict(srv._inputs[j].envelopes)[i])
                          for j in sorted(srv.neighbours(i) & views[i]))
             reqs[rr.roster[i]] = add_mac(mac[i], DayUnmaskRequest(
@@ -205,10 +206,10 @@ def test_equivocating_coordinator_in_the_daily_loop_is_caught() -> None:
 
     rr = f.day(1, list(f.names), tamper=tamper)
     cfg, nb = rr.config, rr.server.neighbours(target)
-    # away from the target every device signed the (true) set it was shown ...
+    # away from the target every device tagged the (true) set it was shown ...
     assert {rr.roster[i] for i in range(cfg.n) if i not in nb} <= set(f.log["consistency"])
-    # ... and each neighbour of the target refused: to sign a set in which too few of its
-    # neighbours survive, or to unmask without t neighbour signatures on its own set
+    # ... and each neighbour of the target refused: to tag a set in which too few of its
+    # neighbours survive, or to unmask without t valid neighbour tags on its own set
     assert {rr.roster[i] for i in nb} <= set(f.refused)
     assert set(f.refused.values()) <= {"ProtocolViolationError", "BadSignatureError",
                                        "SecAggAbortError"}

@@ -204,7 +204,7 @@ class EquivocatingServer:
             EMsg,
             RevealKind,
             SurvivorSet,
-            SurvivorSignature,
+            SurvivorTags,
             encode_bitmap,
         )
         from protocols.secagg.messages import strip_mac
@@ -214,7 +214,7 @@ class EquivocatingServer:
         def hdr(t: EMsg, i: int) -> EHeader:
             return EHeader(t, cfg.run_id, cfg.round, 0, SERVER, i)
 
-        sigs: dict[int, tuple[bytes, bytes]] = {}  # signer -> (bitmap, signature)
+        sigs: dict[int, tuple[bytes, dict[int, bytes]]] = {}  # signer -> (bitmap, tags)
         for i, view in views.items():
             bm = encode_bitmap(view, n)
             try:
@@ -223,12 +223,13 @@ class EquivocatingServer:
             except SecAggError as exc:
                 self.refused[i] = type(exc).__name__
                 continue
-            msg = SurvivorSignature.decode(strip_mac(self.server._macs[i], blob, 10**6), n)
-            sigs[i] = (bm, msg.signature)
+            msg = SurvivorTags.decode(strip_mac(self.server._macs[i], blob, 10**6), n,
+                                      cfg.degree)
+            sigs[i] = (bm, dict(msg.tags))
         for i in sigs:
             bm = sigs[i][0]
-            good = tuple((j, sigs[j][1]) for j in sorted(self.nbrs[i])
-                         if j in sigs and sigs[j][0] == bm)
+            good = tuple((j, sigs[j][1][i]) for j in sorted(self.nbrs[i])
+                         if j in sigs and sigs[j][0] == bm and i in sigs[j][1])
             envs = tuple((j, dict(self.server._inputs[j].envelopes)[i])
                          for j in sorted(self.nbrs[i] & views[i]))
             req = DayUnmaskRequest(hdr(EMsg.UNMASK_REQUEST, i), good, envs)

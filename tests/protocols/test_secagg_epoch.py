@@ -177,7 +177,8 @@ def test_bad_input_leaves_client_ready() -> None:
         assert clients[0].stage is EpochStage.READY and clients[0].last_day is None
 
 
-def test_unmask_refuses_signatures_from_outside_the_set_or_too_few() -> None:
+def test_unmask_refuses_too_few_or_forged_neighbour_tags() -> None:
+    from protocols.secagg import BadSignatureError
     from protocols.secagg.epoch_messages import DayUnmaskRequest, EHeader, EMsg
     from protocols.secagg.messages import SERVER, add_mac
 
@@ -196,17 +197,23 @@ def test_unmask_refuses_signatures_from_outside_the_set_or_too_few() -> None:
     reqs = server.advance()
     cfg = setup.config
     good = DayUnmaskRequest.decode(reqs[0][:-32], N, K)
+    assert len(good.tags) == K  # every live neighbour's tag is forwarded
     hdr = EHeader(EMsg.UNMASK_REQUEST, cfg.run_id, cfg.round, 0, SERVER, 0)
-    few = DayUnmaskRequest(hdr, good.signatures[: T - 1], good.envelopes)
+
+    def req(tags: tuple) -> bytes:  # type: ignore[type-arg]
+        return add_mac(server._macs[0], DayUnmaskRequest(hdr, tags, good.envelopes).encode())
+
     with pytest.raises(ProtocolViolationError):
-        clients[0].unmask(add_mac(server._macs[0], few.encode()))
-    forged = DayUnmaskRequest(hdr, ((good.signatures[0][0], bytes(64)),) + good.signatures[1:],
-                              good.envelopes)
-    from protocols.secagg import BadSignatureError
-    with pytest.raises(BadSignatureError):
-        clients[0].unmask(add_mac(server._macs[0], forged.encode()))
+        clients[0].unmask(req(good.tags[: T - 1]))
+    outsider = next(j for j in range(N) if j not in clients[0].neighbours and j != 0)
+    with pytest.raises(ProtocolViolationError):
+        clients[0].unmask(req(((outsider, bytes(32)),) + good.tags[1:]))
+    forged = tuple((j, bytes(32)) for j, _ in good.tags[: K - T + 1]) + good.tags[K - T + 1:]
+    with pytest.raises(BadSignatureError):  # T - 1 valid tags on this set
+        clients[0].unmask(req(forged))
     assert clients[0].stage is EpochStage.UNMASK
-    server.receive(0, clients[0].unmask(reqs[0]))  # the honest request still works
+    # one bad tag (a corrupt neighbour) cannot block the day: K - 1 >= T valid ones remain
+    server.receive(0, clients[0].unmask(req(((good.tags[0][0], bytes(32)),) + good.tags[1:])))
 
 
 def test_a_wrong_self_mask_share_is_detected_not_summed() -> None:

@@ -105,7 +105,7 @@ PARSERS: dict[str, tuple[str, Callable[[bytes], object]]] = {
     "epoch_roster": ("e_roster", lambda b: em.EpochRoster.decode(b, N, K)),
     "day_input": ("e_input", lambda b: em.DayInput.decode(b, N, K, L)),
     "survivor_set": ("e_survivors", lambda b: em.SurvivorSet.decode(b, N)),
-    "survivor_signature": ("e_signature", lambda b: em.SurvivorSignature.decode(b, N)),
+    "survivor_tags": ("e_signature", lambda b: em.SurvivorTags.decode(b, N, K)),
     "day_unmask_request": ("e_request", lambda b: em.DayUnmaskRequest.decode(b, N, K)),
     "day_unmask_response": ("e_response", lambda b: em.DayUnmaskResponse.decode(b, N, K)),
     "epoch_header": ("e_input", em.parse_eheader),
