@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import threading
 import time
 from pathlib import Path
@@ -30,21 +29,16 @@ from coordinator.runner import RunConfig
 from coordinator.server_app import FederatedSettings
 from coordinator.service import create_app
 from coordinator.store import CoordinatorStore
+from simulation.distributed.launch import free_port
 
 __all__ = ["run_demo", "serve_in_thread"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def serve_in_thread(app, port: int = 0):
     """Start uvicorn on 127.0.0.1 in a daemon thread; returns (server, base_url)."""
     import uvicorn
 
-    port = port or _free_port()
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     deadline = time.time() + 30

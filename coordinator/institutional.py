@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import selectors
-import socket
 import subprocess
 import sys
 import time
@@ -31,22 +30,13 @@ from protocols.mpc.institutional import MPCResult, coordinator_round
 from protocols.mpc.loss import RoundStats, setup_shared_logs, share_counts
 from protocols.mpc.query import QueryPolicy, load_public_model, single_thread
 from protocols.mpc.wire import CONTROL_STOP, Query, encode_control
+from simulation.distributed.launch import free_port
+from simulation.population.boroughs import BOROUGH_POPULATION, BOROUGHS
 
 __all__ = ["BOROUGH_COLUMNS", "BoroughPublicModel", "InstitutionalRun", "MPCSession", "borough_public_model",
            "run_institutional_calibration"]
 
-BOROUGH_COLUMNS = {"BX": "BX_CASE_COUNT", "BK": "BK_CASE_COUNT", "MN": "MN_CASE_COUNT",
-                   "QN": "QN_CASE_COUNT", "SI": "SI_CASE_COUNT"}
-try:  # the canonical table (2020 Census), when the simulation package ships it
-    from simulation.population.boroughs import BOROUGH_POPULATION
-except ImportError:  # pragma: no cover - older simulation package
-    BOROUGH_POPULATION = {"BX": 1472654, "BK": 2736074, "MN": 1694251, "QN": 2405464, "SI": 495747}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+BOROUGH_COLUMNS = {b: f"{b}_CASE_COUNT" for b in BOROUGHS}  # NYC open-data case columns
 
 
 class MPCSession:

@@ -1,7 +1,7 @@
 """Behaviour archetypes (LPM paper §4.2): K×A×M behaviour queries per day instead of N.
 
 Agents are grouped into archetypes by static and dynamic attributes; for every archetype k
-and action a a backend (rule-based, or an LLM behind an OpenAI-compatible endpoint) is
+and action a a backend (rule-based, or ``coordinator.llm_backend.LLMBackend`` for an LLM) is
 queried M times to estimate p_a(k, t); each agent then samples its action. The policy is a
 SEIRM substep, so behaviour and epidemic co-evolve.
 """
@@ -11,7 +11,6 @@ from simulation.behaviour.backends import (
     ACTIONS,
     BehaviourBackend,
     BehaviourBackendError,
-    LLMBackend,
     RuleBasedBackend,
     Situation,
 )
@@ -23,7 +22,6 @@ __all__ = [
     "ArchetypeSpec",
     "BehaviourBackend",
     "BehaviourBackendError",
-    "LLMBackend",
     "RuleBasedBackend",
     "Situation",
     "add_archetype_behaviour",

@@ -11,10 +11,10 @@ import pandas as pd
 import torch
 
 from simulation.datafiles import DATA_DIR
+from simulation.population.boroughs import BOROUGHS
 
 __all__ = ["BOROUGHS", "CaseSeries", "DataError", "load_case_frame", "load_nyc_cases", "parse_date"]
 
-BOROUGHS = ("BX", "BK", "MN", "QN", "SI")
 NYC_POPULATION = 8_400_000
 DATE_COLUMN = "date_of_interest"
 

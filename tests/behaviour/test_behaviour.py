@@ -7,10 +7,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+from coordinator.llm_backend import LLMBackend
 from simulation.behaviour import (
     ArchetypeSpec,
     BehaviourBackendError,
-    LLMBackend,
     RuleBasedBackend,
     Situation,
     add_archetype_behaviour,
