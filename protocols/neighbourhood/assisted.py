@@ -13,8 +13,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from protocols.envelope import EnvelopeError, MessageContext
-from protocols.keys import derive_key, ring_keystream
-from protocols.neighbourhood.device import DeviceBase, NeighbourSum, Phase, wrap64
+from protocols.keys import derive_key
+from protocols.neighbourhood.device import (
+    DeviceBase,
+    NeighbourSum,
+    Phase,
+    keystream_element,
+    wrap64,
+)
 from protocols.neighbourhood.errors import (
     CulpritError,
     MissingMessageError,
@@ -46,8 +52,7 @@ def mask_for(keyring: Keyring, contact: str, context: MessageContext) -> int:
     ``keyring`` is the contact's own keyring or the coordinator's.
     """
     peer = RELAY_ID if keyring.owner == contact else contact
-    key = derive_key(keyring.mask_key(peer), context, label=MASK_LABEL)
-    return int(ring_keystream(key, 1)[0])
+    return keystream_element(derive_key(keyring.mask_key(peer), context, label=MASK_LABEL))
 
 
 class AssistedNeighbourhoodAgent(DeviceBase):
@@ -69,10 +74,14 @@ class AssistedNeighbourhoodAgent(DeviceBase):
         """
         encoded = self._begin(plan, value, weights, weight_sum)
         out = []
+        self.sent_masks: dict[str, int] = {}  # kept by relay-run dummies only (see below)
         for nb in plan.memberships:
             ctx = self._ctx(STEP_MASKED, self.agent_id, nb.target)
-            masked = wrap64(encoded[nb.target] + mask_for(self.keyring, self.agent_id, ctx))
-            out.append(self.keyring.seal_to(ctx, encode_element(masked)))
+            mask = mask_for(self.keyring, self.agent_id, ctx)
+            if self.relay_run:  # the relay is this mask's other holder: it reuses it for the
+                self.sent_masks[nb.target] = mask  # mask sum instead of deriving it again
+            out.append(self.keyring.seal_to(ctx, encode_element(wrap64(encoded[nb.target]
+                                                                       + mask))))
         self.phase = Phase.SENT
         return out
 

@@ -362,8 +362,11 @@ class RelayAttempt:
                 relay.outcome[a] = Outcome.REFUSED if real else Outcome.EMPTY
                 out[a] = MaskedDelivery((), None)
                 continue
-            total = wrap64(sum(mask_for(relay.keyring, e.sender, e.context) for e in envs)
-                           - relay.sample_noise())  # optional noise folded into the mask sum
+            dummies = relay._dummies
+            total = wrap64(sum(
+                dummies[e.sender].sent_masks[a] if e.sender in dummies  # type: ignore[attr-defined]
+                else mask_for(relay.keyring, e.sender, e.context) for e in envs)
+                - relay.sample_noise())  # optional noise folded into the mask sum
             ctx = MessageContext(relay.protocol, relay.run_id, self.round,
                                  step_number(self.attempt, STEP_MASKSUM), RELAY_ID, a)
             out[a] = MaskedDelivery(tuple(envs),

@@ -44,3 +44,44 @@ def test_keys_per_party_do_not_grow_with_the_run(variant: str) -> None:
     large = _max_keys(80, variant)
     assert large == small  # O(degree): the same for 20 and 160 parties
     assert max(large) <= 1 + 2 * 3  # relay, its own roster, its target and that roster
+
+
+def test_scalar_fast_paths_equal_the_tensor_ones() -> None:
+    """The per-message fast paths (no tensor round trip) give bit-identical ring elements."""
+    import os
+    import random
+
+    import torch
+
+    from protocols.keys import ring_keystream
+    from protocols.neighbourhood.device import encode_scalar, keystream_element
+    from protocols.ring import FixedPointRing, RingOverflowError
+
+    ring = FixedPointRing()
+    rng = random.Random(0)
+    xs = [0.0, 1.0, 0.5, 2.0**-17, 3 * 2.0**-17, -(2.0**-17), 1234.5678]
+    xs += [rng.uniform(0, 2) * rng.random() for _ in range(2000)]
+    xs += [k * 2.0**-17 for k in range(-50, 50)]  # exact ties: round half to even
+    for x in xs:
+        assert encode_scalar(ring, x) == int(ring.encode(torch.tensor([x], dtype=torch.float64))[0])
+    for bad in (float("nan"), float("inf"), 1e300):
+        with pytest.raises(RingOverflowError):
+            encode_scalar(ring, bad)
+    for _ in range(200):
+        key = os.urandom(32)
+        assert keystream_element(key) == int(ring_keystream(key, 1)[0])
+
+
+def test_scalar_decode_equals_the_tensor_one() -> None:
+    import random
+
+    import torch
+
+    from protocols.neighbourhood.device import decode_scalar
+    from protocols.ring import FixedPointRing
+
+    rng = random.Random(1)
+    for ring in (FixedPointRing(), FixedPointRing(8)):
+        for v in [0, 1, -1, 2**63 - 1, -(2**63), *(rng.randrange(-(2**63), 2**63)
+                                                for _ in range(3000))]:
+            assert decode_scalar(ring, v) == float(ring.decode(torch.tensor([v]))[0])
