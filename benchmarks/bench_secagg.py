@@ -26,9 +26,9 @@ import torch
 
 from protocols.secagg import InputSpec
 from protocols.secagg.epoch_client import EpochClient
+from protocols.secagg.epoch_messages import SERVER, DayInput, EHeader, EMsg
 from protocols.secagg.epoch_server import EpochServer
 from protocols.secagg.local import RoundSetup, make_round
-from protocols.secagg.messages import SERVER, Header, MaskedInput, MsgType
 
 TARGET_S = {200: 1.0, 1000: 5.0}
 TARGET_RATIO_10K = 3.0
@@ -62,7 +62,8 @@ def epoch_setup(setup: RoundSetup) -> tuple[EpochServer, list[EpochClient], floa
 
 def epoch_day(server: EpochServer, clients: list[EpochClient], day: int,
               xs: list[torch.Tensor]) -> tuple[float, float, int, int]:
-    """One day (input, consistency round, unmask): (client s, server s, bytes up, down)."""
+    """One day (input, consistency round with pairwise tags, unmask): (client s, server s,
+    bytes up, down)."""
     tc = ts = 0.0
     up = down = 0
     server.open_day(day)
@@ -92,37 +93,17 @@ def secagg_round(setup: RoundSetup, xs: list[torch.Tensor]) -> tuple[float, floa
     return tc + c2, ts + s2, up + u2, down + d2
 
 
-def legacy_round(setup: RoundSetup, xs: list[torch.Tensor]) -> float:
-    """Seconds of one round of the legacy single-round protocol (no consistency round,
-    semi-honest server only), for comparison."""
-    t = time.perf_counter()
-    server, clients = setup.server(), setup.clients()
-    msgs = {i: c.advertise_keys() for i, c in enumerate(clients)}
-    for stage in ("share_keys", "masked_input", "unmask", None):
-        for i, m in msgs.items():
-            server.receive(i, m)
-        out = server.advance()
-        if stage is None:
-            break
-        if stage == "share_keys":
-            msgs = {i: clients[i].share_keys(m) for i, m in out.items()}
-        elif stage == "masked_input":
-            msgs = {i: clients[i].masked_input(m, xs[i]) for i, m in out.items()}
-        else:
-            msgs = {i: clients[i].unmask(m) for i, m in out.items()}
-    return time.perf_counter() - t
-
-
 def plain_round(spec: InputSpec, xs: list[torch.Tensor]) -> tuple[float, int]:
-    """Encode + serialise each input, parse + sum at the server (no privacy)."""
+    """Encode + serialise each input (the same wire schema, no envelopes), parse + sum at
+    the server (no privacy)."""
     t = time.perf_counter()
     blobs = [
-        MaskedInput(Header(MsgType.MASKED, "run", 0, i, SERVER), spec.encode(x)).encode()
+        DayInput(EHeader(EMsg.INPUT, "run", 0, 0, i, SERVER), (), spec.encode(x)).encode()
         for i, x in enumerate(xs)
     ]
     total = torch.zeros(spec.length, dtype=torch.int64)
     for b in blobs:
-        total.add_(MaskedInput.decode(b, len(xs), spec.length).vector)
+        total.add_(DayInput.decode(b, len(xs), 0, spec.length).vector)
     dt = time.perf_counter() - t
     assert torch.equal(total, torch.stack(xs).sum(0))
     return dt, sum(map(len, blobs))
@@ -206,8 +187,9 @@ def daily(n: int, length: int, days: int) -> None:
           f"once {tc0 + ts0:.3f} s; per day (median of {days}) {tc + ts:.3f} s = clients "
           f"{tc:.3f} s + coordinator {ts:.3f} s; plain sum {p:.4f} s -> "
           f"{(tc + ts) / p:.1f}x in-process CPU ({ts / p:.1f}x coordinator-only); "
-          f"messages per device per day: 3 up / 3 down vs 1 up for a plain sum (3x round "
-          f"trips); bytes up/day {rows[0][2] / 1e6:.2f} MB vs {rows[0][5] / 1e6:.2f} MB plain",
+          f"messages per device per day: 3 up / 2 down vs 1 up for a plain sum (in the "
+          f"daily loop the masked report rides in the day reply: +2 exchanges); bytes "
+          f"up/day {rows[0][2] / 1e6:.2f} MB vs {rows[0][5] / 1e6:.2f} MB plain",
           flush=True)
 
 
@@ -229,10 +211,9 @@ def main() -> None:
         flower_worker(int(n), int(length), mode)
         return
     torch.set_num_threads(1)
-    print("secagg = key agreement + one day with the consistency round (multi-round protocol);"
-          " legacy = old single round without it")
+    print("secagg = key agreement + one day with the consistency round (multi-round protocol)")
     print(f"{'N':>5} {'len':>6} {'k':>3} {'t':>3} | {'secagg s':>9} {'(min-max)':>13} "
-          f"{'client':>7} {'server':>7} | {'legacy s':>8} | {'plain s':>8} | {'ratio':>7} | "
+          f"{'client':>7} {'server':>7} | {'plain s':>8} | {'ratio':>7} | "
           f"{'MB up':>7} {'MB down':>7} {'plain MB':>8} | target")
     for n in args.sizes:
         for length in args.lengths:
@@ -247,8 +228,6 @@ def main() -> None:
                 totals.append(tc + ts)
                 cs.append(tc)
                 ss.append(ts)
-            legacy = statistics.median(legacy_round(make_round(n, spec), xs)
-                                       for _ in range(reps))
             plains = [plain_round(spec, xs) for _ in range(max(reps, 3))]
             p_s = statistics.median(p for p, _ in plains)
             med = statistics.median(totals)
@@ -262,7 +241,7 @@ def main() -> None:
             print(
                 f"{n:>5} {length:>6} {cfg.degree:>3} {cfg.threshold:>3} | {med:>9.3f} "
                 f"({min(totals):5.2f}-{max(totals):5.2f}) {statistics.median(cs):>7.3f} "
-                f"{statistics.median(ss):>7.3f} | {legacy:>8.3f} | {p_s:>8.4f} | "
+                f"{statistics.median(ss):>7.3f} | {p_s:>8.4f} | "
                 f"{med / p_s:>6.1f}x | "
                 f"{up / 1e6:>7.2f} {down / 1e6:>7.2f} {plains[0][1] / 1e6:>8.2f} | {target}",
                 flush=True,

@@ -1,10 +1,16 @@
-"""Secure aggregation (SecAgg+, Bell et al. 2020) for a semi-honest server.
+"""Secure aggregation (multi-round SecAgg+, Bell et al. 2020, with the consistency round of
+Bonawitz et al. 2017 §4): the coordinator learns only sums of surviving clients, also if it
+deviates.
 
-Rounds: advertise keys → share keys → masked input → unmasking. Clients and server are
-explicit state machines exchanging bytes (:mod:`protocols.secagg.messages`); a transport
-(Flower, HTTP, or the in-process :func:`protocols.secagg.local.run_round`) only relays them.
-Masks come from ChaCha20 keystreams under HKDF-derived 256-bit keys; dropout recovery uses
-Shamir sharing over GF(2^127 − 1) on a k-regular random neighbour graph of degree O(log n).
+Keys are agreed once per epoch (advertise → roster); each day: masked input → consistency
+(pairwise tags on the survivor set) → unmask. Clients
+(:class:`protocols.secagg.epoch_client.EpochClient`) and server
+(:class:`protocols.secagg.epoch_server.EpochServer`) are explicit state machines exchanging
+bytes (:mod:`protocols.secagg.epoch_messages`); a transport (Flower, the fleet, or the
+in-process :mod:`protocols.secagg.local`) only relays them. Masks come from ChaCha20
+keystreams under HKDF-derived 256-bit keys, each day's derived with the day in the context;
+dropout recovery uses Shamir sharing over GF(2^127 − 1) on a k-regular random neighbour
+graph of degree O(log n).
 """
 
 from protocols.secagg.config import RoundConfig, default_degree, default_threshold

@@ -10,9 +10,7 @@ from dataclasses import dataclass
 from protocols.secagg.errors import ConfigError, MalformedMessageError
 from protocols.secagg.quantize import InputSpec
 
-__all__ = ["PROTOCOL", "RoundConfig", "check_security", "default_degree", "default_threshold"]
-
-PROTOCOL = "lpm-secagg+/1"
+__all__ = ["RoundConfig", "check_security", "default_degree", "default_threshold"]
 MAX_CLIENTS = 1 << 20
 MIN_DEGREE = 4
 MIN_THRESHOLD = 2
@@ -63,8 +61,8 @@ def check_security(n: int, degree: int, threshold: int, min_survivors: int) -> N
 
 @dataclass(frozen=True)
 class RoundConfig:
-    """Everything public about one aggregation round (single-round API) or one key epoch
-    (multi-round API: ``round`` is then the epoch number and days are counted separately).
+    """Everything public about one key epoch (``round`` is the epoch number; days are
+    counted separately).
 
     ``client_ids`` is the roster (index = position); ``graph_seed`` is public randomness that
     fixes the neighbour graph; ``server_pk`` is the server's X25519 key for this round (every

@@ -1,4 +1,5 @@
-"""Run a whole SecAgg+ round in one process (tests, benchmarks, simulations).
+"""Run SecAgg+ key epochs and their daily sums in one process (tests, benchmarks,
+simulations).
 
 Every message crosses as bytes through the real state machines; ``dropouts`` names, per
 stage, the clients that go silent instead of sending that stage's message.
@@ -8,45 +9,39 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from protocols.keys import AgreementKey, IdentityKey
-from protocols.secagg.client import SecAggClient
 from protocols.secagg.config import RoundConfig
 from protocols.secagg.epoch_client import EpochClient
 from protocols.secagg.epoch_server import EpochServer
 from protocols.secagg.errors import SecAggAbortError
 from protocols.secagg.quantize import InputSpec
-from protocols.secagg.server import SecAggServer
 
 __all__ = [
     "DAY_STAGES",
-    "STAGES",
     "DayResult",
     "RoundResult",
     "RoundSetup",
     "make_round",
     "run_days",
     "run_epoch_day",
-    "run_round",
 ]
 
-STAGES = ("advertise", "share_keys", "masked_input", "unmask")
 DAY_STAGES = ("masked_input", "consistency", "unmask")
 
 
 @dataclass
 class RoundResult:
-    """Outcome of :func:`run_round`: decoded sum, survivors and traffic in bytes."""
+    """Outcome of :func:`run_epoch_day`: decoded sum, survivors and traffic in bytes."""
 
     total: torch.Tensor
     survivors: frozenset[int]
     bytes_up: int = 0
     bytes_down: int = 0
-    server: SecAggServer | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -60,13 +55,6 @@ class RoundSetup:
     @property
     def registry(self) -> list[bytes]:
         return [k.public_bytes() for k in self.identities]
-
-    def server(self) -> SecAggServer:
-        return SecAggServer(self.config, self.registry, self.server_key)
-
-    def clients(self) -> list[SecAggClient]:
-        reg = self.registry
-        return [SecAggClient(self.config, i, k, reg) for i, k in enumerate(self.identities)]
 
     def epoch_server(self) -> EpochServer:
         return EpochServer(self.config, self.registry, self.server_key)
@@ -180,7 +168,7 @@ def run_epoch_day(
         raise d.error
     assert d.total is not None
     return RoundResult(d.total, d.survivors, run.setup_bytes_up + d.bytes_up,
-                       run.setup_bytes_down + d.bytes_down, None)
+                       run.setup_bytes_down + d.bytes_down)
 
 
 def make_round(
@@ -209,49 +197,3 @@ def make_round(
         min_survivors=min_survivors,
     )
     return RoundSetup(cfg, ids, server_key)
-
-
-def run_round(
-    setup: RoundSetup,
-    inputs: Sequence[torch.Tensor | np.ndarray],
-    dropouts: Mapping[str, set[int]] | None = None,
-) -> RoundResult:
-    """Run one round; raises :class:`~protocols.secagg.errors.SecAggAbortError` when too
-    many clients drop."""
-    dropouts = dict(dropouts or {})
-    unknown = set(dropouts) - set(STAGES)
-    if unknown:
-        raise ValueError(f"unknown stages {sorted(unknown)}")
-    config = setup.config
-    server = setup.server()
-    clients = setup.clients()
-    up = down = 0
-    gone: set[int] = set()
-
-    def send_all(stage: str, outbox: Mapping[int, bytes] | None) -> None:
-        nonlocal up, down
-        gone.update(dropouts.get(stage, set()))
-        targets = range(config.n) if outbox is None else sorted(outbox)
-        for i in targets:
-            if i in gone:
-                continue
-            c = clients[i]
-            if outbox is not None:
-                down += len(outbox[i])
-            if stage == "advertise":
-                msg = c.advertise_keys()
-            elif stage == "share_keys":
-                msg = c.share_keys(outbox[i])  # type: ignore[index]
-            elif stage == "masked_input":
-                msg = c.masked_input(outbox[i], inputs[i])  # type: ignore[index]
-            else:
-                msg = c.unmask(outbox[i])  # type: ignore[index]
-            up += len(msg)
-            server.receive(i, msg)
-
-    send_all("advertise", None)
-    send_all("share_keys", server.advance())
-    send_all("masked_input", server.advance())
-    send_all("unmask", server.advance())
-    server.advance()
-    return RoundResult(server.decoded(), server.u3, up, down, server)

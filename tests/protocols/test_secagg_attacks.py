@@ -18,10 +18,11 @@ from protocols.secagg import (
     ProtocolViolationError,
     RoundConfig,
     SecAggError,
-    masks,
 )
+from protocols.secagg.epoch_keys import EpochContexts
+from protocols.secagg.epoch_messages import EHeader, EMsg, EpochAdvertise
 from protocols.secagg.local import make_round
-from protocols.secagg.messages import SERVER, Advertise, Header, MsgType
+from protocols.secagg.messages import SERVER
 
 # Encodings of the X25519 points of small order (and non-canonical twins): every shared
 # secret with them is all zeros or fixed, i.e. known to everybody.
@@ -88,16 +89,15 @@ def test_bad_float_input_types_raise_input_error(bad: object) -> None:
 @pytest.mark.parametrize("point", range(len(LOW_ORDER)))
 def test_low_order_public_keys_are_rejected_at_the_server(which: str, point: int) -> None:
     setup = make_round(6, InputSpec("int", 2, 10), degree=4, threshold=3)
-    server, clients = setup.server(), setup.clients()
+    server, clients = setup.epoch_server(), setup.epoch_clients()
     ok = clients[1].advertise_keys()
-    adv = Advertise.decode(ok, 6)
+    adv = EpochAdvertise.decode(ok, 6)
     keys = {"c_pk": adv.c_pk, "s_pk": adv.s_pk, which: LOW_ORDER[point]}
     cfg = setup.config
     sig = setup.identities[1].sign(
-        masks.signed_key_statement(cfg, 1, keys["c_pk"], keys["s_pk"])
-    )
-    bad = Advertise(Header(MsgType.ADVERTISE, cfg.run_id, cfg.round, 1, SERVER),
-                    keys["c_pk"], keys["s_pk"], sig).encode()
+        EpochContexts(cfg).advertise_statement(1, keys["c_pk"], keys["s_pk"]))
+    bad = EpochAdvertise(EHeader(EMsg.ADVERTISE, cfg.run_id, cfg.round, 0, 1, SERVER),
+                         keys["c_pk"], keys["s_pk"], sig).encode()
     with pytest.raises(ProtocolViolationError, match="low-order|invalid"):
         server.receive(1, bad)
     server.receive(1, ok)  # the honest advertisement is still accepted

@@ -30,8 +30,8 @@ N, K, L = 6, 4, 5
 
 @functools.lru_cache(maxsize=1)
 def corpus() -> dict[str, list[bytes]]:
-    """Valid encodings of every message type, captured from one real epoch and one legacy
-    round (MACs stripped where a parser sees the body)."""
+    """Valid encodings of every message type, captured from one real epoch (MACs
+    stripped where a parser sees the body)."""
     setup = make_round(N, InputSpec("int", L, 100), degree=K, threshold=3)
     server, clients = setup.epoch_server(), setup.epoch_clients()
     got: dict[str, list[bytes]] = {}
@@ -65,28 +65,6 @@ def corpus() -> dict[str, list[bytes]]:
     got["e_state"] = [clients[0].export_state()]
     _SETUP.append(setup)
     got["config"] = [setup.config.to_bytes()]
-    # legacy single-round messages
-    lsetup = make_round(N, InputSpec("int", L, 100), degree=K, threshold=3)
-    ls, lc = lsetup.server(), lsetup.clients()
-    for i, c in enumerate(lc):
-        b = c.advertise_keys()
-        keep("advertise", b, mac=False)
-        ls.receive(i, b)
-    for i, b in ls.advance().items():
-        keep("roster", b)
-        s = lc[i].share_keys(b)
-        keep("shares", s)
-        ls.receive(i, s)
-    for i, b in ls.advance().items():
-        keep("delivery", b)
-        y = lc[i].masked_input(b, torch.arange(L) - i)
-        keep("masked", y)
-        ls.receive(i, y)
-    for i, b in ls.advance().items():
-        keep("unmask_request", b)
-        r = lc[i].unmask(b)
-        keep("unmask_response", r)
-    got["state"] = [c.export_state() for c in lc]
     return got
 
 
@@ -113,17 +91,8 @@ PARSERS: dict[str, tuple[str, Callable[[bytes], object]]] = {
     "share_payload_v2": ("e_input", lambda b: em.SharePayload.decode(b[:em.SHARE_PAYLOAD_BYTES])),
     "epoch_state": ("e_state", _restore_epoch),
     "round_config": ("config", RoundConfig.from_bytes),
-    "advertise": ("advertise", lambda b: m.Advertise.decode(b, N)),
-    "roster": ("roster", lambda b: m.Roster.decode(b, N, K)),
-    "share_bundle": ("shares", lambda b: m.ShareBundle.decode(b, N, K)),
-    "delivery": ("delivery", lambda b: m.Delivery.decode(b, N, K)),
-    "masked_input": ("masked", lambda b: m.MaskedInput.decode(b, N, L)),
-    "unmask_request": ("unmask_request", lambda b: m.UnmaskRequest.decode(b, N, K + 1)),
-    "unmask_response": ("unmask_response", lambda b: m.UnmaskResponse.decode(b, N, K)),
-    "header": ("advertise", m.parse_header),
-    "strip_mac": ("masked", lambda b: m.strip_mac(bytes(32), b, 1000)),
-    "share_payload_v1": ("advertise", lambda b: m.SharePayload.decode(b[:m.SHARE_PAYLOAD_BYTES])),
-    "shamir_share": ("advertise", lambda b: decode_share(b[:48])),
+    "strip_mac": ("e_input", lambda b: m.strip_mac(bytes(32), b, 1000)),
+    "shamir_share": ("e_advertise", lambda b: decode_share(b[:48])),
     "envelope": ("e_input", lambda b: open_envelope(bytes(32), b"aad", b)),
 }
 PROJECT_ERRORS = (SecAggError, ShamirError, EnvelopeError, InvalidKeyError)

@@ -12,9 +12,10 @@ from scipy.stats import chi2_contingency, chisquare
 
 from protocols.keys import AgreementKey, ring_keystream
 from protocols.secagg import InputSpec
-from protocols.secagg import masks as mask_mod
+from protocols.secagg.epoch_keys import EpochContexts
+from protocols.secagg.epoch_messages import DayInput
 from protocols.secagg.local import make_round
-from protocols.secagg.messages import MAC_BYTES, MaskedInput
+from protocols.secagg.messages import MAC_BYTES
 
 N, L, RUNS, BINS_BITS = 5, 512, 12, 4
 BOUND = 2**40
@@ -28,16 +29,16 @@ def _masked_views(x0: torch.Tensor) -> list[list[torch.Tensor]]:
     views = []
     for _ in range(RUNS):
         setup = make_round(N, InputSpec("int", L, BOUND))
-        server, clients = setup.server(), setup.clients()
+        server, clients = setup.epoch_server(), setup.epoch_clients()
         for i, c in enumerate(clients):
             server.receive(i, c.advertise_keys())
         for i, m in server.advance().items():
-            server.receive(i, clients[i].share_keys(m))
+            clients[i].accept_roster(m)
         xs = [x0, *others]
         ys = []
-        for i, m in server.advance().items():
-            blob = clients[i].masked_input(m, xs[i])
-            ys.append(MaskedInput.decode(blob[:-MAC_BYTES], N, L).vector)
+        for i, c in enumerate(clients):
+            blob = c.masked_input(0, xs[i])
+            ys.append(DayInput.decode(blob[:-MAC_BYTES], N, N - 1, L).vector)
         views.append(ys)
     return views
 
@@ -68,11 +69,12 @@ def test_server_view_is_uniform_and_independent_of_one_input() -> None:
 
 def test_masks_depend_on_every_key_byte() -> None:
     seed = os.urandom(32)
-    setup = make_round(4, InputSpec("int", 4, 10))
-    base = ring_keystream(mask_mod.self_mask_key(setup.config, 0, seed), 256)
+    ctx = EpochContexts(make_round(4, InputSpec("int", 4, 10)).config)
+    base = ring_keystream(ctx.self_mask_key(seed, 0, 0), 256)
+    assert (ring_keystream(ctx.self_mask_key(seed, 0, 1), 256) != base).float().mean() > 0.99
     for pos in range(32):
         other = seed[:pos] + bytes([seed[pos] ^ 0x80]) + seed[pos + 1 :]
-        m = ring_keystream(mask_mod.self_mask_key(setup.config, 0, other), 256)
+        m = ring_keystream(ctx.self_mask_key(other, 0, 0), 256)
         assert (m != base).float().mean() > 0.99
 
 
@@ -92,18 +94,19 @@ def test_keys_differing_only_above_bit_32_give_different_masks() -> None:
     assert np.array_equal(_seeded_32bit_mask(k1, 1024), _seeded_32bit_mask(k2, 1024))
 
 
-def test_pairwise_masks_agree_between_ends_and_differ_between_pairs() -> None:
-    setup = make_round(4, InputSpec("int", 4, 10))
-    cfg = setup.config
+def test_pairwise_masks_agree_between_ends_and_differ_between_pairs_and_days() -> None:
+    ctx = EpochContexts(make_round(4, InputSpec("int", 4, 10)).config)
     a, b, c = AgreementKey.generate(), AgreementKey.generate(), AgreementKey.generate()
-    kab = mask_mod.pairwise_mask_key(cfg, a, 0, 1, b.public_bytes())
-    kba = mask_mod.pairwise_mask_key(cfg, b, 1, 0, a.public_bytes())
-    kac = mask_mod.pairwise_mask_key(cfg, a, 0, 2, c.public_bytes())
-    assert kab == kba and kab != kac
-    acc = torch.zeros(64, dtype=torch.int64)
-    buf = torch.empty(64, dtype=torch.int64)
-    mask_mod.add_pairwise_mask(acc, kab, 0, 1, buf)
-    mask_mod.add_pairwise_mask(acc, kba, 1, 0, buf)
+    ch_ab, root_ab = ctx.pair_keys(a, 0, 1, b.public_bytes())
+    ch_ba, root_ba = ctx.pair_keys(b, 1, 0, a.public_bytes())
+    _, root_ac = ctx.pair_keys(a, 0, 2, c.public_bytes())
+    assert (ch_ab, root_ab) == (ch_ba, root_ba) and root_ab != root_ac and ch_ab != root_ab
+    kab, kba = ctx.day_pair_key(root_ab, 5, 0, 1), ctx.day_pair_key(root_ba, 5, 1, 0)
+    assert kab == kba and kab != ctx.day_pair_key(root_ac, 5, 0, 2)
+    assert kab != ctx.day_pair_key(root_ab, 6, 0, 1)  # a new key every day
+    assert ctx.consistency_key(root_ab, 0, 1) not in (kab, root_ab)
+    # the lower index adds, the higher subtracts: the two ends cancel
+    acc = ring_keystream(kab, 64) - ring_keystream(kba, 64)
     assert torch.equal(acc, torch.zeros(64, dtype=torch.int64))
 
 
