@@ -9,7 +9,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 console = Console()
 
@@ -180,62 +179,7 @@ def _institutional(institutions: str, data: Path | None, steps: int, out: Path) 
                                                          "bytes_per_round": run.bytes_per_round}, indent=2))
 
 
-def sensitivity_command(
-    preset: str = typer.Option("oxford", help="Population preset."),
-    scale: float = typer.Option(0.2, help="Population scale."),
-    days: int = typer.Option(60, min=1),
-    model: str = typer.Option("seirm", help="sir or seirm."),
-    out: Path = typer.Option(Path("out/sensitivity"), help="Output directory."),
-    seed: int = typer.Option(0),
-) -> None:
-    """∂(total infections)/∂(every parameter) in one reverse pass; ∂(daily series)/∂β forward."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from simulation.calibration.sensitivity import forward_sensitivity, reverse_sensitivity
-    from simulation.engine import simulate
-    from simulation.models import SEIRM, SIR
-    from simulation.population import synthesize
-
-    if model not in ("sir", "seirm"):
-        raise typer.BadParameter("model must be sir or seirm")
-    pop = synthesize(preset, seed=seed, scale=scale)
-    m = SIR() if model == "sir" else SEIRM()
-    grads = reverse_sensitivity(m, lambda: simulate(m, pop, days, seed).total_infections)
-    rows = []
-    for name, g in grads.items():
-        p = dict(m.named_parameters())[name]
-        for i, (v, d) in enumerate(zip(p.detach().reshape(-1).tolist(), g.reshape(-1).tolist(), strict=True)):
-            label = name if p.numel() == 1 else f"{name}[{i}]"
-            rows.append((label, v, d, v * d))  # elasticity-style: θ·∂M/∂θ
-    rows.sort(key=lambda r: -abs(r[3]))
-    table = Table(title=f"∂ total infections / ∂θ ({model}, {pop.n:,} agents, {days} days)")
-    for col in ("parameter", "value", "∂M/∂θ", "θ·∂M/∂θ"):
-        table.add_column(col, justify="right" if col != "parameter" else "left")
-    for r in rows:
-        table.add_row(r[0], f"{r[1]:.4g}", f"{r[2]:.4g}", f"{r[3]:.4g}")
-    console.print(table)
-    beta_name = next(k for k in grads if k.endswith("beta"))
-    series = forward_sensitivity(m, lambda: simulate(m, pop, days, seed)["new_infections"], [beta_name])
-    out.mkdir(parents=True, exist_ok=True)
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
-    top = rows[:12]
-    ax.barh([r[0] for r in top][::-1], [r[3] for r in top][::-1])
-    ax.set_title("θ·∂(total infections)/∂θ (reverse mode)")
-    bx.plot(series[beta_name].numpy())
-    bx.set_title("∂(new infections per day)/∂β (forward mode)")
-    bx.set_xlabel("day")
-    fig.tight_layout()
-    fig.savefig(out / "sensitivity.png", dpi=110)
-    plt.close(fig)
-    (out / "sensitivity.json").write_text(json.dumps([dict(zip(("parameter", "value", "grad", "elasticity"), r, strict=True)) for r in rows], indent=2))
-    console.print(f"wrote {out / 'sensitivity.png'} and {out / 'sensitivity.json'}")
-
-
 def register(app: typer.Typer) -> None:
     app.command("calibrate")(calibrate_command)
     app.command("forecast")(forecast_command)
     app.command("backtest")(backtest_command)
-    app.command("sensitivity")(sensitivity_command)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
+from enum import StrEnum
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -12,47 +15,60 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 console = Console()
 
 
+class ModelName(StrEnum):
+    """The epidemic models the commands build."""
+
+    sir = "sir"
+    seirm = "seirm"
+
+
+class SeriesFormat(StrEnum):
+    csv = "csv"
+    parquet = "parquet"
+
+
+def _model(name: ModelName, **kwargs: float):
+    from simulation.models import SEIRM, SIR
+
+    return SIR(**kwargs) if name is ModelName.sir else SEIRM(**kwargs)
+
+
 def simulate_command(
-    preset: str = typer.Option("oxford", help="Population preset: tiny, oxford or nyc."),
-    days: int = typer.Option(60, min=1, max=3650, help="Days to simulate."),
-    model: str = typer.Option("sir", help="Model: sir or seirm."),
-    scale: float = typer.Option(1.0, help="Population scale factor (nyc 0.12 ≈ 1M agents)."),
-    beta: float = typer.Option(0.5, min=0.0, help="Transmission rate β per day."),
-    seed: int = typer.Option(0, help="Random seed (population and events)."),
-    estimator: str = typer.Option("auto", help="Gradient estimator (auto: nonbacktracking for SIR)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    out: Path = typer.Option(Path("out/simulate"), help="Output directory."),
-    fmt: str = typer.Option("csv", "--format", help="Series format: csv or parquet."),
-    stimulus: float | None = typer.Option(
-        None, min=0.0, help="Compare SEIRM with archetype behaviour with/without this payment ($)."
-    ),
-    procs: int = typer.Option(
-        1, min=1, max=4096,
+    preset: Annotated[str, typer.Option(help="Population preset: tiny, oxford or nyc.")] = "oxford",
+    days: Annotated[int, typer.Option(min=1, max=3650, help="Days to simulate.")] = 60,
+    model: Annotated[ModelName, typer.Option(help="Epidemic model.")] = ModelName.sir,
+    scale: Annotated[float, typer.Option(help="Population scale factor (nyc 0.12 ≈ 1M agents).")] = 1.0,
+    beta: Annotated[float, typer.Option(min=0.0, help="Transmission rate β per day.")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Random seed (population and events).")] = 0,
+    estimator: Annotated[str, typer.Option(
+        help="Gradient estimator (auto: nonbacktracking for SIR).")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/simulate"),
+    fmt: Annotated[SeriesFormat, typer.Option("--format", help="Series format.")] = SeriesFormat.csv,
+    stimulus: Annotated[float | None, typer.Option(
+        min=0.0, help="Compare SEIRM with archetype behaviour with/without this payment ($).")] = None,
+    procs: Annotated[int, typer.Option(
+        min=1, max=4096,
         help="Partition the city over this many processes (starts torchrun; simulation.distributed).",
-    ),
+    )] = 1,
 ) -> None:
     """Simulate a synthetic city and write the daily series and a PNG of the compartments."""
     import torch
 
     from simulation.engine import SimulationError, simulate
     from simulation.estimators import ESTIMATORS
-    from simulation.models import SEIRM, SIR
     from simulation.plots import plot_compartments
     from simulation.population import PRESETS, synthesize
 
     if preset not in PRESETS:
         raise typer.BadParameter(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    if model not in ("sir", "seirm"):
-        raise typer.BadParameter("model must be 'sir' or 'seirm'")
     if estimator not in (*ESTIMATORS, "auto", "nonbacktracking"):
         raise typer.BadParameter(f"estimator must be auto, nonbacktracking or one of {sorted(ESTIMATORS)}")
-    if fmt not in ("csv", "parquet"):
-        raise typer.BadParameter("format must be csv or parquet")
     if procs > 1:
         if stimulus is not None:
             raise typer.BadParameter("--stimulus runs in one process; drop --procs")
-        _run_partitioned(procs, preset=preset, scale=scale, days=days, model=model, beta=beta,
-                         seed=seed, estimator=estimator, device=device, out=out, fmt=fmt)
+        _run_partitioned(procs, preset=preset, scale=scale, days=days, model=model.value, beta=beta,
+                         seed=seed, estimator=estimator, device=device, out=out, fmt=fmt.value)
         return
     t0 = time.perf_counter()
     with console.status(f"building population '{preset}' (scale {scale})"):
@@ -64,7 +80,7 @@ def simulate_command(
     if stimulus is not None:
         _stimulus_scenario(pop, days, stimulus, seed, device, out)
         return
-    m = SIR(beta=beta) if model == "sir" else SEIRM(beta=beta)
+    m = _model(model, beta=beta)
     with Progress(
         TextColumn("[bold]simulating"), BarColumn(), TextColumn("day {task.completed}/{task.total}"),
         TimeElapsedColumn(), console=console,
@@ -80,9 +96,10 @@ def simulate_command(
         elapsed = time.perf_counter() - t1
     out.mkdir(parents=True, exist_ok=True)
     frame = traj.to_frame()
-    series_path = out / f"series.{fmt}"
-    frame.to_csv(series_path, index=False) if fmt == "csv" else frame.to_parquet(series_path)
-    png = plot_compartments(traj, out / "compartments.png", title=f"{model.upper()} · {preset} · {pop.n:,} agents")
+    series_path = out / f"series.{fmt.value}"
+    frame.to_csv(series_path, index=False) if fmt is SeriesFormat.csv else frame.to_parquet(series_path)
+    png = plot_compartments(traj, out / "compartments.png",
+                            title=f"{model.value.upper()} · {preset} · {pop.n:,} agents")
     console.print(
         f"{days} days in {elapsed:.1f} s ({pop.n * days / elapsed / 1e6:.1f} M agent-steps/s); "
         f"total infections {int(traj.total_infections):,} ({traj.total_infections / pop.n:.0%})"
@@ -135,46 +152,48 @@ def _stimulus_scenario(pop, days: int, amount: float, seed: int, device: str, ou
 
 
 def gradcheck_command(
-    model: str = typer.Option("sir", help="Model: sir or seirm."),
-    beta: float = typer.Option(0.3, min=0.0, help="Transmission rate β per day."),
-    gamma: float = typer.Option(0.15, min=0.0, help="SIR recovery rate γ per day."),
-    latent_days: float = typer.Option(3.0, min=1.0, help="SEIRM mean latent period (days)."),
-    infectious_days: float = typer.Option(7.0, min=1.0, help="SEIRM mean infectious period (days)."),
-    agents: int = typer.Option(50_000, min=100, help="Agents (random contact graph)."),
-    degree: float = typer.Option(10.0, min=1.0, help="Mean contacts per agent."),
-    preset: str | None = typer.Option(None, help="Use a population preset instead of a random graph."),
-    scale: float = typer.Option(1.0, help="Preset scale factor."),
-    initial_infected: float = typer.Option(0.01, min=0.0, max=1.0, help="Fraction infected on day 0."),
-    days: int = typer.Option(40, min=1, max=3650, help="Days to simulate."),
-    seeds: int = typer.Option(8, min=2, help="Seeds (paired AD and FD runs)."),
-    params: str | None = typer.Option(None, help="Comma-separated parameters (default: the model's rates)."),
-    estimator: str = typer.Option("auto", help="Gradient estimator to check (auto: the engine default)."),
-    fd_step: float = typer.Option(0.05, help="Relative FD step h/|θ|."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
-    json_out: Path | None = typer.Option(None, "--json", help="Write the per-parameter statistics here."),
+    model: Annotated[ModelName, typer.Option(help="Epidemic model.")] = ModelName.sir,
+    beta: Annotated[float, typer.Option(min=0.0, help="Transmission rate β per day.")] = 0.3,
+    gamma: Annotated[float, typer.Option(min=0.0, help="SIR recovery rate γ per day.")] = 0.15,
+    latent_days: Annotated[float, typer.Option(min=1.0, help="SEIRM mean latent period (days).")] = 3.0,
+    infectious_days: Annotated[float, typer.Option(
+        min=1.0, help="SEIRM mean infectious period (days).")] = 7.0,
+    agents: Annotated[int, typer.Option(min=100, help="Agents (random contact graph).")] = 50_000,
+    degree: Annotated[float, typer.Option(min=1.0, help="Mean contacts per agent.")] = 10.0,
+    preset: Annotated[str | None, typer.Option(
+        help="Use a population preset instead of a random graph.")] = None,
+    scale: Annotated[float, typer.Option(help="Preset scale factor.")] = 1.0,
+    initial_infected: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Fraction infected on day 0.")] = 0.01,
+    days: Annotated[int, typer.Option(min=1, max=3650, help="Days to simulate.")] = 40,
+    seeds: Annotated[int, typer.Option(min=2, help="Seeds (paired AD and FD runs).")] = 8,
+    params: Annotated[str | None, typer.Option(
+        help="Comma-separated parameters (default: the model's rates).")] = None,
+    estimator: Annotated[str, typer.Option(
+        help="Gradient estimator to check (auto: the engine default).")] = "auto",
+    fd_step: Annotated[float, typer.Option(help="Relative FD step h/|θ|.")] = 0.05,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    json_out: Annotated[Path | None, typer.Option(
+        "--json", help="Write the per-parameter statistics here.")] = None,
 ) -> None:
     """Check AD gradients of total infections against CRN central finite differences."""
-    import json
 
     from simulation.engine import SimulationError
     from simulation.estimators import ESTIMATORS, RUN_ESTIMATORS
     from simulation.gradcheck import format_table, gradcheck
-    from simulation.models import SEIRM, SIR
     from simulation.population import random_contact_graph, synthesize
 
-    if model not in ("sir", "seirm"):
-        raise typer.BadParameter("model must be 'sir' or 'seirm'")
     if estimator not in (*ESTIMATORS, *RUN_ESTIMATORS):
         raise typer.BadParameter(f"estimator must be one of {sorted([*ESTIMATORS, *RUN_ESTIMATORS])}")
     names = [p.strip() for p in params.split(",")] if params else (
-        ["beta", "gamma"] if model == "sir" else ["beta", "latent_days", "infectious_days"])
+        ["beta", "gamma"] if model is ModelName.sir else ["beta", "latent_days", "infectious_days"])
     pop = synthesize(preset, seed=0, scale=scale) if preset else random_contact_graph(agents, degree, seed=0)
 
     def make():
-        if model == "sir":
-            return SIR(beta, gamma, initial_infected)
-        return SEIRM(beta=beta, latent_days=latent_days, infectious_days=infectious_days,
-                     initial_infected=initial_infected)
+        if model is ModelName.sir:
+            return _model(model, beta=beta, gamma=gamma, initial_infected=initial_infected)
+        return _model(model, beta=beta, latent_days=latent_days, infectious_days=infectious_days,
+                      initial_infected=initial_infected)
 
     t0 = time.perf_counter()
     with console.status(f"{seeds} seeds × (1 AD + {2 * len(names)} FD runs) of {days} days"):
@@ -184,7 +203,7 @@ def gradcheck_command(
         except SimulationError as exc:
             raise typer.BadParameter(str(exc)) from exc
     n = pop.n
-    console.print(f"{model.upper()}, {n:,} agents, {days} days, {seeds} seeds, FD step {fd_step:.0%} "
+    console.print(f"{model.value.upper()}, {n:,} agents, {days} days, {seeds} seeds, FD step {fd_step:.0%} "
                   f"(common random numbers), d(total infections)/dθ — {time.perf_counter() - t0:.0f} s")
     typer.echo(format_table(report, estimator))
     if json_out is not None:
@@ -193,6 +212,59 @@ def gradcheck_command(
         console.print(f"wrote {json_out}")
 
 
+def sensitivity_command(
+    preset: Annotated[str, typer.Option(help="Population preset.")] = "oxford",
+    scale: Annotated[float, typer.Option(help="Population scale.")] = 0.2,
+    days: Annotated[int, typer.Option(min=1, help="Days to simulate.")] = 60,
+    model: Annotated[ModelName, typer.Option(help="Epidemic model.")] = ModelName.seirm,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/sensitivity"),
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """∂(total infections)/∂(every parameter) in one reverse pass; ∂(daily series)/∂β forward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from rich.table import Table
+
+    from simulation.calibration.sensitivity import forward_sensitivity, reverse_sensitivity
+    from simulation.engine import simulate
+    from simulation.population import synthesize
+
+    pop = synthesize(preset, seed=seed, scale=scale)
+    m = _model(model)
+    grads = reverse_sensitivity(m, lambda: simulate(m, pop, days, seed).total_infections)
+    rows = []
+    for name, g in grads.items():
+        p = dict(m.named_parameters())[name]
+        for i, (v, d) in enumerate(zip(p.detach().reshape(-1).tolist(), g.reshape(-1).tolist(), strict=True)):
+            label = name if p.numel() == 1 else f"{name}[{i}]"
+            rows.append((label, v, d, v * d))  # elasticity-style: θ·∂M/∂θ
+    rows.sort(key=lambda r: -abs(r[3]))
+    table = Table(title=f"∂ total infections / ∂θ ({model.value}, {pop.n:,} agents, {days} days)")
+    for col in ("parameter", "value", "∂M/∂θ", "θ·∂M/∂θ"):
+        table.add_column(col, justify="right" if col != "parameter" else "left")
+    for r in rows:
+        table.add_row(r[0], f"{r[1]:.4g}", f"{r[2]:.4g}", f"{r[3]:.4g}")
+    console.print(table)
+    beta_name = next(k for k in grads if k.endswith("beta"))
+    series = forward_sensitivity(m, lambda: simulate(m, pop, days, seed)["new_infections"], [beta_name])
+    out.mkdir(parents=True, exist_ok=True)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    top = rows[:12]
+    ax.barh([r[0] for r in top][::-1], [r[3] for r in top][::-1])
+    ax.set_title("θ·∂(total infections)/∂θ (reverse mode)")
+    bx.plot(series[beta_name].numpy())
+    bx.set_title("∂(new infections per day)/∂β (forward mode)")
+    bx.set_xlabel("day")
+    fig.tight_layout()
+    fig.savefig(out / "sensitivity.png", dpi=110)
+    plt.close(fig)
+    (out / "sensitivity.json").write_text(json.dumps([dict(zip(("parameter", "value", "grad", "elasticity"), r, strict=True)) for r in rows], indent=2))
+    console.print(f"wrote {out / 'sensitivity.png'} and {out / 'sensitivity.json'}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("simulate")(simulate_command)
     app.command("gradcheck")(gradcheck_command)
+    app.command("sensitivity")(sensitivity_command)

@@ -28,7 +28,7 @@ def test_cli_writes_per_parameter_json_and_a_table(tmp_path):
     assert "bias" in res.stdout and "beta" in res.stdout
     bad = subprocess.run([sys.executable, "-m", "lpm_cli", "gradcheck", "--model", "abc"],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "model must be" in bad.stderr
+    assert bad.returncode != 0 and "'sir', 'seirm'" in bad.stderr
 
 
 def test_parameters_by_short_or_full_name_and_errors():
