@@ -1,10 +1,12 @@
-"""`lpm calibrate`, `lpm forecast`, `lpm backtest` and `lpm sensitivity`: fit the simulator to data,
-forecast with bands, score forecasts against baselines, rank parameter effects."""
+"""`lpm calibrate`, `lpm forecast` and `lpm backtest`: fit the simulator to data, forecast with
+bands, score forecasts against baselines (`lpm sensitivity` is in simulation/cli.py)."""
 
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -19,30 +21,35 @@ def _bar() -> Progress:
                     TimeElapsedColumn(), console=console)
 
 
+class Scenario(StrEnum):
+    nyc = "nyc"
+    synthetic = "synthetic"
+
+
 def calibrate_command(
-    scenario: str = typer.Option("nyc", help="nyc (first wave, real data) or synthetic (known β)."),
-    agents: int = typer.Option(100_000, min=1_000, help="Synthetic population size."),
-    steps: int | None = typer.Option(None, min=1, help="Adam steps (default 80 for nyc, 40 otherwise)."),
-    posterior_steps: int = typer.Option(15, min=1, help="Variational posterior steps (nyc)."),
-    data: Path | None = typer.Option(None, help="Cases CSV in the NYC Health trends/cases-by-day.csv "
-                                     "layout (default: the bundled 2020 copy)."),
-    start: str = typer.Option("2020-03-01", help="First day of the fitted window (YYYY-MM-DD)."),
-    end: str = typer.Option("2020-06-30", help="Last day of the fitted window (YYYY-MM-DD)."),
-    out: Path = typer.Option(Path("out/calibrate"), help="Output directory."),
-    seed: int = typer.Option(0),
-    institutions: str | None = typer.Option(
-        None, help="Private multi-institution calibration under MPC, e.g. BX,BK,MN,QN,SI "
-        "(each institution process reads only its own column of --data)."),
+    scenario: Annotated[Scenario, typer.Option(
+        help="nyc: first wave, real data; synthetic: recover a known β.")] = Scenario.nyc,
+    agents: Annotated[int, typer.Option(min=1_000, help="Synthetic population size.")] = 100_000,
+    steps: Annotated[int | None, typer.Option(min=1, help="Adam steps (default 80 for nyc, 40 otherwise).")] = None,
+    posterior_steps: Annotated[int, typer.Option(min=1, help="Variational posterior steps (nyc).")] = 15,
+    data: Annotated[Path | None, typer.Option(help="Cases CSV in the NYC Health trends/cases-by-day.csv "
+                                     "layout (default: the bundled 2020 copy).")] = None,
+    start: Annotated[str, typer.Option(help="First day of the fitted window (YYYY-MM-DD).")] = "2020-03-01",
+    end: Annotated[str, typer.Option(help="Last day of the fitted window (YYYY-MM-DD).")] = "2020-06-30",
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/calibrate"),
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    institutions: Annotated[str | None, typer.Option(help="Private multi-institution calibration under MPC, e.g. BX,BK,MN,QN,SI "
+        "(each institution process reads only its own column of --data).")] = None,
 ) -> None:
     """Calibrate by gradient descent through the simulator; writes JSON and a PNG."""
     from simulation.calibration.data import DataError
 
     out.mkdir(parents=True, exist_ok=True)
-    steps = steps or (80 if scenario == "nyc" and institutions is None else 40)
+    steps = steps or (80 if scenario is Scenario.nyc and institutions is None else 40)
     if institutions is not None:
         _institutional(institutions, data, steps, out)
         return
-    if scenario == "synthetic":
+    if scenario is Scenario.synthetic:
         from simulation.calibration.synthetic import recover_beta
 
         with _bar() as bar:
@@ -54,8 +61,6 @@ def calibrate_command(
                       f"{res.runs} simulator runs · {res.seconds:.1f} s")
         (out / "synthetic.json").write_text(json.dumps({"beta": beta, "runs": res.runs, "seconds": res.seconds}))
         return
-    if scenario != "nyc":
-        raise typer.BadParameter("scenario must be nyc or synthetic")
     from simulation.calibration.window import WindowConfig, fit_window
 
     cfg = WindowConfig(agents=agents, steps=steps, posterior_steps=posterior_steps, seed=seed)
@@ -81,16 +86,16 @@ def calibrate_command(
 
 
 def forecast_command(
-    origin: str = typer.Option(..., help="Last day of data used (YYYY-MM-DD); the forecast starts the day after."),
-    horizon: int = typer.Option(28, min=1, max=120, help="Days to forecast."),
-    data: Path | None = typer.Option(None, help="Cases CSV in the NYC Health trends/cases-by-day.csv layout "
-                                     "(default: the bundled 2020 copy)."),
-    agents: int = typer.Option(100_000, min=1_000, help="Synthetic population size."),
-    fit_days: int = typer.Option(56, min=14, help="Days of data fitted before the origin."),
-    draws: int = typer.Option(40, min=2, help="Posterior draws × future β paths (one simulator run each)."),
-    steps: int = typer.Option(80, min=1, help="Adam steps of the fit."),
-    seed: int = typer.Option(0, help="Fixes every random choice (population, posterior, noise)."),
-    out: Path = typer.Option(Path("out/forecast"), help="Output directory."),
+    origin: Annotated[str, typer.Option(help="Last day of data used (YYYY-MM-DD); the forecast starts the day after.")],
+    horizon: Annotated[int, typer.Option(min=1, max=120, help="Days to forecast.")] = 28,
+    data: Annotated[Path | None, typer.Option(help="Cases CSV in the NYC Health trends/cases-by-day.csv layout "
+                                     "(default: the bundled 2020 copy).")] = None,
+    agents: Annotated[int, typer.Option(min=1_000, help="Synthetic population size.")] = 100_000,
+    fit_days: Annotated[int, typer.Option(min=14, help="Days of data fitted before the origin.")] = 56,
+    draws: Annotated[int, typer.Option(min=2, help="Posterior draws × future β paths (one simulator run each).")] = 40,
+    steps: Annotated[int, typer.Option(min=1, help="Adam steps of the fit.")] = 80,
+    seed: Annotated[int, typer.Option(help="Fixes every random choice (population, posterior, noise).")] = 0,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/forecast"),
 ) -> None:
     """Forecast daily reported cases with posterior-predictive quantiles; writes forecast.csv + PNG."""
     from simulation.calibration.data import DataError
@@ -118,15 +123,15 @@ def forecast_command(
 
 
 def backtest_command(
-    origins: str = typer.Option(..., help="Comma-separated forecast origins (YYYY-MM-DD,...)."),
-    horizons: str = typer.Option("14,28", help="Comma-separated horizons in days."),
-    data: Path | None = typer.Option(None, help="Cases CSV (default: the bundled 2020 copy)."),
-    agents: int = typer.Option(20_000, min=1_000, help="Synthetic population size."),
-    fit_days: int = typer.Option(56, min=14, help="Days of data fitted before each origin."),
-    draws: int = typer.Option(40, min=2, help="Posterior draws × future β paths per origin."),
-    steps: int = typer.Option(80, min=1, help="Adam steps per fit."),
-    seed: int = typer.Option(0),
-    out: Path = typer.Option(Path("out/backtest"), help="Output directory."),
+    origins: Annotated[str, typer.Option(help="Comma-separated forecast origins (YYYY-MM-DD,...).")],
+    horizons: Annotated[str, typer.Option(help="Comma-separated horizons in days.")] = "14,28",
+    data: Annotated[Path | None, typer.Option(help="Cases CSV (default: the bundled 2020 copy).")] = None,
+    agents: Annotated[int, typer.Option(min=1_000, help="Synthetic population size.")] = 20_000,
+    fit_days: Annotated[int, typer.Option(min=14, help="Days of data fitted before each origin.")] = 56,
+    draws: Annotated[int, typer.Option(min=2, help="Posterior draws × future β paths per origin.")] = 40,
+    steps: Annotated[int, typer.Option(min=1, help="Adam steps per fit.")] = 80,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out/backtest"),
 ) -> None:
     """Score forecasts from each origin against the data and the persistence / log-linear baselines."""
     from simulation.calibration.backtest import run_backtest

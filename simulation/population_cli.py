@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import cast
+from typing import Annotated, cast
 
 import typer
 from rich.console import Console
@@ -17,14 +17,12 @@ population_app = typer.Typer(help="Synthetic populations from census marginals."
 
 @population_app.command("build")
 def build_command(
-    marginals: str = typer.Option(
-        ..., help="Directory of marginal CSVs (docs/population.md), or a bundled set: nyc, oxford."
-    ),
-    out: Path = typer.Option(..., help="Output FILE.parquet (edges go to FILE.edges.parquet)."),
-    n: int | None = typer.Option(None, min=2, help="Agents (default: the census total)."),
-    scale: float | None = typer.Option(None, help="Fraction of the census total (instead of --n)."),
-    seed: int = typer.Option(0, help="Random seed."),
-    neighbourhood_size: int = typer.Option(2_000, min=10, help="People per community group."),
+    marginals: Annotated[str, typer.Option(help="Directory of marginal CSVs (docs/population.md), or a bundled set: nyc, oxford.")],
+    out: Annotated[Path, typer.Option(help="Output FILE.parquet (edges go to FILE.edges.parquet).")],
+    n: Annotated[int | None, typer.Option(min=2, help="Agents (default: the census total).")] = None,
+    scale: Annotated[float | None, typer.Option(help="Fraction of the census total (instead of --n).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    neighbourhood_size: Annotated[int, typer.Option(min=10, help="People per community group.")] = 2_000,
 ) -> None:
     """Fit the marginals (IPF) and stream agents and contact layers to Parquet, area by area."""
     from simulation.population import PopulationError, bundled_marginals, load_marginals
@@ -61,9 +59,9 @@ def _worst_tvd(meta: dict) -> float:
 
 @population_app.command("info")
 def info_command(
-    file: Path = typer.Argument(..., help="A FILE.parquet written by `lpm population build`."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    mixing: bool = typer.Option(True, help="Load the edges and compare age mixing per layer."),
+    file: Annotated[Path, typer.Argument(help="A FILE.parquet written by `lpm population build`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    mixing: Annotated[bool, typer.Option(help="Load the edges and compare age mixing per layer.")] = True,
 ) -> None:
     """The marginals the file reproduces (TVD per table and area) and its contact statistics."""
     from simulation.population import PopulationError, load_contact_matrices
