@@ -9,7 +9,7 @@ in the backward pass instead of storing them (memory ↔ time).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -91,6 +91,7 @@ def simulate(
     initial_state: State | None = None,
     extras: dict[str, torch.Tensor] | None = None,
     uniforms: Callable[[int, int], torch.Tensor] | None = None,
+    layer_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> Trajectory:
     """Simulate ``days`` days; returns the daily compartment totals and new infections.
 
@@ -101,8 +102,22 @@ def simulate(
     ``simulation.distributed``, keys them by global agent id). A population that carries
     ``simulate_partitioned`` (``simulation.distributed.PartitionedPopulation``) runs
     partitioned over its process group, with the same arguments and results.
+
+    ``layer_weights`` (layer name → scalar tensor, e.g. an ``nn.ParameterDict`` from
+    ``simulation.kernels_layers.layer_weight_parameters``; default ``model.layer_weights`` if
+    the model has one) makes the layer weights learnable: the neighbour sum becomes
+    Σ_l w_l (A_l x) over the per-layer CSRs and gradients reach every w_l (layers not named
+    keep their baked weight). Without it the merged CSR (weights baked in) is used, unchanged.
+    The fused run estimators ("auto", "nonbacktracking") carry no layer-weight tangents:
+    "auto" then runs "smoothed", and "nonbacktracking" is refused.
     """
+    if layer_weights is None:
+        layer_weights = getattr(model, "layer_weights", None)
+    layered = layer_weights is not None and len(layer_weights) > 0
     runner = getattr(population, "simulate_partitioned", None)
+    if layered and (neighbour_sum is not None or runner is not None):
+        raise SimulationError("learnable layer weights need the central per-layer CSR sum "
+                              "(not a neighbour_sum hook or a partitioned population)")
     if runner is not None and neighbour_sum is None and uniforms is None:
         return runner(model, days, seed, estimator=estimator, device=device,
                       checkpoint_days=checkpoint_days, progress=progress,
@@ -119,19 +134,28 @@ def simulate(
     attributes = {k: v.to(dev) for k, v in attributes.items()}
     if "age_band" not in attributes:
         attributes["age_band"] = torch.zeros(n, dtype=torch.int8, device=dev)
-    op = neighbour_sum or NeighbourSum(merged, dev)
+    if layered:
+        from simulation.kernels_layers import LayeredNeighbourSum
+
+        try:
+            op = LayeredNeighbourSum(graph, layer_weights, dev)
+        except ValueError as exc:
+            raise SimulationError(str(exc)) from None
+    else:
+        op = neighbour_sum or NeighbourSum(merged, dev)
     degree = merged.degree().to(dev).float()
     est = get_estimator(estimator)
     model = model.to(dev)
     if estimator in RUN_ESTIMATORS:
-        hooks = any(h is not None for h in (neighbour_sum, uniforms, extras, initial_state))
+        hooks = layered or any(h is not None for h in (neighbour_sum, uniforms, extras, initial_state))
         if supports_fused_sir(model, dev, hooks):
             series_t, final = simulate_sir_fused(model, merged, days, seed, progress)
             return Trajectory(series_t, final, days,
                               {"seed": seed, "estimator": "nonbacktracking", "device": str(dev), "n": n})
         if estimator == "nonbacktracking":
             raise SimulationError("the nonbacktracking estimator runs the plain SIR model on CPU without "
-                                  "neighbour_sum/uniforms/extras/initial_state hooks; use 'smoothed'")
+                                  "neighbour_sum/uniforms/extras/initial_state hooks or learnable layer_weights; "
+                                  "use 'smoothed'")
         estimator = "smoothed"
 
     gen = torch.Generator().manual_seed(int(seed))
