@@ -35,20 +35,25 @@ def day_key(seed: int, day: int) -> int:
     return _mix_int((int(seed) * _GOLDEN + int(day) * 0xD1B54A32D192ED03 + 1) & _MASK64)
 
 
+_U_GOLDEN, _U_M1, _U_M2 = np.uint64(_GOLDEN), np.uint64(_M1), np.uint64(_M2)
+
+
+@numba.njit(inline="always")
+def _uniform(key, counter):  # pragma: no cover - compiled
+    """The float32 uniform of one 64-bit counter under ``key`` (splitmix64 finaliser, 24 bits)."""
+    z = key + np.uint64(counter) * _U_GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _U_M1
+    z = (z ^ (z >> np.uint64(27))) * _U_M2
+    z = z ^ (z >> np.uint64(31))
+    return np.float32(z >> np.uint64(40)) * np.float32(_SCALE)
+
+
 @numba.njit(parallel=True, cache=True)
 def _fill(key, out):  # pragma: no cover - compiled
     streams, n = out.shape
-    golden = np.uint64(0x9E3779B97F4A7C15)
-    m1 = np.uint64(0xBF58476D1CE4E5B9)
-    m2 = np.uint64(0x94D049BB133111EB)
-    scale = np.float32(1.0 / (1 << 24))
     for s in range(streams):
         for i in numba.prange(n):
-            z = key + np.uint64(s * n + i + 1) * golden
-            z = (z ^ (z >> np.uint64(30))) * m1
-            z = (z ^ (z >> np.uint64(27))) * m2
-            z = z ^ (z >> np.uint64(31))
-            out[s, i] = np.float32(z >> np.uint64(40)) * scale
+            out[s, i] = _uniform(key, s * n + i + 1)
 
 
 def _signed(x: int) -> int:
@@ -84,17 +89,9 @@ def counter_uniforms(seed: int, day: int, n: int, device: torch.device, streams:
 @numba.njit(parallel=True, cache=True)
 def _fill_at(key, ids, total, out):  # pragma: no cover - compiled
     streams, n = out.shape
-    golden = np.uint64(0x9E3779B97F4A7C15)
-    m1 = np.uint64(0xBF58476D1CE4E5B9)
-    m2 = np.uint64(0x94D049BB133111EB)
-    scale = np.float32(1.0 / (1 << 24))
     for s in range(streams):
         for i in numba.prange(n):
-            z = key + np.uint64(s * total + ids[i] + 1) * golden
-            z = (z ^ (z >> np.uint64(30))) * m1
-            z = (z ^ (z >> np.uint64(27))) * m2
-            z = z ^ (z >> np.uint64(31))
-            out[s, i] = np.float32(z >> np.uint64(40)) * scale
+            out[s, i] = _uniform(key, s * total + ids[i] + 1)
 
 
 def counter_uniforms_at(
