@@ -4,6 +4,13 @@ neighbour sum on the same graph, in the same run. Also reports bytes per agent p
 the per-device cost of one agent's share of a step.
 
     .venv/bin/python benchmarks/bench_neighbourhood.py [--n 150000] [--degree 10]
+
+``--relay-devices N`` instead times the per-device relay (``NeighbourhoodRelay``, assisted,
+padding on) on the shape of a hybrid fleet run: N devices with ``--degree`` contacts each
+among ``7 N`` coordinator-run parties (most with one or two contacts, so padded with
+dummies): seconds per round for planning, routing (dummies included) and all parties' own
+work, and the public keys each party is handed. Issue 12: the old relay gave every dummy
+every key of the run each round (O(dummies x N)).
 """
 
 from __future__ import annotations
@@ -94,6 +101,54 @@ def per_sender_keystream_s(n: int, degree: int) -> float:
     return time.perf_counter() - t0
 
 
+def relay_fleet(devices: int, degree: int, rounds: int, seed: int) -> None:
+    """Per-device relay on a hybrid-fleet-shaped cross graph (see the module docstring)."""
+    import random
+    import resource
+
+    rng = random.Random(seed)
+    proxies = 7 * devices
+    dev_ids = [f"d{i}" for i in range(devices)]
+    contacts: dict[str, set[str]] = {}
+    for d in dev_ids:  # cross edges device <-> coordinator-run party, both directions
+        for p in rng.sample(range(proxies), degree):
+            contacts.setdefault(d, set()).add(f"p{p}")
+            contacts.setdefault(f"p{p}", set()).add(d)
+    t0 = time.perf_counter()
+    relay = NeighbourhoodRelay(contacts, variant=Variant.ASSISTED, run_id="bench-relay",
+                               policy=NeighbourhoodPolicy(min_size=3))
+    agents = make_devices(relay, sorted(contacts))
+    t_setup = time.perf_counter() - t0
+    values = {a: float(rng.random() < 0.1) for a in contacts}
+    print(f"relay fleet: {devices} devices x {degree} contacts, {len(contacts)} parties "
+          f"({len(contacts) - devices} coordinator-run), assisted, min_size 3 (padding); "
+          f"setup (keys, registration) {t_setup:.1f} s")
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        att = relay.begin_round(r, set(contacts))
+        t_plan = time.perf_counter() - t0
+        keys_of = getattr(relay, "keys_for", lambda _plan: relay.public_keys())  # old: all
+        keys = [len(keys_of(p)) for p in att.plans.values()]
+        dummy_keys = max((len(d.keyring._public) for d in relay._dummies.values()), default=0)
+        t0 = time.perf_counter()
+        for a, plan in att.plans.items():
+            agents[a].keyring.add_peers(keys_of(plan))
+        ups = {a: agents[a].start(p, values[a]) for a, p in att.plans.items()}
+        t_start = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        deliveries = att.route_phase1(ups)
+        t_route = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for a, dl in deliveries.items():
+            agents[a].on_masked(dl.envelopes, dl.mask_sum)
+        t_fin = time.perf_counter() - t0
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        print(f"  round {r}: plan {t_plan:.2f} s, route (relay + {len(relay._dummies)} dummies) "
+              f"{t_route:.2f} s, parties' start {t_start:.2f} s + finish {t_fin:.2f} s; keys "
+              f"per party max {max(keys)} (mean {statistics.mean(keys):.1f}), per dummy max "
+              f"{dummy_keys}; max RSS {rss:.2f} GB")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=150_000)
@@ -102,8 +157,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--relay-devices", type=int, default=0,
+                   help="time the per-device relay on a hybrid-fleet-shaped graph instead")
+    p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.relay_devices:
+        relay_fleet(args.relay_devices, round(args.degree), args.rounds, args.seed)
+        return
 
     merged = random_contact_graph(args.n, args.degree, seed=args.seed).merged()
     indptr, indices = merged.indptr, merged.indices.to(torch.int64)

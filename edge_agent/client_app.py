@@ -169,9 +169,12 @@ def _agent(st: ConfigRecord) -> AssistedNeighbourhoodAgent:
 
 
 def _start(agent: AssistedNeighbourhoodAgent, st: ConfigRecord, plan: AgentPlan,
-           keys: dict[str, bytes], value: float) -> list[Envelope]:
+           keys: dict[str, bytes], value: float, *, send: bool = True) -> list[Envelope]:
     agent.keyring.add_peers(keys)
     weights = {k: float(v) for k, v in json.loads(str(st["weights"])).items()}
+    if not send:  # re-arm only: yesterday's contributions were sent yesterday
+        agent.resume(plan, value, weights=weights, weight_sum=float(st["weight_sum"]))
+        return []
     return agent.start(plan, value, weights=weights, weight_sum=float(st["weight_sum"]))
 
 
@@ -197,7 +200,7 @@ def _finish_day(st: ConfigRecord, req: DayRequest) -> list[float]:
     agent = _agent(st)
     prev_keys = {k: bytes.fromhex(v) for k, v in json.loads(str(st["keys"])).items()}
     _start(agent, st, AgentPlan.from_dict(json.loads(str(st["plan"]))), prev_keys,
-           float(st["value"]))  # re-arm the state machine with yesterday's inputs
+           float(st["value"]), send=False)  # re-arm the state machine with yesterday's inputs
     envelopes = [Envelope.from_bytes(b) for b in req.delivery]
     res = agent.on_masked(envelopes, Envelope.from_bytes(req.mask_sum) if req.mask_sum else None)
     total = 0.0 if res is None else float(res.value)

@@ -85,6 +85,21 @@ class AssistedNeighbourhoodAgent(DeviceBase):
         self.phase = Phase.SENT
         return out
 
+    def resume(
+        self,
+        plan: AgentPlan,
+        value: float,
+        *,
+        weights: Mapping[str, float] | None = None,
+        weight_sum: float | None = None,
+    ) -> None:
+        """Re-arm a device that sent its contributions for ``plan`` (:meth:`start`) in an
+        earlier process and now only has to receive (:meth:`on_masked`): the same checks as
+        :meth:`start` with the same inputs, nothing derived, sealed or sent again."""
+        self._begin(plan, value, weights, weight_sum)
+        self.sent_masks = {}
+        self.phase = Phase.SENT
+
     def on_masked(
         self, envelopes: Sequence[Envelope], mask_sum: Envelope | None
     ) -> NeighbourSum | None:

@@ -85,3 +85,37 @@ def test_scalar_decode_equals_the_tensor_one() -> None:
         for v in [0, 1, -1, 2**63 - 1, -(2**63), *(rng.randrange(-(2**63), 2**63)
                                                 for _ in range(3000))]:
             assert decode_scalar(ring, v) == float(ring.decode(torch.tensor([v]))[0])
+
+
+def test_assisted_resume_rearms_without_resending() -> None:
+    """A device process that lost its state machine between sending and receiving re-arms
+    with ``resume`` (same checks, nothing re-sealed) and decodes the same sum."""
+    from protocols.keys import AgreementKey
+    from protocols.neighbourhood import AssistedNeighbourhoodAgent, Keyring, ProtocolStateError
+
+    contacts = {"a": {"b", "c", "d"}, "b": {"a"}, "c": {"a"}, "d": {"a"}}
+    relay = NeighbourhoodRelay(contacts, variant="assisted", run_id="resume",
+                               policy=NeighbourhoodPolicy(min_size=3))
+    devices = make_devices(relay, ["b", "c", "d"])
+    raw = AgreementKey.generate()
+    fresh_key = raw.private_bytes()
+    devices["a"] = AssistedNeighbourhoodAgent(
+        "a", "resume", keyring=Keyring("a", "resume", AgreementKey.from_private_bytes(fresh_key)),
+        contacts=contacts["a"])
+    relay.register("a", raw.public_bytes())
+    att = relay.begin_round(0, set(contacts))
+    values = {"a": 0.0, "b": 1.0, "c": 1.0, "d": 0.0}
+    ups = {}
+    for x, plan in att.plans.items():
+        devices[x].keyring.add_peers(relay.keys_for(plan))
+        ups[x] = devices[x].start(plan, values[x])
+    deliveries = att.route_phase1(ups)
+    again = AssistedNeighbourhoodAgent(  # the device's next process: same key, new object
+        "a", "resume", keyring=Keyring("a", "resume", AgreementKey.from_private_bytes(fresh_key)),
+        contacts=contacts["a"])
+    again.keyring.add_peers(relay.keys_for(att.plans["a"]))
+    again.resume(att.plans["a"], values["a"])
+    res = again.on_masked(deliveries["a"].envelopes, deliveries["a"].mask_sum)
+    assert res is not None and res.value == 2.0 and res.real_contributors == 3
+    with pytest.raises(ProtocolStateError):
+        again.resume(att.plans["a"], values["a"])  # the same round twice
