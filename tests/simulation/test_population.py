@@ -106,6 +106,42 @@ def test_layers_follow_the_published_matrices(nyc100k):
         assert 0.8 < rep[name]["mean_contacts"] / rep[name]["published_mean_contacts"] < 1.2
     for name, r in rep.items():  # no undirected graph beats the floor
         assert r["rel_frobenius"] >= r["reciprocity_floor"] - 1e-9, name
+    # household: cliques of census sizes hold fewer contacts than the survey's "at home"
+    # (which counts visitors), so the shape is compared at the best scale (a layer weight)
+    hh = rep["household"]
+    assert hh["rel_frobenius_reciprocal_scaled"] < 0.10, hh
+    assert hh["rel_frobenius_scaled"] < hh["reciprocity_floor"] + 0.02, hh
+
+
+def _children_without_parent(age: np.ndarray, household: np.ndarray) -> int:
+    order = np.argsort(household, kind="stable")
+    a, h = age[order].astype(int), household[order]
+    count = 0
+    for grp in np.split(a, np.flatnonzero(np.diff(h)) + 1):
+        for c in grp[grp < 15]:
+            gaps = grp - c
+            count += not np.any((gaps >= 15) & (gaps <= 50))
+    return count
+
+
+def test_household_refinement_keeps_marginals_and_parents():
+    """The swap refinement (BuildOptions.household_refine) moves non-head members between
+    households: same ages, same household sizes, no more children without a member 15-50
+    years older, and household mixing much closer to the published matrix."""
+    from simulation.population import BuildOptions, build_population
+
+    m = bundled_marginals("oxford")
+    pops = {r: build_population(m, n=20_000, seed=3, options=BuildOptions(household_refine=r)) for r in (0.0, 5.0)}
+    errs = {}
+    for r, pop in pops.items():
+        layers = {"household": (pop.graph.layers["household"].indptr.numpy(), pop.graph.layers["household"].indices.numpy())}
+        errs[r] = mixing_report(layers, pop.attributes["age"].numpy(), load_contact_matrices("prem2017_gbr"))["household"]
+    a0, a1 = (pops[r].attributes for r in (0.0, 5.0))
+    assert np.array_equal(np.sort(a0["age"].numpy()), np.sort(a1["age"].numpy()))
+    assert np.array_equal(np.bincount(np.bincount(a0["household"].numpy())), np.bincount(np.bincount(a1["household"].numpy())))
+    assert (_children_without_parent(a1["age"].numpy(), a1["household"].numpy())
+            <= _children_without_parent(a0["age"].numpy(), a0["household"].numpy()))
+    assert errs[5.0]["rel_frobenius_reciprocal_scaled"] < 0.6 * errs[0.0]["rel_frobenius_reciprocal_scaled"], errs
 
 
 def test_reciprocal_projection_is_symmetric_and_closest():
