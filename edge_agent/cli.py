@@ -111,7 +111,6 @@ def run(
     (edge_agent.client_app:app) over the SuperLink."""
     import os
     import shutil
-    import subprocess
     import sys
 
     exe = shutil.which("flower-supernode", path=f"{Path(sys.executable).parent}:"
@@ -129,7 +128,39 @@ def run(
             raise typer.BadParameter("--store needs $LPM_EDGE_PASSPHRASE (keys are encrypted)")
         args += ["--node-config", f"lpm-store='{store.resolve()}'"]
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    raise typer.Exit(subprocess.call(args))
+    # the SuperNode starts flower-superexec / flwr-clientapp by name: from this environment
+    os.environ["PATH"] = os.pathsep.join([str(Path(exe).parent), os.environ.get("PATH", "")])
+    if os.name == "posix":
+        # Become the SuperNode (exec, same pid): a SIGTERM/SIGINT/SIGKILL sent to `lpm edge
+        # run` reaches it, and no orphaned flower-supernode is left behind (before: the
+        # child outlived a killed parent).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(exe, args)
+    raise typer.Exit(_run_child(args))
+
+
+def _run_child(args: list[str]) -> int:
+    """Where exec is not available: run the SuperNode as a child, pass SIGINT/SIGTERM on to
+    it and wait for it, so it never outlives this process on those signals."""
+    import signal
+    import subprocess
+
+    child = subprocess.Popen(args)
+
+    def forward(signum, _frame) -> None:
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
 
 
 _STATUS_CODES = {"susceptible": "S", "infected": "I", "recovered": "R", "s": "S", "i": "I",
