@@ -7,12 +7,17 @@ Target: p99 ≤ 50 ms. Prints p50/p99, req/s and the load average.
 ``--baseline-root DIR`` also serves the same store from another source tree (e.g. the code
 before a change, from `git archive`) and measures it in the same run, for ratios.
 Without `wrk` (Debian: `apt-get install wrk`) it falls back to a raw asyncio keep-alive
-HTTP/1.1 client run in a separate process.
+HTTP/1.1 client run in a separate process. ``--rate R`` adds an open-loop run per endpoint
+(wrk2-style: fixed schedule, latency from the scheduled send time; wrk2 is not packaged).
+
+The baseline for a change: ``git archive <commit before> | tar -x -C /tmp/base`` then
+``--baseline-root /tmp/base``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import shutil
@@ -24,12 +29,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Each tree is served the way its `lpm coordinator` serves it (``serve`` where the tree has
+# it: GC-frozen startup heap), without the access log.
 _SERVER = """
 import sys, uvicorn
-from coordinator.service import create_app
+from coordinator import service
 from coordinator.store import CoordinatorStore
-uvicorn.run(create_app(CoordinatorStore(sys.argv[1]), "b" * 32, execute=False),
-            host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False)
+store, port = CoordinatorStore(sys.argv[1]), int(sys.argv[2])
+if hasattr(service, "serve"):
+    service.serve(store, "b" * 32, port=port, log_level="warning", access_log=False,
+                  execute=False)
+else:
+    uvicorn.run(service.create_app(store, "b" * 32, execute=False), host="127.0.0.1",
+                port=port, log_level="warning", access_log=False)
 """
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
@@ -90,6 +102,67 @@ def _raw(url: str, clients: int, seconds: float) -> tuple[float, float, float, i
     return float(p50), float(p99), float(rps), int(bad)
 
 
+# Open loop (wrk2-style, no coordinated omission): every connection has its own fixed
+# schedule (rate/clients per second, phases spread); a request's latency counts from the time
+# it was *scheduled*, so a stalled server is charged for the requests it delayed. One
+# asyncio (uvloop when installed) process; its own scheduling jitter is counted as server
+# latency (the figures can only be too high). Prints p50 p99 achieved-req/s bad late-starts.
+_OPEN_CLIENT = r"""
+import asyncio, sys, time
+try:
+    import uvloop
+except ImportError:
+    uvloop = None
+host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+clients, seconds, rate = int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6])
+req = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+lat, bad = [], [0]
+period = clients / rate
+async def worker(k, start, stop):
+    r, w = await asyncio.open_connection(host, port)
+    due = start + k * period / clients
+    while due < stop:
+        now = time.perf_counter()
+        if due > now:
+            await asyncio.sleep(due - now)
+        w.write(req)
+        head = await r.readuntil(b"\r\n\r\n")
+        n = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0].split(b":")[1])
+        await r.readexactly(n)
+        if not head.startswith(b"HTTP/1.1 2"):
+            bad[0] += 1
+        lat.append(time.perf_counter() - due)
+        due += period
+    w.close()
+span = []
+async def main():
+    start = time.perf_counter() + 0.5
+    await asyncio.gather(*(worker(k, start, start + seconds) for k in range(clients)))
+    span.append(time.perf_counter() - start)
+(uvloop.run if uvloop else asyncio.run)(main())
+lat.sort()
+print(lat[len(lat) // 2] * 1e3, lat[int(len(lat) * 0.99)] * 1e3, len(lat) / span[0], bad[0])
+"""
+
+
+def _open(url: str, clients: int, seconds: float, rate: float
+          ) -> tuple[float, float, float, int]:
+    m = re.match(r"http://([\d.]+):(\d+)(/.*)", url)
+    out = subprocess.run([sys.executable, "-c", _OPEN_CLIENT, m[1], m[2], m[3], str(clients),
+                          str(seconds), str(rate)], capture_output=True, text=True, check=True
+                         ).stdout
+    p50, p99, rps, bad = out.split()
+    return float(p50), float(p99), float(rps), int(bad)
+
+
+def _ready(url: str, timeout: float = 120.0) -> None:
+    """One complete 200 (the first /plot.png renders for seconds) before any timing."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        r.read()
+
+
 def _serve(root: Path, db: str) -> tuple[subprocess.Popen, str]:
     port = _port()
     proc = subprocess.Popen([sys.executable, "-c", _SERVER, db, str(port)], cwd=root,
@@ -111,6 +184,9 @@ def main() -> None:
     ap.add_argument("--baseline-root", type=Path, default=None)
     ap.add_argument("--client", choices=("wrk", "raw"), default="wrk" if shutil.which("wrk")
                     else "raw")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="also an open-loop run at this fixed total req/s (0: none)")
+    ap.add_argument("--paths", default="", help="comma-separated subset, e.g. /exposure")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from coordinator.store import CoordinatorStore
@@ -127,16 +203,22 @@ def main() -> None:
     store.close()
     paths = ["/health", "/runs", f"/runs/{rid}", f"/runs/{rid}/series", "/exposure",
              f"/runs/{rid}/plot.png", "/bundle"]
+    if args.paths:
+        wanted = args.paths.split(",")
+        paths = [p for p in paths if p.replace(rid, "{id}") in wanted]
     load = _raw if args.client == "raw" else _wrk
     servers = [("this tree", ROOT)] + ([("baseline", args.baseline_root)]
                                        if args.baseline_root else [])
     print(f"client: {args.client}, {args.clients} keep-alive connections, {args.seconds:.0f} s "
           f"per endpoint, one uvicorn worker; load average before: {os.getloadavg()}")
+    if args.rate:
+        print(f"open loop: {args.rate:.0f} req/s in all, latency from the scheduled send time")
     results: dict[tuple[str, str], tuple[float, float, float, int]] = {}
     for name, root in servers:
         proc, url = _serve(root, db)
         try:
             for path in paths:
+                _ready(url + path)
                 load(url + path, 10, 1.0)  # warm-up (caches, connections)
                 res = load(url + path, args.clients, args.seconds)
                 results[name, path] = res
@@ -145,7 +227,15 @@ def main() -> None:
                 print(f"[{name}] {label:22s} p50 {p50:8.1f} ms  p99 {p99:8.1f} ms  "
                       f"{rps:8.0f} req/s  bad {bad}  "
                       f"{'ok' if p99 <= 50 and bad == 0 else 'NOT met'}  "
-                      f"load {os.getloadavg()[0]:.2f}")
+                      f"load {os.getloadavg()[0]:.2f}", flush=True)
+                if args.rate:
+                    res = _open(url + path, args.clients, args.seconds, args.rate)
+                    results[name, "open " + path] = res
+                    p50, p99, rps, bad = res
+                    print(f"[{name}] {label:22s} open loop {args.rate:.0f}/s: p50 {p50:6.1f} ms"
+                          f"  p99 {p99:8.1f} ms  {rps:8.0f} req/s  bad {bad}  "
+                          f"{'ok' if p99 <= 50 and bad == 0 else 'NOT met'}  "
+                          f"load {os.getloadavg()[0]:.2f}", flush=True)
         finally:
             proc.terminate()
             try:
@@ -154,11 +244,17 @@ def main() -> None:
                 proc.kill()
                 proc.wait(10)
     if args.baseline_root:
+        print("this tree vs baseline (same run): req/s ratio, p99 ratio (lower is better)")
         for path in paths:
             new, old = results["this tree", path], results["baseline", path]
             ratio = f"{new[2] / old[2]:6.1f}x" if old[2] else "  (baseline completed none)"
-            print(f"{path.replace(rid, '{id}'):22s} req/s {ratio} baseline, "
-                  f"p99 {new[1]:.0f} ms vs {old[1]:.0f} ms")
+            p99r = f"{new[1] / old[1]:5.2f}x" if old[1] and math.isfinite(old[1]) else "  -  "
+            print(f"{path.replace(rid, '{id}'):22s} req/s {ratio}, p99 {p99r} "
+                  f"({new[1]:.0f} ms vs {old[1]:.0f} ms)")
+            if args.rate:
+                new, old = results["this tree", "open " + path], results["baseline", "open " + path]
+                print(f"{'  open loop':22s} p99 {new[1]:.0f} ms vs {old[1]:.0f} ms "
+                      f"(achieved {new[2]:.0f} vs {old[2]:.0f} req/s)")
     print(f"load average after: {os.getloadavg()}")
 
 
