@@ -14,7 +14,7 @@ from simulation.population.contacts import (
 )
 from simulation.population.marginals import AgeBand, AreaMarginals
 
-__all__ = ["area_report", "city_report", "mixing_report", "tvd"]
+__all__ = ["area_report", "city_report", "household_bound", "mixing_report", "tvd"]
 
 
 def tvd(p: np.ndarray, q: np.ndarray) -> float:
@@ -124,3 +124,72 @@ def mixing_report(
             ),
         }
     return out
+
+
+def household_bound(
+    band_population: np.ndarray, persons_per_size: np.ndarray, target: np.ndarray, scale_free: bool = False,
+    penalty: float = 300.0,
+) -> tuple[float, float]:
+    """Lower bound on ‖s·C − target‖_F / ‖target‖_F for the household layer of *any*
+    assignment of people (five-year bands ``band_population``) to cliques of the census
+    household sizes (``persons_per_size[h-1]`` people in households of size h), with s = 1
+    or (``scale_free``) the best s. It solves a relaxation: a joint J[a, h] with both margins, per-size
+    symmetric directed contact totals T^h with row sums (h − 1)·J[a, h], children (< 15)
+    never alone and each with at least one contact aged 15+, one 15+ person per household.
+    Bounded least squares (scipy ``lsq_linear``) with the equalities as rows weighted by
+    ``penalty``. Returns (bound, s)."""
+    from scipy.optimize import lsq_linear
+
+    nb, k = target.shape[0], len(persons_per_size)
+    pop = np.asarray(band_population, float)
+    share = pop / pop.sum()
+    ph = np.asarray(persons_per_size, float) / float(np.sum(persons_per_size))
+    upper = {(a, b): i for i, (a, b) in enumerate((a, b) for a in range(nb) for b in range(a, nb))}
+    n_t = len(upper)
+    t_off = {h: (h - 2) * n_t for h in range(2, k + 1)}
+    j_off = (k - 1) * n_t
+    sa_off = j_off + nb * k
+    sc_off = sa_off + k
+    s_idx = sc_off + 3 * k
+    nv = s_idx + 1
+    rows: list[np.ndarray] = []
+    rhs: list[float] = []
+
+    def add(coefs: list[tuple[int, float]], r: float, w: float) -> None:
+        row = np.zeros(nv)
+        for i, c in coefs:
+            row[i] += c
+        rows.append(row * w)
+        rhs.append(r * w)
+
+    def t(h: int, a: int, b: int) -> int:
+        return t_off[h] + upper[(min(a, b), max(a, b))]
+
+    def j(a: int, h: int) -> int:
+        return j_off + a * k + h - 1
+
+    live = [a for a in range(nb) if share[a] > 0]
+    for a in live:  # objective: D_ab = Σ_h T^h_ab / N_a against the target
+        for b in range(nb):
+            add([(t(h, a, b), 1.0 / share[a]) for h in range(2, k + 1)], float(target[a, b]), 1.0)
+    n_obj = len(rows)
+    for h in range(2, k + 1):
+        for a in range(nb):
+            add([(t(h, a, b), 1.0) for b in range(nb)] + [(j(a, h), -(h - 1.0))], 0.0, penalty)
+        for a in range(3):  # every child has a contact aged 15+
+            add([(t(h, a, b), 1.0) for b in range(3, nb)] + [(sc_off + a * k + h - 1, -1.0), (j(a, h), -1.0)],
+                0.0, penalty)
+    for a in range(nb):
+        add([(j(a, h), 1.0) for h in range(1, k + 1)] + [(s_idx, -share[a])], 0.0, penalty)
+    for h in range(1, k + 1):
+        add([(j(a, h), 1.0) for a in range(nb)] + [(s_idx, -ph[h - 1])], 0.0, penalty)
+        add([(j(a, h), 1.0) for a in range(3, nb)] + [(sa_off + h - 1, -1.0), (s_idx, -ph[h - 1] / h)], 0.0, penalty)
+    lb, ub = np.zeros(nv), np.full(nv, np.inf)
+    for a in range(3):  # children never live alone
+        ub[j(a, 1)] = 1e-12
+    if not scale_free:
+        lb[s_idx], ub[s_idx] = 1.0, 1.0 + 1e-12
+    a_mat, r_vec = np.array(rows), np.array(rhs)
+    x = lsq_linear(a_mat, r_vec, bounds=(lb, ub), method="bvls", max_iter=5000, tol=1e-12).x
+    resid = a_mat[:n_obj] @ x - r_vec[:n_obj]
+    return float(np.linalg.norm(resid) / np.linalg.norm(target[live])), float(x[s_idx])

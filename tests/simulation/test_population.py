@@ -268,3 +268,24 @@ def test_cli_build_and_info(tmp_path):
     assert info["meta"]["n"] == 3000 and set(info["mixing"]) == {"household", "school", "work", "community"}
     res = runner.invoke(app, ["population", "build", "--marginals", "atlantis", "--out", str(out)])
     assert res.exit_code == 1 and "no bundled marginals" in res.output
+
+
+def test_household_bound_is_below_what_a_build_reaches():
+    """report.household_bound (a relaxation over every clique composition with the census
+    household sizes) never exceeds the error a real build attains."""
+    from simulation.population import build_population
+    from simulation.population.contacts import contact_band, reciprocal_totals
+    from simulation.population.report import household_bound
+
+    m = bundled_marginals("oxford")
+    pop = build_population(m, n=20_000, seed=3)
+    age = pop.attributes["age"].numpy().astype(np.int64)
+    band_pop = np.bincount(contact_band(age), minlength=16).astype(float)
+    sizes = np.bincount(np.bincount(pop.attributes["household"].numpy()))[1:]
+    persons = sizes * np.arange(1, sizes.size + 1)
+    home = load_contact_matrices("prem2017_gbr")["household"]
+    target = reciprocal_totals(home, band_pop) / np.maximum(band_pop, 1.0)[:, None]
+    layers = {"household": (pop.graph.layers["household"].indptr.numpy(), pop.graph.layers["household"].indices.numpy())}
+    got = mixing_report(layers, age, load_contact_matrices("prem2017_gbr"))["household"]
+    bound, scale = household_bound(band_pop, persons, target)
+    assert scale == pytest.approx(1.0) and 0.0 < bound <= got["rel_frobenius_reciprocal"] + 1e-6, (bound, got)
