@@ -26,13 +26,20 @@ given per-day series (e.g. a CSV column).
 from __future__ import annotations
 
 import csv
+import io
 import math
+import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-__all__ = ["CalibrationError", "CalibrationSettings", "OnlineCalibrator", "read_observed_csv"]
+__all__ = ["CalibrationError", "CalibrationSettings", "OnlineCalibrator", "pack_checkpoint",
+           "read_observed_csv", "unpack_checkpoint"]
+
+_PACKED = b"LPMCKPT1"  # checkpoint = this tag + npz(sim state bytes, calibrator arrays)
 
 
 class CalibrationError(ValueError):
@@ -89,25 +96,30 @@ _BETA_MAX = 5.0  # CalibrationSettings.hi's upper limit
 
 @dataclass
 class _Day:
-    hazard: torch.Tensor  # synthetic agents' h_i (> 0 entries only), float64
+    moments: torch.Tensor  # m_k = Σ_i h_i^k / k!, k = 1..K, over the synthetic agents
+    h_max: float
+    hazard: torch.Tensor  # the h_i themselves, kept only when the moments do not suffice
     phys_p: float
     phys_dp: float
     theta: float  # β the devices evaluated p and ∂p/∂β at
     y: float
     segment: int
-    moments: torch.Tensor = field(init=False)  # m_k = Σ_i h_i^k / k!, k = 1..K
-    h_max: float = field(init=False)
 
-    def __post_init__(self) -> None:
-        h = self.hazard
-        self.h_max = float(h.max()) if h.numel() else 0.0
+    @classmethod
+    def from_hazard(cls, hazard: torch.Tensor, phys_p: float, phys_dp: float, theta: float,
+                    y: float, segment: int) -> _Day:
+        """One day's terms from the synthetic agents' hazard bases h_i (float64)."""
+        h = hazard.to(torch.float64)
+        h_max = float(h.max()) if h.numel() else 0.0
         m, term = [], h.clone()
         for k in range(1, _MOMENTS + 1):
             m.append(term.sum())
             term = term * h / (k + 1)
-        self.moments = torch.stack(m) if m else torch.zeros(_MOMENTS, dtype=torch.float64)
-        if _BETA_MAX * self.h_max <= _SERIES_LIMIT:  # the moments suffice for every β allowed
-            self.hazard = torch.zeros(0, dtype=torch.float64)
+        moments = torch.stack(m) if m else torch.zeros(_MOMENTS, dtype=torch.float64)
+        if _BETA_MAX * h_max <= _SERIES_LIMIT:  # the moments suffice for every β allowed
+            h = torch.zeros(0, dtype=torch.float64)
+        return cls(moments, h_max, h, float(phys_p), float(phys_dp), float(theta), float(y),
+                   int(segment))
 
     def synthetic(self, beta: torch.Tensor) -> torch.Tensor:
         """Σ_i p_i(β) over the day's synthetic agents (differentiable in β)."""
@@ -125,6 +137,9 @@ class OnlineCalibrator:
     settings: CalibrationSettings
     days: list[_Day] = field(default_factory=list)
     theta: list[float] = field(default_factory=list)  # β per segment
+    # (day, β) last handed out: the daily loop picks a day's β before the previous day's
+    # update, so a resumed run must hand out the same β for its first day
+    given: tuple[int, float] | None = None
 
     def __post_init__(self) -> None:
         self.theta = [self.settings.beta_init]
@@ -135,9 +150,12 @@ class OnlineCalibrator:
 
     def beta_for(self, day_index: int) -> float:
         """θ's β for day ``day_index`` (0-based), extending segments as they start."""
+        if self.given is not None and self.given[0] == day_index:
+            return self.given[1]  # asked again (a resumed run's first day): the same answer
         seg = self.segment_of(day_index)
         while len(self.theta) <= seg:
             self.theta.append(self.theta[-1])
+        self.given = (day_index, self.theta[seg])
         return self.theta[seg]
 
     def observed_for(self, day_index: int, reported: float) -> float:
@@ -151,8 +169,51 @@ class OnlineCalibrator:
 
     def add_day(self, day_index: int, hazard: torch.Tensor, phys_p: float, phys_dp: float,
                 theta: float, y: float) -> None:
-        self.days.append(_Day(hazard.to(torch.float64), float(phys_p), float(phys_dp),
-                              float(theta), float(y), self.segment_of(day_index)))
+        self.days.append(_Day.from_hazard(hazard, phys_p, phys_dp, theta, y,
+                                          self.segment_of(day_index)))
+
+    def export_state(self) -> dict[str, np.ndarray]:
+        """θ and every day's terms as arrays (for the run's checkpoint), so a resumed run
+        calibrates against its whole history, not only the days after the restart."""
+        n = len(self.days)
+        kept = [d.hazard.numpy() for d in self.days]
+        return {
+            "cal_theta": np.array(self.theta, np.float64),
+            "cal_given": np.array([] if self.given is None else self.given, np.float64),
+            "cal_moments": (torch.stack([d.moments for d in self.days]).numpy() if n
+                            else np.zeros((0, _MOMENTS))),
+            "cal_days": np.array([[d.h_max, d.phys_p, d.phys_dp, d.theta, d.y, d.segment]
+                                  for d in self.days], np.float64).reshape(n, 6),
+            "cal_hazard_len": np.array([k.size for k in kept], np.int64),
+            "cal_hazard": np.concatenate(kept) if kept else np.zeros(0),
+        }
+
+    def restore_state(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Inverse of :meth:`export_state`; raises :class:`CalibrationError` on a bad record."""
+        try:
+            theta = [float(b) for b in arrays["cal_theta"]]
+            given = [float(v) for v in arrays["cal_given"]]
+            if len(given) not in (0, 2):
+                raise ValueError("cal_given must hold (day, β)")
+            moments, rows = arrays["cal_moments"], arrays["cal_days"]
+            lengths, hazard = arrays["cal_hazard_len"], arrays["cal_hazard"]
+            if not (len(moments) == len(rows) == len(lengths)) or int(lengths.sum()) != hazard.size:
+                raise ValueError("inconsistent day counts")
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CalibrationError(f"calibration checkpoint is unreadable: {exc}") from None
+        if not theta or not all(self.settings.lo <= b <= self.settings.hi for b in theta):
+            raise CalibrationError(f"calibration checkpoint holds θ {theta} outside "
+                                   f"[{self.settings.lo}, {self.settings.hi}]")
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        self.theta = theta
+        self.given = (int(given[0]), given[1]) if given else None
+        self.days = [
+            _Day(torch.from_numpy(np.array(m, np.float64)), float(r[0]),
+                 torch.from_numpy(np.array(hazard[starts[i]:starts[i + 1]], np.float64)),
+                 float(r[1]), float(r[2]), float(r[3]), float(r[4]), int(r[5]))
+            for i, (m, r) in enumerate(zip(moments, rows, strict=True))
+        ]
+
 
     def _terms(self, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ŷ_t and ∂ŷ_t/∂β_t split into the synthetic part (forward-mode autograd through
@@ -205,3 +266,28 @@ class OnlineCalibrator:
 
     def loss(self) -> float:
         return self.loss_and_grad()[0] if self.days else float("nan")
+
+
+def pack_checkpoint(sim_state: bytes, calibrator: OnlineCalibrator | None) -> bytes:
+    """The run's checkpoint: the simulation state, plus the calibrator's history if any."""
+    if calibrator is None:
+        return sim_state
+    buf = io.BytesIO()
+    np.savez_compressed(buf, sim=np.frombuffer(sim_state, np.uint8), **calibrator.export_state())
+    return _PACKED + buf.getvalue()
+
+
+def unpack_checkpoint(blob: bytes) -> tuple[bytes, dict[str, np.ndarray] | None]:
+    """(simulation state, calibrator arrays or ``None``) from :func:`pack_checkpoint`'s bytes
+    (a checkpoint without calibration is the simulation state itself)."""
+    if not blob.startswith(_PACKED):
+        return blob, None
+    try:
+        with np.load(io.BytesIO(blob[len(_PACKED):])) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise CalibrationError(f"checkpoint is unreadable: {exc}") from None
+    sim = arrays.pop("sim", None)
+    if sim is None:
+        raise CalibrationError("checkpoint has no simulation state")
+    return sim.tobytes(), arrays

@@ -46,7 +46,13 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from coordinator.calibration import CalibrationSettings, OnlineCalibrator, read_observed_csv
+from coordinator.calibration import (
+    CalibrationSettings,
+    OnlineCalibrator,
+    pack_checkpoint,
+    read_observed_csv,
+    unpack_checkpoint,
+)
 from coordinator.hybrid import HybridSimulation, agent_name
 from coordinator.runner import DEFAULT_MIN_DEVICES, RunConfig, physical_agents, take_lease
 from coordinator.secagg_flower import ReportEpoch, ReportRound
@@ -204,12 +210,15 @@ class FederatedRun:
         self.sim = sim
         start = 0
         point = self.store.resume(self.run_id) if self.resume and self.store else None
-        if point is not None:  # the synthetic checkpoint of the last committed day
-            sim.load_state(point.state)
+        if point is not None:  # the checkpoint of the last committed day
+            sim_state, cal_state = unpack_checkpoint(point.state)
+            sim.load_state(sim_state)
             start = sim.day
-            last = self.store.series(self.run_id)[-1] if self.store else {}
-            if self.calibrator is not None and "theta" in last:
-                self.calibrator.theta = [float(b) for b in last["theta"]["beta"]]  # type: ignore[index]
+            if self.calibrator is not None:  # θ and the calibration history of days 1..start
+                if cal_state is None:
+                    raise FederatedRunError(f"run {self.run_id} was checkpointed without "
+                                            "calibration; resume it without --calibrate")
+                self.calibrator.restore_state(cal_state)
             _log.info("resuming run %s at day %d", self.run_id, start)
         split = sim.split
         devices = {agent_name(int(i)): _Device(node, int(i), agent_name(int(i)))
@@ -411,7 +420,8 @@ class FederatedRun:
         if self.store is not None and self.lease_owner is not None:  # renew; fails if lost
             self.store.acquire_lease(self.run_id, self.lease_owner, "serverapp", LEASE_SECONDS)
         if self.store is not None:
-            self.store.commit_round(self.run_id, day, row, state=self._state_blob)
+            self.store.commit_round(self.run_id, day, row,
+                                    state=pack_checkpoint(self._state_blob, self.calibrator))
         if self.on_day is not None:
             self.on_day(day, row)
 

@@ -212,7 +212,7 @@ def test_calibrator_segments_and_exact_synthetic_sum():
 
     gen = torch.Generator().manual_seed(0)
     h = torch.rand(5000, generator=gen, dtype=torch.float64) * 1.5
-    day = _Day(h, 0.0, 0.0, 0.0, 0.0, 0)
+    day = _Day.from_hazard(h, 0.0, 0.0, 0.0, 0.0, 0)
     for b in (0.05, 0.7, 3.0, 4.9):
         bt = torch.tensor(b, dtype=torch.float64)
         assert float(day.synthetic(bt)) == pytest.approx(float(-torch.expm1(-bt * h).sum()),
