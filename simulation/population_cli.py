@@ -102,12 +102,13 @@ def info_command(
     if mixing:
         t = Table(title=f"contact layers vs {meta['contact_matrices']} (relative Frobenius norm)")
         for col in ("layer", "contacts/person", "published", "vs published", "floor (reciprocity)",
-                    "vs reciprocal", "best weight"):
+                    "vs reciprocal", "vs reciprocal, best scale", "best weight"):
             t.add_column(col, justify="right")
         for name, s in report["mixing"].items():
             t.add_row(name, f"{s['mean_contacts']:.2f}", f"{s['published_mean_contacts']:.2f}",
                       f"{s['rel_frobenius']:.1%}", f"{s['reciprocity_floor']:.1%}",
-                      f"{s['rel_frobenius_reciprocal']:.1%}", f"{s['best_layer_weight']:.2f}")
+                      f"{s['rel_frobenius_reciprocal']:.1%}", f"{s['rel_frobenius_reciprocal_scaled']:.1%}",
+                      f"{s['best_layer_weight']:.2f}")
         console.print(t)
         console.print(f"mean distinct contacts (merged graph): {report['mean_degree']:.2f}")
 
