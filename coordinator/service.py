@@ -612,15 +612,66 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+class _CoalescingTransport:
+    """A transport whose writes of one event-loop turn leave in one ``send``: uvicorn writes
+    a response's status line + headers and its body separately (two syscalls and two TCP
+    segments per small response: ~45% of the server's time on a replayed read). Order is
+    kept; ``close`` sends what is pending first; everything else is the real transport's."""
+
+    __slots__ = ("_transport", "_loop", "_pending", "_due")
+
+    def __init__(self, transport, loop) -> None:
+        self._transport, self._loop = transport, loop
+        self._pending: list[bytes] = []
+        self._due = False
+
+    def write(self, data: bytes) -> None:
+        self._pending.append(data)
+        if not self._due:
+            self._due = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._due = False
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending.clear()
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def _http_protocol() -> Any:
+    """uvicorn's httptools protocol with coalesced writes (h11's, unchanged, without it)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "auto"
+
+    class CoalescingHttpToolsProtocol(HttpToolsProtocol):
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(_CoalescingTransport(transport, self.loop))
+
+    return CoalescingHttpToolsProtocol
+
+
 def serve(store: CoordinatorStore, token: "str | WriteToken", *, host: str = "127.0.0.1",
           port: int = 8080, log_level: str = "info", access_log: bool = True,
           execute: bool = True) -> None:
-    """Run the service with uvicorn in this process (``lpm coordinator``): uvloop and
-    httptools when installed, the startup heap frozen out of the garbage collector."""
+    """Run the service with uvicorn in this process (``lpm coordinator``): uvloop when
+    installed, httptools with coalesced writes, the startup heap frozen out of the garbage
+    collector."""
     import uvicorn
 
     app = create_app(store, token, execute=execute)
     del token
     freeze_startup_heap()
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                loop="auto", http="auto")
+                loop="auto", http=_http_protocol())

@@ -362,3 +362,93 @@ def test_serve_freezes_the_startup_heap():
         assert "matplotlib.figure" in sys.modules  # imported before the freeze
     finally:
         gc.unfreeze()
+
+
+def test_lpm_coordinator_serves_correctly_with_coalesced_writes(tmp_path):
+    """`lpm coordinator` (serve(): frozen heap, coalesced header+body writes) over real
+    sockets: keep-alive sequences, a large body, errors that close the connection, pipelining."""
+    db = tmp_path / "c.db"
+    st = CoordinatorStore(db)
+    rid = st.create_run({"population": "tiny"}, days=3)
+    st.commit_round(rid, 1, {"S": 990, "I": 10, "R": 0, "exposure": {"a": 0.01}})
+    blob = os.urandom(300_000)
+    st.put_bundle(blob, "3")
+    st.close()
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LPM_COORDINATOR_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "lpm_cli", "coordinator", "--db", str(db),
+                             "--port", str(port), "--no-access-log"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        with httpx.Client(base_url=url, timeout=30) as c:
+            for _ in range(20):
+                assert c.get("/exposure").json()["prevalence"] == {"a": 0.01}
+                r = c.get("/bundle")
+                assert r.content == blob and r.headers["x-model-version"] == "3"
+            assert c.post("/runs", json={}).status_code == 401
+            assert c.get("/health").json() == {"status": "ok"}
+            assert c.post("/runs", content=b"x" * (MAX_BODY_BYTES + 1), headers=AUTH
+                          ).status_code == 413
+            assert c.get(f"/runs/{rid}/plot.png").content[:4] == b"\x89PNG"
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:  # pipelined
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 3
+                      + b"GET /exposure HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert data.count(b"HTTP/1.1 200 OK") == 4 and data.endswith(b"}")
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def test_coalescing_transport_sends_one_turn_in_one_write():
+    import asyncio
+
+    from coordinator.service import _CoalescingTransport
+
+    class Fake:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+            self.closed = False
+
+        def write(self, data: bytes) -> None:
+            assert not self.closed
+            self.writes.append(data)
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+        def close(self) -> None:
+            self.closed = True
+
+        def get_extra_info(self, name: str) -> str:
+            return f"info:{name}"
+
+    async def go() -> Fake:
+        fake = Fake()
+        t = _CoalescingTransport(fake, asyncio.get_running_loop())
+        t.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        t.write(b"body")
+        assert fake.writes == []
+        await asyncio.sleep(0)
+        assert fake.writes == [b"HTTP/1.1 200 OK\r\n\r\nbody"]
+        t.write(b"a")
+        t.write(b"b")
+        t.close()  # pending bytes leave before the close
+        assert fake.writes[-1] == b"ab" and fake.closed
+        assert t.get_extra_info("peername") == "info:peername"
+        await asyncio.sleep(0)
+        return fake
+
+    assert len(asyncio.run(go()).writes) == 2
