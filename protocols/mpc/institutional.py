@@ -86,13 +86,12 @@ def _digest_row(digest: bytes | None) -> torch.Tensor:
     return torch.frombuffer(bytearray(digest or bytes(32)), dtype=torch.uint8).clone()
 
 
-def institution_round(length: int, shared: SharedLogCounts, verifier: QueryVerifier, policy: QueryPolicy,
-                      institutions: int, group, stats: RoundStats) -> int:
-    """Answer (or refuse) one round after a GO header announced ``length`` bytes; returns
-    the verdict code (``OK`` = 0 when answered)."""
+def agree_on_query(data: bytes, institutions: int, group) -> tuple[int, Query | None]:
+    """Decode the query bytes this institution received and compare their SHA-256 digest with
+    every other institution's (one all-gather, the coordinator contributing its own): the
+    verdict is ``MALFORMED``, ``EQUIVOCATION`` if any institution got different bytes (a
+    coordinator or relay that sent each a different query), else ``OK`` with the query."""
     rank = dist.get_rank()
-    coordinator = dist.get_world_size(group) - 1
-    data = _broadcast_bytes(None, length, coordinator, group, stats)
     verdict, query = OK, None
     try:
         query = decode_query(data)
@@ -101,6 +100,16 @@ def institution_round(length: int, shared: SharedLogCounts, verifier: QueryVerif
     digests = _gather(_digest_row(query.digest() if query is not None else None), group)
     if verdict == OK and any(not torch.equal(d, digests[rank]) for d in digests[:institutions]):
         verdict = EQUIVOCATION
+    return verdict, query
+
+
+def institution_round(length: int, shared: SharedLogCounts, verifier: QueryVerifier, policy: QueryPolicy,
+                      institutions: int, group, stats: RoundStats) -> int:
+    """Answer (or refuse) one round after a GO header announced ``length`` bytes; returns
+    the verdict code (``OK`` = 0 when answered)."""
+    coordinator = dist.get_world_size(group) - 1
+    data = _broadcast_bytes(None, length, coordinator, group, stats)
+    verdict, query = agree_on_query(data, institutions, group)
     a = w = None
     if verdict == OK and query is not None:
         try:
