@@ -134,7 +134,8 @@ def simulate(
     attributes = {k: v.to(dev) for k, v in attributes.items()}
     if "age_band" not in attributes:
         attributes["age_band"] = torch.zeros(n, dtype=torch.int8, device=dev)
-    if layered:
+    op: Callable[[torch.Tensor], torch.Tensor]
+    if layered and layer_weights is not None:
         from simulation.kernels_layers import LayeredNeighbourSum
 
         try:

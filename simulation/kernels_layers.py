@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from simulation.kernels import _pack_binary
+from simulation.numba_threads import follow_torch_threads
 from simulation.population import ContactGraph, CSRLayer
 
 __all__ = ["LayeredNeighbourSum", "layer_weight_parameters"]
@@ -193,8 +194,7 @@ class LayeredNeighbourSum:
         xc = x.detach().contiguous()
         out = torch.empty_like(xc)
         wtab = w.detach().cpu().numpy().astype(np.float32)
-        threads = torch.get_num_threads()
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        threads = follow_torch_threads()
         # 0/1 inputs (infection flags) are bit-packed, as in the merged path
         if binary_ok and _pack_binary(xc.numpy(), self._bits):
             _fwd_bits(self.indptr, self.indices, self.lid, wtab, self.ew, self.has_ew, self._bits, out.numpy())
@@ -209,8 +209,7 @@ class LayeredNeighbourSum:
             return torch.stack([torch.dot(x, (a.to(g.dtype) @ g.unsqueeze(1)).squeeze(1)) for a in self._sparse])
         xc, gc = x.detach().contiguous(), g.detach().contiguous()
         partial = np.zeros(((self.n + _CHUNK - 1) // _CHUNK, len(self.names)), np.float64)
-        threads = torch.get_num_threads()
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        threads = follow_torch_threads()
         _layer_dots(self.indptr, self.indices, self.lid, self.ew, self.has_ew, xc.numpy(), gc.numpy(),
                     len(self.names), _CHUNK, partial)
         torch.set_num_threads(threads)
