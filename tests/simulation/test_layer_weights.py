@@ -174,3 +174,23 @@ def test_layers_with_edge_weights():
     op = LayeredNeighbourSum(g, layer_weight_parameters(g))
     for x in ((torch.rand(n) < 0.3).float(), torch.rand(n)):
         torch.testing.assert_close(op(x), NeighbourSum(g.merged())(x), rtol=1e-5, atol=1e-5)
+
+
+def test_smoothed_layer_weight_gradient_matches_crn_finite_differences():
+    """The default per-event estimator ("auto" runs "smoothed" with layer weights) against
+    CRN finite differences, 8 days, 8 seeds, Oxford 20k (as the β test in
+    test_simulation_gradients): measured bias household +0.6 %, community +13.5 % (se 11 %)."""
+    from simulation.gradcheck import gradcheck
+    from simulation.population import build_population, bundled_marginals
+
+    p = build_population(bundled_marginals("oxford"), n=20_000, seed=1)
+
+    def factory():
+        m = SIR(0.3, 0.15, 0.01)
+        m.layer_weights = layer_weight_parameters(p.graph, learn=["household", "community"])
+        return m
+
+    report = gradcheck(factory, p, days=8, seeds=8, params=["layer_weights.household", "layer_weights.community"],
+                       estimator="smoothed")
+    for name, r in report.items():
+        assert r.fd_mean > 0 and abs(r.bias) < 0.2, (name, r)
