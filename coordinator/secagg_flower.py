@@ -23,11 +23,18 @@ import torch
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from protocols.daily import REPORT_FIELDS, SECAGG_STAGES, report_spec_bound
+from protocols.daily import (
+    REPORT_FIELDS,
+    SECAGG_ATTEMPTS,
+    SECAGG_STAGES,
+    report_spec_bound,
+    secagg_day,
+)
 from protocols.keys import AgreementKey
 from protocols.secagg import (
     InputSpec,
     RoundConfig,
+    SecAggAbortError,
     SecAggError,
     default_degree,
     default_threshold,
@@ -98,8 +105,8 @@ class ReportRound:
     ``epoch`` is the previous day's :attr:`epoch`: it is continued when it
     :meth:`~ReportEpoch.serves` this roster, else a new epoch (numbered ``day``) starts.
     :attr:`new_epoch` says which; :attr:`stages` are the exchanges after the day message
-    (the day reply carries the key advertisement in a new epoch, the masked report
-    otherwise)."""
+    when nothing aborts (the day reply carries the key advertisement in a new epoch, the
+    masked report otherwise); drive the day with :meth:`advance` and :attr:`stage`."""
 
     def __init__(self, run_id: str, day: int, roster: Sequence[str], registry: Sequence[bytes],
                  spec: InputSpec | None = None, min_survivors: int = 0,
@@ -117,8 +124,11 @@ class ReportRound:
         self.roster = epoch.roster  # the epoch's roster order (indices of its messages)
         self.stages: tuple[str, ...] = SECAGG_STAGES if self.new_epoch else SECAGG_STAGES[1:]
         self._setup = self.new_epoch  # key setup still to close (then the day opens)
+        self.attempt = 0  # attempts at this day in the epoch (secagg_day(day, attempt))
+        self.aborts: list[str] = []  # why earlier attempts aborted (before any reveal)
+        self.stage: str | None = None  # the exchange the last advance() opened
         if not self.new_epoch:
-            epoch.server.open_day(day)
+            epoch.server.open_day(secagg_day(day))
         self.rejected: dict[str, str] = {}
 
     @property
@@ -140,20 +150,45 @@ class ReportRound:
         if self.server.stage is EpochServerStage.INPUT:
             self.epoch.confirmed.add(name)  # it holds the epoch's keys (roster accepted)
 
+    @property
+    def pday(self) -> int:
+        """The SecAgg+ protocol day of the current attempt."""
+        return secagg_day(self.day, self.attempt)
+
     def advance(self) -> dict[str, bytes]:
-        """Close the stage; ``{device name: bytes}`` for the next one (SecAggAbortError if
-        too few devices are left). Closing a new epoch's key setup opens the day."""
-        out = self.server.advance()
+        """Close the stage; ``{device name: bytes}`` for the next exchange, whose name is
+        then :attr:`stage` (``None`` once the day is decoded). Closing a new epoch's key
+        setup opens the day. A day that aborts before anything is revealed is attempted
+        again in the same epoch while attempts remain (``masked_input`` with the attempt
+        number as payload, to every device of the epoch); otherwise SecAggAbortError."""
+        srv = self.server
+        before = srv.stage
+        try:
+            out = srv.advance()
+        except SecAggAbortError as exc:
+            if before is not EpochServerStage.CONSISTENCY \
+                    or self.attempt + 1 >= SECAGG_ATTEMPTS:
+                raise
+            # nothing of this attempt was revealed (the server aborted before sending any
+            # unmask request): the devices mask the day again under fresh day keys
+            self.aborts.append(str(exc))
+            self.attempt += 1
+            srv.open_day(self.pday)
+            self.stage = "masked_input"
+            return {self.roster[i]: bytes([self.attempt]) for i in sorted(srv.live)}
         if self._setup:  # setup closed: rosters go out, the masked reports come back
             self._setup = False
-            self.server.open_day(self.day)
+            srv.open_day(self.pday)
+        self.stage = {EpochServerStage.INPUT: "masked_input",
+                      EpochServerStage.CONSISTENCY: "consistency",
+                      EpochServerStage.UNMASK: "unmask"}.get(srv.stage)
         return {self.roster[i]: b for i, b in out.items()}
 
     def total(self) -> torch.Tensor:
-        return self.server.decoded(self.day)
+        return self.server.decoded(self.pday)
 
     def survivors(self) -> list[str]:
-        return [self.roster[i] for i in sorted(self.server.survivors[self.day])]
+        return [self.roster[i] for i in sorted(self.server.survivors[self.pday])]
 
 
 class SecAggRoundResult:
@@ -232,10 +267,11 @@ def run_secagg_round(
     for name in SECAGG_STAGES:
         out = server.advance()
         if name == "masked_input":
-            server.open_day(round_)
+            server.open_day(secagg_day(round_))
         stage(name, {nodes[i]: ConfigRecord({"stage": name, "payload": b, "day": round_})
                      for i, b in out.items()})
     server.advance()
     pids = {n: int(replies[n].get("partition_id", -1)) for n in nodes}  # type: ignore[arg-type]
-    return SecAggRoundResult(server.decoded(round_),
-                             [nodes[i] for i in sorted(server.survivors[round_])], nodes, pids)
+    pday = secagg_day(round_)
+    return SecAggRoundResult(server.decoded(pday),
+                             [nodes[i] for i in sorted(server.survivors[pday])], nodes, pids)

@@ -362,13 +362,17 @@ class FederatedRun:
                 report.receive(name, blob)
         name_to_node = {n: devices[n].node_id for n in roster}
         try:
-            for stage in report.stages:
+            while True:
                 out = report.advance()
+                stage = report.stage
+                if stage is None:  # decoded
+                    break
                 msgs = {name_to_node[n]: StageRequest(stage=stage, day=day - 1,
                                                       payload=b).to_dict()
                         for n, b in out.items()}
+                tag = f"{stage}-{report.attempt}" if report.attempt else stage
                 raw, failed = self.transport.exchange(MessageType.STAGE, msgs,
-                                                      f"{group}/{stage}", self.settings.timeout)
+                                                      f"{group}/{tag}", self.settings.timeout)
                 node_to_name = {v: k for k, v in name_to_node.items()}
                 for node, c in raw.items():
                     try:
@@ -378,7 +382,6 @@ class FederatedRun:
                 for node, why in failed.items():
                     devices[node_to_name[node]].missed.append(day)
                     _log.warning("day %d %s: node %d out: %s", day, stage, node, why)
-            report.advance()
         except SecAggAbortError as exc:
             out = sorted(n for n in devices if day in devices[n].missed or n in report.rejected)
             desc = ", ".join(f"node {devices[n].node_id} ({n})" for n in out) or "none"
@@ -387,6 +390,9 @@ class FederatedRun:
                                     f"reports aborted: {exc} (minimum cohort "
                                     f"{self.settings.min_devices}); devices out today: {desc}"
                                     ) from exc
+        for why in report.aborts:
+            _log.warning("day %d: SecAgg+ attempt aborted before any reveal (%s); the day "
+                         "was attempted again in the same key epoch", day, why)
         survivors = report.survivors()
         self._check_cohort(day, survivors, devices, "report aggregation")
         self.survivors[day] = sorted(devices[s].node_id for s in survivors)

@@ -10,8 +10,10 @@ waiting for its roster are kept in a :class:`Vault`: the node's state record by 
 the device's encrypted :class:`edge_agent.store.EdgeStore` on a real device
 (:class:`StoreVault`), so a fresh ClientApp process per message works. The input is always
 the device's own vector, given by the app: the coordinator never names code for the device
-to run. Every epoch is bound to its run, every message to run, epoch, day and stage, and a
-device masks a day's report at most once per enrolment (also across epochs).
+to run. Every epoch is bound to its run, every message to run, epoch, day and stage. A
+device masks a day's report in one epoch only, again there only for a new attempt at a day
+that aborted before it revealed anything (:data:`protocols.daily.SECAGG_ATTEMPTS`), and
+never after it answered an unmask request for that day.
 
 ``app`` is a stand-alone SecAgg+ ClientApp (tests, benchmarks): one message type
 ``query.secagg`` with ``{"stage", "payload", ...}``; its input is :func:`demo_input` of the
@@ -27,8 +29,9 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from protocols.daily import SECAGG_ATTEMPTS, secagg_day
 from protocols.keys import IdentityKey
-from protocols.secagg import RoundConfig, SecAggError
+from protocols.secagg import RoundConfig
 from protocols.secagg.epoch_client import EpochClient
 
 __all__ = ["app", "demo_input", "NodeStateVault", "SecAggDevice", "SecAggDeviceError",
@@ -108,8 +111,11 @@ class SecAggDevice:
         self.vault = vault if vault is not None else NodeStateVault(st)
 
     # -- persistence -------------------------------------------------------------------
+    def _int(self, key: str) -> int:
+        return int(self.st.get(key, -1))  # type: ignore[arg-type]
+
     def _last_day(self) -> int:
-        return int(self.st.get("sa_last_day", -1))  # type: ignore[arg-type]
+        return self._int("sa_last_day")
 
     def _load(self) -> tuple[EpochClient, list[float] | None]:
         if "sa_config" not in self.st:
@@ -137,10 +143,17 @@ class SecAggDevice:
         x = torch.tensor([float(v) for v in report], dtype=torch.float64)
         return x.round().to(torch.int64) if cfg.spec.kind == "int" else x
 
-    def _check_day(self, day: int) -> None:
+    def _check_new_day(self, day: int) -> None:
         if day <= self._last_day():
             raise SecAggDeviceError(f"day {day} already reported (last reported day "
-                                    f"{self._last_day()}): a day is masked once")
+                                    f"{self._last_day()}): a day is masked once per epoch "
+                                    "attempt, never in another epoch")
+
+    def _masked(self, client: EpochClient, day: int, attempt: int,
+                report: list[float]) -> bytes:
+        out = client.masked_input(secagg_day(day, attempt), self._tensor(client.config, report))
+        self.st["sa_last_day"], self.st["sa_attempt"] = day, attempt
+        return out
 
     # -- a new epoch -------------------------------------------------------------------
     def advertise(self, config: bytes, registry: list[bytes], client_id: str, *, run_id: str,
@@ -159,13 +172,11 @@ class SecAggDevice:
             raise SecAggDeviceError(f"epoch {cfg.round} starts after day {day}")
         if client_id not in cfg.client_ids:
             raise SecAggDeviceError(f"{client_id} is not in the epoch's roster")
-        self._check_day(day)
+        self._check_new_day(day)
         x = self._tensor(cfg, report)
         cfg.spec.encode(x)  # refuse a report outside the spec before anything is sent
         index = cfg.client_ids.index(client_id)
         client = EpochClient(cfg, index, self.identity, [bytes(b) for b in registry])
-        if self._last_day() >= 0:
-            client.last_day = self._last_day()
         out = client.advertise_keys()
         known = [j for j, b in enumerate(registry) if b != _UNKNOWN]
         self.st["sa_config"] = bytes(config)
@@ -183,39 +194,48 @@ class SecAggDevice:
         if cfg.run_id != run_id or cfg.round != epoch:
             raise SecAggDeviceError(f"this device is in epoch {cfg.round} of {cfg.run_id!r}, "
                                     f"asked for epoch {epoch} of {run_id!r}")
-        self._check_day(day)
-        out = client.masked_input(day, self._tensor(cfg, report))
-        self.st["sa_last_day"] = self.st["sa_day"] = day
-        self._save(client, None)
+        self._check_new_day(day)
+        values = [float(v) for v in self._tensor(cfg, report).tolist()]
+        out = self._masked(client, day, 0, values)
+        self.st["sa_day"] = day
+        self._save(client, values)  # kept for a retry of the day in this epoch
         return out
 
     # -- the stages after the day message ----------------------------------------------
     def stage(self, name: str, day: int, payload: bytes) -> bytes:
-        """Advance the epoch by one stage (masked_input: the roster, consistency,
-        unmask) of ``day``'s report."""
+        """Advance the epoch by one stage of ``day``'s report: ``masked_input`` (the
+        roster on an epoch's first day; or, with a one-byte payload, attempt ``payload[0]``
+        of a day that aborted before anything was revealed), ``consistency``, ``unmask``."""
         client, report = self._load()
         if int(self.st["sa_day"]) != day:  # type: ignore[arg-type]
             raise SecAggDeviceError(f"stage {name} for day {day}, the device is at day "
                                     f"{self.st['sa_day']}")
         payload = bytes(payload)
-        try:
-            if name == "masked_input":
-                if report is None:
-                    raise SecAggDeviceError("no report waits for a roster")
-                self._check_day(day)
-                client.accept_roster(payload)
-                out = client.masked_input(day, self._tensor(client.config, report))
-                self.st["sa_last_day"] = day
-                report = None
-            elif name == "consistency":
-                out = client.sign_survivors(payload)
-            elif name == "unmask":
-                out = client.unmask(payload)
+        if name == "masked_input":
+            if report is None:
+                raise SecAggDeviceError("no report waits to be masked")
+            if len(payload) == 1:  # a new attempt at a day of this epoch
+                attempt = payload[0]
+                if self._int("sa_revealed_day") >= day:
+                    raise SecAggDeviceError(f"day {day}: this device already revealed its "
+                                            "part of an attempt; it masks the day no more")
+                if day != self._last_day() or attempt <= self._int("sa_attempt") \
+                        or attempt >= SECAGG_ATTEMPTS:
+                    raise SecAggDeviceError(f"attempt {attempt} at day {day} is not the next "
+                                            "attempt of the day this device masked")
+                out = self._masked(client, day, attempt, report)
             else:
-                raise SecAggDeviceError(f"unknown SecAgg stage {name!r}")
-        except SecAggError:
-            raise  # the stored state is unchanged: nothing was saved
-        self._save(client, report)
+                self._check_new_day(day)
+                client.accept_roster(payload)
+                out = self._masked(client, day, 0, report)
+        elif name == "consistency":
+            out = client.sign_survivors(payload)
+        elif name == "unmask":
+            out = client.unmask(payload)
+            self.st["sa_revealed_day"] = day
+        else:
+            raise SecAggDeviceError(f"unknown SecAgg stage {name!r}")
+        self._save(client, report)  # only after success: a refused message changes nothing
         return out
 
 

@@ -28,6 +28,8 @@ __all__ = [
     "REPORT_FIELDS",
     "SECAGG_STAGES",
     "EXCHANGES",
+    "SECAGG_ATTEMPTS",
+    "secagg_day",
     "WireFormatError",
     "EnrolRequest",
     "EnrolReply",
@@ -49,6 +51,20 @@ SECAGG_STAGES: tuple[str, ...] = ("masked_input", "consistency", "unmask")
 
 #: Every exchange of a day, in order (``day`` = the :class:`DayRequest`).
 EXCHANGES: tuple[str, ...] = ("day", *SECAGG_STAGES)
+
+#: Attempts at one day's SecAgg+ sum within a key epoch: a day that aborts *before anything
+#: is revealed* (the consistency round found a survivor that can no longer answer) is run
+#: again in the same epoch (a ``masked_input`` stage whose payload is the attempt number);
+#: a device that revealed anything for a day never masks that day again.
+SECAGG_ATTEMPTS = 4
+
+
+def secagg_day(day: int, attempt: int = 0) -> int:
+    """The SecAgg+ protocol day of attempt ``attempt`` at report day ``day`` (masks, tags
+    and messages are bound to it)."""
+    if not 0 <= attempt < SECAGG_ATTEMPTS or day < 0:
+        raise WireFormatError(f"no SecAgg+ day for report day {day}, attempt {attempt}")
+    return day * SECAGG_ATTEMPTS + attempt
 
 
 def report_spec_bound() -> float:

@@ -63,9 +63,8 @@ class Fleet:
             rr.receive(m, blob)
         self.log: dict[str, dict[str, bytes]] = {}  # stage -> device -> its reply
         self.refused: dict[str, str] = {}
-        for stage in rr.stages:
-            out = rr.advance() if tamper is None else tamper(stage, rr, self.log)
-            gone |= silent.get(stage, set())
+
+        def send(stage: str, out: dict[str, bytes]) -> None:
             for m, b in out.items():
                 if m not in gone:
                     try:
@@ -75,9 +74,18 @@ class Fleet:
                         continue
                     self.log.setdefault(stage, {})[m] = reply
                     rr.receive(m, reply)
-        if tamper is None:
-            rr.advance()
-        return rr
+
+        if tamper is not None:  # the coordinator's own choice of every message
+            for stage in rr.stages:
+                gone |= silent.get(stage, set())
+                send(stage, tamper(stage, rr, self.log))
+            return rr
+        while True:  # as coordinator.server_app drives it
+            out = rr.advance()
+            if rr.stage is None:
+                return rr
+            gone |= silent.get(rr.stage, set())
+            send(rr.stage, out)
 
     def expected(self, members: list[str], day: int) -> torch.Tensor:
         return torch.tensor([sum(self.report(m, day)[k] for m in members) for k in range(L)],
@@ -108,6 +116,37 @@ def test_keys_agreed_once_per_epoch_and_rekeyed_on_roster_change() -> None:
     r4 = f.day(4, everyone)  # a7 returns: re-key again
     assert r4.new_epoch and r4.config.n == 12
     _close(r4.total(), f.expected(everyone, 4), 12)
+
+
+def test_a_day_that_aborts_before_any_reveal_is_attempted_again_in_the_epoch() -> None:
+    """One device drops before its masked input and a neighbour of it after its masked
+    input (before tagging): nobody else can remove their pairwise mask, so the consistency
+    round aborts the attempt before anything is revealed; the day runs again in the same
+    epoch under fresh day keys and completes over the others, exactly."""
+    f = Fleet(16)
+    everyone = list(f.names)
+    f.day(0, everyone)
+    srv = f.epoch.server  # type: ignore[union-attr]
+    a = "a3"
+    b = f.epoch.roster[sorted(srv.neighbours(f.epoch.index[a]))[0]]  # type: ignore[union-attr]
+    r = f.day(1, everyone, silent={"day": {a}, "consistency": {b}})
+    assert r.attempt == 1 and r.aborts and "cannot reveal" in r.aborts[0]
+    assert not r.new_epoch and f.advertised == 16
+    want = [m for m in everyone if m not in (a, b)]
+    assert r.survivors() == want
+    _close(r.total(), f.expected(want, 1), 16)
+
+
+def test_a_device_that_revealed_never_masks_the_day_again() -> None:
+    f = Fleet(6)
+    f.day(0, list(f.names))
+    dev = f.device("a2")
+    with pytest.raises(SecAggDeviceError, match="revealed"):
+        dev.stage("masked_input", 0, bytes([1]))  # a "retry" after the day completed
+    f2 = Fleet(6)
+    f2.day(0, list(f2.names), silent={"unmask": {"a1"}})  # a1 never revealed day 0 ...
+    with pytest.raises(SecAggDeviceError, match="attempt"):  # ... but attempts only go up
+        f2.device("a1").stage("masked_input", 0, bytes([0]))
 
 
 def test_epoch_state_lives_in_the_device_store(tmp_path, monkeypatch) -> None:
@@ -182,7 +221,7 @@ def test_equivocating_coordinator_in_the_daily_loop_is_caught() -> None:
         mac = srv._macs  # the coordinator's own keys with each device
 
         def hdr(t: EMsg, i: int) -> EHeader:
-            return EHeader(t, cfg.run_id, cfg.round, rr.day, SERVER, i)
+            return EHeader(t, cfg.run_id, cfg.round, rr.pday, SERVER, i)
 
         if stage == "consistency":
             srv.advance()  # the honest survivor set is everyone; show the neighbours others
