@@ -472,6 +472,10 @@ class _GuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or ())
+        if (scope["method"] not in _WRITE_METHODS and b"content-length" not in headers
+                and b"transfer-encoding" not in headers):
+            await self.app(scope, receive, send)  # a read without a body: nothing to guard
+            return
         if scope["method"] in _WRITE_METHODS:
             auth = headers.get(b"authorization", b"")
             scheme, _, cred = auth.partition(b" ")
@@ -533,6 +537,8 @@ class _MetricsMiddleware:
 
     def __init__(self, app, latency: Histogram, requests: Counter) -> None:
         self.app, self.latency, self.requests = app, latency, requests
+        self._latency: dict[str, Any] = {}  # labelled children, looked up once per label set
+        self._requests: dict[tuple[str, int], Any] = {}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -551,8 +557,15 @@ class _MetricsMiddleware:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
-            self.latency.labels(path).observe(time.perf_counter() - t0)
-            self.requests.labels(path, str(status["code"])).inc()
+            hist = self._latency.get(path)
+            if hist is None:
+                hist = self._latency[path] = self.latency.labels(path)
+            hist.observe(time.perf_counter() - t0)
+            key = (path, status["code"])
+            count = self._requests.get(key)
+            if count is None:
+                count = self._requests[key] = self.requests.labels(path, str(key[1]))
+            count.inc()
 
 
 def withhold_small_cohorts(rows: list[dict[str, Any]], config: dict[str, Any],
