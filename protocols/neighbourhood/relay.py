@@ -259,6 +259,7 @@ class RelayAttempt:
     culprits: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._expected: dict[int, tuple[str, str, int, int]] = {}
         self._dummy_ids = [a for a in self.all_plans if a in self.relay._dummies]
         self._plans = {a: p for a, p in self.all_plans.items() if a not in self.relay._dummies}
 
@@ -270,10 +271,11 @@ class RelayAttempt:
 
     def _ctx_ok(self, env: Envelope, uploader: str, phase: int) -> None:
         c = env.context
-        if (c.protocol, c.run_id, c.round, c.step, c.sender) != (
-            self.relay.protocol, self.relay.run_id, self.round,
-            step_number(self.attempt, phase), uploader,
-        ):
+        expected = self._expected.get(phase)
+        if expected is None:  # (protocol, run, round, step) of this attempt's phase: once
+            expected = self._expected[phase] = (self.relay.protocol, self.relay.run_id,
+                                                self.round, step_number(self.attempt, phase))
+        if (c.protocol, c.run_id, c.round, c.step) != expected or c.sender != uploader:
             raise UnexpectedMessageError(f"upload from {uploader!r} has context {c!r}")
 
     def _uploads_with_dummies(
