@@ -30,18 +30,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Each tree is served the way its `lpm coordinator` serves it (``serve`` where the tree has
-# it: GC-frozen startup heap), without the access log.
+# it), without the access log unless --access-log.
 _SERVER = """
 import sys, uvicorn
 from coordinator import service
 from coordinator.store import CoordinatorStore
-store, port = CoordinatorStore(sys.argv[1]), int(sys.argv[2])
+store, port, log = CoordinatorStore(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+if log:
+    sys.stdout = sys.stderr = open("/dev/null", "w")  # the log lines are formatted, not kept
 if hasattr(service, "serve"):
-    service.serve(store, "b" * 32, port=port, log_level="warning", access_log=False,
-                  execute=False)
+    service.serve(store, "b" * 32, port=port, log_level="info" if log else "warning",
+                  access_log=log, execute=False)
 else:
     uvicorn.run(service.create_app(store, "b" * 32, execute=False), host="127.0.0.1",
-                port=port, log_level="warning", access_log=False)
+                port=port, log_level="info" if log else "warning", access_log=log)
 """
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
@@ -163,9 +165,10 @@ def _ready(url: str, timeout: float = 120.0) -> None:
         r.read()
 
 
-def _serve(root: Path, db: str) -> tuple[subprocess.Popen, str]:
+def _serve(root: Path, db: str, access_log: bool) -> tuple[subprocess.Popen, str]:
     port = _port()
-    proc = subprocess.Popen([sys.executable, "-c", _SERVER, db, str(port)], cwd=root,
+    proc = subprocess.Popen([sys.executable, "-c", _SERVER, db, str(port),
+                             "1" if access_log else "0"], cwd=root,
                             env={**os.environ, "PYTHONPATH": str(root)})
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
@@ -186,6 +189,8 @@ def main() -> None:
                     else "raw")
     ap.add_argument("--rate", type=float, default=0.0,
                     help="also an open-loop run at this fixed total req/s (0: none)")
+    ap.add_argument("--access-log", action="store_true",
+                    help="serve with uvicorn's access log on (lpm coordinator's default)")
     ap.add_argument("--paths", default="", help="comma-separated subset, e.g. /exposure")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -210,12 +215,13 @@ def main() -> None:
     servers = [("this tree", ROOT)] + ([("baseline", args.baseline_root)]
                                        if args.baseline_root else [])
     print(f"client: {args.client}, {args.clients} keep-alive connections, {args.seconds:.0f} s "
-          f"per endpoint, one uvicorn worker; load average before: {os.getloadavg()}")
+          f"per endpoint, one uvicorn worker, access log {'on' if args.access_log else 'off'};"
+          f" load average before: {os.getloadavg()}")
     if args.rate:
         print(f"open loop: {args.rate:.0f} req/s in all, latency from the scheduled send time")
     results: dict[tuple[str, str], tuple[float, float, float, int]] = {}
     for name, root in servers:
-        proc, url = _serve(root, db)
+        proc, url = _serve(root, db, args.access_log)
         try:
             for path in paths:
                 _ready(url + path)
