@@ -27,37 +27,49 @@ import torch.autograd.forward_ad as fwAD
 
 from simulation.numba_threads import follow_torch_threads
 from simulation.population import CSRLayer
-from simulation.rng import counter_uniforms
+from simulation.rng import _uniform, counter_uniforms, day_key
 
 __all__ = ["reverse_edges", "run_sir_nonbacktracking", "simulate_sir_fused", "supports_fused_sir"]
 
 
 @numba.njit(cache=True)
 def _reverse_edges(indptr, indices, rev):  # pragma: no cover - compiled
+    """Transpose walk: visiting rows m in ascending order meets each row k's entries (k, m)
+    in ascending order too (rows are sorted), so a cursor per row finds every reverse edge
+    with one gather. Returns False if the graph is not symmetric."""
     n = indptr.size - 1
+    cursor = indptr[:-1].copy()
+    ok = True
     for m in range(n):
         for e in range(indptr[m], indptr[m + 1]):
             k = indices[e]
-            lo, hi = indptr[k], indptr[k + 1]
-            while lo < hi:  # rows are sorted: binary search for m in k's contacts
-                mid = (lo + hi) // 2
-                if indices[mid] < m:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            rev[e] = lo if lo < indptr[k + 1] and indices[lo] == m else -1
+            p = cursor[k]
+            if p < indptr[k + 1] and indices[p] == m:
+                rev[e] = p
+                cursor[k] = p + 1
+            else:
+                rev[e] = -1
+                ok = False
+    for k in range(n):
+        if cursor[k] != indptr[k + 1]:
+            ok = False
+    return ok
 
 
 def reverse_edges(layer: CSRLayer) -> np.ndarray:
-    """rev[e] = position of the edge (k, m) for e = (m, k); -1 if the graph is not symmetric."""
-    rev = np.empty(layer.nnz, dtype=np.int64)
-    _reverse_edges(layer.indptr.numpy(), layer.indices.numpy(), rev)
+    """rev[e] = position of the edge (k, m) for e = (m, k) (int32 when it fits); raises
+    ValueError if the graph is not symmetric."""
+    rev = np.empty(layer.nnz, dtype=np.int32 if layer.nnz < 2**31 else np.int64)
+    if not _reverse_edges(layer.indptr.numpy(), layer.indices.numpy(), rev):
+        raise ValueError("the contact graph is not symmetric")
     return rev
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _events(indptr, indices, weights, S, I, u0, u1, deg, beta, r, dt, h, x, y):  # pragma: no cover
-    """Phase A: primal neighbour sums (susceptibles only) and the day's event indicators."""
+def _events(indptr, indices, weights, S, I, u0, u1, deg, beta, r, dt, h, x, y, ag):  # pragma: no cover
+    """Phase A (weighted graphs): primal neighbour sums (susceptibles only) and the day's
+    event indicators; with tangents, bit 4 of the agent record's flag marks keep_m = 0
+    (m recovers or is infected today, see ``_messages``)."""
     n = indptr.size - 1
     for m in numba.prange(n):
         x[m] = 0.0
@@ -72,89 +84,179 @@ def _events(indptr, indices, weights, S, I, u0, u1, deg, beta, r, dt, h, x, y): 
             h[m] = acc
             q = 1.0 - math.exp(-beta * dt * acc / deg[m])
             x[m] = 1.0 if u0[m] < q else 0.0
+        if ag.shape[0] and (y[m] == 1 or S[m] * x[m] == 1):
+            ag[m, 3] += 4.0
+
+
+@numba.njit(parallel=True, cache=True)
+def _count_infected(indptr, indices, I, cnt):  # pragma: no cover - compiled
+    """cnt[m] = number of neighbours with I == 1 (unit weights: the neighbour sum)."""
+    n = indptr.size - 1
+    for m in numba.prange(n):
+        c = 0
+        for e in range(indptr[m], indptr[m + 1]):
+            if I[indices[e]] == 1.0:
+                c += 1
+        cnt[m] = c
+
+
+@numba.njit(cache=True)
+def _push(indptr, indices, chg, cnt):  # pragma: no cover - compiled
+    """Keep the infected-neighbour counts: an agent whose I flag changed today (chg = ±1)
+    adds chg to each neighbour's count. Each agent changes at most twice in a run, so this
+    costs O(edges) over the whole run instead of a neighbour sum per susceptible per day."""
+    n = indptr.size - 1
+    for m in range(n):
+        d = chg[m]
+        if d != 0:
+            for e in range(indptr[m], indptr[m + 1]):
+                cnt[indices[e]] += d
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _events_bits(indptr, indices, bits, S, I, u0, u1, deg, beta, r, dt, h, x, y):  # pragma: no cover
-    """Phase A for unit weights: the infected flags are bit-packed (a 32× smaller gather)."""
-    n = indptr.size - 1
+def _day_counts(S, I, cnt, deg, beta, r, dt, key, out_new, chg):  # pragma: no cover
+    """Whole primal day for unit weights without tangents: events from the kept counts,
+    uniforms drawn inline (the same counter values as ``counter_uniforms``) and only where
+    they decide something, state update, and the day's totals."""
+    n = S.size
+    s_tot = 0.0
+    i_tot = 0.0
+    new_tot = 0.0
+    for m in numba.prange(n):
+        s = S[m]
+        i = I[m]
+        new = np.float32(0.0)
+        d = 0
+        if s != 0 or i != 0:
+            x = np.float32(0.0)
+            if s == 1:
+                c = cnt[m]
+                if c > 0:
+                    q = 1.0 - math.exp(-beta * dt * c / deg[m])
+                    if _uniform(key, m + 1) < q:
+                        x = np.float32(1.0)
+            y = np.float32(0.0)
+            if i != 0 and _uniform(key, n + m + 1) < r:
+                y = np.float32(1.0)
+            new = s * x
+            s2 = s - new
+            i2 = i + new - i * y
+            S[m] = s2
+            I[m] = i2
+            d = (1 if i2 == 1 else 0) - (1 if i == 1 else 0)
+            s_tot += s2
+            i_tot += i2
+            new_tot += new
+        out_new[m] = new
+        chg[m] = d
+    return s_tot, i_tot, new_tot
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _events_cnt(S, I, cnt, deg, beta, r, dt, key, h, x, y, ag):  # pragma: no cover
+    """Phase A for unit weights: events from the kept infected-neighbour counts, inline
+    uniforms; keep bit as in ``_events``."""
+    n = S.size
     for m in numba.prange(n):
         x[m] = 0.0
         y[m] = 0.0
         if S[m] == 0 and I[m] == 0:
             continue
-        y[m] = 1.0 if u1[m] < r else 0.0
+        y[m] = 1.0 if _uniform(key, n + m + 1) < r else 0.0
         if S[m] == 1:
-            acc = 0
-            for e in range(indptr[m], indptr[m + 1]):
-                k = indices[e]
-                acc += (bits[k >> 6] >> np.uint64(k & 63)) & np.uint64(1)
-            h[m] = acc
-            q = 1.0 - math.exp(-beta * dt * acc / deg[m])
-            x[m] = 1.0 if u0[m] < q else 0.0
-
-
-@numba.njit(parallel=True, cache=True)
-def _pack(I, bits):  # pragma: no cover - compiled
-    n = I.size
-    for w in numba.prange(bits.size):
-        word = np.uint64(0)
-        for b in range(64):
-            i = w * 64 + b
-            if i < n and I[i] == 1.0:
-                word |= np.uint64(1) << np.uint64(b)
-        bits[w] = word
+            c = cnt[m]
+            h[m] = c
+            if c > 0:
+                q = 1.0 - math.exp(-beta * dt * c / deg[m])
+                x[m] = 1.0 if _uniform(key, m + 1) < q else 0.0
+        if ag.shape[0] and (y[m] == 1 or S[m] * x[m] == 1):
+            ag[m, 3] += 4.0
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _messages(indptr, indices, weights, rev, S, x, y, deg, beta, dt, dIt, cI, J, inflow):  # pragma: no cover
+def _messages(indptr, indices, weights, unit, rev, S, x, deg, beta, dt, ag, cI, J, inflow,
+              rowin):  # pragma: no cover - compiled
     """Phase B: per-edge inflow into susceptible m from neighbour k (non-backtracking).
 
     msg = w (dI_k − part of dI_k that came from m); of that extra infectious mass, J has
     already infected m in the alternative path and cannot infect it again: the inflow is
     (1 − x_m) β Δt / n_m · (msg − J). J then follows k's mass: it recovers with k (y_k) and
-    vanishes when the primal path infects k too (x_k)."""
+    vanishes when the primal path infects k too (x_k): J ← (J + inflow)·keep_k,
+    keep_k = (1 − y_k)(1 − S_k x_k) ∈ {0, 1}.
+
+    One random read per neighbour k gets its record ag[k] = (dI_k for each parameter, flag):
+    flag bit 1: dI_k ≠ 0; bit 2: k's per-edge components may be non-zero (then cI at the
+    reverse edge is read too); bit 4: keep_k = 0. A neighbour with neither bit 1 nor 2 (every
+    recovered one, and the susceptibles the alternative path has not reached) sends nothing.
+    rowin[m] = 1 if some inflow of m's row is non-zero (else the row's inflow is all zero)."""
     n = indptr.size - 1
-    P = dIt.shape[1]
+    P = cI.shape[1]
     for m in numba.prange(n):
-        if S[m] == 0:
+        rowin[m] = 0
+        if S[m] != 1:
             continue
         rate = (1.0 - x[m]) * beta * dt / deg[m]
+        anyf = 0
         for e in range(indptr[m], indptr[m + 1]):
             k = indices[e]
-            keep = (1.0 - y[k]) * (1.0 - S[k] * x[k])
-            r = rev[e]
+            fk = int(ag[k, 3])
+            w = np.float32(1.0) if unit else weights[e]
             for p in range(P):
-                mv = weights[e] * (dIt[k, p] - cI[r, p])
-                f = rate * (mv - J[e, p])
+                j = J[e, p]
+                if fk & 3 == 0:
+                    mv = np.float32(0.0)
+                elif fk & 2:
+                    mv = w * (ag[k, p] - cI[rev[e], p])
+                else:
+                    mv = w * ag[k, p]
+                f = rate * (mv - j)
                 inflow[e, p] = f
-                J[e, p] = (J[e, p] + f) * keep
+                if f != 0.0:
+                    anyf = 1
+                if j != 0.0 or f != 0.0:
+                    J[e, p] = 0.0 if fk & 4 else j + f
+        rowin[m] = anyf
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _advance(indptr, S, I, x_arr, y_arr, h, deg, r, dr, dt, inj_beta, inj_gamma,
-             inflow, cS, cI, oS, oI, dIt, out_new, out_dS, out_dI, out_dnew):  # pragma: no cover
-    """Phase C: primal update and the tangent components of every agent.
+def _advance(indptr, S, I, x_arr, y_arr, h, deg, r, dr, dt, inj_beta, inj_gamma, inflow, rowin,
+             cS, cI, sumI, ag, oS, oI, out_new, chg):  # pragma: no cover - compiled
+    """Phase C: primal update and the tangent components of every agent; returns the day's
+    totals (S, I, new) and the tangent totals (dS, dI, dnew) for parameters 0 and 1.
 
     Per component (own, or per incoming edge): d new = cS·x + inflow, d rec = cI·y (+ the γ
     injection on the own component), cS −= d new, cI += d new − d rec. The own component of
     a susceptible not infected today gets (1 − x) Δt h / n for β (the smoothed right
-    stochastic derivative); an infectious agent not recovering gets (1 − y)/(1 − r) ∂r/∂γ."""
+    stochastic derivative); an infectious agent not recovering gets (1 − y)/(1 − r) ∂r/∂γ.
+
+    An agent that is not susceptible has no inflow and cS = 0, so its edge components stay
+    as they were (y = 0) or all vanish (y = 1): the row is not walked, its sum is kept in
+    sumI (set on the day the agent leaves S) and zeroed at recovery. Recovered agents are
+    skipped. Rows with no edge state and no inflow are not walked (they would add zeros)."""
     n = indptr.size - 1
     P = cS.shape[1]
+    s_tot = 0.0
+    i_tot = 0.0
+    new_tot = 0.0
+    dS0 = 0.0
+    dS1 = 0.0
+    dI0 = 0.0
+    dI1 = 0.0
+    dn0 = 0.0
+    dn1 = 0.0
     for m in numba.prange(n):
         s = S[m]
         i = I[m]
         out_new[m] = 0.0
+        chg[m] = 0
         if s == 0 and i == 0:
-            for p in range(P):
-                dIt[m, p] = 0.0
-                out_dnew[m, p] = 0.0
-                out_dS[m, p] = 0.0
-                out_dI[m, p] = 0.0
             continue
         x = x_arr[m]
         y = y_arr[m]
+        fl = int(ag[m, 3]) if P else 0
+        walk = s == 1 and ((fl & 2) != 0 or rowin[m] != 0)
+        any_edge = 0
+        any_tot = 0
         for p in range(P):
             inj_new = 0.0
             inj_rec = 0.0
@@ -169,52 +271,84 @@ def _advance(indptr, S, I, x_arr, y_arr, h, deg, r, dr, dt, inj_beta, inj_gamma,
             tot_new = dnew
             tot_S = oS[m, p]
             tot_I = oI[m, p]
-            for e in range(indptr[m], indptr[m + 1]):
-                cs = cS[e, p]
-                ci = cI[e, p]
-                f = inflow[e, p] if s == 1 else 0.0
-                if cs == 0.0 and ci == 0.0 and f == 0.0:
-                    continue
-                dn = cs * x + f
-                dc = ci * y
-                cS[e, p] = cs - dn
-                cI[e, p] = ci + dn - dc
-                tot_new += dn
-                tot_S += cs - dn
-                tot_I += ci + dn - dc
-            dIt[m, p] = tot_I
-            out_dnew[m, p] = tot_new
-            out_dS[m, p] = tot_S
-            out_dI[m, p] = tot_I
+            if walk:
+                use_in = rowin[m] != 0
+                row_I = 0.0
+                for e in range(indptr[m], indptr[m + 1]):
+                    cs = cS[e, p]
+                    ci = cI[e, p]
+                    f = inflow[e, p] if use_in else np.float32(0.0)
+                    if cs == 0.0 and ci == 0.0 and f == 0.0:
+                        continue
+                    dn = cs * x + f
+                    dc = ci * y
+                    cS[e, p] = cs - dn
+                    cI[e, p] = ci + dn - dc
+                    tot_new += dn
+                    tot_S += cs - dn
+                    tot_I += ci + dn - dc
+                    row_I += cI[e, p]
+                    if cS[e, p] != 0.0 or cI[e, p] != 0.0:
+                        any_edge = 1
+                sumI[m, p] = row_I
+            elif s != 1 and (fl & 2) != 0:
+                if y != 0:  # every component recovers: the row is zeroed once
+                    for e in range(indptr[m], indptr[m + 1]):
+                        cI[e, p] = 0.0
+                    sumI[m, p] = 0.0
+                else:
+                    tot_I += sumI[m, p]
+                    any_edge = 1
+            if tot_I != 0.0:
+                any_tot = 1
+            ag[m, p] = tot_I
+            if p == 0:
+                dS0 += tot_S
+                dI0 += tot_I
+                dn0 += tot_new
+            else:
+                dS1 += tot_S
+                dI1 += tot_I
+                dn1 += tot_new
+        if P:
+            ag[m, 3] = any_tot | (2 * any_edge)
         new = s * x
-        rec = i * y
+        i2 = i + new - i * y
         out_new[m] = new
         S[m] = s - new
-        I[m] = i + new - rec
+        I[m] = i2
+        chg[m] = (1 if i2 == 1 else 0) - (1 if i == 1 else 0)
+        s_tot += s - new
+        i_tot += i2
+        new_tot += new
+    return s_tot, i_tot, new_tot, dS0, dS1, dI0, dI1, dn0, dn1
+
+
+_PARAMS = ("beta", "gamma")
 
 
 def run_sir_nonbacktracking(
     layer: CSRLayer, S0: torch.Tensor, I0: torch.Tensor, beta: float, gamma: float, days: int,
-    seed: int, dt: float = 1.0, progress=None, tangents: bool = True,
+    seed: int, dt: float = 1.0, progress=None, tangents: bool = True, wrt=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Primal SIR run and (``tangents``) forward-mode tangents for (β, γ).
+    """Primal SIR run and (``tangents``) forward-mode tangents for (β, γ), or for the names in
+    ``wrt`` only (a subset of ("beta", "gamma"); the other Jacobian column is zero).
 
     Returns (series [days+1, 4] of S, I, R, new infections; jacobian [days+1, 4, 2];
     final S; final I; last day's new infections). Same events as the substep path of
     ``simulate`` (same uniforms, same formulas, float32 probabilities)."""
     n = layer.n
+    wrt = tuple(_PARAMS if wrt is None else wrt) if tangents else ()
+    cols = [_PARAMS.index(w) for w in wrt]
+    P = len(cols)
     indptr, indices = layer.indptr.numpy(), layer.indices.numpy()
     unit = layer.weights is None
     weights = (layer.weights.numpy() if layer.weights is not None else np.ones(layer.nnz, np.float32))
-    bits = np.zeros((layer.n + 63) // 64, dtype=np.uint64)
-    rev = reverse_edges(layer)
-    if (rev < 0).any():
-        raise ValueError("the contact graph is not symmetric")
+    rev = reverse_edges(layer) if P else np.zeros(0, np.int32)
     deg = np.maximum(layer.degree().numpy().astype(np.float64), 1.0)
     S = S0.detach().numpy().astype(np.float32).copy()
     I = I0.detach().numpy().astype(np.float32).copy()
-    P = 2 if tangents else 0
-    nnz = layer.nnz
+    nnz = layer.nnz if P else 0
     cS = np.zeros((nnz, P), np.float32)  # edge-major: one cache line per edge for all parameters
     cI = np.zeros((nnz, P), np.float32)
     inflow = np.zeros((nnz, P), np.float32)
@@ -223,14 +357,14 @@ def run_sir_nonbacktracking(
     ya = np.zeros(n, np.float32)
     oS = np.zeros((n, P), np.float64)
     oI = np.zeros((n, P), np.float64)
-    dIt = np.zeros((n, P), np.float32)
+    ag = np.zeros((n if P else 0, 4), np.float32)  # per agent: dI for each parameter, flag
+    sumI = np.zeros((n, P), np.float64)
+    rowin = np.zeros(n, np.uint8)
+    chg = np.zeros(n, np.int8)
     h = np.zeros(n, np.float64)
     out_new = np.zeros(n, np.float32)
-    out_dS = np.zeros((n, P), np.float64)
-    out_dI = np.zeros((n, P), np.float64)
-    out_dnew = np.zeros((n, P), np.float64)
-    inj_beta = np.array([1.0, 0.0])[:P]
-    inj_gamma = np.array([0.0, 1.0])[:P]
+    inj_beta = np.array([1.0 if c == 0 else 0.0 for c in cols])
+    inj_gamma = np.array([1.0 if c == 1 else 0.0 for c in cols])
     r = -math.expm1(-gamma * dt)
     dr = dt * math.exp(-gamma * dt)
     series = np.zeros((days + 1, 4))
@@ -239,24 +373,33 @@ def run_sir_nonbacktracking(
                  - I.sum(dtype=np.float64), I.sum(dtype=np.float64))
     out_new[:] = I
     threads = follow_torch_threads()
+    cnt = np.zeros(n, np.int32)
+    if unit:
+        _count_infected(indptr, indices, I, cnt)
     for day in range(days):
-        u = counter_uniforms(seed, day, n, torch.device("cpu"), 2).numpy()
+        key = np.uint64(day_key(seed, day))
         follow_torch_threads()
-        if unit:
-            _pack(I, bits)
-            _events_bits(indptr, indices, bits, S, I, u[0], u[1], deg, beta, r, dt, h, xa, ya)
+        if unit and not P:
+            s_tot, i_tot, new_tot = _day_counts(S, I, cnt, deg, beta, r, dt, key, out_new, chg)
+            _push(indptr, indices, chg, cnt)
         else:
-            _events(indptr, indices, weights, S, I, u[0], u[1], deg, beta, r, dt, h, xa, ya)
-        if P:
-            _messages(indptr, indices, weights, rev, S, xa, ya, deg, beta, dt, dIt, cI, J, inflow)
-        _advance(indptr, S, I, xa, ya, h, deg, r, dr, dt, inj_beta, inj_gamma,
-                 inflow, cS, cI, oS, oI, dIt, out_new, out_dS, out_dI, out_dnew)
-        s_tot, i_tot = float(S.sum(dtype=np.float64)), float(I.sum(dtype=np.float64))
-        series[day + 1] = (s_tot, i_tot, n - s_tot - i_tot, float(out_new.sum(dtype=np.float64)))
-        if P:
-            dS, dI = out_dS.sum(0), out_dI.sum(0)
-            jac[day + 1, 0], jac[day + 1, 1], jac[day + 1, 2] = dS, dI, -dS - dI
-            jac[day + 1, 3] = out_dnew.sum(0)
+            if unit:
+                _events_cnt(S, I, cnt, deg, beta, r, dt, key, h, xa, ya, ag)
+            else:
+                u = counter_uniforms(seed, day, n, torch.device("cpu"), 2).numpy()
+                follow_torch_threads()
+                _events(indptr, indices, weights, S, I, u[0], u[1], deg, beta, r, dt, h, xa, ya, ag)
+            if P:
+                _messages(indptr, indices, weights, unit, rev, S, xa, deg, beta, dt, ag, cI, J, inflow, rowin)
+            s_tot, i_tot, new_tot, *tot = _advance(
+                indptr, S, I, xa, ya, h, deg, r, dr, dt, inj_beta, inj_gamma, inflow, rowin,
+                cS, cI, sumI, ag, oS, oI, out_new, chg)
+            if unit:
+                _push(indptr, indices, chg, cnt)
+            for slot, c in enumerate(cols):
+                dS, dI, dnew = tot[slot], tot[2 + slot], tot[4 + slot]
+                jac[day + 1, :, c] = (dS, dI, -dS - dI, dnew)
+        series[day + 1] = (s_tot, i_tot, n - s_tot - i_tot, new_tot)
         if progress is not None:
             progress(day)
     torch.set_num_threads(threads)
@@ -280,7 +423,7 @@ class _FusedSIR(torch.autograd.Function):
     def forward(ctx, beta, gamma, layer, s0, i0, days, seed, progress, out):  # type: ignore[override]
         series, jac, s, i, new = run_sir_nonbacktracking(
             layer, s0, i0, float(beta), float(gamma), days, seed, progress=progress,
-            tangents=beta.requires_grad or gamma.requires_grad)
+            wrt=[name for name, need in zip(_PARAMS, ctx.needs_input_grad[:2], strict=True) if need])
         ctx.save_for_backward(torch.from_numpy(jac).float())
         out.update(S=torch.from_numpy(s), I=torch.from_numpy(i), new=torch.from_numpy(new))
         return torch.from_numpy(series).float()
@@ -304,7 +447,8 @@ def simulate_sir_fused(model, layer: CSRLayer, days: int, seed: int, progress=No
     if any(t is not None for t in tangents):  # forward-mode AD (dual numbers): J · tangent
         series_np, jac, s, i, new = run_sir_nonbacktracking(
             layer, state["S"], state["I"], float(fwAD.unpack_dual(model.beta).primal),
-            float(fwAD.unpack_dual(model.gamma).primal), days, seed, progress=progress)
+            float(fwAD.unpack_dual(model.gamma).primal), days, seed, progress=progress,
+            wrt=[name for name, t in zip(_PARAMS, tangents, strict=True) if t is not None])
         tan = sum(torch.from_numpy(jac[..., j]).float() * t.float() for j, t in enumerate(tangents) if t is not None)
         series = fwAD.make_dual(torch.from_numpy(series_np).float(), tan)
         out.update(S=torch.from_numpy(s), I=torch.from_numpy(i), new=torch.from_numpy(new))
