@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -19,10 +20,11 @@ from simulation.estimators import DEFAULT_ESTIMATOR, RUN_ESTIMATORS, get_estimat
 from simulation.fused_sir import simulate_sir_fused, supports_fused_sir
 from simulation.kernels import NeighbourSum
 from simulation.population import ContactGraph, Population
-from simulation.rng import counter_uniforms
+from simulation.rng import counter_uniforms, counter_uniforms_at
 from simulation.substeps import State, StepContext, SubstepModel
 
-__all__ = ["SimulationError", "Trajectory", "simulate", "step_uniforms", "resolve_device"]
+__all__ = ["SimulationError", "Trajectory", "agent_uniforms", "simulate", "step_day", "step_uniforms",
+           "resolve_device"]
 
 
 class SimulationError(ValueError):
@@ -48,6 +50,33 @@ def step_uniforms(
     Modelling randomness only: never use it for anything secret.
     """
     return counter_uniforms(seed, day, n, torch.device(device), streams)
+
+
+def agent_uniforms(seed: int, day: int, agents: torch.Tensor, n: int, streams: int = 2) -> torch.Tensor:
+    """The columns ``agents`` of :func:`step_uniforms` (seed, day, n) — [streams, len(agents)] —
+    without drawing the other agents' (a device, or a rank, needs only its own)."""
+    return counter_uniforms_at(seed, day, agents, n, torch.device("cpu"), streams)
+
+
+def step_day(
+    model: SubstepModel,
+    state: State,
+    day: int,
+    uniforms: torch.Tensor,
+    *,
+    neighbour_sum: Callable[[torch.Tensor], torch.Tensor],
+    degree: torch.Tensor,
+    attributes: Mapping[str, torch.Tensor],
+    estimator: Any,
+    extras: dict[str, Any] | None = None,
+    dt: float = 1.0,
+) -> State:
+    """One simulated day of ``model``: the one place a :class:`StepContext` is built (the
+    engine, the coordinator's hybrid run and each device's ClientApp all step through it)."""
+    ctx = StepContext(day=day, dt=dt, uniforms=uniforms, estimator=estimator,
+                      neighbour_sum=neighbour_sum, degree=degree, attributes=attributes,
+                      extras=extras if extras is not None else {})
+    return model.step(state, ctx)
 
 
 @dataclass
@@ -170,20 +199,9 @@ def simulate(
         st = dict(zip(keys, tensors, strict=True))
         outs = []
         for day in range(start, stop):
-            ctx = StepContext(
-                day=day,
-                dt=1.0,
-                uniforms=(
-                    uniforms(day, streams) if uniforms is not None
-                    else step_uniforms(seed, day, n, dev, streams)
-                ),
-                estimator=est,
-                neighbour_sum=op,
-                degree=degree,
-                attributes=attributes,
-                extras=extras if extras is not None else {},
-            )
-            st = model.step(st, ctx)
+            u = uniforms(day, streams) if uniforms is not None else step_uniforms(seed, day, n, dev, streams)
+            st = step_day(model, st, day, u, neighbour_sum=op, degree=degree, attributes=attributes,
+                          estimator=est, extras=extras)
             outs.append(torch.stack([st[c].sum() for c in (*model.compartments, "new_infections")]))
         return (*(st[k] for k in keys), torch.stack(outs))
 
