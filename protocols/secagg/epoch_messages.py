@@ -176,13 +176,21 @@ class EpochRoster:
         return cls(header, tuple(entries))
 
 
+def _indexed(r: _Reader, n: int, limit: int, size: int) -> tuple[tuple[int, bytes], ...]:
+    """``count ‖ (u32 index ‖ size bytes)*``: indices < n, distinct (one struct pass)."""
+    count = _count(r, limit)
+    out = tuple(struct.iter_unpack(f">I{size}s", r.take(count * (4 + size))))
+    if count:
+        idx = [i for i, _ in out]
+        if max(idx) >= n:
+            raise MalformedMessageError(f"client index {max(idx)} out of range (n={n})")
+        if len(set(idx)) != count:
+            raise MalformedMessageError("duplicate index")
+    return out
+
+
 def _envelopes(r: _Reader, n: int, limit: int) -> tuple[tuple[int, bytes], ...]:
-    envs = []
-    for _ in range(_count(r, limit)):
-        idx = _index(r.u32(), n)
-        envs.append((idx, r.take(ENVELOPE_BYTES)))
-    _no_duplicates(i for i, _ in envs)
-    return tuple(envs)
+    return _indexed(r, n, limit, ENVELOPE_BYTES)
 
 
 def _pack_envelopes(envs: tuple[tuple[int, bytes], ...]) -> list[bytes]:
@@ -268,12 +276,7 @@ def _pack_tags(tags: tuple[tuple[int, bytes], ...]) -> list[bytes]:
 
 
 def _tags(r: _Reader, n: int, limit: int) -> tuple[tuple[int, bytes], ...]:
-    tags = []
-    for _ in range(_count(r, limit)):
-        idx = _index(r.u32(), n)
-        tags.append((idx, r.take(TAG)))
-    _no_duplicates(i for i, _ in tags)
-    return tuple(tags)
+    return _indexed(r, n, limit, TAG)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ _CHUNK = 15
 CHUNKS = -(-SECRET_BYTES // _CHUNK)  # 3
 ELEMENT_BYTES = 16
 SHARE_BYTES = CHUNKS * ELEMENT_BYTES  # 48
+_OFFSETS = tuple(range(0, SHARE_BYTES, ELEMENT_BYTES))
 
 
 class ShamirError(ValueError):
@@ -65,11 +66,8 @@ def decode_share(data: bytes) -> tuple[int, ...]:
     """Parse SHARE_BYTES bytes into field elements; raises :class:`ShamirError` if invalid."""
     if len(data) != SHARE_BYTES:
         raise ShamirError(f"share must be {SHARE_BYTES} bytes")
-    vals = tuple(
-        int.from_bytes(data[i : i + ELEMENT_BYTES], "big")
-        for i in range(0, SHARE_BYTES, ELEMENT_BYTES)
-    )
-    if any(v >= PRIME for v in vals):
+    vals = tuple([int.from_bytes(data[i : i + ELEMENT_BYTES], "big") for i in _OFFSETS])
+    if max(vals) >= PRIME:
         raise ShamirError("share element outside the field")
     return vals
 
