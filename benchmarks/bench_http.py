@@ -157,6 +157,16 @@ def _open(url: str, clients: int, seconds: float, rate: float
     return float(p50), float(p99), float(rps), int(bad)
 
 
+_WRITER = """
+import sys, time
+from coordinator.store import CoordinatorStore
+store, rid, period = CoordinatorStore(sys.argv[1]), sys.argv[2], 1.0 / float(sys.argv[3])
+while True:  # a commit invalidates every replayed read: each one makes the next reads miss
+    store.set_status(rid, "running")
+    time.sleep(period)
+"""
+
+
 def _ready(url: str, timeout: float = 120.0) -> None:
     """One complete 200 (the first /plot.png renders for seconds) before any timing."""
     import urllib.request
@@ -191,6 +201,9 @@ def main() -> None:
                     help="also an open-loop run at this fixed total req/s (0: none)")
     ap.add_argument("--access-log", action="store_true",
                     help="serve with uvicorn's access log on (lpm coordinator's default)")
+    ap.add_argument("--writes", type=float, default=0.0,
+                    help="commits per second from another process during the runs (a run in "
+                         "progress commits a few times per simulated day)")
     ap.add_argument("--paths", default="", help="comma-separated subset, e.g. /exposure")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -219,9 +232,15 @@ def main() -> None:
           f" load average before: {os.getloadavg()}")
     if args.rate:
         print(f"open loop: {args.rate:.0f} req/s in all, latency from the scheduled send time")
+    if args.writes:
+        print(f"{args.writes:g} commits/s from another process throughout")
     results: dict[tuple[str, str], tuple[float, float, float, int]] = {}
     for name, root in servers:
         proc, url = _serve(root, db, args.access_log)
+        writer = None
+        if args.writes:
+            writer = subprocess.Popen([sys.executable, "-c", _WRITER, db, rid, str(args.writes)],
+                                      cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:
             for path in paths:
                 _ready(url + path)
@@ -243,6 +262,9 @@ def main() -> None:
                           f"{'ok' if p99 <= 50 and bad == 0 else 'NOT met'}  "
                           f"load {os.getloadavg()[0]:.2f}", flush=True)
         finally:
+            if writer is not None:
+                writer.kill()
+                writer.wait(10)
             proc.terminate()
             try:
                 proc.wait(10)
