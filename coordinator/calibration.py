@@ -32,6 +32,7 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -273,7 +274,8 @@ def pack_checkpoint(sim_state: bytes, calibrator: OnlineCalibrator | None) -> by
     if calibrator is None:
         return sim_state
     buf = io.BytesIO()
-    np.savez_compressed(buf, sim=np.frombuffer(sim_state, np.uint8), **calibrator.export_state())
+    payload: dict[str, Any] = {"sim": np.frombuffer(sim_state, np.uint8), **calibrator.export_state()}
+    np.savez_compressed(buf, **payload)
     return _PACKED + buf.getvalue()
 
 

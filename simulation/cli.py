@@ -6,11 +6,14 @@ import json
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+if TYPE_CHECKING:
+    from simulation.substeps import SubstepModel
 
 console = Console()
 
@@ -27,7 +30,7 @@ class SeriesFormat(StrEnum):
     parquet = "parquet"
 
 
-def _model(name: ModelName, **kwargs: float):
+def _model(name: ModelName, **kwargs: Any) -> SubstepModel:
     from simulation.models import SEIRM, SIR
 
     return SIR(**kwargs) if name is ModelName.sir else SEIRM(**kwargs)
