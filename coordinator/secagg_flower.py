@@ -160,9 +160,10 @@ class ReportRound:
         then :attr:`stage` (``None`` once the day is decoded). Closing a new epoch's key
         setup opens the day. A day that aborts before anything is revealed is attempted
         again in the same epoch while attempts remain (``masked_input`` with the attempt
-        number as payload, to every device of the epoch); otherwise SecAggAbortError."""
+        number as payload, to the devices that tagged the aborted attempt's survivor set);
+        otherwise SecAggAbortError."""
         srv = self.server
-        before = srv.stage
+        before, tagged = srv.stage, srv.tagged
         try:
             out = srv.advance()
         except SecAggAbortError as exc:
@@ -170,12 +171,13 @@ class ReportRound:
                     or self.attempt + 1 >= SECAGG_ATTEMPTS:
                 raise
             # nothing of this attempt was revealed (the server aborted before sending any
-            # unmask request): the devices mask the day again under fresh day keys
+            # unmask request): the devices that tagged mask the day again under fresh day
+            # keys; the ones that did not are out of the day (dropped before the new input)
             self.aborts.append(str(exc))
             self.attempt += 1
             srv.open_day(self.pday)
             self.stage = "masked_input"
-            return {self.roster[i]: bytes([self.attempt]) for i in sorted(srv.live)}
+            return {self.roster[i]: bytes([self.attempt]) for i in sorted(tagged)}
         if self._setup:  # setup closed: rosters go out, the masked reports come back
             self._setup = False
             srv.open_day(self.pday)

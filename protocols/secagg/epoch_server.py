@@ -104,6 +104,11 @@ class EpochServer:
         self.result: torch.Tensor | None = None
 
     # -- public ----------------------------------------------------------------------
+    @property
+    def tagged(self) -> frozenset[int]:
+        """Clients whose consistency tags arrived for the current day (so far)."""
+        return frozenset(self._tags)
+
     def neighbours(self, index: int) -> frozenset[int]:
         """The neighbours of roster client ``index`` in the epoch's public graph."""
         return self._nbrs[index]

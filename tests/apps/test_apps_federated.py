@@ -121,6 +121,36 @@ def test_dropouts_complete_over_survivors_exactly():
     assert 11 in run.survivors[4]  # dropped at unmask: its masked input still counts
 
 
+def test_day_aborted_before_any_reveal_is_attempted_again(caplog):
+    """Node 3 drops before its masked input and node 5 after it (before the consistency
+    round); on 9 devices (complete SecAgg+ graph) nobody else can remove their pairwise mask,
+    so the attempt aborts before anything is revealed and the day runs again in the same key
+    epoch without them; the totals equal the survivors' true states."""
+    import logging
+
+    cfg = RunConfig(population="tiny", days=3, seed=1, devices=9, initial_infected=0.2,
+                    beta=0.9)
+    t = ProcessTransport(cfg.devices, offline={3: [2, "day", 99], 5: [2, "consistency", 99]})
+    checks: list[tuple[int, int]] = []
+    run: FederatedRun
+
+    def on_day(day: int, row: dict) -> None:
+        states = t.device_states()
+        checks.append((row["physical_I"], int(sum(states[n]["I"] for n in run.survivors[day]))))
+
+    run = FederatedRun(t, cfg, settings=FederatedSettings(min_devices=6), on_day=on_day)
+    with caplog.at_level(logging.WARNING, logger="coordinator.server_app"):
+        try:
+            rows = run.run()
+        finally:
+            t.close()
+    assert [r["survivors"] for r in rows] == [9, 7, 7]
+    assert run.epochs[2] == run.epochs[1] and 3 not in run.survivors[2]
+    assert 5 not in run.survivors[2]
+    assert any("attempted again" in r.getMessage() for r in caplog.records)
+    assert all(a == b for a, b in checks), checks
+
+
 def test_below_min_cohort_names_missing_nodes():
     cfg = RunConfig(population="tiny", days=3, seed=1, devices=11, initial_infected=0.1)
     t = ProcessTransport(cfg.devices, offline={4: [1, "masked_input", 99],
