@@ -364,11 +364,12 @@ class RelayAttempt:
                 relay.outcome[a] = Outcome.REFUSED if real else Outcome.EMPTY
                 out[a] = MaskedDelivery((), None)
                 continue
-            dummies = relay._dummies
-            total = wrap64(sum(
-                dummies[e.sender].sent_masks[a] if e.sender in dummies  # type: ignore[attr-defined]
-                else mask_for(relay.keyring, e.sender, e.context) for e in envs)
-                - relay.sample_noise())  # optional noise folded into the mask sum
+            masks = 0
+            for e in envs:  # a relay-run dummy kept its mask (the relay is its other holder)
+                dummy = relay._dummies.get(e.sender)
+                masks += dummy.sent_masks[a] if isinstance(dummy, AssistedNeighbourhoodAgent) \
+                    else mask_for(relay.keyring, e.sender, e.context)
+            total = wrap64(masks - relay.sample_noise())  # optional noise folded into the sum
             ctx = MessageContext(relay.protocol, relay.run_id, self.round,
                                  step_number(self.attempt, STEP_MASKSUM), RELAY_ID, a)
             out[a] = MaskedDelivery(tuple(envs),
