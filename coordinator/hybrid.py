@@ -16,7 +16,6 @@ contacts (that is the coupling); with one physical contact that sum is the conta
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,12 +23,12 @@ import torch
 
 from protocols.neighbourhood import FleetNeighbourhoodSum, NeighbourhoodPolicy
 from protocols.ring import FixedPointRing
-from simulation.engine import step_uniforms
+from simulation.engine import step_day, step_uniforms
 from simulation.estimators import get_estimator
 from simulation.kernels import NeighbourSum
 from simulation.models import SIR, infection_probability, infection_probability_dbeta
 from simulation.population import ContactGraph, CSRLayer, Population
-from simulation.substeps import State, StepContext
+from simulation.substeps import State
 
 __all__ = ["HybridError", "GraphSplit", "split_graph", "HybridSimulation", "agent_name",
            "area_prevalence"]
@@ -199,11 +198,10 @@ class HybridSimulation:
             return total
 
         with torch.no_grad():
-            ctx = StepContext(day=day, dt=1.0, uniforms=step_uniforms(self.seed, day, n, "cpu", 2),
-                              estimator=self._estimator, neighbour_sum=neighbour_sum,
-                              degree=self.split.degree, attributes=self.attributes, extras={})
             susceptible = self.state["S"].clone()
-            self.state = self.model.step(self.state, ctx)
+            self.state = step_day(self.model, self.state, day, step_uniforms(self.seed, day, n),
+                                  neighbour_sum=neighbour_sum, degree=self.split.degree,
+                                  attributes=self.attributes, estimator=self._estimator)
             torch.set_num_threads(1)  # the numba kernel may have changed torch's threads
             if self.remote:
                 self._zero_physical()
@@ -269,11 +267,10 @@ class HybridSimulation:
             beta_t = fwad.make_dual(torch.full((day + 1,), beta), torch.ones(day + 1))
             state = {k: fwad.make_dual(v, self.tangent[k]) for k, v in self.state.items()}
             s_before = self.state["S"].clone()
-            ctx = StepContext(day=day, dt=1.0, uniforms=step_uniforms(self.seed, day, n, "cpu", 2),
-                              estimator=self._estimator, neighbour_sum=neighbour_sum,
-                              degree=self.split.degree, attributes=self.attributes,
-                              extras={"beta_t": beta_t})
-            out = self.model.step(state, ctx)
+            out = step_day(self.model, state, day, step_uniforms(self.seed, day, n),
+                           neighbour_sum=neighbour_sum, degree=self.split.degree,
+                           attributes=self.attributes, estimator=self._estimator,
+                           extras={"beta_t": beta_t})
             torch.set_num_threads(1)
             unpacked = {k: fwad.unpack_dual(v) for k, v in out.items()}
         self.state = {k: u.primal.clone() for k, u in unpacked.items()}
@@ -302,12 +299,3 @@ class HybridSimulation:
         with np.load(io.BytesIO(blob)) as z:
             self.day = int(z["day"])
             self.state = {k: torch.from_numpy(z[k].astype(np.float32)) for k in self.state}
-
-
-def run_fleet_days(sim: HybridSimulation, days: int,
-                   on_day: Callable[[int, dict[str, object]], None] | None = None) -> None:
-    """Advance ``days`` days, calling ``on_day(day_number, aggregates)`` after each."""
-    for _ in range(days):
-        agg = sim.step()
-        if on_day is not None:
-            on_day(sim.day, agg)
