@@ -48,10 +48,9 @@ from protocols.daily import (
 )
 from protocols.keys import AgreementKey, IdentityKey, derive_key, ring_keystream
 from protocols.neighbourhood import AgentPlan, AssistedNeighbourhoodAgent, Envelope, Keyring
-from simulation.engine import step_uniforms
+from simulation.engine import agent_uniforms, step_day
 from simulation.estimators import get_estimator
 from simulation.models import SIR, infection_probability, infection_probability_dbeta
-from simulation.substeps import StepContext
 
 __all__ = ["app", "STORE_CONFIG_KEY", "USER_STATUS_KEY", "DeviceProtocolError",
            "private_uniforms"]
@@ -190,7 +189,7 @@ def _user_status(st: ConfigRecord) -> str | None:
 def _uniforms(st: ConfigRecord, day: int) -> torch.Tensor:
     if bool(st["shared_seed"]):  # explicit equivalence-test mode: the public stream
         n, i = int(st["n"]), int(st["index"])
-        return step_uniforms(int(st["uniform_seed"]), day, n, "cpu", 2)[:, i:i + 1]
+        return agent_uniforms(int(st["uniform_seed"]), day, torch.tensor([i]), n)
     return private_uniforms(_secret(st, "u_seed"), str(st["run_id"]), day)
 
 
@@ -218,12 +217,10 @@ def _finish_day(st: ConfigRecord, req: DayRequest) -> list[float]:
     else:
         model = SIR(beta=float(st["beta"]), gamma=float(st["gamma"]))
         with torch.no_grad():
-            ctx = StepContext(day=day, dt=1.0, uniforms=_uniforms(st, day),
-                              estimator=get_estimator("straight_through"),
-                              neighbour_sum=lambda x: sums, degree=degree,
-                              attributes={"age_band": torch.zeros(1, dtype=torch.int8)},
-                              extras={})
-            new = model.step(state, ctx)
+            new = step_day(model, state, day, _uniforms(st, day),
+                           neighbour_sum=lambda x: sums, degree=degree,
+                           attributes={"age_band": torch.zeros(1, dtype=torch.int8)},
+                           estimator=get_estimator("straight_through"))
         for c in ("S", "I", "R"):
             st[c] = float(new[c][0])
         new_inf = float(new["new_infections"][0])
