@@ -74,7 +74,6 @@ def fleet_command(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from None
     rid = store.create_run({**cfg.to_dict(), "federated": True}, days)
-    store.set_status(rid, "running")
 
     def show(d: int, r: dict[str, object]) -> None:
         extra = f" β={r['theta_beta']:.4f} loss={r['loss']:.4g}" if "theta_beta" in r else ""
@@ -84,16 +83,12 @@ def fleet_command(
     on_day, times = timed(show)
     t0 = time.perf_counter()
     try:
-        rows = run_fleet(cfg, settings=settings, store=store, run_id=rid, on_day=on_day,
-                         drop_fraction=drop_fraction, drop_seed=drop_seed)
-    except FederatedRunError as exc:
-        store.set_status(rid, "failed", f"{type(exc).__name__}: {exc}")
+        with store.running(rid):
+            rows = run_fleet(cfg, settings=settings, store=store, run_id=rid, on_day=on_day,
+                             drop_fraction=drop_fraction, drop_seed=drop_seed)
+    except FederatedRunError as exc:  # already marked failed
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None
-    except Exception as exc:
-        store.set_status(rid, "failed", f"{type(exc).__name__}: {exc}")
-        raise
-    store.set_status(rid, "completed")
     typer.echo(f"run {rid} stored in {db}")
     if out is not None:
         path = write_summary(out, rows, times, {"run_id": rid, "seconds_total":

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from coordinator.hybrid import HybridSimulation
-from coordinator.store import CoordinatorStore, LeaseHeldError
+from coordinator.store import CoordinatorStore
 from simulation.models import SIR
 from simulation.population import PRESETS, synthesize
 
@@ -116,8 +116,7 @@ def execute_run(store: CoordinatorStore, run_id: str,
                                 "run it); the central runner never simulates its devices")
     owner = take_lease(store, run_id, "coordinator")  # LeaseHeldError if someone alive has it
     cfg = RunConfig(**rec.config)
-    store.set_status(run_id, "running")
-    try:
+    with store.running(run_id, owner):
         sim = sim or build_simulation(cfg)
         point = store.resume(run_id)
         if point is not None:
@@ -128,11 +127,3 @@ def execute_run(store: CoordinatorStore, run_id: str,
             store.commit_round(run_id, sim.day, agg, state=sim.state_bytes())
             if on_day is not None:
                 on_day(sim.day, agg)
-    except LeaseHeldError:
-        raise  # someone else owns it now: leave its status alone
-    except Exception as exc:
-        store.set_status(run_id, "failed", f"{type(exc).__name__}: {exc}")
-        store.release_lease(run_id, owner)
-        raise
-    store.set_status(run_id, "completed")
-    store.release_lease(run_id, owner)

@@ -56,7 +56,7 @@ from coordinator.calibration import (
 from coordinator.hybrid import HybridSimulation, agent_name
 from coordinator.runner import DEFAULT_MIN_DEVICES, RunConfig, physical_agents, take_lease
 from coordinator.secagg_flower import ReportEpoch, ReportRound
-from coordinator.store import CoordinatorStore, LeaseHeldError
+from coordinator.store import CoordinatorStore
 from protocols.daily import (
     REPORT_FIELDS,
     DayReply,
@@ -497,16 +497,7 @@ def main(grid: Grid, context: Context) -> None:
     elif not store.get_run(run_id).config.get("federated"):
         raise FederatedRunError(f"run {run_id} is a central run; a ServerApp does not take it over")
     owner = take_lease(store, run_id, "serverapp")  # LeaseHeldError if a live runner has it
-    store.set_status(run_id, "running")
-    try:
+    with store.running(run_id, owner):
         FederatedRun(grid, cfg, settings=settings, store=store, run_id=run_id, resume=resume,
                      lease_owner=owner,
                      on_day=lambda d, r: _log.info("day %d: I=%s", d, r["I"])).run()
-    except LeaseHeldError:
-        raise  # another runner owns it now: leave its status alone
-    except Exception as exc:
-        store.set_status(run_id, "failed", f"{type(exc).__name__}: {exc}")
-        store.release_lease(run_id, owner)
-        raise
-    store.set_status(run_id, "completed")
-    store.release_lease(run_id, owner)

@@ -12,6 +12,8 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,6 +188,26 @@ class CoordinatorStore:
                               (status, error, run_id))
             if cur.rowcount != 1:
                 raise RunNotFoundError(run_id)
+
+    @contextmanager
+    def running(self, run_id: str, owner: str | None = None) -> Iterator[None]:
+        """Mark ``run_id`` running for the block; then completed, or failed with the
+        exception's type and message (re-raised). ``owner``'s lease is released either way,
+        except on :class:`LeaseHeldError`: another runner owns the run now, so its status and
+        lease are left alone."""
+        self.set_status(run_id, "running")
+        try:
+            yield
+        except LeaseHeldError:
+            raise
+        except Exception as exc:  # (an interrupt leaves it running: resumable)
+            self.set_status(run_id, "failed", f"{type(exc).__name__}: {exc}")
+            if owner is not None:
+                self.release_lease(run_id, owner)
+            raise
+        self.set_status(run_id, "completed")
+        if owner is not None:
+            self.release_lease(run_id, owner)
 
     def get_run(self, run_id: str) -> RunRecord:
         row = self._con().execute(

@@ -79,3 +79,25 @@ def test_edge_store_keys_encrypted(tmp_path, monkeypatch):
     monkeypatch.delenv("LPM_EDGE_PASSPHRASE")
     with pytest.raises(EdgeStoreError):
         EdgeStore(path)
+
+
+def test_running_block_marks_completed_failed_or_leaves_a_taken_over_run(tmp_path):
+    from coordinator.store import LeaseHeldError
+
+    store = CoordinatorStore(tmp_path / "c.db")
+    ok, bad, taken = (store.create_run({}, 3) for _ in range(3))
+    with store.running(ok):
+        assert store.get_run(ok).status == "running"
+    assert store.get_run(ok).status == "completed"
+
+    store.acquire_lease(bad, "me", "coordinator", 60)
+    with pytest.raises(ValueError, match="boom"), store.running(bad, "me"):
+        raise ValueError("boom")
+    rec = store.get_run(bad)
+    assert rec.status == "failed" and rec.error == "ValueError: boom"
+    assert store.lease(bad) is None  # released
+
+    store.acquire_lease(taken, "me", "coordinator", 60)
+    with pytest.raises(LeaseHeldError), store.running(taken, "me"):
+        raise LeaseHeldError("another runner owns it")
+    assert store.get_run(taken).status == "running" and store.lease(taken) is not None
