@@ -66,10 +66,9 @@ def reverse_edges(layer: CSRLayer) -> np.ndarray:
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _events(indptr, indices, weights, S, I, u0, u1, deg, beta, r, dt, h, x, y, ag):  # pragma: no cover
+def _events(indptr, indices, weights, S, I, u0, u1, deg, beta, r, dt, h, x, y):  # pragma: no cover
     """Phase A (weighted graphs): primal neighbour sums (susceptibles only) and the day's
-    event indicators; with tangents, bit 4 of the agent record's flag marks keep_m = 0
-    (m recovers or is infected today, see ``_messages``)."""
+    event indicators."""
     n = indptr.size - 1
     for m in numba.prange(n):
         x[m] = 0.0
@@ -84,8 +83,6 @@ def _events(indptr, indices, weights, S, I, u0, u1, deg, beta, r, dt, h, x, y, a
             h[m] = acc
             q = 1.0 - math.exp(-beta * dt * acc / deg[m])
             x[m] = 1.0 if u0[m] < q else 0.0
-        if ag.shape[0] and (y[m] == 1 or S[m] * x[m] == 1):
-            ag[m, 3] += 4.0
 
 
 @numba.njit(parallel=True, cache=True)
@@ -153,9 +150,8 @@ def _day_counts(S, I, cnt, deg, beta, r, dt, key, out_new, chg):  # pragma: no c
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _events_cnt(S, I, cnt, deg, beta, r, dt, key, h, x, y, ag):  # pragma: no cover
-    """Phase A for unit weights: events from the kept infected-neighbour counts, inline
-    uniforms; keep bit as in ``_events``."""
+def _events_cnt(S, I, cnt, deg, beta, r, dt, key, h, x, y):  # pragma: no cover
+    """Phase A for unit weights: events from the kept infected-neighbour counts, inline uniforms."""
     n = S.size
     for m in numba.prange(n):
         x[m] = 0.0
@@ -169,60 +165,20 @@ def _events_cnt(S, I, cnt, deg, beta, r, dt, key, h, x, y, ag):  # pragma: no co
             if c > 0:
                 q = 1.0 - math.exp(-beta * dt * c / deg[m])
                 x[m] = 1.0 if _uniform(key, m + 1) < q else 0.0
-        if ag.shape[0] and (y[m] == 1 or S[m] * x[m] == 1):
-            ag[m, 3] += 4.0
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _messages(indptr, indices, weights, unit, rev, S, x, deg, beta, dt, ag, cI, J, inflow,
-              rowin):  # pragma: no cover - compiled
-    """Phase B: per-edge inflow into susceptible m from neighbour k (non-backtracking).
-
-    msg = w (dI_k − part of dI_k that came from m); of that extra infectious mass, J has
-    already infected m in the alternative path and cannot infect it again: the inflow is
-    (1 − x_m) β Δt / n_m · (msg − J). J then follows k's mass: it recovers with k (y_k) and
-    vanishes when the primal path infects k too (x_k): J ← (J + inflow)·keep_k,
-    keep_k = (1 − y_k)(1 − S_k x_k) ∈ {0, 1}.
-
-    One random read per neighbour k gets its record ag[k] = (dI_k for each parameter, flag):
-    flag bit 1: dI_k ≠ 0; bit 2: k's per-edge components may be non-zero (then cI at the
-    reverse edge is read too); bit 4: keep_k = 0. A neighbour with neither bit 1 nor 2 (every
-    recovered one, and the susceptibles the alternative path has not reached) sends nothing.
-    rowin[m] = 1 if some inflow of m's row is non-zero (else the row's inflow is all zero)."""
-    n = indptr.size - 1
-    P = cI.shape[1]
-    for m in numba.prange(n):
-        rowin[m] = 0
-        if S[m] != 1:
-            continue
-        rate = (1.0 - x[m]) * beta * dt / deg[m]
-        anyf = 0
-        for e in range(indptr[m], indptr[m + 1]):
-            k = indices[e]
-            fk = int(ag[k, 3])
-            w = np.float32(1.0) if unit else weights[e]
-            for p in range(P):
-                j = J[e, p]
-                if fk & 3 == 0:
-                    mv = np.float32(0.0)
-                elif fk & 2:
-                    mv = w * (ag[k, p] - cI[rev[e], p])
-                else:
-                    mv = w * ag[k, p]
-                f = rate * (mv - j)
-                inflow[e, p] = f
-                if f != 0.0:
-                    anyf = 1
-                if j != 0.0 or f != 0.0:
-                    J[e, p] = 0.0 if fk & 4 else j + f
-        rowin[m] = anyf
-
-
-@numba.njit(parallel=True, fastmath=True, cache=True)
-def _advance(indptr, S, I, x_arr, y_arr, h, deg, r, dr, dt, inj_beta, inj_gamma, inflow, rowin,
+def _advance(indptr, S, I, x_arr, y_arr, h, deg, beta, r, dr, dt, inj_beta, inj_gamma, msg, J, inbox,
              cS, cI, sumI, ag, oS, oI, out_new, chg):  # pragma: no cover - compiled
-    """Phase C: primal update and the tangent components of every agent; returns the day's
-    totals (S, I, new) and the tangent totals (dS, dI, dnew) for parameters 0 and 1.
+    """Phase B: primal update, the non-backtracking inflow of every susceptible's incoming
+    edges, and the tangent components of every agent; returns the day's totals (S, I, new)
+    and the tangent totals (dS, dI, dnew) for parameters 0 and 1.
+
+    Inflow into susceptible m along edge e = (m ← k): msg_e = w (dI_k − part of dI_k that
+    came from m), written by k at the end of the previous day (``_send``); of that extra
+    infectious mass, J_e has already infected m in the alternative path and cannot infect it
+    again: inflow = (1 − x_m) β Δt / n_m · (msg_e − J_e), J_e += inflow (k's ``_send``
+    zeroes J_e when k recovers or the primal path infects k: J follows k's mass).
 
     Per component (own, or per incoming edge): d new = cS·x + inflow, d rec = cI·y (+ the γ
     injection on the own component), cS −= d new, cI += d new − d rec. The own component of
@@ -232,7 +188,12 @@ def _advance(indptr, S, I, x_arr, y_arr, h, deg, r, dr, dt, inj_beta, inj_gamma,
     An agent that is not susceptible has no inflow and cS = 0, so its edge components stay
     as they were (y = 0) or all vanish (y = 1): the row is not walked, its sum is kept in
     sumI (set on the day the agent leaves S) and zeroed at recovery. Recovered agents are
-    skipped. Rows with no edge state and no inflow are not walked (they would add zeros)."""
+    skipped. A susceptible's row is walked only if it holds edge state or its inbox flag is
+    set (some message or J of the row is non-zero); otherwise it would add zeros.
+
+    ag[m] = (dI_m per parameter, flag); flag bit 1: dI_m ≠ 0, bit 2: some edge component of
+    m is non-zero, bit 4: keep_m = 0 today (m recovers or is infected), bit 8: bit 1 or 2
+    was set at the start of the day (``_send`` then still has to send)."""
     n = indptr.size - 1
     P = cS.shape[1]
     s_tot = 0.0
@@ -254,9 +215,11 @@ def _advance(indptr, S, I, x_arr, y_arr, h, deg, r, dr, dt, inj_beta, inj_gamma,
         x = x_arr[m]
         y = y_arr[m]
         fl = int(ag[m, 3]) if P else 0
-        walk = s == 1 and ((fl & 2) != 0 or rowin[m] != 0)
+        walk = s == 1 and ((fl & 2) != 0 or inbox[m] != 0)
+        rate = (1.0 - x) * beta * dt / deg[m]
         any_edge = 0
         any_tot = 0
+        any_j = 0
         for p in range(P):
             inj_new = 0.0
             inj_rec = 0.0
@@ -272,12 +235,17 @@ def _advance(indptr, S, I, x_arr, y_arr, h, deg, r, dr, dt, inj_beta, inj_gamma,
             tot_S = oS[m, p]
             tot_I = oI[m, p]
             if walk:
-                use_in = rowin[m] != 0
                 row_I = 0.0
                 for e in range(indptr[m], indptr[m + 1]):
+                    j = J[e, p]
+                    f64 = rate * (msg[e, p] - j)
+                    if j != 0.0 or f64 != 0.0:
+                        J[e, p] = j + f64
+                        if J[e, p] != 0.0:
+                            any_j = 1
+                    f = np.float32(f64)
                     cs = cS[e, p]
                     ci = cI[e, p]
-                    f = inflow[e, p] if use_in else np.float32(0.0)
                     if cs == 0.0 and ci == 0.0 and f == 0.0:
                         continue
                     dn = cs * x + f
@@ -311,7 +279,11 @@ def _advance(indptr, S, I, x_arr, y_arr, h, deg, r, dr, dt, inj_beta, inj_gamma,
                 dI1 += tot_I
                 dn1 += tot_new
         if P:
-            ag[m, 3] = any_tot | (2 * any_edge)
+            drop = 4 if (y == 1 or (s == 1 and x == 1)) else 0
+            was = 8 if (fl & 3) != 0 else 0
+            ag[m, 3] = any_tot | (2 * any_edge) | drop | was
+            if walk:
+                inbox[m] = any_j
         new = s * x
         i2 = i + new - i * y
         out_new[m] = new
@@ -322,6 +294,40 @@ def _advance(indptr, S, I, x_arr, y_arr, h, deg, r, dr, dt, inj_beta, inj_gamma,
         i_tot += i2
         new_tot += new
     return s_tot, i_tot, new_tot, dS0, dS1, dI0, dI1, dn0, dn1
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _send(indptr, indices, weights, unit, rev, ag, cI, msg, J, inbox):  # pragma: no cover - compiled
+    """Phase C: every agent k with a tangent (or that had one this morning) writes its
+    non-backtracking message to each neighbour m into m's row: msg at e = (m ← k) is
+    w (dI_k − cI_k at (k ← m)), i.e. k's extra infectious mass less what came from m; k reads
+    its own row in order and each slot has one writer (no races). An agent whose keep is 0
+    today (it recovered, or the primal path infected it) zeroes J on its outgoing slots.
+    Sets inbox[m] when a non-zero message reaches m."""
+    n = indptr.size - 1
+    P = cI.shape[1]
+    for k in numba.prange(n):
+        fl = int(ag[k, 3])
+        send = (fl & 11) != 0
+        drop = (fl & 4) != 0
+        if not send and not drop:
+            continue
+        for r in range(indptr[k], indptr[k + 1]):
+            t = rev[r]
+            if drop:
+                for p in range(P):
+                    J[t, p] = 0.0
+            if send:
+                w = np.float32(1.0) if unit else weights[t]
+                nz = 0
+                for p in range(P):
+                    v = w * (ag[k, p] - cI[r, p])
+                    msg[t, p] = v
+                    if v != 0.0:
+                        nz = 1
+                if nz:
+                    inbox[indices[r]] = 1
+        ag[k, 3] = fl & 3
 
 
 _PARAMS = ("beta", "gamma")
@@ -351,7 +357,7 @@ def run_sir_nonbacktracking(
     nnz = layer.nnz if P else 0
     cS = np.zeros((nnz, P), np.float32)  # edge-major: one cache line per edge for all parameters
     cI = np.zeros((nnz, P), np.float32)
-    inflow = np.zeros((nnz, P), np.float32)
+    msg = np.zeros((nnz, P), np.float32)  # message into each edge's row (written by its source)
     J = np.zeros((nnz, P), np.float32)
     xa = np.zeros(n, np.float32)
     ya = np.zeros(n, np.float32)
@@ -359,7 +365,7 @@ def run_sir_nonbacktracking(
     oI = np.zeros((n, P), np.float64)
     ag = np.zeros((n if P else 0, 4), np.float32)  # per agent: dI for each parameter, flag
     sumI = np.zeros((n, P), np.float64)
-    rowin = np.zeros(n, np.uint8)
+    inbox = np.zeros(n, np.uint8)
     chg = np.zeros(n, np.int8)
     h = np.zeros(n, np.float64)
     out_new = np.zeros(n, np.float32)
@@ -384,16 +390,16 @@ def run_sir_nonbacktracking(
             _push(indptr, indices, chg, cnt)
         else:
             if unit:
-                _events_cnt(S, I, cnt, deg, beta, r, dt, key, h, xa, ya, ag)
+                _events_cnt(S, I, cnt, deg, beta, r, dt, key, h, xa, ya)
             else:
                 u = counter_uniforms(seed, day, n, torch.device("cpu"), 2).numpy()
                 follow_torch_threads()
-                _events(indptr, indices, weights, S, I, u[0], u[1], deg, beta, r, dt, h, xa, ya, ag)
-            if P:
-                _messages(indptr, indices, weights, unit, rev, S, xa, deg, beta, dt, ag, cI, J, inflow, rowin)
+                _events(indptr, indices, weights, S, I, u[0], u[1], deg, beta, r, dt, h, xa, ya)
             s_tot, i_tot, new_tot, *tot = _advance(
-                indptr, S, I, xa, ya, h, deg, r, dr, dt, inj_beta, inj_gamma, inflow, rowin,
+                indptr, S, I, xa, ya, h, deg, beta, r, dr, dt, inj_beta, inj_gamma, msg, J, inbox,
                 cS, cI, sumI, ag, oS, oI, out_new, chg)
+            if P:
+                _send(indptr, indices, weights, unit, rev, ag, cI, msg, J, inbox)
             if unit:
                 _push(indptr, indices, chg, cnt)
             for slot, c in enumerate(cols):
