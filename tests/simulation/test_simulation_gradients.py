@@ -64,3 +64,36 @@ def test_expected_estimator_gradient_equals_fd_of_its_own_surrogate():
     simulate(m, g, 20, seed=0, estimator="expected").total_infections.backward()
     assert fd > 0
     assert abs(m.beta.grad.item() / fd - 1) < 0.02
+
+
+def test_fused_run_tangents_only_for_parameters_that_need_them():
+    """The fused run computes the tangent of a parameter only if it requires grad; the
+    gradient of the other is the same as with both (up to float summation order)."""
+    g = random_contact_graph(5_000, 8, seed=2)
+    both = SIR(0.4, 0.12, 0.01)
+    simulate(both, g, 25, seed=3).total_infections.backward()
+    only = SIR(0.4, 0.12, 0.01)
+    only.gamma.requires_grad_(False)
+    simulate(only, g, 25, seed=3).total_infections.backward()
+    assert only.gamma.grad is None and both.beta.grad != 0
+    assert torch.allclose(only.beta.grad, both.beta.grad, rtol=1e-6)
+
+
+def test_fused_run_on_a_weighted_graph_keeps_the_substep_events():
+    """Weighted contact graphs take the fused run's per-susceptible neighbour sum (unit
+    weights keep infected-neighbour counts instead): same series as the substep path."""
+    import dataclasses
+
+    from simulation.population import ContactGraph
+
+    layer = random_contact_graph(3_000, 8, seed=4).merged()
+    idx = layer.indices.long()
+    rows = torch.repeat_interleave(torch.arange(layer.n), layer.indptr.diff())
+    w = 0.5 + ((torch.minimum(rows, idx) * 7919 + torch.maximum(rows, idx)) % 100).float() / 100
+    weighted = ContactGraph({"contacts": dataclasses.replace(layer, weights=w)})
+    assert weighted.merged().weights is not None
+    a = simulate(SIR(0.5, 0.1, 0.02), weighted, 20, seed=1)
+    b = simulate(SIR(0.5, 0.1, 0.02), weighted, 20, seed=1, estimator="smoothed")
+    assert a.meta["estimator"] == "nonbacktracking"
+    assert all(torch.equal(a[k], b[k]) for k in a.series)
+    a.total_infections.backward()  # the tangent run on a weighted graph completes
