@@ -297,13 +297,14 @@ def _advance(indptr, S, I, x_arr, y_arr, h, deg, beta, r, dr, dt, inj_beta, inj_
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _send(indptr, indices, weights, unit, rev, ag, cI, msg, J, inbox):  # pragma: no cover - compiled
+def _send(indptr, indices, weights, unit, rev, S, ag, cI, msg, J, inbox):  # pragma: no cover - compiled
     """Phase C: every agent k with a tangent (or that had one this morning) writes its
     non-backtracking message to each neighbour m into m's row: msg at e = (m ← k) is
     w (dI_k − cI_k at (k ← m)), i.e. k's extra infectious mass less what came from m; k reads
     its own row in order and each slot has one writer (no races). An agent whose keep is 0
     today (it recovered, or the primal path infected it) zeroes J on its outgoing slots.
-    Sets inbox[m] when a non-zero message reaches m."""
+    Sets inbox[m] when a non-zero message reaches m. Only susceptible neighbours (S == 1 after
+    today's update) are written: the others never read their rows again."""
     n = indptr.size - 1
     P = cI.shape[1]
     for k in numba.prange(n):
@@ -313,6 +314,9 @@ def _send(indptr, indices, weights, unit, rev, ag, cI, msg, J, inbox):  # pragma
         if not send and not drop:
             continue
         for r in range(indptr[k], indptr[k + 1]):
+            m = indices[r]
+            if S[m] != 1:  # m is no longer susceptible: it never reads its row again
+                continue
             t = rev[r]
             if drop:
                 for p in range(P):
@@ -326,7 +330,7 @@ def _send(indptr, indices, weights, unit, rev, ag, cI, msg, J, inbox):  # pragma
                     if v != 0.0:
                         nz = 1
                 if nz:
-                    inbox[indices[r]] = 1
+                    inbox[m] = 1
         ag[k, 3] = fl & 3
 
 
@@ -399,7 +403,7 @@ def run_sir_nonbacktracking(
                 indptr, S, I, xa, ya, h, deg, beta, r, dr, dt, inj_beta, inj_gamma, msg, J, inbox,
                 cS, cI, sumI, ag, oS, oI, out_new, chg)
             if P:
-                _send(indptr, indices, weights, unit, rev, ag, cI, msg, J, inbox)
+                _send(indptr, indices, weights, unit, rev, S, ag, cI, msg, J, inbox)
             if unit:
                 _push(indptr, indices, chg, cnt)
             for slot, c in enumerate(cols):
