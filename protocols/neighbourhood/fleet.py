@@ -245,7 +245,7 @@ class FleetNeighbourhoodSum:
         for k, lo in enumerate(range(0, raw.size, step_bytes)):
             hi = min(lo + step_bytes, raw.size)
             ctx = self._ctx(rnd, step, f"fleet:{tag}:{k}", "relay")
-            blob = seal(key, ctx, raw[lo:hi])
+            blob = seal(key, ctx, raw[lo:hi].tobytes())
             stats.sealed_bytes += len(blob)
             stats.envelopes += 1
             dst[lo:hi] = np.frombuffer(open_envelope(key, ctx, blob), dtype=np.uint8)

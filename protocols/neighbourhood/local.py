@@ -6,10 +6,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from protocols.neighbourhood.assisted import AssistedNeighbourhoodAgent
-from protocols.neighbourhood.device import DeviceBase, NeighbourSum
+from protocols.neighbourhood.device import NeighbourSum
 from protocols.neighbourhood.peer import PeerNeighbourhoodAgent
 from protocols.neighbourhood.policy import NeighbourhoodPolicy, Variant
-from protocols.neighbourhood.relay import NeighbourhoodRelay
+from protocols.neighbourhood.relay import (
+    NeighbourhoodAgent,
+    NeighbourhoodRelay,
+    RelayAttempt,
+    assisted,
+    peer,
+)
 from protocols.ring import FixedPointRing
 
 __all__ = ["make_devices", "run_round"]
@@ -22,11 +28,12 @@ DROP_BEFORE_PHASE2 = 1
 def make_devices(
     relay: NeighbourhoodRelay, ids: list[str], *, ring: FixedPointRing | None = None,
     policy: NeighbourhoodPolicy | None = None,
-) -> dict[str, DeviceBase]:
+) -> dict[str, NeighbourhoodAgent]:
     """Create one device per id (its contacts: the relay's contact lists, i.e. the honest
     configuration), register its key with ``relay``."""
-    cls = PeerNeighbourhoodAgent if relay.variant is Variant.PEER else AssistedNeighbourhoodAgent
-    devices: dict[str, DeviceBase] = {}
+    cls: type[NeighbourhoodAgent] = PeerNeighbourhoodAgent \
+        if relay.variant is Variant.PEER else AssistedNeighbourhoodAgent
+    devices: dict[str, NeighbourhoodAgent] = {}
     for a in ids:
         own = set(relay.contacts.get(a, ())) | {t for t, cs in relay.contacts.items() if a in cs}
         dev = cls(a, relay.run_id, ring=ring or relay.ring, policy=policy or relay.policy,
@@ -38,7 +45,7 @@ def make_devices(
 
 def run_round(
     relay: NeighbourhoodRelay,
-    devices: Mapping[str, DeviceBase],
+    devices: Mapping[str, NeighbourhoodAgent],
     values: Mapping[str, float],
     round: int,
     *,
@@ -53,7 +60,7 @@ def run_round(
     """
     weights = weights or {}
     drop_at = dict(drop_at or {})
-    attempt = relay.begin_round(round, set(devices) if online is None else online)
+    attempt: RelayAttempt | None = relay.begin_round(round, set(devices) if online is None else online)
     results: dict[str, NeighbourSum | None] = {}
     gone: set[str] = set()
     while attempt is not None:
@@ -77,16 +84,16 @@ def run_round(
         deliveries = attempt.route_phase1(up1)
         if relay.variant is Variant.ASSISTED:
             for a, d in deliveries.items():
-                results[a] = devices[a].on_masked(d.envelopes, d.mask_sum)
+                results[a] = assisted(devices[a]).on_masked(d.envelopes, d.mask_sum)
             return results
         up2 = {
-            a: devices[a].on_shares(d.envelopes, d.aborted)
+            a: peer(devices[a]).on_shares(d.envelopes, d.aborted)
             for a, d in deliveries.items() if not drops(a, DROP_BEFORE_PHASE2)
         }
-        complaints = {a: list(devices[a].complaints) for a in up2
-                      if getattr(devices[a], "complaints", None)}
+        complaints = {a: list(peer(devices[a]).complaints) for a in up2
+                      if peer(devices[a]).complaints}
         for a, d in attempt.route_phase2(up2, complaints).items():
-            res = devices[a].on_partials(d.envelopes, d.aborted)
+            res = peer(devices[a]).on_partials(d.envelopes, d.aborted)
             if res is not None or a not in results:
                 results[a] = res
         attempt = attempt.retry()

@@ -28,7 +28,7 @@ from types import MappingProxyType
 from protocols.envelope import MessageContext
 from protocols.keys import IdentityKey, verify_signature
 from protocols.neighbourhood.assisted import AssistedNeighbourhoodAgent, mask_for
-from protocols.neighbourhood.device import DeviceBase, wrap64
+from protocols.neighbourhood.device import wrap64
 from protocols.neighbourhood.errors import (
     NeighbourhoodError,
     ProtocolStateError,
@@ -54,6 +54,22 @@ from protocols.neighbourhood.noise import discrete_laplace
 from protocols.neighbourhood.peer import PeerNeighbourhoodAgent
 from protocols.neighbourhood.policy import NeighbourhoodPolicy, Outcome, Variant
 from protocols.ring import FixedPointRing
+
+NeighbourhoodAgent = AssistedNeighbourhoodAgent | PeerNeighbourhoodAgent
+
+
+def peer(agent: NeighbourhoodAgent) -> PeerNeighbourhoodAgent:
+    """``agent`` as the peer variant (phases 2 and 3 exist only there)."""
+    if not isinstance(agent, PeerNeighbourhoodAgent):
+        raise NeighbourhoodError(f"{agent.agent_id} is not a peer-variant agent")
+    return agent
+
+
+def assisted(agent: NeighbourhoodAgent) -> AssistedNeighbourhoodAgent:
+    """``agent`` as the assisted variant (the masked delivery exists only there)."""
+    if not isinstance(agent, AssistedNeighbourhoodAgent):
+        raise NeighbourhoodError(f"{agent.agent_id} is not an assisted-variant agent")
+    return agent
 
 __all__ = [
     "MaskedDelivery",
@@ -117,7 +133,7 @@ class NeighbourhoodRelay:
         self.keyring = Keyring(RELAY_ID, run_id)
         self._public: dict[str, bytes] = {}
         self._publish(RELAY_ID, self.keyring)
-        self._dummies: dict[str, DeviceBase] = {}
+        self._dummies: dict[str, NeighbourhoodAgent] = {}
         self.outcome: dict[str, Outcome] = {}
 
     @property
@@ -168,11 +184,11 @@ class NeighbourhoodRelay:
             raise NeighbourhoodError(f"no signature for the keys of {missing}")
         return {p: (k, self._signatures[p]) for p, k in self._public.items()}
 
-    def _dummy(self, ident: str) -> DeviceBase:
+    def _dummy(self, ident: str) -> NeighbourhoodAgent:
         dev = self._dummies.get(ident)
         if dev is None:
-            cls = PeerNeighbourhoodAgent if self.variant is Variant.PEER else \
-                AssistedNeighbourhoodAgent
+            cls: type[NeighbourhoodAgent] = PeerNeighbourhoodAgent \
+                if self.variant is Variant.PEER else AssistedNeighbourhoodAgent
             dev = cls(ident, self.run_id, ring=self.ring, policy=self.policy, relay_run=True)
             self._dummies[ident] = dev
             self._publish(ident, dev.keyring)
@@ -290,7 +306,7 @@ class RelayAttempt:
             }
         return dict(uploads) | self._dummy_uploads
 
-    def _run_dummy(self, dev: DeviceBase) -> list[Envelope]:
+    def _run_dummy(self, dev: NeighbourhoodAgent) -> list[Envelope]:
         plan = self.all_plans[dev.agent_id]
         if dev.agent_id.startswith(NOISE_PREFIX):
             assert isinstance(dev, PeerNeighbourhoodAgent)
@@ -340,7 +356,7 @@ class RelayAttempt:
 
     def _finish_peer1(self, out: dict[str, ShareDelivery]) -> dict[str, ShareDelivery]:
         self._dummy_partials = {
-            d: self.relay._dummies[d].on_shares(out[d].envelopes, out[d].aborted)
+            d: peer(self.relay._dummies[d]).on_shares(out[d].envelopes, out[d].aborted)
             for d in out if d in self.relay._dummies
         }
         return {a: d for a, d in out.items() if a not in self.relay._dummies}
@@ -375,7 +391,7 @@ class RelayAttempt:
             out[a] = MaskedDelivery(tuple(envs),
                                     relay.keyring.seal_to(ctx, encode_mask_sum(total, senders)))
         for d in self._dummy_ids:
-            relay._dummies[d].on_masked((), None)  # dummies are never targets
+            assisted(relay._dummies[d]).on_masked((), None)  # dummies are never targets
         return out
 
     def route_phase2(
@@ -417,7 +433,7 @@ class RelayAttempt:
                 self.aborted.add(t)
         self._live2 = live
         for d in self._dummy_ids:
-            self.relay._dummies[d].on_partials((), aborted=True)
+            peer(self.relay._dummies[d]).on_partials((), aborted=True)
         return {
             a: PartialDelivery(
                 () if a in self.aborted else tuple(by_target.get(a, ())),
