@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from coordinator.runner import RunConfig
 from coordinator.server_app import FederatedRun, FederatedSettings, MinCohortError
@@ -159,11 +159,11 @@ def write_summary(out_dir: Path, rows: list[dict[str, object]], day_seconds: lis
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {
         "days_completed": len(rows),
-        "survivors": [int(r.get("survivors", 0)) for r in rows],
-        "theta": {"beta": [float(r["theta_beta"]) for r in rows if "theta_beta" in r]},
-        "loss": [float(r["loss"]) for r in rows if "loss" in r],
+        "survivors": [int(cast(int, r.get("survivors", 0))) for r in rows],
+        "theta": {"beta": [float(cast(float, r["theta_beta"])) for r in rows if "theta_beta" in r]},
+        "loss": [float(cast(float, r["loss"])) for r in rows if "loss" in r],
         "seconds_per_day": day_seconds,
-        "new_infections": [float(r["new_infections"]) for r in rows],
+        "new_infections": [float(cast(float, r["new_infections"])) for r in rows],
         **dict(extra or {}),
     }
     path = out_dir / "summary.json"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -191,7 +192,7 @@ class HybridSimulation:
             if cross_sums is not None:
                 cross = torch.as_tensor(cross_sums, dtype=torch.float64)
             else:
-                cross = self._fleet.step(infected, round=day).sums
+                cross = self._fleet_sum().step(infected, round=day).sums
             cross = torch.nan_to_num(cross, nan=0.0).to(central.dtype)
             total = central + cross
             captured["sums"] = total
@@ -251,7 +252,7 @@ class HybridSimulation:
                 if float(x.abs().max()) > bound:
                     raise HybridError(f"a tangent exceeds the public bound {bound}")
                 x = (x + bound) / (2 * bound)
-            cross = torch.nan_to_num(self._fleet.step(x, round=rnd).sums, nan=0.0).double()
+            cross = torch.nan_to_num(self._fleet_sum().step(x, round=rnd).sums, nan=0.0).double()
             if bound:
                 cross = 2 * bound * cross - bound * self._cross_wsum
             return cross.to(torch.float32)
@@ -286,12 +287,18 @@ class HybridSimulation:
                 "d_new_dbeta_synthetic": float(d_new.double().sum() - d_new[phys].double().sum()),
                 "one_step_dbeta": float(one_step.double().sum())}
 
+    def _fleet_sum(self) -> FleetNeighbourhoodSum:
+        """The simulated fleet's cross-edge sum (fleet mode only; remote mode gets the sums)."""
+        if self._fleet is None:
+            raise HybridError("no simulated fleet in remote mode: pass the protocol's cross sums")
+        return self._fleet
+
     # ------------------------------------------------------------------ checkpoints
     def state_bytes(self) -> bytes:
         """The state (and next day) as compressed bytes for the store's checkpoint."""
         buf = io.BytesIO()
-        np.savez_compressed(buf, day=np.array(self.day),
-                            **{k: v.numpy().astype(np.uint8) for k, v in self.state.items()})
+        arrays: dict[str, Any] = {k: v.numpy().astype(np.uint8) for k, v in self.state.items()}
+        np.savez_compressed(buf, day=np.array(self.day), **arrays)
         return buf.getvalue()
 
     def load_state(self, blob: bytes) -> None:

@@ -23,7 +23,7 @@ import struct
 import sys
 import time
 import traceback
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
@@ -76,14 +76,14 @@ class _Host:
         started = day > off_day or (day == off_day and STAGE_RANK[stage] >= STAGE_RANK[off_stage])
         return started and day < back
 
-    def states(self) -> dict[int, dict[str, float]]:
-        """Each enrolled device's own S, I, R and day (what its store would hold)."""
-        out = {}
+    def states(self) -> dict[int, dict[str, object]]:
+        """Each enrolled device's own agent id, day, S, I and R (what its store would hold)."""
+        out: dict[int, dict[str, object]] = {}
         for node, ctx in self.contexts.items():
             st = ctx.state.config_records.get(Keys.DEVICE_STATE)
             if st is not None:
-                out[node] = {"agent_id": str(st["agent_id"]), "day": int(st["day"]),
-                             **{c: float(st[c]) for c in ("S", "I", "R")}}
+                out[node] = {"agent_id": str(st["agent_id"]), "day": int(cast(int, st["day"])),
+                             **{c: float(cast(float, st[c])) for c in ("S", "I", "R")}}
         return out
 
     def exchange(self, message_type: str, contents: dict[int, dict[str, Any]], group: str
@@ -101,7 +101,8 @@ class _Host:
             meta = Metadata(run_id=1, message_id=f"m{self.counter}", src_node_id=0,
                             dst_node_id=node, reply_to_message_id="", group_id=group,
                             created_at=time.time(), ttl=3600.0, message_type=message_type)
-            msg = Message(RecordDict({Keys.RECORD: ConfigRecord(body)}), metadata=meta)
+            # the SuperNode's own form (content + full metadata), outside Message's public overloads
+            msg = cast(Any, Message)(RecordDict({Keys.RECORD: ConfigRecord(body)}), metadata=meta)
             try:
                 reply = self.app(msg, self.contexts[node])
             except Exception as exc:  # a failing device is that device's dropout
