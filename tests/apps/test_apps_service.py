@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 
 from coordinator.service import create_app
 from coordinator.store import CoordinatorStore
@@ -16,27 +13,11 @@ from coordinator.store import CoordinatorStore
 TOKEN = "t" * 32
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
-def server(tmp_path):
+def server(tmp_path, serving):
     store = CoordinatorStore(tmp_path / "c.db")
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(store, TOKEN), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    deadline = time.time() + 20
-    while not srv.started:
-        assert time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", store
-    srv.should_exit = True
-    th.join(10)
+    with serving(create_app(store, TOKEN)) as (url, _):
+        yield url, store
 
 
 def test_service_end_to_end(server):

@@ -5,15 +5,10 @@ odd strings) and sends them, with and without the write token, to a real uvicorn
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
 import requests  # noqa: E402  (schemathesis depends on it)
-import uvicorn  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
@@ -25,15 +20,9 @@ TOKEN = "fuzz-token-" + "z" * 24
 PER_OPERATION = 320  # × 2 (token or not) × 2 (valid / invalid) × operations ≥ 5,000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_openapi_fuzz_no_server_errors(tmp_path):
+def test_openapi_fuzz_no_server_errors(tmp_path, serving):
     store = CoordinatorStore(tmp_path / "c.db")
     rid = store.create_run({"population": "tiny", "days": 3}, days=3)
     for d in (1, 2):
@@ -41,27 +30,17 @@ def test_openapi_fuzz_no_server_errors(tmp_path):
     store.set_calibration(rid, {"beta": 0.4})
     store.put_bundle(b"LPMBNDL\x01bundle", "1")
     app = create_app(store, TOKEN, execute=False)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    while not srv.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
     schema = schemathesis.openapi.from_dict(app.openapi())
     sent: list[int] = []
     errors: list[str] = []
     session = requests.Session()
-    try:
+    with serving(app, log_level="critical") as (url, _):
         for result in schema.get_all_operations():
             operation = result.ok()
             for auth in (True, False):
                 for mode in GenerationMode:  # schema-valid and schema-violating requests
                     _fuzz_operation(operation.as_strategy(generation_mode=mode), url, session,
                                     rid, auth, sent, errors)
-    finally:
-        srv.should_exit = True
-        th.join(10)
     print(f"fuzz: {len(sent)} requests, {sum(s >= 500 for s in sent)} 5xx, "
           f"statuses {sorted(set(sent))}")
     assert len(sent) >= 5000

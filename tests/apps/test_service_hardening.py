@@ -13,37 +13,21 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from coordinator.service import MAX_BODY_BYTES, WriteToken, create_app
 from coordinator.store import CoordinatorStore, StoreError
+from simulation.distributed.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "s3cr3t-token-" + "q" * 20
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
-def server(tmp_path):
+def server(tmp_path, serving):
     store = CoordinatorStore(tmp_path / "c.db")
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(store, TOKEN, execute=False),
-                                        host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    deadline = time.time() + 20
-    while not srv.started:
-        assert time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", store, port
-    srv.should_exit = True
-    th.join(10)
+    with serving(create_app(store, TOKEN, execute=False)) as (url, port):
+        yield url, store, port
 
 
 def _lpm(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
@@ -68,7 +52,7 @@ def test_write_token_never_shown():
                                   pytest.param("bad-host", marks=pytest.mark.slow)])
 def test_coordinator_failures_print_one_line_and_no_token(tmp_path, case):
     db = tmp_path / "c.db"
-    args = ["coordinator", "--db", str(db), "--port", str(_free_port())]
+    args = ["coordinator", "--db", str(db), "--port", str(free_port())]
     if case == "corrupt":
         db.write_bytes(b"this is not a database" * 100)
     elif case == "truncated":
@@ -219,7 +203,7 @@ def _rss_mb(pid: int) -> float:
 
 def test_unauthenticated_bodies_do_not_grow_memory(tmp_path):
     """Four concurrent 50 MB unauthenticated POST /runs (the issue's attack: +1.06 GB before)."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", _SERVE, str(tmp_path / "c.db"), str(port),
                              TOKEN], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
@@ -280,19 +264,7 @@ class _CountingStore(CoordinatorStore):
         return super().get_run(run_id)
 
 
-def _serve_in_thread(app):
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    deadline = time.time() + 20
-    while not srv.started:
-        assert time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    return srv, th, f"http://127.0.0.1:{port}"
-
-
-def test_unchanged_database_reads_are_replayed_without_the_store(tmp_path):
+def test_unchanged_database_reads_are_replayed_without_the_store(tmp_path, serving):
     """While nothing is committed, a repeated read is served from the event loop: no store
     call, no threadpool hop (before: every read ran a handler in the threadpool and queried
     SQLite). Bytes and headers are those of the first response; metrics still count it."""
@@ -300,8 +272,7 @@ def test_unchanged_database_reads_are_replayed_without_the_store(tmp_path):
     rid = store.create_run({"population": "tiny"}, days=3)
     store.commit_round(rid, 1, {"S": 990, "I": 10, "R": 0, "exposure": {"a": 0.01}})
     store.put_bundle(b"blob" * 100, "7")
-    srv, th, url = _serve_in_thread(create_app(store, TOKEN, execute=False))
-    try:
+    with serving(create_app(store, TOKEN, execute=False)) as (url, _):
         with httpx.Client(base_url=url, timeout=30) as c:
             paths = ["/exposure", f"/runs/{rid}", f"/runs/{rid}/series",
                      f"/runs/{rid}/series?format=csv", f"/runs/{rid}/plot.png", "/runs",
@@ -322,9 +293,6 @@ def test_unchanged_database_reads_are_replayed_without_the_store(tmp_path):
             store.set_status(rid, "running")  # any commit invalidates
             assert c.get(f"/runs/{rid}").json()["status"] == "running"
             assert store.reads > reads
-    finally:
-        srv.should_exit = True
-        th.join(10)
 
 
 def test_commit_by_another_process_invalidates_replayed_reads(server):
@@ -374,7 +342,7 @@ def test_lpm_coordinator_serves_correctly_with_coalesced_writes(tmp_path):
     blob = os.urandom(300_000)
     st.put_bundle(blob, "3")
     st.close()
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "LPM_COORDINATOR_TOKEN": TOKEN}
     proc = subprocess.Popen([sys.executable, "-m", "lpm_cli", "coordinator", "--db", str(db),
                              "--port", str(port), "--no-access-log"], cwd=ROOT, env=env,
