@@ -11,17 +11,21 @@ import typer
 
 __all__ = ["fleet_command"]
 
+_DEFAULT = "Default: RunConfig's (coordinator/run_config.py; listed in docs/federated.md)."
+
 
 def fleet_command(
     devices: Annotated[int, typer.Option(min=1, help="Simulated devices (real ClientApps in a "
                                                      "device-host process).")],
-    days: Annotated[int, typer.Option(min=1)] = 5,
-    population: str = "tiny",
-    scale: float = 1.0,
-    seed: int = 0,
-    beta: Annotated[float, typer.Option(help="β of the simulated world (devices' own dynamics "
-                                             "and the synthetic agents).")] = 0.5,
-    initial_infected: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.01,
+    days: Annotated[int | None, typer.Option(min=1, help=_DEFAULT)] = None,
+    population: Annotated[str | None, typer.Option(help="Population preset. " + _DEFAULT)] = None,
+    scale: Annotated[float | None, typer.Option(help="Fraction of the preset. " + _DEFAULT)] = None,
+    seed: Annotated[int | None, typer.Option(help="Public seed. " + _DEFAULT)] = None,
+    beta: Annotated[float | None, typer.Option(help="β of the simulated world (devices' own "
+                                                    "dynamics and the synthetic agents). "
+                                                    + _DEFAULT)] = None,
+    initial_infected: Annotated[float | None, typer.Option(min=0.0, max=1.0, help=_DEFAULT)
+                                ] = None,
     db: Annotated[Path, typer.Option(help="Coordinator SQLite store.")] = Path(
         "lpm-coordinator.db"),
     calibrate: Annotated[str, typer.Option(help="Calibrate θ online: 'beta' (or '' for none).")
@@ -47,13 +51,14 @@ def fleet_command(
     """Run a hybrid run with N simulated devices (optionally calibrating θ and with dropouts)."""
     from coordinator.calibration import CalibrationError, CalibrationSettings, read_observed_csv
     from coordinator.fleet import run_fleet, timed, write_summary
-    from coordinator.runner import RunConfig, RunConfigError
+    from coordinator.run_config import RunConfig, RunConfigError
     from coordinator.server_app import FederatedRunError, FederatedSettings
     from coordinator.store import CoordinatorStore, StoreError
 
     try:
-        cfg = RunConfig(population=population, scale=scale, days=days, seed=seed,
-                        devices=devices, beta=beta, initial_infected=initial_infected)
+        given = {"population": population, "scale": scale, "days": days, "seed": seed,
+                 "devices": devices, "beta": beta, "initial_infected": initial_infected}
+        cfg = RunConfig.make(**{k: v for k, v in given.items() if v is not None})
         cal = None
         if calibrate:
             cal = CalibrationSettings(
@@ -73,7 +78,7 @@ def fleet_command(
     except StoreError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from None
-    rid = store.create_run({**cfg.to_dict(), "federated": True}, days)
+    rid = store.create_run({**cfg.to_dict(), "federated": True}, cfg.days)
 
     def show(d: int, r: dict[str, object]) -> None:
         extra = f" β={r['theta_beta']:.4f} loss={r['loss']:.4g}" if "theta_beta" in r else ""

@@ -10,55 +10,25 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 
 import torch
 
 from coordinator.hybrid import HybridSimulation
+from coordinator.run_config import RunConfig, RunConfigError
 from coordinator.store import CoordinatorStore
 from simulation.models import SIR
-from simulation.population import PRESETS, synthesize
+from simulation.population import synthesize
 
-__all__ = ["DEFAULT_MIN_DEVICES", "LEASE_SECONDS", "RunConfig", "lease_owner", "take_lease", "RunConfigError", "RunOwnershipError",
-           "build_simulation", "execute_run"]
+__all__ = ["DEFAULT_MIN_DEVICES", "LEASE_SECONDS", "RunConfig", "RunConfigError", "RunOwnershipError",
+           "build_simulation", "execute_run", "lease_owner", "take_lease"]
 
 
 DEFAULT_MIN_DEVICES = 10  # minimum cohort: no run, day or published aggregate below it
 LEASE_SECONDS = 120.0  # a runner renews its lease every day; a dead one's expires
 
 
-class RunConfigError(ValueError):
-    """Invalid run configuration."""
-
-
 class RunOwnershipError(RuntimeError):
     """The run belongs to another kind of runner (a federated run to its ServerApp)."""
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """What a run simulates (stored as the run's config)."""
-
-    population: str = "tiny"
-    scale: float = 1.0
-    days: int = 10
-    seed: int = 0
-    devices: int = 50
-    beta: float = 0.5
-    gamma: float = 0.1
-    initial_infected: float = 0.01
-    variant: str = "assisted"
-
-    def __post_init__(self) -> None:
-        if self.population not in PRESETS:
-            raise RunConfigError(f"unknown population preset {self.population!r}")
-        if self.days < 1 or self.devices < 1 or self.scale <= 0:
-            raise RunConfigError("days, devices and scale must be positive")
-        if self.variant not in ("assisted", "peer"):
-            raise RunConfigError("variant must be 'assisted' or 'peer'")
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 def lease_owner(kind: str) -> str:
@@ -115,7 +85,7 @@ def execute_run(store: CoordinatorStore, run_id: str,
         raise RunOwnershipError(f"run {run_id} is a federated run (its ServerApp and devices "
                                 "run it); the central runner never simulates its devices")
     owner = take_lease(store, run_id, "coordinator")  # LeaseHeldError if someone alive has it
-    cfg = RunConfig(**rec.config)
+    cfg = RunConfig.from_stored(rec.config)
     with store.running(run_id, owner):
         sim = sim or build_simulation(cfg)
         point = store.resume(run_id)

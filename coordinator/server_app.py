@@ -445,13 +445,20 @@ def _cfg_get(rc: Mapping[str, Any], k: str, default: Any) -> Any:
     return type(default)(v)
 
 
+# Flower run-config keys ([tool.flwr.app.config], kebab-case) of RunConfig's fields
+_RUN_KEYS = {"population": "population", "scale": "scale", "num-days": "days", "seed": "seed",
+             "devices": "devices", "beta": "beta", "gamma": "gamma",
+             "initial-infected": "initial_infected"}
+
+
 def config_from_context(context: Context) -> RunConfig:
+    """The run's :class:`RunConfig` from the Flower run config (absent keys take RunConfig's
+    defaults); ``devices = 0`` (every connected node) stands at 1 until the nodes are counted."""
     rc = context.run_config
-    return RunConfig(population=_cfg_get(rc, "population", "tiny"),
-                     scale=_cfg_get(rc, "scale", 1.0), days=_cfg_get(rc, "num-days", 5),
-                     seed=_cfg_get(rc, "seed", 0), devices=max(_cfg_get(rc, "devices", 0), 1),
-                     beta=_cfg_get(rc, "beta", 0.5), gamma=_cfg_get(rc, "gamma", 0.1),
-                     initial_infected=_cfg_get(rc, "initial-infected", 0.01))
+    fields: dict[str, Any] = {field: rc[key] for key, field in _RUN_KEYS.items() if key in rc}
+    if isinstance(fields.get("devices"), int) and fields["devices"] <= 0:
+        fields["devices"] = 1
+    return RunConfig.make(**fields)
 
 
 def settings_from_context(context: Context) -> FederatedSettings:
@@ -487,7 +494,7 @@ def main(grid: Grid, context: Context) -> None:
             if n_nodes != seen:
                 seen, stable_since = n_nodes, time.time()
             time.sleep(0.5)
-        cfg = RunConfig(**{**cfg.to_dict(), "devices": max(seen, 1)})
+        cfg = cfg.replace(devices=max(seen, 1))
     if cfg.devices < settings.min_devices:
         raise MinCohortError(f"devices={cfg.devices} is below the minimum cohort "
                              f"min-devices={settings.min_devices}")

@@ -20,7 +20,6 @@ objects stalled the event loop for 100–180 ms twice a second under load (the p
 
 
 import csv
-import functools
 import gc
 import hmac
 import io
@@ -45,20 +44,19 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from coordinator.runner import DEFAULT_MIN_DEVICES, RunConfig, RunConfigError, execute_run
+from coordinator.run_config import MAX_SEED, RunConfig
+from coordinator.runner import DEFAULT_MIN_DEVICES, execute_run
 from coordinator.store import CoordinatorStore, RunNotFoundError, RunRecord
-from simulation.population import PRESETS
 
-__all__ = ["create_app", "serve", "RunCreate", "RunStatus", "WriteToken", "render_plot",
+__all__ = ["create_app", "serve", "RunStatus", "WriteToken", "render_plot",
            "MAX_BODY_BYTES", "MAX_SEED"]
 
 _log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024  # a POST /runs body is ~200 bytes
-MAX_SEED = 2**32 - 1
 MIN_TOKEN_CHARS = 16
 _CACHE_ENTRIES = 64
 
@@ -93,44 +91,6 @@ class WriteToken:
 
     def __reduce__(self):  # never pickled into a crash dump or a worker
         raise TypeError("a WriteToken cannot be pickled")
-
-
-@functools.lru_cache(maxsize=8)
-def _preset_size(population: str) -> tuple[int, int]:
-    """(default size, number of areas) of a preset, as ``synthesize`` computes them."""
-    preset = PRESETS[population]
-    marginals = preset.load()
-    base = preset.n if preset.n is not None else marginals.population
-    return int(base), len(marginals.areas)
-
-
-def _population_size(population: str, scale: float) -> int:
-    base, areas = _preset_size(population)
-    return max(int(round(base * scale)), 10 * areas)
-
-
-class RunCreate(BaseModel):
-    """Body of POST /runs. Non-finite numbers (NaN, ±Infinity, 1e999) are refused (422)."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    population: str = Field("tiny", pattern="^(" + "|".join(PRESETS) + ")$",
-                            description="population preset")
-    scale: float = Field(1.0, gt=0, le=1.0)
-    days: int = Field(10, ge=1, le=365)
-    seed: int = Field(0, ge=0, le=MAX_SEED)
-    devices: int = Field(50, ge=1, le=100_000)
-    beta: float = Field(0.5, gt=0, le=10)
-    gamma: float = Field(0.1, gt=0, le=1)
-    initial_infected: float = Field(0.01, ge=0, le=1)
-    variant: str = Field("assisted", pattern="^(assisted|peer)$")
-
-    @model_validator(mode="after")
-    def _devices_fit(self) -> "RunCreate":
-        n = _population_size(self.population, self.scale)
-        if self.devices > n:
-            raise ValueError(f"{self.devices} devices for a population of {n} agents")
-        return self
 
 
 class RunStatus(BaseModel):
@@ -254,15 +214,11 @@ def create_app(store: CoordinatorStore, token: "str | WriteToken", *, execute: b
         return {"status": "ok"}
 
     @app.post("/runs", status_code=201, dependencies=[Depends(require_token)])
-    def create_run(body: RunCreate) -> RunStatus:
+    def create_run(body: RunConfig) -> RunStatus:
         if body.devices < min_devices:  # issue 12: minimum cohort
             raise HTTPException(422, f"devices={body.devices} is below the minimum cohort "
                                      f"of {min_devices}")
-        try:
-            cfg = RunConfig(**body.model_dump())
-        except RunConfigError as exc:
-            raise HTTPException(422, str(exc)) from None
-        rid = store.create_run(cfg.to_dict(), cfg.days)
+        rid = store.create_run(body.to_dict(), body.days)
         if execute:
             t = threading.Thread(target=_run_quietly, args=(store, rid), daemon=True)
             threads[rid] = t
