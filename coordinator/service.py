@@ -19,6 +19,7 @@ objects stalled the event loop for 100–180 ms twice a second under load (the p
 """
 
 
+import asyncio
 import csv
 import gc
 import hmac
@@ -31,7 +32,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -377,9 +378,9 @@ class _ReadCacheMiddleware:
         hit = self._entries.get(key)
         if hit is not None:
             self._entries.move_to_end(key)
-            route, start, body = hit
+            route, head, body = hit
             scope["route"] = route  # for the metrics middleware
-            await send(start)
+            await send(head)
             await send({"type": "http.response.body", "body": body})
             return
         start: dict | None = None
@@ -626,7 +627,9 @@ def _http_protocol() -> Any:
 
     class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         def connection_made(self, transport) -> None:  # type: ignore[override]
-            super().connection_made(_CoalescingTransport(transport, self.loop))
+            # duck-typed: forwards every other Transport method to ``transport``
+            super().connection_made(cast(asyncio.Transport,
+                                         _CoalescingTransport(transport, self.loop)))
 
     return CoalescingHttpToolsProtocol
 
