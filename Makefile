@@ -23,6 +23,8 @@ demo: $(STAMP)
 	$(VENV)/bin/lpm demo --out out/demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m pytest -q
 
 test-slow: $(STAMP)

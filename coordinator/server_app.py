@@ -40,7 +40,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -160,8 +160,8 @@ class FederatedRun:
                  store: CoordinatorStore | None = None, run_id: str | None = None,
                  on_day: Callable[[int, dict[str, object]], None] | None = None,
                  resume: bool = False, lease_owner: str | None = None) -> None:
-        self.transport = transport if hasattr(transport, "exchange") else \
-            FlowerTransport(transport)  # type: ignore[arg-type]
+        self.transport: Transport = FlowerTransport(transport) \
+            if isinstance(transport, Grid) else transport
         self.cfg, self.store, self.on_day = cfg, store, on_day
         self.settings = settings or FederatedSettings()
         self.run_id = run_id or f"fl-{int(time.time())}"
@@ -255,9 +255,9 @@ class FederatedRun:
         sim._initial_physical = {}
         replies, failed = self.transport.exchange(MessageType.ENROL, enrol, "enrol",
                                                   settings.timeout)
-        for node, c in replies.items():
+        for node, content in replies.items():
             try:
-                rep = EnrolReply.from_dict(c)
+                rep = EnrolReply.from_dict(content)
             except WireFormatError as exc:
                 failed[node] = str(exc)
                 continue
@@ -306,9 +306,9 @@ class FederatedRun:
             raw, failed = self.transport.exchange(MessageType.DAY, msgs, f"day{day}",
                                                   settings.timeout)
             day_replies: dict[str, DayReply] = {}
-            for node, c in raw.items():
+            for node, content in raw.items():
                 try:
-                    day_replies[by_node[node].name] = DayReply.from_dict(c)
+                    day_replies[by_node[node].name] = DayReply.from_dict(content)
                 except WireFormatError as exc:
                     failed[node] = str(exc)
             for node, why in failed.items():
@@ -383,9 +383,9 @@ class FederatedRun:
                     devices[node_to_name[node]].missed.append(day)
                     _log.warning("day %d %s: node %d out: %s", day, stage, node, why)
         except SecAggAbortError as exc:
-            out = sorted(n for n in devices if day in devices[n].missed or n in report.rejected)
-            desc = ", ".join(f"node {devices[n].node_id} ({n})" for n in out) or "none"
-            short = len(set(roster) - set(out)) < self.settings.min_devices
+            lost = sorted(n for n in devices if day in devices[n].missed or n in report.rejected)
+            desc = ", ".join(f"node {devices[n].node_id} ({n})" for n in lost) or "none"
+            short = len(set(roster) - set(lost)) < self.settings.min_devices
             raise (MinCohortError if short else FederatedRunError)(f"day {day}: secure aggregation of the day-{day - 1} "
                                     f"reports aborted: {exc} (minimum cohort "
                                     f"{self.settings.min_devices}); devices out today: {desc}"
@@ -404,7 +404,7 @@ class FederatedRun:
                 survivors: list[str], theta: float, sim: HybridSimulation) -> None:
         row = dict(syn)
         for c in ("S", "I", "R", "new_infections"):
-            row[c] = float(syn[c]) + round(phys[c])
+            row[c] = float(cast(float, syn[c])) + round(phys[c])
         row.update({"physical_I": round(phys["I"]),
                     "physical_new_infections": round(phys["new_infections"]),
                     "physical_expected_new": phys["p"], "physical_dp_dbeta": phys["dp_dbeta"],
@@ -414,7 +414,7 @@ class FederatedRun:
                                     f"but {len(survivors)} devices survived")
         if self.calibrator is not None:
             cal = self.calibrator
-            y = cal.observed_for(day - 1, float(row["new_infections"]))
+            y = cal.observed_for(day - 1, float(cast(float, row["new_infections"])))
             cal.add_day(day - 1, sim.last_synthetic_hazard, phys["p"], phys["dp_dbeta"],
                         theta, y)
             loss, g_syn, g_dev = cal.loss_and_grad()
@@ -499,12 +499,14 @@ def main(grid: Grid, context: Context) -> None:
         raise MinCohortError(f"devices={cfg.devices} is below the minimum cohort "
                              f"min-devices={settings.min_devices}")
     resume = run_id is not None and run_id in {r.id for r in store.list_runs()}
-    if not resume:
-        run_id = store.create_run({**cfg.to_dict(), "federated": True}, cfg.days, run_id=run_id)
+    if run_id is None or not resume:
+        rid = store.create_run({**cfg.to_dict(), "federated": True}, cfg.days, run_id=run_id)
     elif not store.get_run(run_id).config.get("federated"):
         raise FederatedRunError(f"run {run_id} is a central run; a ServerApp does not take it over")
-    owner = take_lease(store, run_id, "serverapp")  # LeaseHeldError if a live runner has it
-    with store.running(run_id, owner):
-        FederatedRun(grid, cfg, settings=settings, store=store, run_id=run_id, resume=resume,
+    else:
+        rid = run_id
+    owner = take_lease(store, rid, "serverapp")  # LeaseHeldError if a live runner has it
+    with store.running(rid, owner):
+        FederatedRun(grid, cfg, settings=settings, store=store, run_id=rid, resume=resume,
                      lease_owner=owner,
                      on_day=lambda d, r: _log.info("day %d: I=%s", d, r["I"])).run()

@@ -35,6 +35,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from edge_agent.secagg_flower import SecAggDevice, StoreVault
+from edge_agent.state_record import blob, integer, num, text
 from edge_agent.store import EdgeStore
 from protocols.daily import (
     REPORT_FIELDS,
@@ -93,16 +94,16 @@ def private_uniforms(seed: bytes, run_id: str, day: int, streams: int = 2) -> to
 def _secret(st: ConfigRecord, name: str) -> bytes:
     """The device's secret ``name``: from its encrypted store if it has one."""
     if "store" not in st:
-        return bytes(st[name])
+        return blob(st, name)
     with EdgeStore(str(st["store"])) as store:
-        return store.get_private_key(f"{st['run_id']}/{name}")
+        return store.get_private_key(f"{text(st, 'run_id')}/{name}")
 
 
 @contextmanager
 def _secagg(st: ConfigRecord) -> Iterator[SecAggDevice]:
     """The device's SecAgg+ side: epoch secrets in its store if it has one (opened once)."""
     if "store" not in st:
-        yield SecAggDevice(st, bytes(st["identity"]))  # type: ignore[arg-type]
+        yield SecAggDevice(st, blob(st, "identity"))
         return
     run_id = str(st["run_id"])
     with EdgeStore(str(st["store"])) as store:
@@ -172,9 +173,9 @@ def _start(agent: AssistedNeighbourhoodAgent, st: ConfigRecord, plan: AgentPlan,
     agent.keyring.add_peers(keys)
     weights = {k: float(v) for k, v in json.loads(str(st["weights"])).items()}
     if not send:  # re-arm only: yesterday's contributions were sent yesterday
-        agent.resume(plan, value, weights=weights, weight_sum=float(st["weight_sum"]))
+        agent.resume(plan, value, weights=weights, weight_sum=num(st, "weight_sum"))
         return []
-    return agent.start(plan, value, weights=weights, weight_sum=float(st["weight_sum"]))
+    return agent.start(plan, value, weights=weights, weight_sum=num(st, "weight_sum"))
 
 
 def _user_status(st: ConfigRecord) -> str | None:
@@ -188,34 +189,34 @@ def _user_status(st: ConfigRecord) -> str | None:
 
 def _uniforms(st: ConfigRecord, day: int) -> torch.Tensor:
     if bool(st["shared_seed"]):  # explicit equivalence-test mode: the public stream
-        n, i = int(st["n"]), int(st["index"])
-        return agent_uniforms(int(st["uniform_seed"]), day, torch.tensor([i]), n)
+        n, i = integer(st, "n"), integer(st, "index")
+        return agent_uniforms(integer(st, "uniform_seed"), day, torch.tensor([i]), n)
     return private_uniforms(_secret(st, "u_seed"), str(st["run_id"]), day)
 
 
 def _finish_day(st: ConfigRecord, req: DayRequest) -> list[float]:
     """Learn yesterday's neighbour sum, update the status, return the (clear) report."""
-    day = int(st["day"])
+    day = integer(st, "day")
     agent = _agent(st)
     prev_keys = {k: bytes.fromhex(v) for k, v in json.loads(str(st["keys"])).items()}
     _start(agent, st, AgentPlan.from_dict(json.loads(str(st["plan"]))), prev_keys,
-           float(st["value"]), send=False)  # re-arm the state machine with yesterday's inputs
+           num(st, "value"), send=False)  # re-arm the state machine with yesterday's inputs
     envelopes = [Envelope.from_bytes(b) for b in req.delivery]
     res = agent.on_masked(envelopes, Envelope.from_bytes(req.mask_sum) if req.mask_sum else None)
     total = 0.0 if res is None else float(res.value)
-    state = {c: torch.tensor([float(st[c])]) for c in ("S", "I", "R")}
+    state = {c: torch.tensor([num(st, c)]) for c in ("S", "I", "R")}
     state["new_infections"] = torch.zeros(1)
-    degree = torch.tensor([float(st["degree"])])
+    degree = torch.tensor([num(st, "degree")])
     sums = torch.tensor([total], dtype=torch.float32)
     theta = torch.tensor(req.theta_beta)
     p = float(infection_probability(sums, state["S"], degree, theta)[0])
     dp = float(infection_probability_dbeta(sums, state["S"], degree, theta)[0])
     user = _user_status(st)
     if user is not None:  # the person's own status: nothing simulated
-        new_inf = 1.0 if float(st["S"]) > 0.5 and user == "I" else 0.0
+        new_inf = 1.0 if num(st, "S") > 0.5 and user == "I" else 0.0
         st["S"], st["I"], st["R"] = (float(user == c) for c in ("S", "I", "R"))
     else:
-        model = SIR(beta=float(st["beta"]), gamma=float(st["gamma"]))
+        model = SIR(beta=num(st, "beta"), gamma=num(st, "gamma"))
         with torch.no_grad():
             new = step_day(model, state, day, _uniforms(st, day),
                            neighbour_sum=lambda x: sums, degree=degree,
@@ -230,7 +231,7 @@ def _finish_day(st: ConfigRecord, req: DayRequest) -> list[float]:
         with EdgeStore(str(st["store"])) as store:
             store.set_status("run", rec)
             store.set_status(_day_key(str(st["run_id"]), day), rec)  # for a resumed run
-    values = [float(st["S"]), float(st["I"]), float(st["R"]), new_inf, p, dp, 1.0]
+    values = [num(st, "S"), num(st, "I"), num(st, "R"), new_inf, p, dp, 1.0]
     if len(values) != len(REPORT_FIELDS) or not all(math.isfinite(v) for v in values):
         raise DeviceProtocolError("non-finite report")
     return values
@@ -242,9 +243,9 @@ def day(message: Message, context: Context) -> Message:
     req = DayRequest.from_dict(_cfg(message))
     st = _state(context)
     out = DayReply()
-    if int(st["day"]) >= req.day:
-        raise DeviceProtocolError(f"day {req.day} again: device is at day {st['day']}")
-    if req.has_delivery and int(st["day"]) == req.day - 1:
+    if integer(st, "day") >= req.day:
+        raise DeviceProtocolError(f"day {req.day} again: device is at day {integer(st, 'day')}")
+    if req.has_delivery and integer(st, "day") == req.day - 1:
         report = _finish_day(st, req)
         if req.secagg_epoch >= 0:  # a report round today (never a sum of fewer than 3)
             with _secagg(st) as sec:
@@ -258,14 +259,14 @@ def day(message: Message, context: Context) -> Message:
                                                   run_id=str(st["run_id"]),
                                                   epoch=req.secagg_epoch)
             out.report_day = req.day - 1
-    elif int(st["day"]) >= 0:  # missed deliveries (offline): status kept, rejoin today
-        out.caught_up = req.day - 1 - int(st["day"])
+    elif integer(st, "day") >= 0:  # missed deliveries (offline): status kept, rejoin today
+        out.caught_up = req.day - 1 - integer(st, "day")
     if req.has_plan:
         plan = AgentPlan.from_dict(json.loads(req.plan))
         if plan.round != req.day:
             raise DeviceProtocolError(f"plan for round {plan.round} in the day {req.day} message")
         keys = {k: bytes.fromhex(v) for k, v in json.loads(req.keys).items()}
-        value = float(st["I"])
+        value = num(st, "I")
         envs = _start(_agent(st), st, plan, keys, value)
         out.envelopes = [e.to_bytes() for e in envs]
         st["plan"], st["keys"], st["value"] = req.plan, req.keys, value

@@ -29,6 +29,8 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from edge_agent import state_record as rec
+from edge_agent.store import EdgeStore
 from protocols.daily import SECAGG_ATTEMPTS, secagg_day
 from protocols.keys import IdentityKey
 from protocols.secagg import RoundConfig
@@ -61,7 +63,7 @@ class NodeStateVault:
         self.st = st
 
     def get(self) -> bytes | None:
-        return bytes(self.st["sa_secret"]) if "sa_secret" in self.st else None  # type: ignore[arg-type]
+        return rec.blob(self.st, "sa_secret") if "sa_secret" in self.st else None
 
     def put(self, blob: bytes) -> None:
         self.st["sa_secret"] = blob
@@ -70,17 +72,17 @@ class NodeStateVault:
 class StoreVault:
     """The epoch state encrypted in the device's EdgeStore (an open store)."""
 
-    def __init__(self, store: object, run_id: str) -> None:
+    def __init__(self, store: EdgeStore, run_id: str) -> None:
         self.store, self.name = store, f"{run_id}/secagg-epoch"
 
     def get(self) -> bytes | None:
         try:
-            return self.store.get_private_key(self.name)  # type: ignore[attr-defined]
+            return self.store.get_private_key(self.name)
         except KeyError:
             return None
 
     def put(self, blob: bytes) -> None:
-        self.store.put_private_key(self.name, blob)  # type: ignore[attr-defined]
+        self.store.put_private_key(self.name, blob)
 
 
 def demo_input(partition_id: int, length: int) -> torch.Tensor:
@@ -112,7 +114,7 @@ class SecAggDevice:
 
     # -- persistence -------------------------------------------------------------------
     def _int(self, key: str) -> int:
-        return int(self.st.get(key, -1))  # type: ignore[arg-type]
+        return rec.integer(self.st, key) if key in self.st else -1
 
     def _last_day(self) -> int:
         return self._int("sa_last_day")
@@ -123,12 +125,12 @@ class SecAggDevice:
         blob = self.vault.get()
         if blob is None:
             raise SecAggDeviceError("the SecAgg+ epoch state is missing")
-        cfg = RoundConfig.from_bytes(bytes(self.st["sa_config"]))  # type: ignore[arg-type]
-        registry = _full_registry(cfg.n, [int(j) for j in self.st["sa_reg_index"]],  # type: ignore[union-attr]
-                                  [bytes(b) for b in self.st["sa_registry"]])  # type: ignore[union-attr]
+        cfg = RoundConfig.from_bytes(rec.blob(self.st, "sa_config"))
+        registry = _full_registry(cfg.n, rec.integers(self.st, "sa_reg_index"),
+                                  rec.blobs(self.st, "sa_registry"))
         try:
             d = json.loads(blob.decode())
-            client = EpochClient.restore(cfg, int(self.st["sa_index"]), self.identity,  # type: ignore[arg-type]
+            client = EpochClient.restore(cfg, rec.integer(self.st, "sa_index"), self.identity,
                                          registry, d["client"].encode())
             report = None if d["report"] is None else [float(v) for v in d["report"]]
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -207,9 +209,9 @@ class SecAggDevice:
         roster on an epoch's first day; or, with a one-byte payload, attempt ``payload[0]``
         of a day that aborted before anything was revealed), ``consistency``, ``unmask``."""
         client, report = self._load()
-        if int(self.st["sa_day"]) != day:  # type: ignore[arg-type]
+        if rec.integer(self.st, "sa_day") != day:
             raise SecAggDeviceError(f"stage {name} for day {day}, the device is at day "
-                                    f"{self.st['sa_day']}")
+                                    f"{rec.integer(self.st, 'sa_day')}")
         payload = bytes(payload)
         if name == "masked_input":
             if report is None:
@@ -256,16 +258,16 @@ def secagg(message: Message, context: Context) -> Message:
     cfg = message.content.config_records["cfg"]
     stage = str(cfg["stage"])
     st = _st(context)
-    dev = SecAggDevice(st, bytes(st["identity"]))  # type: ignore[arg-type]
-    pid = int(context.node_config.get("partition-id", -1))  # type: ignore[arg-type]
+    dev = SecAggDevice(st, rec.blob(st, "identity"))
+    pid = int(str(context.node_config.get("partition-id", -1)))
     if stage == "enrol":
         return _reply(message, identity=dev.identity.public_bytes(), partition_id=pid)
     if stage == "advertise":
-        rc = RoundConfig.from_bytes(bytes(cfg["config"]))  # type: ignore[arg-type]
+        rc = RoundConfig.from_bytes(rec.blob(cfg, "config"))
         x = demo_input(pid, rc.spec.length)
-        out = dev.advertise(bytes(cfg["config"]), list(cfg["registry"]),  # type: ignore[arg-type]
-                            rc.client_ids[int(cfg["index"])], run_id=rc.run_id,  # type: ignore[arg-type]
+        out = dev.advertise(rec.blob(cfg, "config"), rec.blobs(cfg, "registry"),
+                            rc.client_ids[rec.integer(cfg, "index")], run_id=rc.run_id,
                             day=rc.round, report=x.tolist())
     else:
-        out = dev.stage(stage, int(cfg["day"]), bytes(cfg["payload"]))  # type: ignore[arg-type]
+        out = dev.stage(stage, rec.integer(cfg, "day"), rec.blob(cfg, "payload"))
     return _reply(message, payload=out)
