@@ -25,7 +25,6 @@ _COMMAND_MODULES = (
     "mobile_export.cli",
     "edge_agent.cli",
     "coordinator.cli",
-    "coordinator.calibrate_cli",
 )
 
 for _name in _COMMAND_MODULES:  # an import error is fatal: never drop a command silently

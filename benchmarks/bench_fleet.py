@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coordinator.fleet import ProcessTransport, run_fleet  # noqa: E402
+from coordinator.flower.server_app import FederatedSettings  # noqa: E402
 from coordinator.runner import RunConfig, build_simulation  # noqa: E402
-from coordinator.server_app import FederatedSettings  # noqa: E402
 from simulation.engine import simulate  # noqa: E402
 from simulation.models import SIR  # noqa: E402
 from simulation.population import synthesize  # noqa: E402

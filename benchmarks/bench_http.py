@@ -33,7 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # it), without the access log unless --access-log.
 _SERVER = """
 import sys, uvicorn
-from coordinator import service
+try:
+    from coordinator.http import service
+except ImportError:  # a tree from before coordinator/http/
+    from coordinator import service
 from coordinator.store import CoordinatorStore
 store, port, log = CoordinatorStore(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 if log:

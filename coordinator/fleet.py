@@ -1,4 +1,4 @@
-"""Simulated fleet: the coordinator's :class:`~coordinator.server_app.FederatedRun` and N
+"""Simulated fleet: the coordinator's :class:`~coordinator.flower.server_app.FederatedRun` and N
 edge-agent ClientApps hosted in a separate device-host process
 (``python -m edge_agent.fleet_host``, started by name: the coordinator package never imports
 ``edge_agent``, and the coordinator process never holds a device's state).
@@ -20,8 +20,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
+from coordinator.flower.server_app import FederatedRun, FederatedSettings, MinCohortError
 from coordinator.runner import RunConfig
-from coordinator.server_app import FederatedRun, FederatedSettings, MinCohortError
 from coordinator.store import CoordinatorStore
 from protocols.daily import EXCHANGES
 
@@ -56,7 +56,7 @@ def _frame_io():  # the host module's framing, by name (no edge_agent import her
 
 
 class ProcessTransport:
-    """:class:`~coordinator.server_app.Transport` to a device-host subprocess."""
+    """:class:`~coordinator.flower.server_app.Transport` to a device-host subprocess."""
 
     def __init__(self, nodes: int, *, offline: Mapping[int, list] | None = None,
                  node_config: Mapping[str, Any] | None = None,

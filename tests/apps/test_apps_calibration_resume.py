@@ -15,8 +15,8 @@ from coordinator.calibration import (
     unpack_checkpoint,
 )
 from coordinator.fleet import ProcessTransport
+from coordinator.flower.server_app import FederatedRun, FederatedRunError, FederatedSettings
 from coordinator.runner import RunConfig
-from coordinator.server_app import FederatedRun, FederatedRunError, FederatedSettings
 from coordinator.store import CoordinatorStore
 
 CFG = RunConfig(population="tiny", days=5, seed=3, devices=10, initial_infected=0.1, beta=0.7)

@@ -12,8 +12,8 @@ import torch
 
 from coordinator.calibration import CalibrationSettings
 from coordinator.fleet import ProcessTransport, run_fleet
+from coordinator.flower.server_app import FederatedRun, FederatedSettings, MinCohortError
 from coordinator.runner import RunConfig, physical_agents
-from coordinator.server_app import FederatedRun, FederatedSettings, MinCohortError
 from simulation.engine import simulate
 from simulation.models import SIR
 from simulation.population import synthesize
@@ -139,7 +139,7 @@ def test_day_aborted_before_any_reveal_is_attempted_again(caplog):
         checks.append((row["physical_I"], int(sum(states[n]["I"] for n in run.survivors[day]))))
 
     run = FederatedRun(t, cfg, settings=FederatedSettings(min_devices=6), on_day=on_day)
-    with caplog.at_level(logging.WARNING, logger="coordinator.server_app"):
+    with caplog.at_level(logging.WARNING, logger="coordinator.flower.server_app"):
         try:
             rows = run.run()
         finally:
@@ -265,7 +265,7 @@ def test_calibrator_segments_and_exact_synthetic_sum():
 def test_api_refuses_and_withholds_small_cohorts(tmp_path):
     from fastapi.testclient import TestClient
 
-    from coordinator.service import create_app
+    from coordinator.http.service import create_app
     from coordinator.store import CoordinatorStore
 
     store = CoordinatorStore(tmp_path / "c.db")

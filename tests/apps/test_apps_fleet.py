@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from coordinator.fleet import run_fleet
+from coordinator.flower.server_app import FederatedSettings
 from coordinator.runner import RunConfig, build_simulation
-from coordinator.server_app import FederatedSettings
 from coordinator.store import CoordinatorStore
 from simulation.engine import simulate
 from simulation.models import SIR

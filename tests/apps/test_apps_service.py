@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from coordinator.service import create_app
+from coordinator.http.service import create_app
 from coordinator.store import CoordinatorStore
 
 TOKEN = "t" * 32

@@ -1,5 +1,5 @@
 """Multi-round SecAgg+ in the daily loop, through the adapters the apps use
-(coordinator.secagg_flower.ReportRound on the coordinator, edge_agent.secagg_flower.SecAggDevice
+(coordinator.flower.secagg.ReportRound on the coordinator, edge_agent.secagg_flower.SecAggDevice
 on each device, a fresh device object per message as with a ClientApp process per message):
 keys agreed once per epoch, re-keying on a roster change, the epoch state kept in the
 device's encrypted store, a day masked once, and a coordinator that shows devices different
@@ -11,7 +11,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord
 
-from coordinator.secagg_flower import ReportRound
+from coordinator.flower.secagg import ReportRound
 from edge_agent.secagg_flower import SecAggDevice, SecAggDeviceError, StoreVault
 from protocols.daily import REPORT_FIELDS
 from protocols.keys import IdentityKey
@@ -80,7 +80,7 @@ class Fleet:
                 gone |= silent.get(stage, set())
                 send(stage, tamper(stage, rr, self.log))
             return rr
-        while True:  # as coordinator.server_app drives it
+        while True:  # as coordinator.flower.server_app drives it
             out = rr.advance()
             if rr.stage is None:
                 return rr

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coordinator.secagg_flower import run_secagg_round, wait_for_nodes
+from coordinator.flower.secagg import run_secagg_round, wait_for_nodes
 from protocols.secagg import InputSpec
 
 N, L = 8, 12

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402
 from schemathesis.generation import GenerationMode  # noqa: E402
 
-from coordinator.service import create_app  # noqa: E402
+from coordinator.http.service import create_app  # noqa: E402
 from coordinator.store import CoordinatorStore  # noqa: E402
 
 TOKEN = "fuzz-token-" + "z" * 24

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from coordinator.service import MAX_BODY_BYTES, WriteToken, create_app
+from coordinator.http.service import MAX_BODY_BYTES, WriteToken, create_app
 from coordinator.store import CoordinatorStore, StoreError
 from simulation.distributed.launch import free_port
 
@@ -187,7 +187,7 @@ def test_store_open_errors_name_the_file(tmp_path):
 
 _SERVE = """
 import sys, uvicorn
-from coordinator.service import create_app
+from coordinator.http.service import create_app
 from coordinator.store import CoordinatorStore
 uvicorn.run(create_app(CoordinatorStore(sys.argv[1]), sys.argv[3], execute=False),
             host="127.0.0.1", port=int(sys.argv[2]), log_level="critical")
@@ -311,7 +311,7 @@ def test_commit_by_another_process_invalidates_replayed_reads(server):
 
 
 def test_in_memory_store_is_never_replayed():
-    from coordinator.service import _StoreVersion
+    from coordinator.http.service import _StoreVersion
 
     assert _StoreVersion(":memory:")() is None
 
@@ -321,7 +321,7 @@ def test_serve_freezes_the_startup_heap():
     tail); ``serve`` freezes them out of the collector before accepting connections."""
     import gc
 
-    from coordinator.service import freeze_startup_heap
+    from coordinator.http.service import freeze_startup_heap
 
     gc.unfreeze()
     try:
@@ -383,7 +383,7 @@ def test_lpm_coordinator_serves_correctly_with_coalesced_writes(tmp_path):
 def test_coalescing_transport_sends_one_turn_in_one_write():
     import asyncio
 
-    from coordinator.service import _CoalescingTransport
+    from coordinator.http.service import _CoalescingTransport
 
     class Fake:
         def __init__(self) -> None:

@@ -25,9 +25,9 @@ from rich.table import Table
 
 from coordinator.calibration import CalibrationSettings
 from coordinator.fleet import run_fleet
+from coordinator.flower.server_app import FederatedSettings
+from coordinator.http.service import create_app
 from coordinator.runner import RunConfig
-from coordinator.server_app import FederatedSettings
-from coordinator.service import create_app
 from coordinator.store import CoordinatorStore
 from simulation.distributed.launch import free_port
 

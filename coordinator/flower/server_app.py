@@ -5,7 +5,7 @@ Per day d: the relay plans the assisted secure neighbourhood round over the cros
 (:mod:`coordinator.hybrid`); every enrolled device gets one ``query.day`` message with
 yesterday's delivery, today's plan and the model's θ, and answers with its report of
 yesterday for multi-round SecAgg+ and its masked contributions of today. SecAgg+ keys are
-agreed once per epoch (:class:`coordinator.secagg_flower.ReportRound`): while the day's
+agreed once per epoch (:class:`coordinator.flower.secagg.ReportRound`): while the day's
 roster equals the epoch's, the day reply carries the masked report and two ``query.stage``
 exchanges (consistency, unmask) finish the day; a changed roster (dropout, new or returning
 device, restart) starts a new epoch: the day reply is the key advertisement and a third
@@ -53,9 +53,9 @@ from coordinator.calibration import (
     read_observed_csv,
     unpack_checkpoint,
 )
+from coordinator.flower.secagg import ReportEpoch, ReportRound
 from coordinator.hybrid import HybridSimulation, agent_name
 from coordinator.runner import DEFAULT_MIN_DEVICES, RunConfig, physical_agents, take_lease
-from coordinator.secagg_flower import ReportEpoch, ReportRound
 from coordinator.store import CoordinatorStore
 from protocols.daily import (
     REPORT_FIELDS,

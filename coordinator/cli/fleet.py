@@ -51,8 +51,8 @@ def fleet_command(
     """Run a hybrid run with N simulated devices (optionally calibrating θ and with dropouts)."""
     from coordinator.calibration import CalibrationError, CalibrationSettings, read_observed_csv
     from coordinator.fleet import run_fleet, timed, write_summary
+    from coordinator.flower.server_app import FederatedRunError, FederatedSettings
     from coordinator.run_config import RunConfig, RunConfigError
-    from coordinator.server_app import FederatedRunError, FederatedSettings
     from coordinator.store import CoordinatorStore, StoreError
 
     try:

@@ -1,4 +1,4 @@
-"""`lpm demo`, `lpm fleet`, `lpm coordinator`: the coordinator's commands."""
+"""`lpm coordinator` (the HTTP service + run loop); mounts `lpm demo` and `lpm fleet` too."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import typer
 
 if TYPE_CHECKING:
-    from coordinator.service import WriteToken
+    from coordinator.http.service import WriteToken
     from coordinator.store import CoordinatorStore
 
 __all__ = ["register", "TOKEN_ENV"]
@@ -28,7 +28,7 @@ def demo(
 ) -> None:
     """The full story: synthetic city + simulated devices, secure daily rounds, calibration,
     signed ONNX bundle, device forecast, results over HTTP."""
-    from coordinator.demo import run_demo
+    from coordinator.cli.demo import run_demo
 
     run_demo(out, devices=devices, days=days, scale=scale, seed=seed)
 
@@ -37,7 +37,7 @@ def _write_token() -> tuple[WriteToken, bool]:
     """The write token from ``$LPM_COORDINATOR_TOKEN``, or a generated one (``True``: the
     caller prints it once the service can start). Set-but-empty or too short is an error,
     never a silent substitute."""
-    from coordinator.service import MIN_TOKEN_CHARS, WriteToken
+    from coordinator.http.service import MIN_TOKEN_CHARS, WriteToken
 
     raw = os.environ.get(TOKEN_ENV)
     if raw is None:
@@ -82,8 +82,8 @@ def coordinator(
     ServerApp writes to the same store (run config key `db`)."""
     import threading
 
+    from coordinator.http.service import serve
     from coordinator.runner import execute_run
-    from coordinator.service import serve
 
     token, generated = _write_token()
     store = _open_store(db, check=True)  # a failure before here prints no token at all
@@ -102,7 +102,7 @@ def coordinator(
 def register(app: typer.Typer) -> None:
     """Mount the coordinator commands on the `lpm` app."""
     app.command("demo")(demo)
-    from coordinator.fleet_cli import fleet_command
+    from coordinator.cli.fleet import fleet_command
 
     app.command("fleet")(fleet_command)
     app.command("coordinator")(coordinator)
