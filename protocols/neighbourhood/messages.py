@@ -52,11 +52,6 @@ def step_number(attempt: int, phase: int) -> int:
     return attempt * STEPS_PER_ATTEMPT + phase
 
 
-def split_step(step: int) -> tuple[int, int]:
-    """Inverse of :func:`step_number`: ``(attempt, phase)``."""
-    return divmod(step, STEPS_PER_ATTEMPT)
-
-
 def _text(value: object) -> str:
     if not isinstance(value, str):
         raise MalformedMessageError("identifier must be a str")
