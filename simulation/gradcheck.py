@@ -40,8 +40,18 @@ class GradCheck:
     seeds: int
     step: float  # absolute FD step h
 
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+    @property
+    def defined(self) -> bool:
+        """False when the finite differences saw no event change (FD = 0 on every seed):
+        the bias is then undefined, not infinite."""
+        return math.isfinite(self.bias)
+
+    def as_dict(self) -> dict[str, float | None]:
+        """JSON-safe: an undefined bias (and its se) is ``None``, never Infinity."""
+        d: dict[str, float | None] = dict(asdict(self))
+        if not self.defined:
+            d["bias"] = d["bias_se"] = None
+        return d
 
 
 def parameter(model: SubstepModel, name: str) -> torch.nn.Parameter:
@@ -132,8 +142,12 @@ def format_table(report: dict[str, GradCheck], estimator: str) -> str:
     head = f"{'parameter':<22}{'value':>9}  {estimator + ' AD (mean ± sd)':>28}  {'CRN FD (mean ± sd)':>28}  {'bias ± se':>16}"
     lines = [head, "-" * len(head)]
     for name, r in report.items():
+        bias = f"{r.bias:>+7.1%} ± {r.bias_se:<6.1%}" if r.defined else f"{'n/a (FD = 0)':>16}"
         lines.append(
             f"{name:<22}{r.value:>9.4g}  {r.ad_mean:>16,.1f} ± {r.ad_sd:<9,.1f}  "
-            f"{r.fd_mean:>16,.1f} ± {r.fd_sd:<9,.1f}  {r.bias:>+7.1%} ± {r.bias_se:<6.1%}"
+            f"{r.fd_mean:>16,.1f} ± {r.fd_sd:<9,.1f}  {bias}"
         )
+    if not all(r.defined for r in report.values()):
+        lines.append("FD = 0: the ±step changed no event on any seed, so the bias is undefined; "
+                     "raise --fd-step, --agents, --days or --seeds.")
     return "\n".join(lines)

@@ -42,3 +42,19 @@ def test_parameters_by_short_or_full_name_and_errors():
     g = random_contact_graph(500, 6, seed=0)
     with pytest.raises(GradCheckError, match="2 seeds"):
         gradcheck(SIR, g, 5, 1, ["beta"])
+
+
+def test_zero_finite_differences_give_an_undefined_bias_not_infinity():
+    import json
+
+    from simulation.gradcheck import _stats, format_table
+
+    flat = _stats(0.15, [-60.0, -70.0], [0.0, 0.0], 0.0075)  # no event moved on any seed
+    assert not flat.defined
+    d = flat.as_dict()
+    assert d["bias"] is None and d["bias_se"] is None
+    json.loads(json.dumps(d, allow_nan=False))  # strict JSON: no Infinity
+    table = format_table({"gamma": flat}, "auto")
+    assert "n/a (FD = 0)" in table and "bias is undefined" in table
+    ok = _stats(0.3, [190.0, 200.0], [240.0, 260.0], 0.015)
+    assert ok.defined and ok.as_dict()["bias"] == pytest.approx(195 / 250 - 1)
