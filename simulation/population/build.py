@@ -88,7 +88,9 @@ def _not_in(indptr, indices, src, dst):  # pragma: no cover - compiled
 def _sample_sizes(rng: np.random.Generator, brackets: np.ndarray, total: int) -> np.ndarray:
     """Group sizes holding ``total`` people: groups per bracket in proportion to the
     establishment counts (largest remainder, so the size distribution is reproduced), sizes
-    uniform within a bracket, in random order, then rescaled to sum to ``total``."""
+    uniform within a bracket, then moved within their brackets to sum to ``total`` (so the
+    bracket counts stay at the rounding floor; a proportional rescale only when the brackets
+    cannot hold ``total``), in random order."""
     if total <= 0:
         return np.empty(0, np.int64)
     p = brackets[:, 2] / brackets[:, 2].sum()
@@ -96,11 +98,17 @@ def _sample_sizes(rng: np.random.Generator, brackets: np.ndarray, total: int) ->
     n_groups = max(1, int(round(total / mean)))
     per = integerize(p, n_groups)
     k = np.repeat(np.arange(p.size), per)
-    lo, hi = brackets[k, 0], brackets[k, 1]
-    sizes = (lo + rng.random(k.size) * (hi - lo + 1)).astype(np.int64)
+    lo, hi = brackets[k, 0].astype(np.int64), brackets[k, 1].astype(np.int64)
+    sizes = np.minimum(lo + (rng.random(k.size) * (hi - lo + 1)).astype(np.int64), hi)
+    delta = total - int(sizes.sum())
+    room = hi - sizes if delta > 0 else sizes - lo
+    if delta and 0 < abs(delta) <= int(room.sum()):
+        # each group moves toward its bracket's edge in proportion to its room: ceil(room·r)
+        # ≤ room for r ≤ 1, so no size leaves its bracket
+        sizes = sizes + np.sign(delta) * integerize(room.astype(np.float64), abs(delta))
+    elif delta:  # the brackets cannot hold ``total``: rescale (keeps the number of groups)
+        sizes = integerize(sizes.astype(np.float64), total)
     sizes = sizes[rng.permutation(sizes.size)]
-    # rescale to hold exactly ``total`` (keeps every bracket's count, unlike truncation)
-    sizes = integerize(sizes.astype(np.float64), total)
     return sizes[sizes > 0]
 
 
