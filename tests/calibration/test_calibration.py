@@ -102,7 +102,8 @@ def test_calibnn_features_and_range():
 
 
 def test_nyc_first_wave_fit_small():
-    fit = fit_nyc_first_wave(agents=5_000, steps=25, posterior_steps=2, posterior_samples=1)
+    # 25 steps stopped short of convergence on some populations (R² 0.78 vs 0.96 at 40)
+    fit = fit_nyc_first_wave(agents=5_000, steps=40, posterior_steps=2, posterior_samples=1)
     assert fit.quality["r2_7day"] > 0.8
     assert 0.01 < fit.ascertainment < 0.9
     lo, med, hi = fit.band
