@@ -3,9 +3,13 @@ type is a :class:`DeviceStateError`, never a silent conversion."""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from flwr.app import ConfigRecord
 
 __all__ = ["DeviceStateError", "blob", "blobs", "integer", "integers", "num", "text"]
+
+T = TypeVar("T")
 
 
 class DeviceStateError(RuntimeError):
@@ -40,19 +44,18 @@ def blob(st: ConfigRecord, key: str) -> bytes:
     raise DeviceStateError(f"device state {key!r} is not bytes")
 
 
-def integers(st: ConfigRecord, key: str) -> list[int]:
+def _list_of(st: ConfigRecord, key: str, kind: type[T], what: str) -> list[T]:
     v = st[key]
     if isinstance(v, list):
-        out = [x for x in v if isinstance(x, int)]
+        out: list[T] = [x for x in v if isinstance(x, kind)]
         if len(out) == len(v):
             return out
-    raise DeviceStateError(f"device state {key!r} is not a list of integers")
+    raise DeviceStateError(f"device state {key!r} is not a list of {what}")
+
+
+def integers(st: ConfigRecord, key: str) -> list[int]:
+    return _list_of(st, key, int, "integers")
 
 
 def blobs(st: ConfigRecord, key: str) -> list[bytes]:
-    v = st[key]
-    if isinstance(v, list):
-        out = [x for x in v if isinstance(x, bytes)]
-        if len(out) == len(v):
-            return out
-    raise DeviceStateError(f"device state {key!r} is not a list of bytes")
+    return _list_of(st, key, bytes, "bytes")
