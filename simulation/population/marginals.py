@@ -11,6 +11,8 @@ A marginals directory holds (``area`` ``*`` rows apply to every area without row
   establishments per size bracket)
 - ``household_head_age.csv``: ``area,size,age_min,age_max,count`` (optional; householders
   by age bracket per household size)
+- ``multigenerational.csv``: ``area,share`` (optional; share of households holding three
+  generations, which the household refinement keeps within a tolerance)
 - ``settings.csv``: ``key,value`` (optional: ``name``, ``contact_matrices``)
 
 See docs/population.md.
@@ -84,6 +86,7 @@ class AreaMarginals:
     workplace_sizes: np.ndarray  # [k, 3] size_min, size_max, count
     school_sizes: np.ndarray  # [k, 3]
     head_age: np.ndarray | None = None  # [sizes, 16] P(head's five-year band | household size)
+    multigenerational: float | None = None  # share of households with three generations
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,24 @@ def _head_age(path: Path, codes: list[str], sizes: int) -> dict[str, np.ndarray 
     return out
 
 
+def _multigenerational(path: Path, codes: list[str]) -> dict[str, float | None]:
+    """Share of three-generation households per area (optional table)."""
+    if not path.exists():
+        return dict.fromkeys(codes)
+    table = _by_area(path, _read(path, ("area", "share")), codes)
+    out: dict[str, float | None] = {}
+    for c in codes:
+        rows = _rows_for(table, c)
+        if len(rows) != 1:
+            raise PopulationError(f"{path.name}: need exactly one row for area {c!r} (or one '*' row)")
+        line, r = rows[0]
+        share = _num(path, line, r["share"], "share")
+        if share > 1:
+            raise PopulationError(f"{path.name} line {line}: share must be in [0, 1], got {share}")
+        out[c] = share
+    return out
+
+
 def load_marginals(path: str | Path) -> Marginals:
     """Read and validate a marginals directory (clear :class:`PopulationError` on bad input)."""
     root = Path(path)
@@ -298,6 +319,7 @@ def load_marginals(path: str | Path) -> Marginals:
     heads = _head_age(root / "household_head_age.csv", codes, sizes_max)
     work = _brackets(root / "workplace_size.csv", codes, _DEFAULT_WORKPLACES)
     school = _brackets(root / "school_size.csv", codes, _DEFAULT_SCHOOLS)
+    multigen = _multigenerational(root / "multigenerational.csv", codes)
     areas = tuple(
         AreaMarginals(
             code=c,
@@ -310,6 +332,7 @@ def load_marginals(path: str | Path) -> Marginals:
             workplace_sizes=work[c],
             school_sizes=school[c],
             head_age=heads[c],
+            multigenerational=multigen[c],
         )
         for c, r, pop in zip(codes, area_rows, pops, strict=True)
     )
