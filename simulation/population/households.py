@@ -211,7 +211,11 @@ def _refine_households(members, hh_of_slot, hh_start, hh_size, movable, band, ag
                 if i != j:
                     t[band[members[i]], band[members[j]]] += 1.0
     banded = mg_hi >= 0
-    mg = _count_three_generations(members, hh_start, hh_size, age, gen_lo, gen_hi) if banded else 0
+    is_mg = np.zeros(hh_start.size if banded else 0, np.int64)  # 1 = multigenerational now
+    for h in range(is_mg.size):
+        if hh_size[h] >= 2:
+            is_mg[h] = _three_generations(members, hh_start[h], hh_size[h], age, -1, -1, gen_lo, gen_hi)
+    mg = int(is_mg.sum())
     n_mov = movable.size
     accepted = 0
     for _ in range(steps):
@@ -225,6 +229,8 @@ def _refine_households(members, hh_of_slot, hh_start, hh_size, movable, band, ag
         delta = 0.0
         off = _violation(mg, mg_lo, mg_hi) if banded else 0
         d_mg = 0
+        mg_a = 0
+        mg_b = 0
         # x (band a) leaves ha for hb, y (band b) leaves hb for ha: apply, then revert if not accepted
         for rep in range(2):
             sign = 1.0 if rep == 0 else -1.0
@@ -251,13 +257,12 @@ def _refine_households(members, hh_of_slot, hh_start, hh_size, movable, band, ag
             sa, na, sb, nb_ = hh_start[ha], hh_size[ha], hh_start[hb], hh_size[hb]
             better = delta < 0.0
             if banded:
-                d_mg = 0
-                if na >= 2:
-                    d_mg += (_three_generations(members, sa, na, age, p, y, gen_lo, gen_hi)
-                             - _three_generations(members, sa, na, age, -1, -1, gen_lo, gen_hi))
-                if nb_ >= 2:
-                    d_mg += (_three_generations(members, sb, nb_, age, q, x, gen_lo, gen_hi)
-                             - _three_generations(members, sb, nb_, age, -1, -1, gen_lo, gen_hi))
+                if delta >= 0.0 and ((mg > mg_hi and is_mg[ha] + is_mg[hb] == 0)
+                                     or (mg < mg_lo and is_mg[ha] + is_mg[hb] == 2)):
+                    continue  # the count cannot move towards the band: revert
+                mg_a = _three_generations(members, sa, na, age, p, y, gen_lo, gen_hi)
+                mg_b = _three_generations(members, sb, nb_, age, q, x, gen_lo, gen_hi)
+                d_mg = mg_a + mg_b - is_mg[ha] - is_mg[hb]
                 new_off = _violation(mg + d_mg, mg_lo, mg_hi)
                 better = new_off < off or (new_off == off and delta < 0.0)
             if not better:
@@ -268,7 +273,10 @@ def _refine_households(members, hh_of_slot, hh_start, hh_size, movable, band, ag
                      + _orphans(members, sb, nb_, age, q, x, gap_lo, gap_hi))
             if after <= before:  # never leave more children without a possible parent
                 members[p], members[q] = y, x
-                mg += d_mg
+                if banded:
+                    mg += d_mg
+                    is_mg[ha] = mg_a
+                    is_mg[hb] = mg_b
                 accepted += 1
                 break
     return accepted, mg
