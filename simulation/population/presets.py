@@ -73,6 +73,9 @@ def _meta(marginals: Marginals, n: int, seed: int, options: BuildOptions, **extr
         "contact_matrices": marginals.contact_matrices,
         "neighbourhood_size": options.neighbourhood_size,
         "students_per_staff": options.students_per_staff,
+        "household_refine": options.household_refine,
+        "work_refine": options.work_refine,
+        "multigenerational_tolerance": options.multigenerational_tolerance,
         "provenance": {"source": marginals.source, "sha256": marginals.provenance},
         **extra,
     }
