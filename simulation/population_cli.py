@@ -96,11 +96,13 @@ def info_command(
     for r in report["marginals"]:
         t.add_row(r["area"], f"{r['n']:,}", *(f"{r['tvd'][k]:.2e}" for k in keys))
     console.print(t)
-    multigen = [(r["area"], r["multigenerational"]) for r in report["marginals"] if "multigenerational" in r]
-    if multigen:
-        console.print("multigenerational households (by age; published share in brackets): " + ", ".join(
-            f"{a} {g['share']:.1%}" + ("" if g["published"] is None else f" ({g['published']:.1%})")
-            for a, g in multigen))
+    for key, what in (("multigenerational", "multigenerational households"),
+                      ("grandparent", "households with a grandparent and a grandchild < 18")):
+        rows = [(r["area"], r[key]) for r in report["marginals"] if key in r]
+        if rows:
+            console.print(f"{what} (by age; published share in brackets): " + ", ".join(
+                f"{a} {g['share']:.1%}" + ("" if g["published"] is None else f" ({g['published']:.1%})")
+                for a, g in rows))
     if meta.get("city"):
         pooled = ", ".join(f"{k} {v:.2e}" for k, v in meta["city"].items())
         console.print(f"pooled over all areas (TVD): {pooled}")

@@ -57,8 +57,9 @@ class BuildOptions:
     # swap proposals per worker that move workers between workplaces so the work matrix's
     # contacts find enough pairs (:mod:`workplaces`); 0 = workers placed at random
     work_refine: float = 5.0
-    # the household refinement keeps the share of three-generation households within this
-    # (absolute) distance of the area's published share (multigenerational.csv), if given
+    # the household refinement keeps the shares of multigenerational and of grandparent-and-
+    # grandchild households within this (absolute) distance of the area's published shares
+    # (multigenerational.csv), where given
     multigenerational_tolerance: float = 0.01
     layer_weights: Mapping[str, float] = field(default_factory=lambda: {k: 1.0 for k in LAYERS})
 
@@ -217,8 +218,9 @@ def build_area(
     hi = np.array([b.hi for b in bands])[band_i]
     age = (lo + rng.random(idx.size) * (hi - lo + 1)).astype(np.int64)
 
-    band_mg = None if marginals.multigenerational is None else (marginals.multigenerational,
-                                                                options.multigenerational_tolerance)
+    tol = options.multigenerational_tolerance
+    band_mg = (None if marginals.multigenerational is None else (marginals.multigenerational, tol),
+               None if marginals.grandparent is None else (marginals.grandparent, tol))
     household, hh_sizes = compose_households(rng, size_i + 1, age, matrices["household"], marginals.head_age,
                                              options.household_refine, band_mg)
     # number agents household by household, households in random order

@@ -16,7 +16,7 @@ import numpy as np
 
 from simulation.population.contacts import contact_band, reciprocal_totals
 
-__all__ = ["GENERATION_GAP", "PARENT_GAP", "compose_households", "three_generation_share"]
+__all__ = ["GENERATION_GAP", "PARENT_GAP", "Bands", "compose_households", "grandparent_share", "three_generation_share"]
 
 
 def _match(rng: np.random.Generator, want: np.ndarray, have: np.ndarray, nb: int) -> tuple[np.ndarray, np.ndarray]:
@@ -101,6 +101,8 @@ def _member_bands(rng: np.random.Generator, cdf: np.ndarray, head_band: np.ndarr
 
 PARENT_GAP = (15, 50)  # a child (< 15) lives with someone 15–50 years older (a possible parent)
 GENERATION_GAP = (18, 50)  # one generation: 18–50 years (three generations = two such steps)
+# (share, tolerance) bands for multigenerational and for grandparent-and-grandchild households
+Bands = tuple[tuple[float, float] | None, tuple[float, float] | None]
 
 
 @numba.njit(cache=True)
@@ -130,11 +132,13 @@ def _orphans(members, h0, hn, age, swap_slot, swap_person, lo, hi):  # pragma: n
 
 
 @numba.njit(cache=True)
-def _three_generations(members, h0, hn, age, swap_slot, swap_person, lo, hi):  # pragma: no cover - compiled
-    """1 when the household is multigenerational by age, else 0: a member with one member
-    lo..hi years younger and one lo..hi years older (child, parent, grandparent), or a child
-    (< 18) with a member more than ``hi`` years older (a grandparent, with or without the
-    generation between)."""
+def _kinds(members, h0, hn, age, swap_slot, swap_person, lo, hi):  # pragma: no cover - compiled
+    """Bit 0: the household is multigenerational by age (a member with one member lo..hi
+    years younger and one lo..hi years older: child, parent, grandparent; or a child < 18
+    with a member more than ``hi`` years older). Bit 1: it holds a child < 18 and a member
+    more than ``hi`` years older (a grandparent and a grandchild)."""
+    chain = 0
+    grand = 0
     for j in range(h0, h0 + hn):
         aj = age[_person(members, j, swap_slot, swap_person)]
         younger = False
@@ -148,19 +152,35 @@ def _three_generations(members, h0, hn, age, swap_slot, swap_person, lo, hi):  #
             elif -hi <= d <= -lo:
                 younger = True
             elif d > hi and aj < 18:
-                return 1
+                grand = 2
         if younger and older:
-            return 1
-    return 0
+            chain = 1
+    return (1 if chain or grand else 0) | grand
 
 
 @numba.njit(cache=True)
-def _count_three_generations(members, hh_start, hh_size, age, lo, hi):  # pragma: no cover - compiled
-    k = 0
+def _count_kinds(members, hh_start, hh_size, age, lo, hi, out):  # pragma: no cover - compiled
+    """Per-household kind bits (:func:`_kinds`) into ``out``; returns the two counts."""
+    k0 = 0
+    k1 = 0
     for h in range(hh_start.size):
-        if hh_size[h] >= 2:
-            k += _three_generations(members, hh_start[h], hh_size[h], age, -1, -1, lo, hi)
-    return k
+        out[h] = _kinds(members, hh_start[h], hh_size[h], age, -1, -1, lo, hi) if hh_size[h] >= 2 else 0
+        k0 += out[h] & 1
+        k1 += out[h] >> 1
+    return k0, k1
+
+
+def _household_kinds(age: np.ndarray, household: np.ndarray, gap: tuple[int, int]) -> tuple[float, float]:
+    household = np.asarray(household)
+    if household.size == 0:
+        return 0.0, 0.0
+    members = np.argsort(household, kind="stable").astype(np.int64)
+    sizes = np.bincount(household)
+    sizes = sizes[sizes > 0].astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    k0, k1 = _count_kinds(members, starts, sizes, np.asarray(age, np.int64), gap[0], gap[1],
+                          np.zeros(sizes.size, np.int64))
+    return float(k0) / sizes.size, float(k1) / sizes.size
 
 
 def three_generation_share(age: np.ndarray, household: np.ndarray, gap: tuple[int, int] = GENERATION_GAP) -> float:
@@ -169,19 +189,20 @@ def three_generation_share(age: np.ndarray, household: np.ndarray, gap: tuple[in
     than ``gap[1]`` years older. The age-only counterpart of the census "multigenerational
     household" (three or more generations of one family; in England and Wales also
     grandparents with grandchildren and no generation between)."""
-    household = np.asarray(household)
-    if household.size == 0:
-        return 0.0
-    members = np.argsort(household, kind="stable").astype(np.int64)
-    sizes = np.bincount(household)
-    sizes = sizes[sizes > 0].astype(np.int64)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    k = _count_three_generations(members, starts, sizes, np.asarray(age, np.int64), gap[0], gap[1])
-    return float(k) / sizes.size
+    return _household_kinds(age, household, gap)[0]
+
+
+def grandparent_share(age: np.ndarray, household: np.ndarray, gap: tuple[int, int] = GENERATION_GAP) -> float:
+    """Share of households holding a child (< 18) and a member more than ``gap[1]`` years
+    older: the age-only counterpart of "households with grandparents and grandchildren under
+    18" (it misses grandparents fewer than ``gap[1]`` years older than the grandchild)."""
+    return _household_kinds(age, household, gap)[1]
 
 
 @numba.njit(cache=True)
 def _violation(k, lo, hi):  # pragma: no cover - compiled
+    if hi < 0:
+        return 0
     if k < lo:
         return lo - k
     if k > hi:
@@ -190,17 +211,26 @@ def _violation(k, lo, hi):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True)
+def _can_move(count, lo, hi, flags_now):  # pragma: no cover - compiled
+    """Whether a swap of two households with ``flags_now`` of them counted could move the
+    count towards [lo, hi] (hi < 0: no band)."""
+    if hi < 0:
+        return False
+    return (count > hi and flags_now > 0) or (count < lo and flags_now < 2)
+
+
+@numba.njit(cache=True)
 def _refine_households(members, hh_of_slot, hh_start, hh_size, movable, band, age, target, inv_pop, scale,
-                       steps, seed, gap_lo, gap_hi, gen_lo, gen_hi, mg_lo, mg_hi):  # pragma: no cover - compiled
+                       steps, seed, gap_lo, gap_hi, gen_lo, gen_hi, bands):  # pragma: no cover - compiled
     """Greedy swaps of two non-head members between households: keeps every household's
     size and head, so every marginal (age × sex, household size, head age) is unchanged.
     A swap is accepted when it leaves no more children without a member ``gap_lo``–``gap_hi``
-    years older (a possible parent) than before and either brings the number of
-    three-generation households (steps of ``gen_lo``–``gen_hi`` years) closer to the band
-    [``mg_lo``, ``mg_hi``] or keeps its distance from the band and brings the household mixing
-    s·T_ab / N_a closer to ``target`` (squared Frobenius). ``mg_hi`` < 0: no band.
-    ``members`` (person per slot, households contiguous) is updated in place; returns
-    (accepted swaps, three-generation households at the end)."""
+    years older (a possible parent) than before and either brings the household counts of
+    :func:`_kinds` (multigenerational; grandparent and grandchild, steps of ``gen_lo``–
+    ``gen_hi`` years) closer to their bands (``bands[k] = (lo, hi)``, hi < 0: none) or keeps
+    their total distance from the bands and brings the household mixing s·T_ab / N_a closer to
+    ``target`` (squared Frobenius). ``members`` (person per slot, households contiguous) is
+    updated in place; returns (accepted swaps, multigenerational, grandparent households)."""
     np.random.seed(seed)
     nb = target.shape[0]
     t = np.zeros((nb, nb))
@@ -210,12 +240,9 @@ def _refine_households(members, hh_of_slot, hh_start, hh_size, movable, band, ag
             for j in range(a0, a0 + hh_size[h]):
                 if i != j:
                     t[band[members[i]], band[members[j]]] += 1.0
-    banded = mg_hi >= 0
-    is_mg = np.zeros(hh_start.size if banded else 0, np.int64)  # 1 = multigenerational now
-    for h in range(is_mg.size):
-        if hh_size[h] >= 2:
-            is_mg[h] = _three_generations(members, hh_start[h], hh_size[h], age, -1, -1, gen_lo, gen_hi)
-    mg = int(is_mg.sum())
+    banded = bands[0, 1] >= 0 or bands[1, 1] >= 0
+    kind = np.zeros(hh_start.size if banded else 0, np.int64)
+    c0, c1 = _count_kinds(members, hh_start, hh_size, age, gen_lo, gen_hi, kind) if banded else (0, 0)
     n_mov = movable.size
     accepted = 0
     for _ in range(steps):
@@ -227,10 +254,11 @@ def _refine_households(members, hh_of_slot, hh_start, hh_size, movable, band, ag
         if ha == hb or a == b:
             continue
         delta = 0.0
-        off = _violation(mg, mg_lo, mg_hi) if banded else 0
-        d_mg = 0
-        mg_a = 0
-        mg_b = 0
+        off = (_violation(c0, bands[0, 0], bands[0, 1]) + _violation(c1, bands[1, 0], bands[1, 1])) if banded else 0
+        k_a = 0
+        k_b = 0
+        d0 = 0
+        d1 = 0
         # x (band a) leaves ha for hb, y (band b) leaves hb for ha: apply, then revert if not accepted
         for rep in range(2):
             sign = 1.0 if rep == 0 else -1.0
@@ -257,13 +285,16 @@ def _refine_households(members, hh_of_slot, hh_start, hh_size, movable, band, ag
             sa, na, sb, nb_ = hh_start[ha], hh_size[ha], hh_start[hb], hh_size[hb]
             better = delta < 0.0
             if banded:
-                if delta >= 0.0 and ((mg > mg_hi and is_mg[ha] + is_mg[hb] == 0)
-                                     or (mg < mg_lo and is_mg[ha] + is_mg[hb] == 2)):
-                    continue  # the count cannot move towards the band: revert
-                mg_a = _three_generations(members, sa, na, age, p, y, gen_lo, gen_hi)
-                mg_b = _three_generations(members, sb, nb_, age, q, x, gen_lo, gen_hi)
-                d_mg = mg_a + mg_b - is_mg[ha] - is_mg[hb]
-                new_off = _violation(mg + d_mg, mg_lo, mg_hi)
+                if delta >= 0.0 and not (
+                        _can_move(c0, bands[0, 0], bands[0, 1], (kind[ha] & 1) + (kind[hb] & 1))
+                        or _can_move(c1, bands[1, 0], bands[1, 1], (kind[ha] >> 1) + (kind[hb] >> 1))):
+                    continue  # no count can move towards its band: revert
+                k_a = _kinds(members, sa, na, age, p, y, gen_lo, gen_hi)
+                k_b = _kinds(members, sb, nb_, age, q, x, gen_lo, gen_hi)
+                d0 = (k_a & 1) + (k_b & 1) - (kind[ha] & 1) - (kind[hb] & 1)
+                d1 = (k_a >> 1) + (k_b >> 1) - (kind[ha] >> 1) - (kind[hb] >> 1)
+                new_off = (_violation(c0 + d0, bands[0, 0], bands[0, 1])
+                           + _violation(c1 + d1, bands[1, 0], bands[1, 1]))
                 better = new_off < off or (new_off == off and delta < 0.0)
             if not better:
                 continue
@@ -274,12 +305,13 @@ def _refine_households(members, hh_of_slot, hh_start, hh_size, movable, band, ag
             if after <= before:  # never leave more children without a possible parent
                 members[p], members[q] = y, x
                 if banded:
-                    mg += d_mg
-                    is_mg[ha] = mg_a
-                    is_mg[hb] = mg_b
+                    c0 += d0
+                    c1 += d1
+                    kind[ha] = k_a
+                    kind[hb] = k_b
                 accepted += 1
                 break
-    return accepted, mg
+    return accepted, c0, c1
 
 
 def compose_households(
@@ -289,7 +321,7 @@ def compose_households(
     home: np.ndarray,
     head_age: np.ndarray | None = None,
     refine_steps: float = 0.0,
-    multigenerational: tuple[float, float] | None = None,
+    multigenerational: Bands | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Household id per person and household sizes, from each person's size class; with
     ``refine_steps`` > 0, that many swap proposals per person (:func:`_refine_households`)
@@ -330,11 +362,12 @@ def compose_households(
 
 def _refined(rng: np.random.Generator, household: np.ndarray, sizes: np.ndarray, is_head: np.ndarray,
              cb: np.ndarray, age: np.ndarray, home: np.ndarray, steps_per_person: float,
-             multigenerational: tuple[float, float] | None) -> np.ndarray:
+             multigenerational: Bands | None) -> np.ndarray:
     """Run :func:`_refine_households` against M* (the reciprocal matrix closest to the
     published home matrix for this area's ages) at the scale that equates total contacts;
-    ``multigenerational`` = (share, tolerance) keeps the three-generation share in
-    [share − tolerance, share + tolerance] (pulled into it when it starts outside)."""
+    ``multigenerational`` = ((share, tol) | None for multigenerational households, (share,
+    tol) | None for grandparent-and-grandchild households) keeps each share in [share − tol,
+    share + tol] (pulled into it when it starts outside)."""
     nb = home.shape[0]
     pop = np.bincount(cb, minlength=nb).astype(np.float64)
     target = reciprocal_totals(home, pop) / np.maximum(pop, 1.0)[:, None]
@@ -346,16 +379,16 @@ def _refined(rng: np.random.Generator, household: np.ndarray, sizes: np.ndarray,
     movable = np.flatnonzero(~is_head[members]).astype(np.int64)
     if movable.size < 2:
         return household
-    mg_lo, mg_hi = 0, -1
-    if multigenerational is not None:
-        share, tol = multigenerational
-        mg_lo = int(np.ceil(max(share - tol, 0.0) * sizes.size))
-        mg_hi = int(np.floor((share + tol) * sizes.size))
+    bands = np.array([[0, -1], [0, -1]], np.int64)
+    for k, pair in enumerate(multigenerational or ()):
+        if pair is not None:
+            share, tol = pair
+            bands[k] = (int(np.ceil(max(share - tol, 0.0) * sizes.size)), int(np.floor((share + tol) * sizes.size)))
     steps = int(steps_per_person * household.size)
     _refine_households(members, hh_of_slot, hh_start, sizes.astype(np.int64), movable, cb.astype(np.int64),
                        age.astype(np.int64), target, 1.0 / np.maximum(pop, 1.0), scale, steps,
                        int(rng.integers(2**31)), PARENT_GAP[0], PARENT_GAP[1], GENERATION_GAP[0], GENERATION_GAP[1],
-                       mg_lo, mg_hi)
+                       bands)
     out = np.empty_like(household)
     out[members] = hh_of_slot
     return out

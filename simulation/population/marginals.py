@@ -11,8 +11,9 @@ A marginals directory holds (``area`` ``*`` rows apply to every area without row
   establishments per size bracket)
 - ``household_head_age.csv``: ``area,size,age_min,age_max,count`` (optional; householders
   by age bracket per household size)
-- ``multigenerational.csv``: ``area,share`` (optional; share of households holding three
-  generations, which the household refinement keeps within a tolerance)
+- ``multigenerational.csv``: ``area,share[,grandparent_share]`` (optional; share of
+  households holding three generations and, if given, of households holding a grandparent
+  and a grandchild under 18, which the household refinement keeps within a tolerance)
 - ``settings.csv``: ``key,value`` (optional: ``name``, ``contact_matrices``)
 
 See docs/population.md.
@@ -87,6 +88,7 @@ class AreaMarginals:
     school_sizes: np.ndarray  # [k, 3]
     head_age: np.ndarray | None = None  # [sizes, 16] P(head's five-year band | household size)
     multigenerational: float | None = None  # share of households with three generations
+    grandparent: float | None = None  # share of households with a grandparent and a grandchild < 18
 
 
 @dataclass(frozen=True)
@@ -215,21 +217,28 @@ def _head_age(path: Path, codes: list[str], sizes: int) -> dict[str, np.ndarray 
     return out
 
 
-def _multigenerational(path: Path, codes: list[str]) -> dict[str, float | None]:
-    """Share of three-generation households per area (optional table)."""
+def _multigenerational(path: Path, codes: list[str]) -> dict[str, tuple[float | None, float | None]]:
+    """(multigenerational share, grandparent-and-grandchild share or None) per area (optional table)."""
     if not path.exists():
-        return dict.fromkeys(codes)
+        return dict.fromkeys(codes, (None, None))
     table = _by_area(path, _read(path, ("area", "share")), codes)
-    out: dict[str, float | None] = {}
+    out: dict[str, tuple[float | None, float | None]] = {}
     for c in codes:
         rows = _rows_for(table, c)
         if len(rows) != 1:
             raise PopulationError(f"{path.name}: need exactly one row for area {c!r} (or one '*' row)")
         line, r = rows[0]
-        share = _num(path, line, r["share"], "share")
-        if share > 1:
-            raise PopulationError(f"{path.name} line {line}: share must be in [0, 1], got {share}")
-        out[c] = share
+        shares: list[float | None] = []
+        for col in ("share", "grandparent_share"):
+            text = (r.get(col) or "").strip()
+            if col != "share" and not text:
+                shares.append(None)
+                continue
+            x = _num(path, line, text, col)
+            if x > 1:
+                raise PopulationError(f"{path.name} line {line}: {col} must be in [0, 1], got {x}")
+            shares.append(x)
+        out[c] = (shares[0], shares[1])
     return out
 
 
@@ -332,7 +341,8 @@ def load_marginals(path: str | Path) -> Marginals:
             workplace_sizes=work[c],
             school_sizes=school[c],
             head_age=heads[c],
-            multigenerational=multigen[c],
+            multigenerational=multigen[c][0],
+            grandparent=multigen[c][1],
         )
         for c, r, pop in zip(codes, area_rows, pops, strict=True)
     )

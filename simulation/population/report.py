@@ -12,7 +12,7 @@ from simulation.population.contacts import (
     reciprocal_totals,
     relative_frobenius,
 )
-from simulation.population.households import three_generation_share
+from simulation.population.households import grandparent_share, three_generation_share
 from simulation.population.marginals import AgeBand, AreaMarginals
 
 __all__ = ["area_report", "city_report", "household_bound", "mixing_report", "tvd"]
@@ -66,9 +66,10 @@ def area_report(m: AreaMarginals, bands: tuple[AgeBand, ...], ap: AreaPopulation
             "school_size": bracket_tvd(sc[sc > 0], m.school_sizes),
         },
         "ipf": {"iterations": ap.ipf.iterations, "max_error": ap.ipf.max_error},
-        # three-generation households by age (households.three_generation_share) vs the
-        # published share the household refinement holds it near (None: no reference given)
+        # multigenerational and grandparent-and-grandchild households by age (households.py)
+        # vs the published shares the household refinement holds them near (None: not given)
         "multigenerational": {"share": three_generation_share(age, a["household"]), "published": m.multigenerational},
+        "grandparent": {"share": grandparent_share(age, a["household"]), "published": m.grandparent},
         "groups": {
             "workplace_size": bracket_counts(wp[wp > 0], m.workplace_sizes).tolist(),
             "school_size": bracket_counts(sc[sc > 0], m.school_sizes).tolist(),

@@ -363,7 +363,7 @@ def test_multigenerational_share_is_held_near_the_published_figure(nyc100k, oxfo
     ~11 % (US Census 2020: 4.7 %); with the shipped reference it stays within the tolerance
     in every area, while the household mixing stays within 10 % of M* (scaled)."""
     from simulation.population import BuildOptions
-    from simulation.population.households import three_generation_share
+    from simulation.population.households import grandparent_share, three_generation_share
 
     tol = BuildOptions().multigenerational_tolerance
     for pop, name in ((nyc100k, "nyc"), (oxford20k, "oxford")):
@@ -374,27 +374,33 @@ def test_multigenerational_share_is_held_near_the_published_figure(nyc100k, oxfo
             sel = a["area"] == i
             share = three_generation_share(a["age"][sel], a["household"][sel])
             assert abs(share - area.multigenerational) <= tol + 1e-9, (name, area.code, share)
-    assert bundled_marginals("nyc").areas[0].multigenerational == pytest.approx(0.047)
-    assert bundled_marginals("oxford").areas[0].multigenerational == pytest.approx(0.021)
+            if area.grandparent is not None:
+                gp = grandparent_share(a["age"][sel], a["household"][sel])
+                assert abs(gp - area.grandparent) <= tol + 1e-9, (name, area.code, gp)
+    nyc, ox = bundled_marginals("nyc").areas[0], bundled_marginals("oxford").areas[0]
+    assert (nyc.multigenerational, nyc.grandparent) == pytest.approx((0.047, 0.03))
+    assert ox.multigenerational == pytest.approx(0.021) and ox.grandparent is None
     assert _mixing(nyc100k, "prem2017_usa")["household"]["rel_frobenius_reciprocal_scaled"] < 0.10
     # without the reference the same refinement overshoots it (what the band is for)
     from dataclasses import replace
 
     m = bundled_marginals("nyc")
-    free = replace(m, areas=tuple(replace(a, multigenerational=None) for a in m.areas))
+    free = replace(m, areas=tuple(replace(a, multigenerational=None, grandparent=None) for a in m.areas))
     pop = build_population(free, n=50_000, seed=0)
     a = {k: v.numpy() for k, v in pop.attributes.items()}
     assert three_generation_share(a["age"], a["household"]) > 0.047 + 2 * tol
+    assert grandparent_share(a["age"], a["household"]) > 0.03 + 2 * tol
 
 
 def test_three_generation_share_counts_chains_and_skipped_generations():
-    from simulation.population.households import three_generation_share
+    from simulation.population.households import grandparent_share, three_generation_share
 
     age = np.array([8, 35, 62, 40, 38, 10, 70, 9, 30, 29, 1, 80, 45])
     household = np.array([0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3, 4, 4])
     # 0: 8/35/62 chain; 1: parents and a child; 2: grandparent 70 with a child of 9 (skipped
     # generation); 3: a young family; 4: two adults 35 years apart (two generations)
     assert three_generation_share(age, household) == pytest.approx(2 / 5)
+    assert grandparent_share(age, household) == pytest.approx(2 / 5)  # 0 (62 - 8 = 54 > 50) and 2
 
 
 def test_multigenerational_table_is_validated(tmp_path):
@@ -402,7 +408,13 @@ def test_multigenerational_table_is_validated(tmp_path):
     (d / "multigenerational.csv").write_text("area,share\n*,1.5\n")
     with pytest.raises(PopulationError, match="share must be in"):
         load_marginals(d)
+    (d / "multigenerational.csv").write_text("area,share,grandparent_share\n*,0.03,2\n")
+    with pytest.raises(PopulationError, match="grandparent_share must be in"):
+        load_marginals(d)
+    (d / "multigenerational.csv").write_text("area,share,grandparent_share\n*,0.03,0.02\n")
+    assert (load_marginals(d).areas[0].multigenerational, load_marginals(d).areas[0].grandparent) == (0.03, 0.02)
     (d / "multigenerational.csv").write_text("area,share\n*,0.03\n")
     assert load_marginals(d).areas[0].multigenerational == pytest.approx(0.03)
+    assert load_marginals(d).areas[0].grandparent is None
     (d / "multigenerational.csv").unlink()
     assert load_marginals(d).areas[0].multigenerational is None
