@@ -74,7 +74,7 @@ def refine_ratio(n: int, repeats: int = 2) -> None:
     """CPU seconds of an NYC build of ``n`` agents without (work_refine=0, no multigenerational
     band: the session-2 build) and with the defaults, alternating, best of ``repeats``."""
     m = bundled_marginals("nyc")
-    off = replace(m, areas=tuple(replace(a, multigenerational=None) for a in m.areas))
+    off = replace(m, areas=tuple(replace(a, multigenerational=None, grandparent=None) for a in m.areas))
     runs = {"baseline": (off, BuildOptions(work_refine=0.0)), "refined": (m, BuildOptions())}
     cpu: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(repeats):

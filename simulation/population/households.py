@@ -5,8 +5,9 @@ head (or of the previous member) and matched to the people of each size class; t
 swaps of non-head members between households (:func:`_refine_households`) pull the household
 age mixing towards the reciprocal form of the published matrix. A swap keeps every size,
 head and marginal, never leaves more children without a member 15–50 years older, and keeps
-the share of **three-generation households** (:func:`three_generation_share`) within a
-tolerance of the area's published figure (``multigenerational.csv``) where one is given.
+the shares of **multigenerational households** (:func:`three_generation_share`) and of
+households with a **grandparent and a grandchild** (:func:`grandparent_share`) within a
+tolerance of the area's published figures (``multigenerational.csv``) where given.
 """
 
 from __future__ import annotations
