@@ -4,9 +4,10 @@ message transport.
 :class:`ReportEpoch` is the coordinator's side of one SecAgg+ key epoch over a fixed roster
 of devices: keys are agreed once, then each day's reports are summed with masks derived
 with the day in their context. :class:`ReportRound` is one day's report aggregation in a
-federated run: it continues the previous day's epoch when the day's roster is exactly the
-epoch's live roster, and starts a new epoch (re-keys) otherwise — after a dropout, a new
-device or a returning one, and after a coordinator restart. The coordinator only relays the
+federated run: it continues the previous day's epoch when the day's roster is made of the
+epoch's devices (some may be offline: they count as dropped before input and rejoin when
+they return), and starts a new epoch (re-keys) otherwise — a new device, too few left for
+the threshold, and after a coordinator restart. The coordinator only relays the
 state machine's bytes; a device that errors, answers out of protocol or does not answer
 counts as dropped at that stage, and the decoded sum covers exactly the survivors.
 :func:`run_secagg_round` drives a stand-alone single sum (setup + one day) over a Flower
@@ -90,11 +91,19 @@ class ReportEpoch:
     def serves(self, roster: Sequence[str], identities: dict[str, bytes],
                spec: InputSpec, min_survivors: int) -> bool:
         """Whether the next day over ``roster`` can continue this epoch: set up, no day in
-        progress, the same devices with the same identity keys, the same parameters."""
+        progress, devices of the epoch (each has masked in it) with the same identity keys,
+        the same parameters, and every one of them with ≥ t epoch neighbours in ``roster``.
+        Devices of the epoch missing from ``roster`` (offline today) count as dropped before
+        input: their neighbours reveal only today's day keys with them, so the epoch goes on
+        and they rejoin it when they return."""
         floor = max(3, self.config.threshold + 1)
         want = min(max(min_survivors, floor), self.config.n)
+        present = {self.index[n] for n in roster if n in self.index}
         return (self.server.stage is EpochServerStage.READY
-                and set(roster) == self.live() and set(roster) <= self.confirmed
+                and set(roster) <= self.live() and set(roster) <= self.confirmed
+                and len(roster) >= want
+                and all(len(self.server.neighbours(i) & present) >= self.config.threshold
+                        for i in present)
                 and all(identities.get(n) == self.identities[n] for n in roster)
                 and spec == self.config.spec and want == self.config.min_survivors)
 

@@ -6,10 +6,12 @@ Stages: ``ADVERTISE → ROSTER → READY`` once, then per day
 changes any state; a rejected message raises a
 :class:`~protocols.secagg.errors.SecAggError` subclass and leaves the client unchanged.
 
-What the client reveals on day d, and when: only after it has authenticated one survivor
-set S to its live neighbours in S and verified ≥ t tags on the *identical* S from its own
-live neighbours in S; then, for each live neighbour j: the share of b_{j,d} if j ∈ S, else
-the day-d pairwise key with j. It never reveals a long-term key, and never uses a server
+What the client reveals on day d, and when: with its tags on the one survivor set S it
+accepts for the day (it is in S, |S| ≥ min_survivors, ≥ t live neighbours in S), the day-d
+pairwise key with each live neighbour outside S; after it has verified ≥ t tags on the
+*identical* S from its own live neighbours in S, the share of b_{j,d} of each live
+neighbour j in S. So each neighbour gets one or the other, never both; with 2t > k no
+input has t self-mask shares revealed and all its day keys revealed. It never reveals a long-term key, and never uses a server
 list other than the S it authenticated. The tags are HMAC-SHA256 under pairwise consistency
 keys derived from the epoch's agreed roots (:meth:`EpochContexts.consistency_key`): only
 the neighbour checks a tag, so a MAC gives it what a signature would, and the coordinator,
@@ -257,15 +259,22 @@ class EpochClient:
         digest = self._ctx.survivors_digest(self._day, msg.bitmap)
         tags = tuple((j, self._ctx.survivors_tag(self._cons[j], self.index, j, digest))
                      for j in live_in)
+        # The day keys with live neighbours outside S go now, not at unmask: if this client
+        # dies after tagging, its input is still in S and its masks with them must come off.
+        # A neighbour gets a day key or (at unmask) a self-mask share, never both: both
+        # follow from the one S this client holds for the day.
+        day_keys = tuple((j, self._ctx.day_pair_key(self._roots[j], self._day, self.index, j))
+                         for j in self._peers if j not in members)
         self._bitmap, self._survivors = msg.bitmap, members
         self.stage = EpochStage.UNMASK
-        return add_mac(self._mac,
-                       SurvivorTags(self._header(EMsg.TAGS, self._day), tags).encode())
+        return add_mac(self._mac, SurvivorTags(self._header(EMsg.TAGS, self._day), tags,
+                                               day_keys).encode())
 
     # -- day 3/3 -----------------------------------------------------------------------
     def unmask(self, request_blob: bytes) -> bytes:
         """Verify ≥ t neighbours' tags on this client's S, open the self-mask shares, and
-        reveal one item per live neighbour (share if in S, day key if not)."""
+        reveal the share of each live neighbour in S (the day keys with those outside S went
+        with the tags)."""
         self._expect(EpochStage.UNMASK)
         cfg, ctx, me = self.config, self._ctx, self.index
         day = self._day
@@ -307,11 +316,7 @@ class EpochClient:
             except ShamirError as exc:
                 raise MalformedMessageError(f"invalid share from {j}: {exc}") from exc
             held[j] = payload.share
-        reveals = tuple(
-            (j, RevealKind.SELF_MASK_SHARE, held[j]) if j in surv
-            else (j, RevealKind.DAY_KEY, ctx.day_pair_key(self._roots[j], day, me, j))
-            for j in self._peers
-        )
+        reveals = tuple((j, RevealKind.SELF_MASK_SHARE, held[j]) for j in live_in)
         self._bitmap, self._survivors, self._day = b"", frozenset(), None
         self.stage = EpochStage.READY
         msg = DayUnmaskResponse(self._header(EMsg.UNMASK_RESPONSE, day), reveals)

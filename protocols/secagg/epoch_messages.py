@@ -59,11 +59,14 @@ class EMsg(IntEnum):
 
 
 class RevealKind(IntEnum):
+    """What an unmask response reveals per neighbour. Only self-mask shares: the day keys
+    with neighbours outside the survivor set travel with the consistency tags
+    (:class:`SurvivorTags`), so a survivor that dies after tagging leaves none missing."""
+
     SELF_MASK_SHARE = 0  # share of a surviving neighbour's self-mask seed b_{j,d}
-    DAY_KEY = 1  # the day's pairwise mask key with a neighbour outside the survivor set
 
 
-_REVEAL_BYTES = {RevealKind.SELF_MASK_SHARE: SHARE_BYTES, RevealKind.DAY_KEY: KEY}
+_REVEAL_BYTES = {RevealKind.SELF_MASK_SHARE: SHARE_BYTES}
 
 
 @dataclass(frozen=True)
@@ -283,21 +286,31 @@ def _tags(r: _Reader, n: int, limit: int) -> tuple[tuple[int, bytes], ...]:
 class SurvivorTags:
     """Client → server (day, 2/3): per live neighbour in the survivor set S (index =
     receiver), HMAC-SHA256 under the pair's consistency key over (run, epoch, day, S,
-    signer, receiver)."""
+    signer, receiver); and per live neighbour *outside* S (index = that neighbour), the
+    day's pairwise mask key with it (what the server needs to remove that mask from the
+    sender's input, revealed now so that the sender may die before unmasking)."""
 
     header: EHeader
     tags: tuple[tuple[int, bytes], ...]
+    day_keys: tuple[tuple[int, bytes], ...] = ()
 
     def encode(self) -> bytes:
-        return b"".join([self.header.encode(), *_pack_tags(self.tags)])
+        if any(len(k) != KEY for _, k in self.day_keys):
+            raise MalformedMessageError("day key of the wrong size")
+        return b"".join([self.header.encode(), *_pack_tags(self.tags),
+                         *_pack_tags(self.day_keys)])
 
     @classmethod
     def decode(cls, blob: object, n: int, max_entries: int) -> SurvivorTags:
-        header, r = _start(blob, EMsg.TAGS, HEADER_MAX + 4 + max_entries * (4 + TAG))
+        size = HEADER_MAX + 8 + max_entries * (8 + TAG + KEY)
+        header, r = _start(blob, EMsg.TAGS, size)
         tags = _tags(r, n, max_entries)
+        day_keys = _indexed(r, n, max_entries, KEY)
         r.end()
         _index(header.sender, n)
-        return cls(header, tags)
+        if {i for i, _ in tags} & {i for i, _ in day_keys}:
+            raise MalformedMessageError("a neighbour is both in and outside the survivor set")
+        return cls(header, tags, day_keys)
 
 
 @dataclass(frozen=True)
@@ -325,8 +338,8 @@ class DayUnmaskRequest:
 
 @dataclass(frozen=True)
 class DayUnmaskResponse:
-    """Client → server (day, 3/3): per live neighbour, its self-mask share (neighbour in S)
-    or the day's pairwise key (neighbour not in S)."""
+    """Client → server (day, 3/3): per live neighbour in S, its share of that neighbour's
+    self-mask seed."""
 
     header: EHeader
     reveals: tuple[tuple[int, RevealKind, bytes], ...]

@@ -97,6 +97,7 @@ class EpochServer:
         self._s: frozenset[int] = frozenset()
         self._bitmap = b""
         self._tags: dict[int, dict[int, bytes]] = {}  # signer -> {receiver: tag}
+        self._day_keys: dict[tuple[int, int], bytes] = {}  # (survivor, dropped) -> day key
         self._responders: frozenset[int] = frozenset()
         self._responses: dict[int, DayUnmaskResponse] = {}
         self.results: dict[int, torch.Tensor] = {}
@@ -176,7 +177,7 @@ class EpochServer:
 
     # -- helpers ---------------------------------------------------------------------
     def _clear_day(self) -> None:
-        self._inputs, self._tags, self._responses = {}, {}, {}
+        self._inputs, self._tags, self._responses, self._day_keys = {}, {}, {}, {}
         self._s, self._responders, self._bitmap = frozenset(), frozenset(), b""
 
     def _out(self, mtype: EMsg, receiver: int, day: int = 0) -> EHeader:
@@ -281,25 +282,30 @@ class EpochServer:
         if {j for j, _ in msg.tags} != self._nbrs[sender] & self._s:
             raise ProtocolViolationError(f"client {sender} did not tag the survivor set for "
                                          "exactly its live neighbours in it")
+        if {j for j, _ in msg.day_keys} != (self._nbrs[sender] & self.live) - self._s:
+            raise ProtocolViolationError(f"client {sender} did not reveal its day keys with "
+                                         "exactly its live neighbours outside the survivor set")
         self._tags[sender] = dict(msg.tags)
+        self._day_keys.update(((sender, j), key) for j, key in msg.day_keys)
 
     def _close_consistency(self) -> dict[int, bytes]:
         cfg = self.config
         assert self.day is not None
         signers = frozenset(self._tags)
         responders = self._prune(set(signers))
-        # Check, before anyone reveals anything, that the day can complete if every
+        # Check, before any self-mask share is revealed, that the day can complete if every
         # responder answers: each b_i needs t holders, and every mask between a survivor and
-        # a neighbour outside S needs that survivor to reveal the day key.
+        # a neighbour outside S needs the day key the survivor sent with its tags.
         for i in sorted(self._s):
             holders = len(self._nbrs[i] & responders)
             if holders < cfg.threshold:
                 raise SecAggAbortError(f"self mask of client {i} has {holders} holders able to "
                                        f"reveal, threshold {cfg.threshold}: aborting the day "
                                        "before unmasking")
-            if i not in responders and (self._nbrs[i] & self.live) - self._s:
-                raise SecAggAbortError(f"client {i} cannot reveal its day keys with dropped "
-                                       "neighbours: aborting the day before unmasking")
+            if i not in signers and (self._nbrs[i] & self.live) - self._s:
+                raise SecAggAbortError(f"client {i} sent no tags, so it cannot reveal its day "
+                                       "keys with dropped neighbours: aborting the day "
+                                       "before unmasking")
         out = {}
         for i in sorted(responders):
             nb = self._nbrs[i]
@@ -317,8 +323,7 @@ class EpochServer:
         assert self.day is not None
         msg = DayUnmaskResponse.decode(self._body(sender, blob), cfg.n, cfg.degree)
         self._check(sender, msg.header, self.day, self._responses, self._responders)
-        expected = {j: (RevealKind.SELF_MASK_SHARE if j in self._s else RevealKind.DAY_KEY)
-                    for j in self._nbrs[sender] & self.live}
+        expected = {j: RevealKind.SELF_MASK_SHARE for j in self._nbrs[sender] & self._s}
         if {j: k for j, k, _ in msg.reveals} != expected:
             raise ProtocolViolationError(f"unmask response of {sender} does not match the "
                                          "survivor set")
@@ -335,21 +340,14 @@ class EpochServer:
         day = self.day
         assert day is not None
         shares: dict[int, dict[int, bytes]] = {i: {} for i in self._s}
-        day_keys: dict[tuple[int, int], bytes] = {}
+        day_keys = self._day_keys
         for holder, msg in self._responses.items():
-            for j, kind, data in msg.reveals:
-                if kind is RevealKind.SELF_MASK_SHARE:
-                    shares[j][holder + 1] = data
-                else:
-                    day_keys[(holder, j)] = data
+            for j, _, data in msg.reveals:
+                shares[j][holder + 1] = data
         for i in sorted(self._s):
             if len(shares[i]) < cfg.threshold:
                 raise SecAggAbortError(f"only {len(shares[i])} shares of client {i}'s self "
                                        f"mask, threshold {cfg.threshold}")
-            for j in sorted((self._nbrs[i] & self.live) - self._s):
-                if (i, j) not in day_keys:
-                    raise SecAggAbortError(f"client {i} did not reveal its day key with "
-                                           f"dropped neighbour {j}")
         total = torch.zeros(cfg.spec.length, dtype=torch.int64)
         for i in sorted(self._s):
             total.add_(self._inputs[i].vector)

@@ -1,7 +1,8 @@
 """Multi-round SecAgg+ in the daily loop, through the adapters the apps use
 (coordinator.flower.secagg.ReportRound on the coordinator, edge_agent.secagg_flower.SecAggDevice
 on each device, a fresh device object per message as with a ClientApp process per message):
-keys agreed once per epoch, re-keying on a roster change, the epoch state kept in the
+keys agreed once per epoch, kept while devices go offline and return, re-keyed for a new
+device, the epoch state kept in the
 device's encrypted store, a day masked once, and a coordinator that shows devices different
 survivor sets in the daily loop caught before it learns an input."""
 
@@ -96,7 +97,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, n: int) -> None:
     assert float((got.double() - want).abs().max()) <= n * 2.0**-16
 
 
-def test_keys_agreed_once_per_epoch_and_rekeyed_on_roster_change() -> None:
+def test_keys_agreed_once_per_epoch_kept_over_absences_and_rekeyed_for_newcomers() -> None:
     f = Fleet(12)
     everyone = list(f.names)
     r0 = f.day(0, everyone)
@@ -109,13 +110,16 @@ def test_keys_agreed_once_per_epoch_and_rekeyed_on_roster_change() -> None:
     r2 = f.day(2, everyone, silent={"day": {"a7"}})  # a7 offline: out of day 2, same epoch
     assert not r2.new_epoch and r2.survivors() == [m for m in everyone if m != "a7"]
     _close(r2.total(), f.expected(r2.survivors(), 2), 12)
-    roster = [m for m in everyone if m != "a7"]  # a7 left the roster: re-key
-    r3 = f.day(3, roster)
-    assert r3.new_epoch and r3.config.round == 3 and f.advertised == 12 + 11
+    roster = [m for m in everyone if m != "a7"]  # a7 offline, out of the day's roster:
+    r3 = f.day(3, roster)  # a dropout before input, same epoch (no re-key)
+    assert not r3.new_epoch and r3.config.round == 0 and f.advertised == 12
     _close(r3.total(), f.expected(roster, 3), 11)
-    r4 = f.day(4, everyone)  # a7 returns: re-key again
-    assert r4.new_epoch and r4.config.n == 12
+    r4 = f.day(4, everyone)  # a7 returns and rejoins the epoch
+    assert not r4.new_epoch and r4.config.round == 0 and "a7" in r4.survivors()
     _close(r4.total(), f.expected(everyone, 4), 12)
+    newcomer = Fleet(13)  # a device the epoch does not know: re-key
+    r5 = newcomer.day(0, newcomer.names[:12])
+    assert newcomer.day(1, newcomer.names).new_epoch and r5.new_epoch
 
 
 def test_a_day_that_aborts_before_any_reveal_is_attempted_again_in_the_epoch() -> None:
@@ -259,6 +263,30 @@ def test_equivocating_coordinator_in_the_daily_loop_is_caught() -> None:
                                         cfg.degree)
         shares += sum(1 for j, k, _ in resp.reveals
                       if j == target and k is RevealKind.SELF_MASK_SHARE)
-        keys += sum(1 for j, k, _ in resp.reveals if j == target and k is RevealKind.DAY_KEY)
+    for m, blob in f.log.get("consistency", {}).items():  # day keys travel with the tags
+        i = rr.epoch.index[m]
+        tagged = SurvivorTags.decode(strip_mac(rr.server._macs[i], blob, 10**6), cfg.n,
+                                     cfg.degree)
+        keys += sum(1 for j, _ in tagged.day_keys if j == target)
     assert f.log.get("unmask")  # devices away from the target did reveal (same honest set)
     assert shares < cfg.threshold and keys == 0  # the target's masks stay on
+
+
+def test_a_device_dying_after_tagging_next_to_an_offline_one_does_not_fail_the_day() -> None:
+    """The fleet failure of 2026-11-28 (1000 devices, 5 % offline): a device is offline for
+    the day and a neighbour of it masks, tags and dies before unmasking. Its day key with
+    the offline one came with its tags, so the day completes over the survivors exactly,
+    in the same epoch, and both rejoin the next day."""
+    f = Fleet(16)
+    everyone = list(f.names)
+    f.day(0, everyone)
+    assert f.epoch is not None
+    off = "a3"
+    dying = f.epoch.roster[min(f.epoch.server.neighbours(f.epoch.index[off]))]
+    r1 = f.day(1, everyone, silent={"day": {off}, "unmask": {dying}})
+    assert not r1.new_epoch and r1.attempt == 0
+    assert off not in r1.survivors() and dying in r1.survivors()
+    _close(r1.total(), f.expected(r1.survivors(), 1), 16)
+    r2 = f.day(2, everyone)
+    assert not r2.new_epoch and set(r2.survivors()) == set(everyone)
+    _close(r2.total(), f.expected(everyone, 2), 16)

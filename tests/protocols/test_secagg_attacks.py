@@ -226,6 +226,8 @@ class EquivocatingServer:
             msg = SurvivorTags.decode(strip_mac(self.server._macs[i], blob, 10**6), n,
                                       cfg.degree)
             sigs[i] = (bm, dict(msg.tags))
+            for j, key in msg.day_keys:  # revealed with the tags, before any unmask check
+                self.day_keys[frozenset((i, j))] = key
         for i in sigs:
             bm = sigs[i][0]
             good = tuple((j, sigs[j][1][i]) for j in sorted(self.nbrs[i])
@@ -241,10 +243,8 @@ class EquivocatingServer:
             resp = DayUnmaskResponse.decode(strip_mac(self.server._macs[i], blob, 10**6), n,
                                             cfg.degree)
             for j, kind, data in resp.reveals:
-                if kind is RevealKind.SELF_MASK_SHARE:
-                    self.shares.setdefault(j, {})[i + 1] = data
-                else:
-                    self.day_keys[frozenset((i, j))] = data
+                assert kind is RevealKind.SELF_MASK_SHARE
+                self.shares.setdefault(j, {})[i + 1] = data
 
     def strip(self, members: frozenset[int]) -> torch.Tensor | None:
         """Σ_{i∈members} y_i with every mask removed, or None if something is missing."""
@@ -323,3 +323,22 @@ def test_two_view_splits_never_isolate_one_input(seed: int) -> None:
         for start in range(N_ATT):
             group = frozenset((start + d) % N_ATT for d in range(size))
             assert att.strip(group) is None
+
+
+def test_claiming_a_live_client_dropped_yields_its_day_keys_but_never_its_self_mask() -> None:
+    """Day keys with a neighbour outside S are revealed with the tags (before any tag is
+    checked). The coordinator tells every neighbour of the target that the target dropped
+    (it did send its input) and everyone else that all survived: it collects all the
+    target's day keys, but no neighbour holds a set with the target in it, so no share of
+    the target's self mask is revealed and its input stays masked, alone or in small groups."""
+    setup, server, clients, xs = _day_after_inputs(N_ATT, K_ATT, T_ATT)
+    nbrs = server._nbrs[TARGET]
+    everyone = frozenset(range(N_ATT))
+    views = {m: everyone - {TARGET} if m in nbrs else everyone for m in range(N_ATT)}
+    att = EquivocatingServer(setup, server, clients)
+    att.run(views)
+    assert {frozenset((TARGET, j)) for j in nbrs} <= set(att.day_keys)  # all of them
+    assert len(att.shares.get(TARGET, {})) < T_ATT
+    assert att.strip(frozenset({TARGET})) is None
+    for j in nbrs:
+        assert att.strip(frozenset({TARGET, j})) is None

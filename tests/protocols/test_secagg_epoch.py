@@ -245,3 +245,29 @@ def test_a_wrong_self_mask_share_is_detected_not_summed() -> None:
     with pytest.raises(ProtocolViolationError, match="inconsistent|reconstruction failed"):
         server.advance()
     assert server.stage is EpochServerStage.UNMASK and server.result is None
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tagged_survivor_dying_next_to_a_pre_input_dropout_does_not_fail_the_day(
+        seed: int) -> None:
+    """A neighbour D of T drops before input; T masks (with its day key with D), tags the
+    survivor set and dies before unmasking. T revealed its day keys with neighbours outside
+    S with its tags, so the day completes over the survivors, T's input included. (Before
+    2026-11-28 session 3 the key was revealed only at unmask: no-one could supply it and the
+    federated run failed.)"""
+    from protocols.secagg.graph import neighbour_graph
+
+    setup = make_round(N, InputSpec("int", L, 1000), degree=K, threshold=T)
+    cfg = setup.config
+    nbrs = neighbour_graph(cfg.graph_seed, cfg.n, cfg.degree)
+    dropped = seed
+    dying = sorted(nbrs[dropped])[0]
+    days = [_xs(N, 10 + seed) for _ in range(2)]
+    drops = [{"masked_input": {dropped}, "unmask": {dying}}, {}]
+    run = run_days(setup, days, drops)
+    first = run.days[0]
+    assert first.error is None, first.error
+    assert dropped not in first.survivors and dying in first.survivors
+    assert torch.equal(first.total, _sum(days[0], first.survivors))  # type: ignore[arg-type]
+    assert run.days[1].error is None  # the epoch goes on, both back
+    assert torch.equal(run.days[1].total, _sum(days[1], frozenset(range(N))))  # type: ignore[arg-type]
