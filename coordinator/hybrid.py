@@ -153,8 +153,6 @@ class HybridSimulation:
         self.last_synthetic_hazard = torch.zeros(0, dtype=torch.float64)
         self._estimator = get_estimator(estimator)
         self.tangents = tangents
-        if tangents and remote:
-            raise HybridError("tangent propagation runs in fleet mode (remote=False)")
         # ∂state/∂β, carried forward in time (forward mode): every agent keeps its own
         self.tangent: State = {k: torch.zeros_like(v) for k, v in self.state.items()}
         cw = self.split.cross
@@ -177,10 +175,13 @@ class HybridSimulation:
         return {c: float(self.state[c].sum()) for c in (*self.model.compartments,
                                                          "new_infections")}
 
-    def step(self, cross_sums: torch.Tensor | None = None) -> dict[str, object]:
-        """Simulate day ``self.day``; returns the day's aggregates (counts, risk, ∂p/∂β)."""
+    def step(self, cross_sums: torch.Tensor | None = None,
+             cross_dsums: torch.Tensor | None = None) -> dict[str, object]:
+        """Simulate day ``self.day``; returns the day's aggregates (counts, risk, ∂p/∂β).
+        With ``tangents`` in remote mode, ``cross_dsums`` are the protocol's decoded cross
+        sums of the neighbours' tangents Σ_j w_ij ∂I_j/∂β."""
         if self.tangents:
-            return self._step_tangent()
+            return self._step_tangent(cross_sums, cross_dsums)
         n = self.split.n
         if self.remote and cross_sums is None:
             raise HybridError("remote mode needs the protocol's cross sums")
@@ -228,7 +229,8 @@ class HybridSimulation:
             })
         return agg
 
-    def _step_tangent(self) -> dict[str, object]:
+    def _step_tangent(self, cross_sums: torch.Tensor | None = None,
+                      cross_dsums: torch.Tensor | None = None) -> dict[str, object]:
         """One day with forward-mode tangents ∂state/∂β (exact decentralised gradients).
 
         Every agent carries its own tangent; the neighbour sum is linear, so the secure
@@ -236,7 +238,13 @@ class HybridSimulation:
         their values, and each agent's own step is differentiated locally (torch forward
         AD through the same SIR model). Σ_i ∂new_i/∂β is then the full-path derivative of
         the day's expected new infections, not Eq. 11's one-step one (neighbours fixed).
+        In remote mode (Flower devices) the cross sums of values and tangents come from the
+        protocol (``cross_sums``, ``cross_dsums``) and the physical rows stay zero: each
+        device steps its own tangent (``edge_agent.client_app``).
         """
+        if self.remote and (cross_sums is None or cross_dsums is None):
+            raise HybridError("remote mode with tangents needs the protocol's cross sums of "
+                              "values and tangents")
         import torch.autograd.forward_ad as fwad
 
         n, day = self.split.n, self.day
@@ -247,6 +255,10 @@ class HybridSimulation:
             """Cross-edge sum by the protocol. Contributions must lie in [0, 1], so a tangent
             t (|t| ≤ bound, public) is sent as (t + bound) / (2 bound) and decoded with the
             target's public cross weight sum."""
+            if self.remote:  # the devices' protocol already ran (decoded sums)
+                given = cross_dsums if bound else cross_sums
+                return torch.nan_to_num(torch.as_tensor(given, dtype=torch.float64),
+                                        nan=0.0).to(torch.float32)
             x = x.detach().double()
             if bound:
                 if float(x.abs().max()) > bound:
@@ -277,9 +289,16 @@ class HybridSimulation:
         self.state = {k: u.primal.clone() for k, u in unpacked.items()}
         self.tangent = {k: (torch.zeros_like(u.primal) if u.tangent is None else u.tangent.clone())
                         for k, u in unpacked.items()}
+        if self.remote:
+            self._zero_physical()
+            for v in self.tangent.values():
+                v[self.split.physical] = 0.0
         self.day += 1
         phys = self.split.physical
         one_step = infection_probability_dbeta(captured["sums"], s_before, self.split.degree, beta)
+        h = s_before / self.split.degree.clamp(min=1.0) * captured["sums"]
+        h[phys] = 0.0
+        self.last_synthetic_hazard = h[h > 0].double()  # as in step() (calibration)
         d_new = self.tangent["new_infections"]
         return {**self.counts(),
                 "d_new_dbeta": float(d_new.double().sum()),

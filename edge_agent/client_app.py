@@ -35,7 +35,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from edge_agent.secagg_flower import SecAggDevice, StoreVault
-from edge_agent.state_record import blob, integer, num, text
+from edge_agent.state_record import blob, export_record, integer, num, restore_record, text
 from edge_agent.store import EdgeStore
 from protocols.daily import (
     REPORT_FIELDS,
@@ -46,9 +46,14 @@ from protocols.daily import (
     Keys,
     StageReply,
     StageRequest,
+    decode_tangent_sum,
+    encode_tangent,
+    tangent_round,
+    value_round,
 )
 from protocols.keys import AgreementKey, IdentityKey, derive_key, ring_keystream
 from protocols.neighbourhood import AgentPlan, AssistedNeighbourhoodAgent, Envelope, Keyring
+from protocols.ring import FixedPointRing
 from simulation.engine import agent_uniforms, step_day
 from simulation.estimators import get_estimator
 from simulation.models import SIR, infection_probability, infection_probability_dbeta
@@ -58,8 +63,10 @@ __all__ = ["app", "STORE_CONFIG_KEY", "USER_STATUS_KEY", "DeviceProtocolError",
 
 STORE_CONFIG_KEY = "lpm-store"  # node config: path of the device's EdgeStore
 USER_STATUS_KEY = "user"  # EdgeStore status key written by `lpm edge status`
+RECORD_STATUS_KEY = "device-record"  # EdgeStore status key: the exported state record
 _UNIFORM_LABEL = "lpm-edge/device-uniforms/v1"
 _SECRETS = ("nb_key", "identity", "u_seed")
+_COMPARTMENTS = ("S", "I", "R")
 
 app = ClientApp()
 
@@ -76,12 +83,6 @@ def _reply(message: Message, body: dict) -> Message:
     return Message(RecordDict({Keys.RECORD: ConfigRecord(body)}), reply_to=message)
 
 
-def _state(context: Context) -> ConfigRecord:
-    if Keys.DEVICE_STATE not in context.state.config_records:
-        raise DeviceProtocolError("device not enrolled")
-    return context.state.config_records[Keys.DEVICE_STATE]
-
-
 def private_uniforms(seed: bytes, run_id: str, day: int, streams: int = 2) -> torch.Tensor:
     """The device's own uniforms [streams, 1] for ``day``: ChaCha20 under a key derived from
     its private seed (nobody without the seed can recompute them)."""
@@ -91,24 +92,86 @@ def private_uniforms(seed: bytes, run_id: str, day: int, streams: int = 2) -> to
     return (top24.to(torch.float32) * (1.0 / (1 << 24))).view(streams, 1)
 
 
-def _secret(st: ConfigRecord, name: str) -> bytes:
-    """The device's secret ``name``: from its encrypted store if it has one."""
-    if "store" not in st:
-        return blob(st, name)
-    with EdgeStore(str(st["store"])) as store:
-        return store.get_private_key(f"{text(st, 'run_id')}/{name}")
+class _Device:
+    """One message's view of the device: its state record and its store, opened at most
+    once per message (the store's scrypt key is cached per process)."""
+
+    def __init__(self, st: ConfigRecord) -> None:
+        self.st = st
+        self._store: EdgeStore | None = None
+
+    @property
+    def store(self) -> EdgeStore | None:
+        if "store" not in self.st:
+            return None
+        if self._store is None:
+            self._store = EdgeStore(str(self.st["store"]))
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def secret(self, name: str) -> bytes:
+        """The device's secret ``name``: from its encrypted store if it has one."""
+        store = self.store
+        if store is None:
+            return blob(self.st, name)
+        return store.get_private_key(f"{text(self.st, 'run_id')}/{name}")
+
+    def user_status(self) -> str | None:
+        """The status the device's user set (``lpm edge status``), if any."""
+        store = self.store
+        rec = None if store is None else store.status(USER_STATUS_KEY)
+        return None if rec is None else str(rec["state"])
+
+    def secagg(self) -> SecAggDevice:
+        """The device's SecAgg+ side: epoch secrets in its store if it has one."""
+        store = self.store
+        if store is None:
+            return SecAggDevice(self.st, blob(self.st, "identity"))
+        run_id = text(self.st, "run_id")
+        return SecAggDevice(self.st, store.get_private_key(f"{run_id}/identity"),
+                            StoreVault(store, run_id))
 
 
 @contextmanager
-def _secagg(st: ConfigRecord) -> Iterator[SecAggDevice]:
-    """The device's SecAgg+ side: epoch secrets in its store if it has one (opened once)."""
-    if "store" not in st:
-        yield SecAggDevice(st, blob(st, "identity"))
-        return
-    run_id = str(st["run_id"])
-    with EdgeStore(str(st["store"])) as store:
-        yield SecAggDevice(st, store.get_private_key(f"{run_id}/identity"),
-                           StoreVault(store, run_id))
+def _device(st: ConfigRecord) -> Iterator[_Device]:
+    dev = _Device(st)
+    try:
+        yield dev
+    finally:
+        dev.close()
+
+
+@contextmanager
+def _session(context: Context) -> Iterator[_Device]:
+    """The device of one message, its store opened at most once. A device with a store
+    exports its whole state record there after every message it answers, so a SuperNode
+    restarted without its node state (a new process, a rebooted phone) restores it — the
+    neighbourhood agents' re-arm inputs (plan, keys, value; ``resume``), its SecAgg+
+    epoch state and its status — instead of dropping out of the run."""
+    records = context.state.config_records
+    if Keys.DEVICE_STATE in records:
+        dev = _Device(records[Keys.DEVICE_STATE])
+    else:
+        path = str(context.node_config.get(STORE_CONFIG_KEY, ""))
+        if not path:
+            raise DeviceProtocolError("device not enrolled")
+        dev = _Device(ConfigRecord({"store": path}))
+    try:
+        if Keys.DEVICE_STATE not in records:
+            saved = None if dev.store is None else dev.store.status(RECORD_STATUS_KEY)
+            if saved is None:
+                raise DeviceProtocolError("device not enrolled")
+            dev.st = restore_record(saved)
+            records[Keys.DEVICE_STATE] = dev.st
+        yield dev
+        if dev.store is not None:
+            dev.store.set_status(RECORD_STATUS_KEY, export_record(dev.st))
+    finally:
+        dev.close()
 
 
 @app.query("enrol")
@@ -122,23 +185,28 @@ def enrol(message: Message, context: Context) -> Message:
     store_path = str(context.node_config.get(STORE_CONFIG_KEY, ""))
     if store_path:  # a real device: secrets encrypted at rest, never in the node's state
         st["store"] = store_path
-        with EdgeStore(store_path) as store:
-            for name, raw in secrets.items():
-                store.put_private_key(f"{req.run_id}/{name}", raw)
-            store.set_contacts({k: float(v) for k, v in json.loads(req.weights).items()})
     else:
         for name, raw in secrets.items():
             st[name] = raw
     st["day"] = -1
-    if not req.shared_seed:  # private initial status: nobody else can recompute it
-        infected = float(private_uniforms(secrets["u_seed"], req.run_id, -1)[0, 0]) \
-            < req.initial_infected
-        st["S"], st["I"], st["R"] = float(not infected), float(infected), 0.0
-    if req.resume_day > 0:  # a resumed run: this device's own state at the end of day D − 1
-        st["day"] = _restore_day(st, req.run_id, req.resume_day - 1)
-    user = _user_status(st)
-    if user is not None:
-        st["S"], st["I"], st["R"] = (float(user == c) for c in ("S", "I", "R"))
+    for c in _COMPARTMENTS:  # ∂state/∂β (run config ``tangents``)
+        st[f"d{c}"] = 0.0
+    with _device(st) as dev:
+        if dev.store is not None:
+            for name, raw in secrets.items():
+                dev.store.put_private_key(f"{req.run_id}/{name}", raw)
+            dev.store.set_contacts({k: float(v) for k, v in json.loads(req.weights).items()})
+        if not req.shared_seed:  # private initial status: nobody else can recompute it
+            infected = float(private_uniforms(secrets["u_seed"], req.run_id, -1)[0, 0]) \
+                < req.initial_infected
+            st["S"], st["I"], st["R"] = float(not infected), float(infected), 0.0
+        if req.resume_day > 0:  # a resumed run: this device's own state at the end of D − 1
+            st["day"] = _restore_day(dev, req.run_id, req.resume_day - 1)
+        user = dev.user_status()
+        if user is not None:
+            st["S"], st["I"], st["R"] = (float(user == c) for c in _COMPARTMENTS)
+        if dev.store is not None:
+            dev.store.set_status(RECORD_STATUS_KEY, export_record(st))
     context.state.config_records[Keys.DEVICE_STATE] = st
     nb = AgreementKey.from_private_bytes(secrets["nb_key"]).public_bytes()
     ident = IdentityKey.from_private_bytes(secrets["identity"]).public_bytes()
@@ -149,23 +217,25 @@ def _day_key(run_id: str, day: int) -> str:
     return f"day/{run_id}/{int(day)}"
 
 
-def _restore_day(st: ConfigRecord, run_id: str, day: int) -> int:
-    """Load S, I, R at the end of ``day`` from the device's store; returns ``day``."""
-    if "store" not in st:
+def _restore_day(dev: _Device, run_id: str, day: int) -> int:
+    """Load S, I, R (and their tangents) at the end of ``day`` from the device's store."""
+    if dev.store is None:
         raise DeviceProtocolError(f"cannot resume run {run_id}: this device keeps no store")
-    with EdgeStore(str(st["store"])) as store:
-        rec = store.status(_day_key(run_id, day))
+    rec = dev.store.status(_day_key(run_id, day))
     if rec is None:
         raise DeviceProtocolError(f"cannot resume run {run_id}: no saved state for day {day}")
-    for c in ("S", "I", "R"):
-        st[c] = float(rec[c])
+    for c in _COMPARTMENTS:
+        dev.st[c] = float(rec[c])
+        dev.st[f"d{c}"] = float(rec.get(f"d{c}", 0.0))
     return day
 
 
-def _agent(st: ConfigRecord) -> AssistedNeighbourhoodAgent:
+def _agent(dev: _Device) -> AssistedNeighbourhoodAgent:
+    st = dev.st
     keyring = Keyring(str(st["agent_id"]), str(st["run_id"]),
-                      AgreementKey.from_private_bytes(_secret(st, "nb_key")))
-    return AssistedNeighbourhoodAgent(str(st["agent_id"]), str(st["run_id"]), keyring=keyring)
+                      AgreementKey.from_private_bytes(dev.secret("nb_key")))
+    return AssistedNeighbourhoodAgent(str(st["agent_id"]), str(st["run_id"]), keyring=keyring,
+                                      ring=FixedPointRing(integer(st, "frac_bits")))
 
 
 def _start(agent: AssistedNeighbourhoodAgent, st: ConfigRecord, plan: AgentPlan,
@@ -178,107 +248,159 @@ def _start(agent: AssistedNeighbourhoodAgent, st: ConfigRecord, plan: AgentPlan,
     return agent.start(plan, value, weights=weights, weight_sum=num(st, "weight_sum"))
 
 
-def _user_status(st: ConfigRecord) -> str | None:
-    """The status the device's user set (``lpm edge status``), if any."""
-    if "store" not in st:
-        return None
-    with EdgeStore(str(st["store"])) as store:
-        rec = store.status(USER_STATUS_KEY)
-    return None if rec is None else str(rec["state"])
-
-
-def _uniforms(st: ConfigRecord, day: int) -> torch.Tensor:
+def _uniforms(dev: _Device, day: int) -> torch.Tensor:
+    st = dev.st
     if bool(st["shared_seed"]):  # explicit equivalence-test mode: the public stream
         n, i = integer(st, "n"), integer(st, "index")
         return agent_uniforms(integer(st, "uniform_seed"), day, torch.tensor([i]), n)
-    return private_uniforms(_secret(st, "u_seed"), str(st["run_id"]), day)
+    return private_uniforms(dev.secret("u_seed"), str(st["run_id"]), day)
 
 
-def _finish_day(st: ConfigRecord, req: DayRequest) -> list[float]:
+def _received(dev: _Device, plan_key: str, keys_key: str, value_key: str,
+              delivery: list[bytes], mask_sum: bytes) -> float:
+    """Yesterday's neighbour sum of one round: re-arm the state machine with yesterday's
+    inputs (:meth:`AssistedNeighbourhoodAgent.resume`), then unmask the delivery."""
+    st = dev.st
+    agent = _agent(dev)
+    prev_keys = {k: bytes.fromhex(v) for k, v in json.loads(str(st[keys_key])).items()}
+    _start(agent, st, AgentPlan.from_dict(json.loads(str(st[plan_key]))), prev_keys,
+           num(st, value_key), send=False)
+    envelopes = [Envelope.from_bytes(b) for b in delivery]
+    res = agent.on_masked(envelopes, Envelope.from_bytes(mask_sum) if mask_sum else None)
+    return 0.0 if res is None else float(res.value)
+
+
+def _finish_day(dev: _Device, req: DayRequest) -> list[float]:
     """Learn yesterday's neighbour sum, update the status, return the (clear) report."""
+    st = dev.st
     day = integer(st, "day")
-    agent = _agent(st)
-    prev_keys = {k: bytes.fromhex(v) for k, v in json.loads(str(st["keys"])).items()}
-    _start(agent, st, AgentPlan.from_dict(json.loads(str(st["plan"]))), prev_keys,
-           num(st, "value"), send=False)  # re-arm the state machine with yesterday's inputs
-    envelopes = [Envelope.from_bytes(b) for b in req.delivery]
-    res = agent.on_masked(envelopes, Envelope.from_bytes(req.mask_sum) if req.mask_sum else None)
-    total = 0.0 if res is None else float(res.value)
-    state = {c: torch.tensor([num(st, c)]) for c in ("S", "I", "R")}
+    tangents = bool(st.get("tangents", False))
+    total = _received(dev, "plan", "keys", "value", req.delivery, req.mask_sum)
+    dtotal = decode_tangent_sum(
+        _received(dev, "tplan", "tkeys", "tvalue", req.tdelivery, req.tmask_sum),
+        num(st, "weight_sum")) if tangents and req.tmask_sum else 0.0
+    state = {c: torch.tensor([num(st, c)]) for c in _COMPARTMENTS}
     state["new_infections"] = torch.zeros(1)
     degree = torch.tensor([num(st, "degree")])
     sums = torch.tensor([total], dtype=torch.float32)
     theta = torch.tensor(req.theta_beta)
     p = float(infection_probability(sums, state["S"], degree, theta)[0])
     dp = float(infection_probability_dbeta(sums, state["S"], degree, theta)[0])
-    user = _user_status(st)
-    if user is not None:  # the person's own status: nothing simulated
+    user = dev.user_status()
+    d_new = 0.0
+    if user is not None:  # the person's own status: nothing simulated (its tangent is 0)
         new_inf = 1.0 if num(st, "S") > 0.5 and user == "I" else 0.0
-        st["S"], st["I"], st["R"] = (float(user == c) for c in ("S", "I", "R"))
+        st["S"], st["I"], st["R"] = (float(user == c) for c in _COMPARTMENTS)
+        for c in _COMPARTMENTS:
+            st[f"d{c}"] = 0.0
     else:
-        model = SIR(beta=num(st, "beta"), gamma=num(st, "gamma"))
-        with torch.no_grad():
-            new = step_day(model, state, day, _uniforms(st, day),
-                           neighbour_sum=lambda x: sums, degree=degree,
-                           attributes={"age_band": torch.zeros(1, dtype=torch.int8)},
-                           estimator=get_estimator("straight_through"))
-        for c in ("S", "I", "R"):
+        new, tan = _step_own(dev, state, day, sums, torch.tensor([dtotal]), degree)
+        for c in _COMPARTMENTS:
             st[c] = float(new[c][0])
+            st[f"d{c}"] = float(tan[c][0])
         new_inf = float(new["new_infections"][0])
-    if "store" in st:
+        d_new = float(tan["new_infections"][0])
+    if dev.store is not None:
         rec = {"run_id": str(st["run_id"]), "day": day, "S": st["S"], "I": st["I"],
-               "R": st["R"], "risk": p}
-        with EdgeStore(str(st["store"])) as store:
-            store.set_status("run", rec)
-            store.set_status(_day_key(str(st["run_id"]), day), rec)  # for a resumed run
-    values = [num(st, "S"), num(st, "I"), num(st, "R"), new_inf, p, dp, 1.0]
+               "R": st["R"], "risk": p, **{f"d{c}": st[f"d{c}"] for c in _COMPARTMENTS}}
+        dev.store.set_status("run", rec)
+        dev.store.set_status(_day_key(str(st["run_id"]), day), rec)  # for a resumed run
+    values = [num(st, "S"), num(st, "I"), num(st, "R"), new_inf, p, dp, d_new, 1.0]
     if len(values) != len(REPORT_FIELDS) or not all(math.isfinite(v) for v in values):
         raise DeviceProtocolError("non-finite report")
     return values
+
+
+def _step_own(dev: _Device, state: dict[str, torch.Tensor], day: int, sums: torch.Tensor,
+              dsums: torch.Tensor, degree: torch.Tensor
+              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The device's own day (its private uniforms); with ``tangents`` differentiated in
+    forward mode w.r.t. β (neighbours' tangents ``dsums``), as ``HybridSimulation`` does for
+    the synthetic agents. Returns the new state and its tangents (zeros without)."""
+    import torch.autograd.forward_ad as fwad
+
+    st = dev.st
+    model = SIR(beta=num(st, "beta"), gamma=num(st, "gamma"))
+    estimator = get_estimator(str(st.get("estimator", "straight_through")))
+    attrs = {"age_band": torch.zeros(1, dtype=torch.int8)}
+    uniforms = _uniforms(dev, day)
+    if not bool(st.get("tangents", False)):
+        with torch.no_grad():
+            new = step_day(model, state, day, uniforms, neighbour_sum=lambda x: sums,
+                           degree=degree, attributes=attrs, estimator=estimator)
+        return new, {k: torch.zeros_like(v) for k, v in new.items()}
+    beta = num(st, "beta")
+    with torch.no_grad(), fwad.dual_level():
+        beta_t = fwad.make_dual(torch.full((day + 1,), beta), torch.ones(day + 1))
+        dual = {k: fwad.make_dual(v, torch.tensor([num(st, f"d{k}")]) if k in _COMPARTMENTS
+                                  else torch.zeros_like(v)) for k, v in state.items()}
+        out = step_day(model, dual, day, uniforms,
+                       neighbour_sum=lambda x: fwad.make_dual(sums, dsums.to(sums.dtype)),
+                       degree=degree, attributes=attrs, estimator=estimator,
+                       extras={"beta_t": beta_t})
+        unpacked = {k: fwad.unpack_dual(v) for k, v in out.items()}
+    new = {k: u.primal.clone() for k, u in unpacked.items()}
+    tan = {k: torch.zeros_like(u.primal) if u.tangent is None else u.tangent.clone()
+           for k, u in unpacked.items()}
+    return new, tan
 
 
 @app.query("day")
 def day(message: Message, context: Context) -> Message:
     """Finish the previous day (if delivered) and start the next one (if planned)."""
     req = DayRequest.from_dict(_cfg(message))
-    st = _state(context)
+    with _session(context) as dev:
+        out = _day(dev, req)
+    return _reply(message, out.to_dict())
+
+
+def _day(dev: _Device, req: DayRequest) -> DayReply:
+    st = dev.st
     out = DayReply()
+    tangents = bool(st.get("tangents", False))
     if integer(st, "day") >= req.day:
         raise DeviceProtocolError(f"day {req.day} again: device is at day {integer(st, 'day')}")
     if req.has_delivery and integer(st, "day") == req.day - 1:
-        report = _finish_day(st, req)
+        report = _finish_day(dev, req)
         if req.secagg_epoch >= 0:  # a report round today (never a sum of fewer than 3)
-            with _secagg(st) as sec:
-                if req.secagg_config:  # the first day of a key epoch
-                    out.advertise = sec.advertise(
-                        req.secagg_config, req.registry, str(st["agent_id"]),
-                        run_id=str(st["run_id"]), day=req.day - 1, report=report,
-                        registry_index=req.registry_index)
-                else:
-                    out.masked = sec.masked_input(req.day - 1, report,
-                                                  run_id=str(st["run_id"]),
-                                                  epoch=req.secagg_epoch)
+            sec = dev.secagg()
+            if req.secagg_config:  # the first day of a key epoch
+                out.advertise = sec.advertise(
+                    req.secagg_config, req.registry, str(st["agent_id"]),
+                    run_id=str(st["run_id"]), day=req.day - 1, report=report,
+                    registry_index=req.registry_index)
+            else:
+                out.masked = sec.masked_input(req.day - 1, report, run_id=str(st["run_id"]),
+                                              epoch=req.secagg_epoch)
             out.report_day = req.day - 1
     elif integer(st, "day") >= 0:  # missed deliveries (offline): status kept, rejoin today
         out.caught_up = req.day - 1 - integer(st, "day")
     if req.has_plan:
         plan = AgentPlan.from_dict(json.loads(req.plan))
-        if plan.round != req.day:
+        if plan.round != value_round(req.day, tangents):
             raise DeviceProtocolError(f"plan for round {plan.round} in the day {req.day} message")
         keys = {k: bytes.fromhex(v) for k, v in json.loads(req.keys).items()}
         value = num(st, "I")
-        envs = _start(_agent(st), st, plan, keys, value)
-        out.envelopes = [e.to_bytes() for e in envs]
+        out.envelopes = [e.to_bytes() for e in _start(_agent(dev), st, plan, keys, value)]
         st["plan"], st["keys"], st["value"] = req.plan, req.keys, value
+        if tangents:
+            tplan = AgentPlan.from_dict(json.loads(req.tplan))
+            if tplan.round != tangent_round(req.day):
+                raise DeviceProtocolError(f"tangent plan for round {tplan.round} in the day "
+                                          f"{req.day} message")
+            tkeys = {k: bytes.fromhex(v) for k, v in json.loads(req.tkeys).items()}
+            tvalue = encode_tangent(num(st, "dI"))
+            out.tenvelopes = [e.to_bytes() for e in _start(_agent(dev), st, tplan, tkeys,
+                                                           tvalue)]
+            st["tplan"], st["tkeys"], st["tvalue"] = req.tplan, req.tkeys, tvalue
     st["day"] = req.day
-    return _reply(message, out.to_dict())
+    return out
 
 
 @app.query("stage")
 def stage(message: Message, context: Context) -> Message:
     """One later SecAgg+ stage of the day's report (masked_input, consistency, unmask)."""
     req = StageRequest.from_dict(_cfg(message))
-    st = _state(context)
-    with _secagg(st) as sec:
-        payload = sec.stage(req.stage, req.day, req.payload)
+    with _session(context) as dev:
+        payload = dev.secagg().stage(req.stage, req.day, req.payload)
     return _reply(message, StageReply(payload=payload).to_dict())

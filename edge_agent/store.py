@@ -95,7 +95,10 @@ def _private_file(path: Path) -> None:
 
 class EdgeStore:
     """One device's store. ``passphrase`` (or ``$LPM_EDGE_PASSPHRASE``) opens it; a new store
-    needs one of at least :data:`MIN_PASSPHRASE_CHARS` characters."""
+    needs one of at least :data:`MIN_PASSPHRASE_CHARS` characters. :attr:`opens` counts the
+    stores opened in this process (a test checks a device opens its store once a message)."""
+
+    opens: int = 0
 
     def __init__(self, path: str | Path, passphrase: str | bytes | None = None) -> None:
         if passphrase is None:
@@ -120,6 +123,7 @@ class EdgeStore:
         except BaseException:
             self.close()
             raise
+        EdgeStore.opens += 1
         self._aead = ChaCha20Poly1305(key)
         self._index = hmac.new(key, b"lpm-edge/edge-store/index/v2", hashlib.sha256).digest()
         for p in (Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):

@@ -38,11 +38,47 @@ __all__ = [
     "StageRequest",
     "StageReply",
     "report_spec_bound",
+    "TANGENT_BOUND",
+    "value_round",
+    "tangent_round",
+    "encode_tangent",
+    "decode_tangent_sum",
 ]
 
 #: Per-device daily report, in this order (SecAgg+ input vector). ``count`` is 1 per
 #: reporting device, so the aggregate says how many reports it sums.
-REPORT_FIELDS: tuple[str, ...] = ("S", "I", "R", "new_infections", "p", "dp_dbeta", "count")
+#: ``d_new_dbeta`` is the device's full-path tangent ∂new_i/∂β (run config ``tangents``; 0
+#: without it), ``dp_dbeta`` Eq. 11's one-step derivative.
+REPORT_FIELDS: tuple[str, ...] = ("S", "I", "R", "new_infections", "p", "dp_dbeta",
+                                  "d_new_dbeta", "count")
+
+#: Public bound B on a device's |∂I_i/∂β|: the neighbourhood protocol sums values in [0, 1],
+#: so a tangent t travels as (t + B) / (2B) and the target decodes its sum with its public
+#: cross weight sum W: Σ w t = 2B·s − B·W (as in the fleet, ``coordinator.hybrid``).
+TANGENT_BOUND = 1024.0
+
+
+def value_round(day: int, tangents: bool) -> int:
+    """Neighbourhood round of day ``day``'s value sum (``2·day`` when tangents ride in a
+    second round ``2·day + 1``, else ``day``)."""
+    return 2 * day if tangents else day
+
+
+def tangent_round(day: int) -> int:
+    """Neighbourhood round of day ``day``'s tangent sum."""
+    return 2 * day + 1
+
+
+def encode_tangent(t: float) -> float:
+    """A tangent as a neighbourhood contribution in [0, 1] (``WireFormatError`` past B)."""
+    if not abs(t) <= TANGENT_BOUND:
+        raise WireFormatError(f"a tangent {t!r} exceeds the public bound {TANGENT_BOUND}")
+    return (t + TANGENT_BOUND) / (2 * TANGENT_BOUND)
+
+
+def decode_tangent_sum(s: float, weight_sum: float) -> float:
+    """Σ_j w_ij t_j from the protocol's sum ``s`` of encoded tangents and W = Σ_j w_ij."""
+    return 2 * TANGENT_BOUND * s - TANGENT_BOUND * weight_sum
 
 #: SecAgg+ stages after the day message. ``masked_input`` (roster in, masked report out)
 #: happens only on the first day of a key epoch; on other days the day reply carries the
@@ -169,6 +205,8 @@ class EnrolRequest(_Wire):
     uniform_seed: int = 0
     resume_day: int = 0  # > 0: the run resumes at this day; the device restores its state
     # at the end of day resume_day − 1 from its store (or refuses to enrol)
+    tangents: bool = False  # carry ∂state/∂β forward (a second neighbourhood round a day)
+    estimator: str = "straight_through"  # the device's own step (simulation.estimators)
 
 
 @dataclass
@@ -197,6 +235,11 @@ class DayRequest(_Wire):
     secagg_config: bytes = b""
     registry_index: list[int] = field(default_factory=list)
     registry: list[bytes] = field(default_factory=list)
+    # tangents (run config ``tangents``): the second round's delivery and plan
+    tdelivery: list[bytes] = field(default_factory=list)
+    tmask_sum: bytes = b""
+    tplan: str = ""  # JSON AgentPlan of round tangent_round(day)
+    tkeys: str = ""
 
 
 @dataclass
@@ -205,6 +248,7 @@ class DayReply(_Wire):
     advertise: bytes = b""  # SecAgg+ key advertisement (first day of a key epoch)
     masked: bytes = b""  # the masked report of ``report_day`` (later days of the epoch)
     envelopes: list[bytes] = field(default_factory=list)
+    tenvelopes: list[bytes] = field(default_factory=list)  # the tangent round's contributions
     caught_up: int = 0  # days the device simulated alone after being offline
 
 

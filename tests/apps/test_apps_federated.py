@@ -94,11 +94,11 @@ def test_dropouts_complete_over_survivors_exactly():
                     beta=0.9)
     # node: offline from (day, stage) until back_day; stages cover every SecAgg+ step.
     # Exchange d carries the day-(d-1) delivery and report: node 3 misses two reports and
-    # catches up (no report in exchange 3, back in 4); 5 drops before its masked input on a
-    # day that continues the key epoch (the masked report rides in the day reply), 8 after
-    # its key advertisement on the first day of a new epoch (the roster change re-keys);
-    # 11 drops at unmask, after its masked input (still summed).
-    offline = {3: [1, "day", 3], 5: [2, "day", 99], 8: [3, "masked_input", 99],
+    # catches up (no report in exchange 3, back in 4, rejoining the key epoch: absences do
+    # not re-key); 5 drops before its masked input on a day that continues the key epoch
+    # (the masked report rides in the day reply), 8 after its key advertisement on the
+    # first day of the epoch; 11 drops at unmask, after its masked input (still summed).
+    offline = {3: [1, "day", 3], 5: [2, "day", 99], 8: [1, "masked_input", 99],
                11: [4, "unmask", 99]}
     t = ProcessTransport(cfg.devices, offline=offline)
     checks: list[tuple[int, int]] = []
@@ -281,3 +281,76 @@ def test_api_refuses_and_withholds_small_cohorts(tmp_path):
     rows = client.get(f"/runs/{small}/series").json()["series"]
     assert rows[0]["I"] == 7.0 and "physical_I" not in rows[0]
     assert rows[0]["device_aggregates_withheld"] is True
+
+
+class _InProcessHost:
+    """:class:`Transport` over the device host's real ClientApps in this process (so the
+    test sees EdgeStore's open counter); every message is sent on its own."""
+
+    def __init__(self, nodes: int, node_configs: dict[int, dict]) -> None:
+        from edge_agent.fleet_host import _Host
+
+        self.host = _Host(list(range(1, nodes + 1)), {}, {}, node_configs)
+        self.opens: dict[str, list[int]] = {}
+
+    def node_ids(self) -> list[int]:
+        return sorted(self.host.contexts)
+
+    def exchange(self, message_type, contents, group, timeout):
+        from edge_agent.store import EdgeStore
+
+        replies, failed = {}, {}
+        for node, body in contents.items():
+            before = EdgeStore.opens
+            r, f = self.host.exchange(message_type, {node: body}, group)
+            self.opens.setdefault(message_type, []).append(EdgeStore.opens - before)
+            replies.update(r)
+            failed.update(f)
+        return replies, failed
+
+    def restart_nodes(self) -> None:
+        """Every SuperNode restarts: its node state is gone, its store stays."""
+        from flwr.app import Context, RecordDict
+
+        for n, ctx in list(self.host.contexts.items()):
+            self.host.contexts[n] = Context(run_id=1, node_id=n, node_config=ctx.node_config,
+                                            state=RecordDict(), run_config={})
+
+
+def test_device_opens_its_store_once_per_message(tmp_path, monkeypatch):
+    """Issue 17: a device's day used to open its EdgeStore ~6 times (secret, user status
+    twice, status write, SecAgg+ vault); now once per message (the scrypt key cached)."""
+    monkeypatch.setenv("LPM_EDGE_PASSPHRASE", "device passphrase 12")
+    cfg = RunConfig(population="tiny", days=3, seed=4, devices=10, initial_infected=0.2,
+                    beta=0.9)
+    t = _InProcessHost(cfg.devices, {n: {"lpm-store": str(tmp_path / f"d{n}.db")}
+                                     for n in range(1, cfg.devices + 1)})
+    rows = FederatedRun(t, cfg).run()
+    assert len(rows) == cfg.days and rows[-1]["survivors"] == cfg.devices
+    assert set(t.opens) == {"query.enrol", "query.day", "query.stage"}
+    for kind, counts in t.opens.items():
+        assert counts and set(counts) == {1}, (kind, sorted(set(counts)))
+
+
+def test_supernode_restart_restores_device_from_its_store(tmp_path, monkeypatch):
+    """A device restarted with nothing but its store (new process, empty node state) picks
+    up where it was: neighbourhood re-arm inputs, SecAgg+ epoch state and status come back
+    from the store's exported record; the run equals the one without restarts."""
+    monkeypatch.setenv("LPM_EDGE_PASSPHRASE", "device passphrase 12")
+    cfg = RunConfig(population="tiny", days=4, seed=5, devices=10, initial_infected=0.2,
+                    beta=0.9)
+    rows = {}
+    for restart in (False, True):
+        t = _InProcessHost(cfg.devices, {n: {"lpm-store": str(tmp_path / f"{restart}{n}.db")}
+                                         for n in range(1, cfg.devices + 1)})
+
+        def on_day(day: int, row: dict, t=t, restart=restart) -> None:
+            if restart and day in (1, 2):
+                t.restart_nodes()
+
+        rows[restart] = FederatedRun(t, cfg, settings=FederatedSettings(shared_seed=True),
+                                     on_day=on_day).run()
+    assert [r["survivors"] for r in rows[True]] == [cfg.devices] * cfg.days
+    for a, b in zip(rows[False], rows[True], strict=True):
+        assert {k: a[k] for k in ("S", "I", "R", "physical_I", "new_infections")} == \
+            {k: b[k] for k in ("S", "I", "R", "physical_I", "new_infections")}
