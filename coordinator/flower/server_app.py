@@ -30,7 +30,11 @@ Run config keys (``[tool.flwr.app.config]``): num-days, population, scale, seed,
 beta, gamma, initial-infected, db, run-id, min-devices, shared-seed (equivalence tests only),
 calibrate ("" or "beta"), calibrate-every, calibrate-steps, beta-init, beta-segment-days,
 observed-csv (per-day ``new_infections``; default: the run's own reported counts),
-exchange-timeout (seconds a message exchange waits for devices; a late device is out).
+exchange-timeout (seconds a message exchange waits for devices; a late device is out),
+tangents (exact decentralised gradients: every device carries ∂state/∂β, the neighbourhood
+sum carries the tangents in a second round, the SecAgg'd report its ∂new_i/∂β; the
+committed row's ``d_new_dbeta`` is the full-path derivative), estimator (the step's
+gradient estimator, devices and synthetic agents alike).
 """
 
 from __future__ import annotations
@@ -68,8 +72,18 @@ from protocols.daily import (
     StageReply,
     StageRequest,
     WireFormatError,
+    decode_tangent_sum,
+    encode_tangent,
+    tangent_round,
+    value_round,
 )
-from protocols.neighbourhood import AssistedNeighbourhoodAgent, Envelope, NeighbourhoodRelay
+from protocols.keys import AgreementKey
+from protocols.neighbourhood import (
+    AssistedNeighbourhoodAgent,
+    Envelope,
+    Keyring,
+    NeighbourhoodRelay,
+)
 from protocols.ring import FixedPointRing
 from protocols.secagg import SecAggAbortError
 from simulation.models import SIR
@@ -78,7 +92,8 @@ from simulation.population import synthesize
 __all__ = ["app", "FederatedRun", "FederatedRunError", "FederatedSettings", "FlowerTransport",
            "MinCohortError", "Transport", "REPORT_FIELDS", "DEFAULT_MIN_DEVICES"]
 
-LEASE_SECONDS = 900.0  # renewed every committed day
+LEASE_SECONDS = 900.0
+TANGENT_FRAC_BITS = 40  # tangents travel as (t + B)/(2B): 16 bits would leave ~0.03 of t  # renewed every committed day
 _log = logging.getLogger(__name__)
 
 app = ServerApp()
@@ -141,6 +156,9 @@ class FederatedSettings:
     shared_seed: bool = False
     calibration: CalibrationSettings | None = None
     timeout: float = 600.0
+    tangents: bool = False  # exact decentralised gradients (forward tangents ∂state/∂β)
+    estimator: str = "straight_through"  # the step's estimator, devices and synthetic alike
+    frac_bits: int | None = None  # neighbourhood ring precision (default 16; 40 with tangents)
 
 
 @dataclass
@@ -165,7 +183,9 @@ class FederatedRun:
         self.cfg, self.store, self.on_day = cfg, store, on_day
         self.settings = settings or FederatedSettings()
         self.run_id = run_id or f"fl-{int(time.time())}"
-        self.ring = FixedPointRing()
+        bits = self.settings.frac_bits
+        self.ring = FixedPointRing(bits if bits is not None else
+                                   (TANGENT_FRAC_BITS if self.settings.tangents else 16))
         self.rows: list[dict[str, object]] = []
         self.calibrator = None if self.settings.calibration is None else \
             OnlineCalibrator(self.settings.calibration)
@@ -205,8 +225,10 @@ class FederatedRun:
         pop = synthesize(cfg.population, seed=cfg.seed, scale=cfg.scale)
         nodes = self._nodes()
         phys = physical_agents(pop.n, len(nodes))
+        tangents = settings.tangents
         sim = HybridSimulation(SIR(cfg.beta, cfg.gamma, cfg.initial_infected), pop, phys,
-                               cfg.seed, remote=True)
+                               cfg.seed, remote=True, tangents=tangents,
+                               estimator=settings.estimator)
         self.sim = sim
         start = 0
         point = self.store.resume(self.run_id) if self.resume and self.store else None
@@ -232,8 +254,15 @@ class FederatedRun:
             for c, w in cs:
                 weights.setdefault(c, {})[t] = w
         wsum = {t: sum(w for _, w in cs) for t, cs in cross.items()}
-        proxies = {name: AssistedNeighbourhoodAgent(name, self.run_id, ring=self.ring)
-                   for name in set(cross) | set(weights) if name not in devices}
+        proxy_keys = {name: AgreementKey.generate()
+                      for name in set(cross) | set(weights) if name not in devices}
+        proxies = {name: AssistedNeighbourhoodAgent(name, self.run_id, ring=self.ring,
+                                                    keyring=Keyring(name, self.run_id, k))
+                   for name, k in proxy_keys.items()}
+        # the tangent round's proxies: the same keys, their own state machines
+        tproxies = {name: AssistedNeighbourhoodAgent(name, self.run_id, ring=self.ring,
+                                                     keyring=Keyring(name, self.run_id, k))
+                    for name, k in proxy_keys.items()} if tangents else {}
         for name, agent in proxies.items():
             relay.register(name, agent.keyring.public_bytes())
         init = sim.physical_initial_state
@@ -250,7 +279,7 @@ class FederatedRun:
                 weight_sum=float(wsum.get(d.name, 0.0)), frac_bits=self.ring.frac_bits,
                 secagg_index=k, shared_seed=settings.shared_seed,
                 uniform_seed=cfg.seed if settings.shared_seed else 0,
-                resume_day=start).to_dict()
+                resume_day=start, tangents=tangents, estimator=settings.estimator).to_dict()
         del init  # initial physical states went to their devices only
         sim._initial_physical = {}
         replies, failed = self.transport.exchange(MessageType.ENROL, enrol, "enrol",
@@ -266,14 +295,19 @@ class FederatedRun:
         enrolled = {n: d for n, d in devices.items() if d.identity}
         self._check_cohort(0, list(enrolled), devices, "enrolment")
         pending: dict[str, tuple[list[bytes], bytes]] = {}
+        tpending: dict[str, tuple[list[bytes], bytes]] = {}
         pending_syn: dict[str, object] | None = None
         pending_theta = 0.0
         epoch: ReportEpoch | None = None  # the SecAgg+ key epoch of the daily reports
         for day in range(start, cfg.days + 1):
             theta = self.calibrator.beta_for(day) if self.calibrator else cfg.beta
             online = set(enrolled) | set(proxies)
-            attempt = relay.begin_round(day, online) if day < cfg.days else None
+            attempt = relay.begin_round(value_round(day, tangents), online) \
+                if day < cfg.days else None
             plans = attempt.plans if attempt is not None else {}  # a property: build it once
+            tattempt = relay.begin_round(tangent_round(day), online) \
+                if tangents and attempt is not None else None
+            tplans = tattempt.plans if tattempt is not None else {}
             all_keys = relay.public_keys()
             roster = sorted(pending) if day > start else []
             report = None
@@ -297,11 +331,18 @@ class FederatedRun:
                             req.registry_index = report.registry_for(name)
                             req.registry = [devices[report.roster[i]].identity
                                             for i in req.registry_index]
+                if name in tpending:
+                    req.tdelivery, req.tmask_sum = list(tpending[name][0]), tpending[name][1]
                 if attempt is not None:
                     plan = plans[name]
                     req.plan = json.dumps(plan.to_dict())
                     req.keys = json.dumps({p: all_keys[p].hex() for p in _parties(plan)
                                            if p in all_keys})
+                if tattempt is not None:
+                    tplan = tplans[name]
+                    req.tplan = json.dumps(tplan.to_dict())
+                    req.tkeys = json.dumps({p: all_keys[p].hex() for p in _parties(tplan)
+                                            if p in all_keys})
                 msgs[d.node_id] = req.to_dict()
             raw, failed = self.transport.exchange(MessageType.DAY, msgs, f"day{day}",
                                                   settings.timeout)
@@ -329,18 +370,27 @@ class FederatedRun:
                 uploads[name] = agent.start(plan, float(i_now[idx]),
                                             weights=weights.get(name),
                                             weight_sum=wsum.get(name))
-            deliveries = attempt.route_phase1(uploads)
-            cross_sums = torch.zeros(split.n, dtype=torch.float64)
-            pending = {}
-            for name, dl in deliveries.items():
-                if name in proxies:
-                    res = proxies[name].on_masked(dl.envelopes, dl.mask_sum)
-                    if res is not None:
-                        cross_sums[int(name[1:])] = res.value
-                elif name in day_replies:  # only devices that took part today
-                    pending[name] = ([e.to_bytes() for e in dl.envelopes],
-                                     b"" if dl.mask_sum is None else dl.mask_sum.to_bytes())
-            pending_syn = sim.step(cross_sums=cross_sums)
+            cross_sums, pending = _route(attempt.route_phase1(uploads), proxies, day_replies,
+                                         split.n)
+            cross_dsums = None
+            if tattempt is not None:
+                tuploads = {name: [Envelope.from_bytes(b) for b in r.tenvelopes]
+                            for name, r in day_replies.items()}
+                t_now = sim.tangent["I"]
+                for name, agent in tproxies.items():
+                    idx = int(name[1:])
+                    tplan = tplans[name]
+                    agent.keyring.add_peers({p: all_keys[p] for p in _parties(tplan)
+                                             if p in all_keys})
+                    tuploads[name] = agent.start(tplan, encode_tangent(float(t_now[idx])),
+                                                 weights=weights.get(name),
+                                                 weight_sum=wsum.get(name))
+                enc, tpending = _route(tattempt.route_phase1(tuploads), tproxies, day_replies,
+                                       split.n)
+                cross_dsums = torch.tensor([decode_tangent_sum(float(enc[i]), wsum.get(
+                    agent_name(i), 0.0)) if float(enc[i]) else 0.0 for i in range(split.n)],
+                    dtype=torch.float64)
+            pending_syn = sim.step(cross_sums=cross_sums, cross_dsums=cross_dsums)
             pending_theta = theta
             self._state_blob = sim.state_bytes()
         return self.rows
@@ -409,6 +459,10 @@ class FederatedRun:
                     "physical_new_infections": round(phys["new_infections"]),
                     "physical_expected_new": phys["p"], "physical_dp_dbeta": phys["dp_dbeta"],
                     "survivors": len(survivors)})
+        if self.settings.tangents:  # full-path ∂new/∂β: synthetic (here) + devices (SecAgg'd)
+            row["d_new_dbeta_physical"] = phys["d_new_dbeta"]
+            row["d_new_dbeta"] = float(cast(float, syn["d_new_dbeta_synthetic"])) \
+                + phys["d_new_dbeta"]
         if round(phys["count"]) != len(survivors):
             raise FederatedRunError(f"day {day}: the aggregate sums {phys['count']:.0f} reports "
                                     f"but {len(survivors)} devices survived")
@@ -430,6 +484,24 @@ class FederatedRun:
                                     state=pack_checkpoint(self._state_blob, self.calibrator))
         if self.on_day is not None:
             self.on_day(day, row)
+
+
+def _route(deliveries: Mapping[str, Any], proxies: Mapping[str, AssistedNeighbourhoodAgent],
+           replies: Mapping[str, DayReply], n: int
+           ) -> tuple[torch.Tensor, dict[str, tuple[list[bytes], bytes]]]:
+    """One neighbourhood round's phase-1 deliveries: the proxies' (synthetic agents') sums,
+    decoded here, and each device's delivery, kept for tomorrow's day message."""
+    sums = torch.zeros(n, dtype=torch.float64)
+    pending: dict[str, tuple[list[bytes], bytes]] = {}
+    for name, dl in deliveries.items():
+        if name in proxies:
+            res = proxies[name].on_masked(dl.envelopes, dl.mask_sum)
+            if res is not None:
+                sums[int(name[1:])] = res.value
+        elif name in replies:  # only devices that took part today
+            pending[name] = ([e.to_bytes() for e in dl.envelopes],
+                             b"" if dl.mask_sum is None else dl.mask_sum.to_bytes())
+    return sums, pending
 
 
 def _parties(plan: Any) -> set[str]:
@@ -475,7 +547,9 @@ def settings_from_context(context: Context) -> FederatedSettings:
             observed=tuple(read_observed_csv(csv_path)) if csv_path else None)
     return FederatedSettings(min_devices=_cfg_get(rc, "min-devices", DEFAULT_MIN_DEVICES),
                              shared_seed=_cfg_get(rc, "shared-seed", False), calibration=cal,
-                             timeout=_cfg_get(rc, "exchange-timeout", 600.0))
+                             timeout=_cfg_get(rc, "exchange-timeout", 600.0),
+                             tangents=_cfg_get(rc, "tangents", False),
+                             estimator=_cfg_get(rc, "estimator", "straight_through"))
 
 
 @app.main()
