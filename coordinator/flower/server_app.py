@@ -436,10 +436,12 @@ class FederatedRun:
             lost = sorted(n for n in devices if day in devices[n].missed or n in report.rejected)
             desc = ", ".join(f"node {devices[n].node_id} ({n})" for n in lost) or "none"
             short = len(set(roster) - set(lost)) < self.settings.min_devices
-            raise (MinCohortError if short else FederatedRunError)(f"day {day}: secure aggregation of the day-{day - 1} "
-                                    f"reports aborted: {exc} (minimum cohort "
-                                    f"{self.settings.min_devices}); devices out today: {desc}"
-                                    ) from exc
+            why = "; ".join(f"{n}: {r}" for n, r in sorted(report.rejected.items())[:3])
+            raise (MinCohortError if short else FederatedRunError)(
+                f"day {day}: secure aggregation of the day-{day - 1} reports aborted: {exc} "
+                f"(minimum cohort {self.settings.min_devices}); devices out today: {desc}"
+                + (f"; messages refused ({len(report.rejected)}), e.g. {why}" if why else "")
+            ) from exc
         for why in report.aborts:
             _log.warning("day %d: SecAgg+ attempt aborted before any reveal (%s); the day "
                          "was attempted again in the same key epoch", day, why)

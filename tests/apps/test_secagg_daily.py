@@ -212,7 +212,7 @@ def test_equivocating_coordinator_in_the_daily_loop_is_caught() -> None:
     )
     from protocols.secagg.messages import SERVER, add_mac, strip_mac
 
-    f = Fleet(20)
+    f = Fleet(40)  # sparse enough (k = 12) that devices away from the target see no lie
     f.day(0, list(f.names))
     target = 0
     views: dict[int, frozenset[int]] = {}
