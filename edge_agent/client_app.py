@@ -19,7 +19,14 @@ A device that missed days (offline) catches up on its next message: it skips the
 it missed, its status stays as it was while it was away (its user can set it), and it joins
 today's plan. State lives in the node's ``context.state``; a real device
 (``lpm edge run --store PATH``, node config ``lpm-store``) keeps its private keys, seed and
-SecAgg+ epoch state encrypted in :class:`edge_agent.store.EdgeStore` instead.
+SecAgg+ epoch state encrypted in :class:`edge_agent.store.EdgeStore` instead, opens it once
+per message (:class:`_Device`) and exports its state record there after every message, so a
+SuperNode restarted without its node state picks up where it was.
+
+With ``tangents`` (run config) the device also carries dS, dI, dR w.r.t. β: its tangent dI
+goes through a second neighbourhood round (``tangent_round(day)``) beside its value, its own
+step is differentiated in forward mode with the neighbours' tangent sum, and its report
+carries ∂new_i/∂β (``d_new_dbeta``): the exact decentralised gradient.
 """
 
 from __future__ import annotations

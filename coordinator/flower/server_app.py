@@ -232,6 +232,9 @@ class FederatedRun:
         self.sim = sim
         start = 0
         point = self.store.resume(self.run_id) if self.resume and self.store else None
+        if point is not None and tangents:  # the checkpoint keeps no synthetic tangents
+            raise FederatedRunError(f"run {self.run_id} carries tangents, which the synthetic "
+                                    "checkpoint does not keep: it cannot resume exactly")
         if point is not None:  # the checkpoint of the last committed day
             sim_state, cal_state = unpack_checkpoint(point.state)
             sim.load_state(sim_state)
