@@ -191,6 +191,7 @@ class EquivocatingServer:
         self.refused: dict[int, str] = {}
         self.shares: dict[int, dict[int, bytes]] = {}
         self.day_keys: dict[frozenset[int], bytes] = {}
+        self.revealed: dict[int, dict[int, set[str]]] = {}  # client -> {neighbour: kinds}
 
     def _mac(self, i: int, msg: bytes) -> bytes:
         from protocols.secagg.messages import add_mac
@@ -228,6 +229,7 @@ class EquivocatingServer:
             sigs[i] = (bm, dict(msg.tags))
             for j, key in msg.day_keys:  # revealed with the tags, before any unmask check
                 self.day_keys[frozenset((i, j))] = key
+                self.revealed.setdefault(i, {}).setdefault(j, set()).add("day key")
         for i in sigs:
             bm = sigs[i][0]
             good = tuple((j, sigs[j][1][i]) for j in sorted(self.nbrs[i])
@@ -245,6 +247,7 @@ class EquivocatingServer:
             for j, kind, data in resp.reveals:
                 assert kind is RevealKind.SELF_MASK_SHARE
                 self.shares.setdefault(j, {})[i + 1] = data
+                self.revealed.setdefault(i, {}).setdefault(j, set()).add("share")
 
     def strip(self, members: frozenset[int]) -> torch.Tensor | None:
         """Σ_{i∈members} y_i with every mask removed, or None if something is missing."""
@@ -342,3 +345,36 @@ def test_claiming_a_live_client_dropped_yields_its_day_keys_but_never_its_self_m
     assert att.strip(frozenset({TARGET})) is None
     for j in nbrs:
         assert att.strip(frozenset({TARGET, j})) is None
+
+
+def _views(kind: str, seed: int, nbrs: frozenset[int]) -> dict[int, frozenset[int]]:
+    everyone = frozenset(range(N_ATT))
+    g = np.random.default_rng(seed)  # the adversary's choices only
+    if kind == "claim-dropped":
+        return {m: everyone - {TARGET} if m in nbrs else everyone for m in range(N_ATT)}
+    if kind == "equivocate":
+        return {m: (everyone - nbrs) | {m, TARGET} for m in range(N_ATT)}
+    # two random views, each missing 1-4 random clients (a client always sees itself)
+    cuts = [frozenset(int(j) for j in g.choice(N_ATT, size=int(g.integers(1, 5)),
+                                               replace=False)) for _ in range(2)]
+    return {m: (everyone - cuts[int(g.integers(2))]) | {m} for m in range(N_ATT)}
+
+
+@pytest.mark.parametrize(("kind", "seed"), [("claim-dropped", 0), ("equivocate", 0)]
+                         + [("random", s) for s in range(6)])
+def test_no_client_reveals_both_a_day_key_and_a_self_mask_share_of_one_neighbour(
+        kind: str, seed: int) -> None:
+    """The invariant behind "a coordinator that claims a device dropped learns nothing of its
+    input": whatever survivor sets a deviating coordinator shows, an honest client reveals
+    for a neighbour on a day either the day key (with its tags) or the share of its self mask
+    (at unmask), never both; so no input ever has all k day keys and t shares revealed."""
+    setup, server, clients, xs = _day_after_inputs(N_ATT, K_ATT, T_ATT, seed)
+    att = EquivocatingServer(setup, server, clients)
+    att.run(_views(kind, seed, server._nbrs[TARGET]))
+    kinds = {k for per in att.revealed.values() for ks in per.values() for k in ks}
+    assert kinds == {"day key", "share"}  # the attack got clients to reveal both kinds
+    for i, per in att.revealed.items():
+        for j, kinds in per.items():
+            assert len(kinds) == 1, f"client {i} revealed {kinds} for neighbour {j}"
+    for i in range(N_ATT):
+        assert att.strip(frozenset({i})) is None, f"input of {i} isolated"

@@ -271,3 +271,63 @@ def test_tagged_survivor_dying_next_to_a_pre_input_dropout_does_not_fail_the_day
     assert torch.equal(first.total, _sum(days[0], first.survivors))  # type: ignore[arg-type]
     assert run.days[1].error is None  # the epoch goes on, both back
     assert torch.equal(run.days[1].total, _sum(days[1], frozenset(range(N))))  # type: ignore[arg-type]
+
+
+def test_a_dropout_reveals_nothing_usable_for_its_input_on_another_day() -> None:
+    """D drops before input on day 0: the coordinator collects every day-0 key of D (its
+    live neighbours send them with their tags). On day 1 D reports and survives, so the
+    coordinator also legitimately rebuilds D's day-1 self mask. Those day-0 keys still do
+    not strip D's day-1 pairwise masks (day keys are HKDF-Expand outputs bound to the day,
+    not the epoch root): D's day-1 input stays masked; with the true day-1 keys (read from
+    the clients, a positive control) the same computation recovers it exactly."""
+    from protocols.keys import ring_keystream
+    from protocols.secagg.shamir import reconstruct_secret
+
+    setup = make_round(N, InputSpec("int", L, 1000), degree=K, threshold=T)
+    server, clients = setup.epoch_server(), setup.epoch_clients()
+    for i, c in enumerate(clients):
+        server.receive(i, c.advertise_keys())
+    for i, blob in server.advance().items():
+        clients[i].accept_roster(blob)
+    d, ctx, t = 5, server._ctx, server.config.threshold
+    nbrs = server.neighbours(d)
+    captured: dict[int, dict] = {}
+    for day, absent in ((0, {d}), (1, set())):
+        xs = _xs(N, 40 + day)
+        server.open_day(day)
+        for i, c in enumerate(clients):
+            if i not in absent:
+                server.receive(i, c.masked_input(day, xs[i]))
+        out = server.advance()
+        for i, blob in out.items():
+            server.receive(i, clients[i].sign_survivors(blob))
+        out = server.advance()
+        for i, blob in out.items():
+            server.receive(i, clients[i].unmask(blob))
+        captured[day] = {"keys": dict(server._day_keys), "xs": xs,
+                         "inputs": {i: m.vector.clone() for i, m in server._inputs.items()},
+                         "responses": dict(server._responses)}
+        server.advance()
+        assert server.survivors[day] == frozenset(range(N)) - absent
+    day0_keys = {j: key for (j, i), key in captured[0]["keys"].items() if i == d}
+    assert set(day0_keys) == set(nbrs)  # the coordinator holds all of D's day-0 keys
+    day1 = captured[1]
+    shares = {h + 1: data for h, msg in day1["responses"].items()
+              for j, _, data in msg.reveals if j == d}
+    seed = reconstruct_secret(shares, t)
+    buf = torch.empty(L, dtype=torch.int64)
+
+    def strip(keys: dict[int, bytes]) -> torch.Tensor:
+        y = day1["inputs"][d].clone()
+        ring_keystream(ctx.self_mask_key(seed, d, 1), L, out=buf)
+        y.sub_(buf)
+        for j, key in keys.items():
+            ring_keystream(key, L, out=buf)
+            y.sub_(buf) if d < j else y.add_(buf)
+        return y
+
+    true1 = {j: clients[j]._ctx.day_pair_key(clients[j]._roots[d], 1, j, d) for j in nbrs}
+    assert torch.equal(strip(true1), day1["xs"][d])  # positive control
+    assert not set(day0_keys.values()) & set(true1.values())
+    assert not torch.equal(strip(day0_keys), day1["xs"][d])
+    assert (strip(day0_keys) - day1["xs"][d]).abs().min() > 2**20  # masked, not nearly
