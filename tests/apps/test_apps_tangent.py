@@ -70,3 +70,81 @@ def test_flower_devices_carry_tangents_exact_gradient(estimator):
     assert all(float(p) != 0.0 for p in phys[1:])  # the devices' tangents are in it
     # the devices' Eq. 11 one-step sum (neighbours held fixed) is not the full-path one
     assert float(((one_step[1:] - phys[1:]).abs() / phys[1:].abs()).min()) > 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tangents_over_real_superlink_and_supernodes(tmp_path):
+    """The same over real processes: flower-superlink + 3 flower-supernode + `flwr run` with
+    run config ``tangents=true``; the committed rows' d_new_dbeta equal central autograd."""
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from coordinator.store import CoordinatorStore
+
+    root, bin_ = Path(__file__).resolve().parents[2], Path(sys.executable).parent
+    if shutil.which("flower-superlink", path=str(bin_)) is None:
+        pytest.skip("flower-superlink not installed")
+    socks = [socket.socket() for _ in range(4)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    link, *capio = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\naddress = "127.0.0.1:{link}"\n'
+        "insecure = true\n")
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(home),
+           "PYTHONPATH": str(root), "PATH": f"{bin_}:{os.environ.get('PATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+
+    def spawn(args: list[str], log: str) -> subprocess.Popen:
+        return subprocess.Popen(args, env=env, stdout=(tmp_path / log).open("wb"),
+                                stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+
+    db = tmp_path / "coord.db"
+    procs = [spawn([str(bin_ / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                    "--port", str(link), "--disable-runtime-dependency-installation",
+                    "--database", str(tmp_path / "link.db")], "superlink.log")]
+    cfg = RunConfig(population="tiny", days=3, seed=4, devices=3, initial_infected=0.05,
+                    beta=0.5)
+    try:
+        time.sleep(3)
+        for k in range(3):
+            procs.append(spawn([str(bin_ / "flower-supernode"), "--insecure", "--superlink",
+                                f"127.0.0.1:{link}", "--host", "127.0.0.1", "--port",
+                                str(capio[k])], f"supernode{k}.log"))
+        out = subprocess.run(
+            [str(bin_ / "flwr"), "run", ".", "e2e", "--stream", "--run-config",
+             f"num-days={cfg.days} devices=3 seed={cfg.seed} initial-infected=0.05 "
+             f"db='{db}' run-id='tan' min-devices=3 shared-seed=true tangents=true "
+             "estimator='expected'"],
+            env=env, cwd=root, capture_output=True, text=True, timeout=480)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        deadline = time.time() + 120
+        store = CoordinatorStore(db)
+        while len(store.series("tan")) < cfg.days:
+            assert time.time() < deadline, out.stdout[-3000:]
+            time.sleep(1)
+        series = store.series("tan")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+    fed = torch.tensor([float(r["d_new_dbeta"]) for r in series], dtype=torch.float64)
+    assert _rel(fed, _central(cfg, "expected")) < 1e-5
+    assert _rel(fed, _fleet_mode(cfg, "expected")) < 1e-5
+    assert all(float(r["d_new_dbeta_physical"]) != 0.0 for r in series[1:])
