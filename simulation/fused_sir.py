@@ -180,7 +180,7 @@ def _events_cnt(S, I, cnt, deg, beta, r, dt, key, h, x, y):  # pragma: no cover
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
 def _advance(indptr, S, I, x_arr, y_arr, h, deg, beta, r, dr, dt, inj_beta, inj_gamma, msg, J, inbox,
-             cS, cI, sumI, ag, oS, oI, out_new, chg):  # pragma: no cover - compiled
+             cS, cI, sumI, ag, oS, oI, out_new, chg, sus):  # pragma: no cover - compiled
     """Phase B: primal update, the non-backtracking inflow of every susceptible's incoming
     edges, and the tangent components of every agent; returns the day's totals (S, I, new)
     and the tangent totals (dS, dI, dnew) for parameters 0 and 1.
@@ -297,6 +297,8 @@ def _advance(indptr, S, I, x_arr, y_arr, h, deg, beta, r, dr, dt, inj_beta, inj_
                 inbox[m] = any_j
         new = s * x
         i2 = i + new - i * y
+        if new != 0.0:
+            sus[m] = 0
         out_new[m] = new
         S[m] = s - new
         I[m] = i2
@@ -308,14 +310,15 @@ def _advance(indptr, S, I, x_arr, y_arr, h, deg, beta, r, dr, dt, inj_beta, inj_
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _send(indptr, indices, weights, unit, rev, S, ag, cI, msg, J, inbox):  # pragma: no cover - compiled
+def _send(indptr, indices, weights, unit, rev, sus, ag, cI, msg, J, inbox):  # pragma: no cover - compiled
     """Phase C: every agent k with a tangent (or that had one this morning) writes its
     non-backtracking message to each neighbour m into m's row: msg at e = (m ← k) is
     w (dI_k − cI_k at (k ← m)), i.e. k's extra infectious mass less what came from m; k reads
     its own row in order and each slot has one writer (no races). An agent whose keep is 0
     today (it recovered, or the primal path infected it) zeroes J on its outgoing slots.
     Sets inbox[m] when a non-zero message reaches m. Only susceptible neighbours (S == 1 after
-    today's update) are written: the others never read their rows again."""
+    today's update) are written: the others never read their rows again (``sus``: one byte
+    per agent, 1 while S == 1, so this random read touches a quarter of the lines of S)."""
     n = indptr.size - 1
     P = cI.shape[1]
     for k in numba.prange(n):
@@ -326,7 +329,7 @@ def _send(indptr, indices, weights, unit, rev, S, ag, cI, msg, J, inbox):  # pra
             continue
         for r in range(indptr[k], indptr[k + 1]):
             m = indices[r]
-            if S[m] != 1:  # m is no longer susceptible: it never reads its row again
+            if sus[m] == 0:  # m is no longer susceptible: it never reads its row again
                 continue
             t = rev[r]
             if drop:
@@ -381,6 +384,7 @@ def run_sir_nonbacktracking(
     ag = np.zeros((n if P else 0, 4), np.float32)  # per agent: dI for each parameter, flag
     sumI = np.zeros((n, P), np.float64)
     inbox = np.zeros(n, np.uint8)
+    sus = (S == 1).astype(np.uint8)  # 1 while the agent is susceptible (read by _send)
     chg = np.zeros(n, np.int8)
     h = np.zeros(n, np.float64)
     out_new = np.zeros(n, np.float32)
@@ -412,9 +416,9 @@ def run_sir_nonbacktracking(
                 _events(indptr, indices, weights, S, I, u[0], u[1], deg, beta, r, dt, h, xa, ya)
             s_tot, i_tot, new_tot, *tot = _advance(
                 indptr, S, I, xa, ya, h, deg, beta, r, dr, dt, inj_beta, inj_gamma, msg, J, inbox,
-                cS, cI, sumI, ag, oS, oI, out_new, chg)
+                cS, cI, sumI, ag, oS, oI, out_new, chg, sus)
             if P:
-                _send(indptr, indices, weights, unit, rev, S, ag, cI, msg, J, inbox)
+                _send(indptr, indices, weights, unit, rev, sus, ag, cI, msg, J, inbox)
             if unit:
                 _push(indptr, indices, chg, cnt)
             for slot, c in enumerate(cols):
