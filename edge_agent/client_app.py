@@ -46,6 +46,7 @@ from edge_agent.state_record import blob, export_record, integer, num, restore_r
 from edge_agent.store import EdgeStore
 from protocols.daily import (
     REPORT_FIELDS,
+    TANGENT_BOUND,
     DayReply,
     DayRequest,
     EnrolReply,
@@ -53,8 +54,6 @@ from protocols.daily import (
     Keys,
     StageReply,
     StageRequest,
-    decode_tangent_sum,
-    encode_tangent,
     tangent_round,
     value_round,
 )
@@ -237,12 +236,13 @@ def _restore_day(dev: _Device, run_id: str, day: int) -> int:
     return day
 
 
-def _agent(dev: _Device) -> AssistedNeighbourhoodAgent:
+def _agent(dev: _Device, tangent: bool = False) -> AssistedNeighbourhoodAgent:
     st = dev.st
     keyring = Keyring(str(st["agent_id"]), str(st["run_id"]),
                       AgreementKey.from_private_bytes(dev.secret("nb_key")))
     return AssistedNeighbourhoodAgent(str(st["agent_id"]), str(st["run_id"]), keyring=keyring,
-                                      ring=FixedPointRing(integer(st, "frac_bits")))
+                                      ring=FixedPointRing(integer(st, "frac_bits")),
+                                      value_bound=TANGENT_BOUND if tangent else None)
 
 
 def _start(agent: AssistedNeighbourhoodAgent, st: ConfigRecord, plan: AgentPlan,
@@ -268,7 +268,7 @@ def _received(dev: _Device, plan_key: str, keys_key: str, value_key: str,
     """Yesterday's neighbour sum of one round: re-arm the state machine with yesterday's
     inputs (:meth:`AssistedNeighbourhoodAgent.resume`), then unmask the delivery."""
     st = dev.st
-    agent = _agent(dev)
+    agent = _agent(dev, tangent=plan_key == "tplan")
     prev_keys = {k: bytes.fromhex(v) for k, v in json.loads(str(st[keys_key])).items()}
     _start(agent, st, AgentPlan.from_dict(json.loads(str(st[plan_key]))), prev_keys,
            num(st, value_key), send=False)
@@ -283,9 +283,8 @@ def _finish_day(dev: _Device, req: DayRequest) -> list[float]:
     day = integer(st, "day")
     tangents = bool(st.get("tangents", False))
     total = _received(dev, "plan", "keys", "value", req.delivery, req.mask_sum)
-    dtotal = decode_tangent_sum(
-        _received(dev, "tplan", "tkeys", "tvalue", req.tdelivery, req.tmask_sum),
-        num(st, "weight_sum")) if tangents and req.tmask_sum else 0.0
+    dtotal = _received(dev, "tplan", "tkeys", "tvalue", req.tdelivery, req.tmask_sum) \
+        if tangents and "tplan" in st else 0.0
     state = {c: torch.tensor([num(st, c)]) for c in _COMPARTMENTS}
     state["new_infections"] = torch.zeros(1)
     degree = torch.tensor([num(st, "degree")])
@@ -396,9 +395,12 @@ def _day(dev: _Device, req: DayRequest) -> DayReply:
                 raise DeviceProtocolError(f"tangent plan for round {tplan.round} in the day "
                                           f"{req.day} message")
             tkeys = {k: bytes.fromhex(v) for k, v in json.loads(req.tkeys).items()}
-            tvalue = encode_tangent(num(st, "dI"))
-            out.tenvelopes = [e.to_bytes() for e in _start(_agent(dev), st, tplan, tkeys,
-                                                           tvalue)]
+            tvalue = num(st, "dI")
+            if not abs(tvalue) <= TANGENT_BOUND:
+                raise DeviceProtocolError(f"tangent {tvalue} exceeds the public bound "
+                                          f"{TANGENT_BOUND}")
+            out.tenvelopes = [e.to_bytes() for e in _start(_agent(dev, tangent=True), st,
+                                                           tplan, tkeys, tvalue)]
             st["tplan"], st["tkeys"], st["tvalue"] = req.tplan, req.tkeys, tvalue
     st["day"] = req.day
     return out

@@ -41,8 +41,6 @@ __all__ = [
     "TANGENT_BOUND",
     "value_round",
     "tangent_round",
-    "encode_tangent",
-    "decode_tangent_sum",
 ]
 
 #: Per-device daily report, in this order (SecAgg+ input vector). ``count`` is 1 per
@@ -52,9 +50,9 @@ __all__ = [
 REPORT_FIELDS: tuple[str, ...] = ("S", "I", "R", "new_infections", "p", "dp_dbeta",
                                   "d_new_dbeta", "count")
 
-#: Public bound B on a device's |∂I_i/∂β|: the neighbourhood protocol sums values in [0, 1],
-#: so a tangent t travels as (t + B) / (2B) and the target decodes its sum with its public
-#: cross weight sum W: Σ w t = 2B·s − B·W (as in the fleet, ``coordinator.hybrid``).
+#: Public bound B on a device's |∂I_i/∂β|: the tangent round's agents take signed
+#: contributions in [−B, B] (``value_bound``), so a contact that drops out is left out of
+#: the tangent sum exactly as of the value sum.
 TANGENT_BOUND = 1024.0
 
 
@@ -68,17 +66,6 @@ def tangent_round(day: int) -> int:
     """Neighbourhood round of day ``day``'s tangent sum."""
     return 2 * day + 1
 
-
-def encode_tangent(t: float) -> float:
-    """A tangent as a neighbourhood contribution in [0, 1] (``WireFormatError`` past B)."""
-    if not abs(t) <= TANGENT_BOUND:
-        raise WireFormatError(f"a tangent {t!r} exceeds the public bound {TANGENT_BOUND}")
-    return (t + TANGENT_BOUND) / (2 * TANGENT_BOUND)
-
-
-def decode_tangent_sum(s: float, weight_sum: float) -> float:
-    """Σ_j w_ij t_j from the protocol's sum ``s`` of encoded tangents and W = Σ_j w_ij."""
-    return 2 * TANGENT_BOUND * s - TANGENT_BOUND * weight_sum
 
 #: SecAgg+ stages after the day message. ``masked_input`` (roster in, masked report out)
 #: happens only on the first day of a key epoch; on other days the day reply carries the

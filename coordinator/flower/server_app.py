@@ -63,6 +63,7 @@ from coordinator.runner import DEFAULT_MIN_DEVICES, RunConfig, physical_agents, 
 from coordinator.store import CoordinatorStore
 from protocols.daily import (
     REPORT_FIELDS,
+    TANGENT_BOUND,
     DayReply,
     DayRequest,
     EnrolReply,
@@ -72,8 +73,6 @@ from protocols.daily import (
     StageReply,
     StageRequest,
     WireFormatError,
-    decode_tangent_sum,
-    encode_tangent,
     tangent_round,
     value_round,
 )
@@ -93,7 +92,7 @@ __all__ = ["app", "FederatedRun", "FederatedRunError", "FederatedSettings", "Flo
            "MinCohortError", "Transport", "REPORT_FIELDS", "DEFAULT_MIN_DEVICES"]
 
 LEASE_SECONDS = 900.0
-TANGENT_FRAC_BITS = 40  # tangents travel as (t + B)/(2B): 16 bits would leave ~0.03 of t  # renewed every committed day
+TANGENT_FRAC_BITS = 40  # 16 fractional bits would leave ~1e-5 on each tangent term  # renewed every committed day
 _log = logging.getLogger(__name__)
 
 app = ServerApp()
@@ -264,7 +263,8 @@ class FederatedRun:
                    for name, k in proxy_keys.items()}
         # the tangent round's proxies: the same keys, their own state machines
         tproxies = {name: AssistedNeighbourhoodAgent(name, self.run_id, ring=self.ring,
-                                                     keyring=Keyring(name, self.run_id, k))
+                                                     keyring=Keyring(name, self.run_id, k),
+                                                     value_bound=TANGENT_BOUND)
                     for name, k in proxy_keys.items()} if tangents else {}
         for name, agent in proxies.items():
             relay.register(name, agent.keyring.public_bytes())
@@ -385,14 +385,11 @@ class FederatedRun:
                     tplan = tplans[name]
                     agent.keyring.add_peers({p: all_keys[p] for p in _parties(tplan)
                                              if p in all_keys})
-                    tuploads[name] = agent.start(tplan, encode_tangent(float(t_now[idx])),
+                    tuploads[name] = agent.start(tplan, float(t_now[idx]),
                                                  weights=weights.get(name),
                                                  weight_sum=wsum.get(name))
-                enc, tpending = _route(tattempt.route_phase1(tuploads), tproxies, day_replies,
-                                       split.n)
-                cross_dsums = torch.tensor([decode_tangent_sum(float(enc[i]), wsum.get(
-                    agent_name(i), 0.0)) if float(enc[i]) else 0.0 for i in range(split.n)],
-                    dtype=torch.float64)
+                cross_dsums, tpending = _route(tattempt.route_phase1(tuploads), tproxies,
+                                               day_replies, split.n)
             pending_syn = sim.step(cross_sums=cross_sums, cross_dsums=cross_dsums)
             pending_theta = theta
             self._state_blob = sim.state_bytes()

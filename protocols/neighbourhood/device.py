@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from protocols.envelope import MessageContext
 from protocols.neighbourhood.errors import (
     NeighbourhoodError,
+    NeighbourSumOutOfRangeError,
     PlanRejectedError,
     ProtocolStateError,
     UnexpectedMessageError,
@@ -101,7 +102,9 @@ class DeviceBase:
     roster of its contacts (plus relay-run dummies when the policy pads). When ``contacts``
     is ``None`` the keys of the ``weights`` given to ``start`` are used; with neither, a
     plan that asks anything of the device is refused. ``relay_run`` marks the relay's own
-    dummy parties, which serve any target the relay names.
+    dummy parties, which serve any target the relay names. ``value_bound`` (default ``None``:
+    contributions in [0, 1], sums in [0, W]) admits signed contributions in [−b, b] and sums
+    in [−bW, bW] (forward tangents: a dropped contact is simply left out, as for values).
     """
 
     protocol: str
@@ -116,7 +119,11 @@ class DeviceBase:
         policy: NeighbourhoodPolicy | None = None,
         contacts: Collection[str] | None = None,
         relay_run: bool = False,
+        value_bound: float | None = None,
     ) -> None:
+        if value_bound is not None and not (math.isfinite(value_bound) and value_bound > 0):
+            raise NeighbourhoodError("value_bound must be finite and > 0")
+        self.value_bound = value_bound
         if not isinstance(agent_id, str) or not isinstance(run_id, str):
             raise NeighbourhoodError("agent_id and run_id must be str")
         if is_relay_party(agent_id) and not relay_run:
@@ -152,9 +159,11 @@ class DeviceBase:
             )
         if not isinstance(plan, AgentPlan):
             raise NeighbourhoodError("plan must be an AgentPlan")
+        lo, hi = (0.0, 1.0) if self.value_bound is None else \
+            (-self.value_bound, self.value_bound)
         if (not isinstance(value, (int, float)) or isinstance(value, bool)
-                or not (math.isfinite(value) and 0.0 <= value <= 1.0)):
-            raise NeighbourhoodError(f"contribution must be in [0, 1], got {value!r}")
+                or not (math.isfinite(value) and lo <= value <= hi)):
+            raise NeighbourhoodError(f"contribution must be in [{lo}, {hi}], got {value!r}")
         known = self.contacts if self.contacts is not None else (
             None if weights is None else frozenset(weights))
         self.verify_plan(plan, known)
@@ -239,6 +248,15 @@ class DeviceBase:
         value = decode_scalar(self.ring, wrap64(total))
         slack = n_summands * (self.policy.range_tolerance_ulps * 2.0**-self.ring.frac_bits) \
             + self.policy.effective_noise_bound
+        if self.value_bound is not None:  # signed contributions: |sum| <= b·W
+            top = self.value_bound * self._weight_sum
+            if not (-top - slack <= value <= top + slack):
+                raise NeighbourSumOutOfRangeError(f"neighbour sum {value} outside [-{top}, {top}] "
+                                      f"(± {slack})")
+            if self.policy.noisy:
+                value = min(max(value, -top), top)
+            return NeighbourSum(self.agent_id, self.plan.round, self.plan.attempt, value,
+                                n_summands, self.plan.own.real_size if real is None else real)
         if not (-slack <= value <= self._weight_sum + slack):  # the tensor check raises
             check_range(torch.tensor([value], dtype=torch.float64),
                         torch.tensor([self._weight_sum], dtype=torch.float64),

@@ -148,3 +148,44 @@ def test_tangents_over_real_superlink_and_supernodes(tmp_path):
     assert _rel(fed, _central(cfg, "expected")) < 1e-5
     assert _rel(fed, _fleet_mode(cfg, "expected")) < 1e-5
     assert all(float(r["d_new_dbeta_physical"]) != 0.0 for r in series[1:])
+
+
+def test_signed_tangent_round_leaves_a_dropped_contact_out():
+    """The tangent round's agents take signed contributions in [−B, B] (``value_bound``): a
+    contact that drops out is left out of the sum exactly, as for values (the old shifted
+    encoding (t + B)/(2B), decoded with the full public weight sum, was off by B·w_dropped);
+    a contribution past B is refused."""
+    from protocols.daily import TANGENT_BOUND, tangent_round
+    from protocols.neighbourhood import (
+        AssistedNeighbourhoodAgent,
+        NeighbourhoodError,
+        NeighbourhoodRelay,
+    )
+    from protocols.ring import FixedPointRing
+
+    contacts = [f"a{k}" for k in range(1, 7)]
+    relay = NeighbourhoodRelay({"a0": contacts}, variant="assisted", run_id="r")
+    ring = FixedPointRing(40)
+    agents = {n: AssistedNeighbourhoodAgent(n, "r", ring=ring, value_bound=TANGENT_BOUND)
+              for n in ["a0", *contacts]}
+    for n, a in agents.items():
+        relay.register(n, a.keyring.public_bytes())
+    attempt = relay.begin_round(tangent_round(3), set(agents))
+    tangents = {n: (-1) ** k * 3.25 * k for k, n in enumerate(contacts, 1)}
+    w = {n: 0.5 + 0.1 * k for k, n in enumerate(contacts)}
+    uploads = {}
+    for n, a in agents.items():
+        a.keyring.add_peers(relay.keys_for(attempt.plans[n]))
+        uploads[n] = a.start(attempt.plans[n], tangents.get(n, 0.0),
+                             weights={"a0": w[n]} if n in w else {"a1": 1.0},
+                             weight_sum=sum(w.values()) if n == "a0" else None)
+    dropped = "a4"
+    del uploads[dropped]
+    dl = attempt.route_phase1(uploads)["a0"]
+    res = agents["a0"].on_masked(dl.envelopes, dl.mask_sum)
+    assert res is not None
+    exact = sum(w[n] * tangents[n] for n in contacts if n != dropped)
+    assert res.value == pytest.approx(exact, abs=1e-9)
+    with pytest.raises(NeighbourhoodError, match="contribution must be in"):
+        AssistedNeighbourhoodAgent("a9", "r", value_bound=TANGENT_BOUND).start(
+            attempt.plans["a1"], TANGENT_BOUND * 1.01, weights={"a0": 1.0})
