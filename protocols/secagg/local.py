@@ -63,6 +63,16 @@ class RoundSetup:
         reg = self.registry
         return [EpochClient(self.config, i, k, reg) for i, k in enumerate(self.identities)]
 
+    def agreed(self) -> tuple[EpochServer, list[EpochClient]]:
+        """The epoch's key set-up run in process (advertise → roster, every message as
+        bytes): the server at ``READY`` and every client ready for its first day."""
+        server, clients = self.epoch_server(), self.epoch_clients()
+        for i, c in enumerate(clients):
+            server.receive(i, c.advertise_keys())
+        for i, blob in server.advance().items():
+            clients[i].accept_roster(blob)
+        return server, clients
+
 
 @dataclass
 class DayResult:

@@ -166,11 +166,7 @@ def test_input_spec_validation_raises_config_error() -> None:
 def _day_after_inputs(n: int, k: int, t: int, seed: int = 0):  # type: ignore[no-untyped-def]
     """Setup plus honest day-0 inputs; returns the parties right before the survivor set."""
     setup = make_round(n, InputSpec("int", 8, 1000), degree=k, threshold=t)
-    server, clients = setup.epoch_server(), setup.epoch_clients()
-    for i, c in enumerate(clients):
-        server.receive(i, c.advertise_keys())
-    for i, blob in server.advance().items():
-        clients[i].accept_roster(blob)
+    server, clients = setup.agreed()
     server.open_day(0)
     g = torch.Generator().manual_seed(seed)
     xs = [torch.randint(-1000, 1001, (8,), generator=g) for _ in range(n)]

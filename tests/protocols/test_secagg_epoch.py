@@ -49,11 +49,7 @@ def test_daily_sums_exact_with_dropouts_and_returning_clients() -> None:
 
 def test_keys_are_agreed_once_and_day_masks_differ() -> None:
     setup = make_round(8, InputSpec("int", 4, 10), degree=4, threshold=3)
-    server, clients = setup.epoch_server(), setup.epoch_clients()
-    for i, c in enumerate(clients):
-        server.receive(i, c.advertise_keys())
-    for i, b in server.advance().items():
-        clients[i].accept_roster(b)
+    server, clients = setup.agreed()
     zero = torch.zeros(4, dtype=torch.int64)
     seen = []
     for day in (0, 1):
@@ -70,11 +66,7 @@ def test_keys_are_agreed_once_and_day_masks_differ() -> None:
 
 def test_day_of_a_message_is_checked() -> None:
     setup = make_round(8, InputSpec("int", 4, 10), degree=4, threshold=3)
-    server, clients = setup.epoch_server(), setup.epoch_clients()
-    for i, c in enumerate(clients):
-        server.receive(i, c.advertise_keys())
-    for i, b in server.advance().items():
-        clients[i].accept_roster(b)
+    server, clients = setup.agreed()
     server.open_day(3)
     with pytest.raises(StaleMessageError):
         server.receive(0, clients[0].masked_input(2, torch.zeros(4, dtype=torch.int64)))
@@ -100,11 +92,7 @@ def test_abort_leaves_the_epoch_usable() -> None:
 def test_abort_before_unmasking_reveals_nothing() -> None:
     """Dropouts known at the consistency stage abort before any unmask request is sent."""
     setup = make_round(N, InputSpec("int", L, 1000), degree=K, threshold=T)
-    server, clients = setup.epoch_server(), setup.epoch_clients()
-    for i, c in enumerate(clients):
-        server.receive(i, c.advertise_keys())
-    for i, b in server.advance().items():
-        clients[i].accept_roster(b)
+    server, clients = setup.agreed()
     server.open_day(0)
     xs = _xs(N, 0)
     for i, c in enumerate(clients):
@@ -166,11 +154,7 @@ def test_state_round_trips_between_every_message() -> None:
 
 def test_bad_input_leaves_client_ready() -> None:
     setup = make_round(6, InputSpec("int", 4, 100), degree=4, threshold=3)
-    server, clients = setup.epoch_server(), setup.epoch_clients()
-    for i, c in enumerate(clients):
-        server.receive(i, c.advertise_keys())
-    for i, b in server.advance().items():
-        clients[i].accept_roster(b)
+    server, clients = setup.agreed()
     for x in (torch.zeros(5, dtype=torch.int64), torch.tensor([0, 0, 0, 101]), "x", None):
         with pytest.raises(InputError):
             clients[0].masked_input(0, x)  # type: ignore[arg-type]
@@ -183,11 +167,7 @@ def test_unmask_refuses_too_few_or_forged_neighbour_tags() -> None:
     from protocols.secagg.messages import SERVER, add_mac
 
     setup = make_round(N, InputSpec("int", L, 1000), degree=K, threshold=T)
-    server, clients = setup.epoch_server(), setup.epoch_clients()
-    for i, c in enumerate(clients):
-        server.receive(i, c.advertise_keys())
-    for i, b in server.advance().items():
-        clients[i].accept_roster(b)
+    server, clients = setup.agreed()
     server.open_day(0)
     xs = _xs(N, 0)
     for i, c in enumerate(clients):
@@ -221,11 +201,7 @@ def test_a_wrong_self_mask_share_is_detected_not_summed() -> None:
     from protocols.secagg.messages import add_mac, strip_mac
 
     setup = make_round(N, InputSpec("int", L, 1000), degree=K, threshold=T)
-    server, clients = setup.epoch_server(), setup.epoch_clients()
-    for i, c in enumerate(clients):
-        server.receive(i, c.advertise_keys())
-    for i, b in server.advance().items():
-        clients[i].accept_roster(b)
+    server, clients = setup.agreed()
     server.open_day(0)
     xs = _xs(N, 0)
     for i, c in enumerate(clients):
@@ -284,11 +260,7 @@ def test_a_dropout_reveals_nothing_usable_for_its_input_on_another_day() -> None
     from protocols.secagg.shamir import reconstruct_secret
 
     setup = make_round(N, InputSpec("int", L, 1000), degree=K, threshold=T)
-    server, clients = setup.epoch_server(), setup.epoch_clients()
-    for i, c in enumerate(clients):
-        server.receive(i, c.advertise_keys())
-    for i, blob in server.advance().items():
-        clients[i].accept_roster(blob)
+    server, clients = setup.agreed()
     d, ctx, t = 5, server._ctx, server.config.threshold
     nbrs = server.neighbours(d)
     captured: dict[int, dict] = {}

@@ -29,11 +29,7 @@ def _masked_views(x0: torch.Tensor) -> list[list[torch.Tensor]]:
     views = []
     for _ in range(RUNS):
         setup = make_round(N, InputSpec("int", L, BOUND))
-        server, clients = setup.epoch_server(), setup.epoch_clients()
-        for i, c in enumerate(clients):
-            server.receive(i, c.advertise_keys())
-        for i, m in server.advance().items():
-            clients[i].accept_roster(m)
+        server, clients = setup.agreed()
         xs = [x0, *others]
         ys = []
         for i, c in enumerate(clients):

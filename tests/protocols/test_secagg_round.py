@@ -116,11 +116,7 @@ def test_dropout_beyond_threshold_at_masked_input_aborts_before_any_share_is_rev
     nbrs = neighbours_of(setup.config.graph_seed, N, DEG, victim)
     silent = set(nbrs[: DEG - T + 1])  # victim keeps T-1 live share holders
     xs = _ints(N, 16)
-    server, clients = setup.epoch_server(), setup.epoch_clients()
-    for i, c in enumerate(clients):
-        server.receive(i, c.advertise_keys())
-    for i, b in server.advance().items():
-        clients[i].accept_roster(b)
+    server, clients = setup.agreed()
     server.open_day(0)
     for i, c in enumerate(clients):
         if i not in silent:
