@@ -128,6 +128,7 @@ class HybridSimulation:
         estimator: str = "straight_through",
         tangents: bool = False,
         frac_bits: int | None = None,
+        procs_group: Any = None,
     ) -> None:
         if not isinstance(model, SIR):
             raise HybridError("hybrid mode supports the SIR model")
@@ -161,6 +162,15 @@ class HybridSimulation:
             cw.weights.double()
         self._cross_wsum = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, w)
         self.attributes = {"age_band": torch.zeros(n, dtype=torch.int8)}
+        # partitioned synthetic part (simulation.distributed.hybrid_stepper): every rank of
+        # an initialised process group runs this same loop; procs_group=None keeps 1 rank
+        self._stepper = None
+        if procs_group is not None:
+            if remote or tangents:
+                raise HybridError("the partitioned hybrid run supports fleet mode without tangents")
+            from simulation.distributed.hybrid_stepper import HybridStepper
+            self._stepper = HybridStepper(self.split.central, n,
+                                          group=None if procs_group is True else procs_group)
 
     def _zero_physical(self) -> None:
         for v in self.state.values():
@@ -201,9 +211,17 @@ class HybridSimulation:
 
         with torch.no_grad():
             susceptible = self.state["S"].clone()
-            self.state = step_day(self.model, self.state, day, step_uniforms(self.seed, day, n),
-                                  neighbour_sum=neighbour_sum, degree=self.split.degree,
-                                  attributes=self.attributes, estimator=self._estimator)
+            if self._stepper is not None:
+                self.state, captured["sums"] = self._stepper.step(
+                    self.model, self.state, day, self.seed,
+                    cross_fn=lambda i: self._fleet_sum().step(i, round=day).sums,
+                    degree=self.split.degree, attributes=self.attributes,
+                    estimator=self._estimator)
+            else:
+                self.state = step_day(self.model, self.state, day,
+                                      step_uniforms(self.seed, day, n),
+                                      neighbour_sum=neighbour_sum, degree=self.split.degree,
+                                      attributes=self.attributes, estimator=self._estimator)
             torch.set_num_threads(1)  # the numba kernel may have changed torch's threads
             if self.remote:
                 self._zero_physical()
