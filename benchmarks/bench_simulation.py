@@ -124,6 +124,37 @@ def run_fused(mod, graph, days, tangents):
     return timed(go)
 
 
+def kernel_profile(graph, days) -> None:
+    """Wall seconds per compiled kernel of ``simulation.fused_sir`` (one forward, one tangent run):
+    where the gradient's extra time goes. Wraps the module's kernels for the two runs only."""
+    import simulation.fused_sir as fs
+
+    names = ["_day_counts", "_events_cnt", "_events", "_advance", "_send", "_push"]
+    orig = {k: getattr(fs, k) for k in names}
+    acc: dict[str, float] = {}
+
+    def wrap(name, fn):
+        def go(*a):
+            t0 = time.perf_counter()
+            out = fn(*a)
+            acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
+            return out
+        return go
+
+    try:
+        for k, fn in orig.items():
+            setattr(fs, k, wrap(k, fn))
+        for tangents in (False, True):
+            acc.clear()
+            wall = run_fused(fs, graph, days, tangents)[0]
+            parts = "  ".join(f"{k} {v:.2f}" for k, v in sorted(acc.items(), key=lambda kv: -kv[1]))
+            print(f"  kernels, {'tangent run' if tangents else 'forward':11s} {wall:6.2f} s: {parts}  [{load()}]",
+                  flush=True)
+    finally:
+        for k, fn in orig.items():
+            setattr(fs, k, fn)
+
+
 def run_starsim(n, days):
     import starsim as ss
 
@@ -159,6 +190,8 @@ def main() -> None:
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--smoothed", action="store_true", help="also time the per-event smoothed fwd+bwd")
     ap.add_argument("--baseline", default=None, help="git revision of simulation/fused_sir.py to compare")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also print the wall seconds per fused kernel of one forward and one tangent run")
     args = ap.parse_args()
     if args.skip_peers:
         args.peers = ""
@@ -208,6 +241,8 @@ def run_size(args, n: int, days: int, base=None) -> None:
         _line("current tangents (run only)", nt, steps, nf[0], extra=f"cpu {nt[1] / nf[1]:.2f}× fwd  ")
         print(f"  speed-up vs {args.baseline}: forward {bf[0] / nf[0]:.2f}× (cpu {bf[1] / nf[1]:.2f}×), "
               f"tangents {bt[0] / nt[0]:.2f}× (cpu {bt[1] / nt[1]:.2f}×)")
+    if args.kernels:
+        kernel_profile(graph, days)
     peers = [p for p in args.peers.split(",") if p]
     if "starsim" in peers:
         ss = best_of(rep, lambda: run_starsim(n, days))
