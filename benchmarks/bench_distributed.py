@@ -239,6 +239,45 @@ def project(rows: list[dict], sizes=(8_400_000, 100_000_000), ranks=(1, 2, 4, 8,
     return out
 
 
+def _hybrid_rank(rank: int, world: int, n: int, days: int, every: int) -> dict | None:
+    """One rank of a fleet-mode hybrid run (coordinator.hybrid, procs_group on P > 1)."""
+    from coordinator.hybrid import HybridSimulation
+    from simulation.models import SIR
+    from simulation.population import synthesize
+    torch.set_num_threads(1)
+    pop = synthesize("tiny", seed=0, scale=n / 1000)
+    t0 = time.perf_counter()
+    sim = HybridSimulation(SIR(beta=0.9, gamma=0.1, initial_infected=0.05), pop,
+                           torch.arange(0, pop.n, every), 3,
+                           procs_group=True if world > 1 else None)
+    setup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rows = [sim.step() for _ in range(days)]
+    steps = time.perf_counter() - t0
+    if rank:
+        return None
+    return {"setup_s": setup, "steps_s": steps, "series": [r["new_infections"] for r in rows]}
+
+
+def hybrid_timing(n: int, days: int, every: int, procs: int) -> dict:
+    """1- vs P-rank hybrid run (same run, alternated twice): seconds and ratio."""
+    from simulation.distributed.launch import spawn_local
+    best: dict[int, float] = {}
+    series: dict[int, list] = {}
+    for _ in range(2):
+        for w in (1, procs):
+            r = spawn_local(_hybrid_rank, w, n, days, every, timeout=600)[0]
+            best[w] = min(best.get(w, float("inf")), r["steps_s"])
+            series[w] = r["series"]
+            print(f"hybrid {n} agents, {n // every} devices, {days} days, {w} rank(s): "
+                  f"steps {r['steps_s']:.2f} s, setup {r['setup_s']:.2f} s "
+                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    assert series[1] == series[procs], "partitioned hybrid series differ from 1 rank"
+    ratio = best[1] / best[procs]
+    print(f"hybrid speed-up 1 -> {procs} ranks (best of 2): {ratio:.2f}x")
+    return {"n": n, "days": days, "devices": n // every, "best_s": best, "speedup": ratio}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1_000_000)
@@ -252,6 +291,9 @@ def main() -> None:
     ap.add_argument("--skip-halo", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--hybrid", action="store_true",
+                    help="only the coordinator's fleet-mode hybrid run, 1 vs --procs ranks")
+    ap.add_argument("--hybrid-devices", type=int, default=20)
     ap.add_argument("--project", type=Path, default=None,
                     help="print the GPU projection table from a saved --json (halo part)")
     args = ap.parse_args()
@@ -267,6 +309,12 @@ def main() -> None:
                   f"{r['allgather_s'] * 1e3:.2f} |")
         return
     result: dict = {"uptime_load": os.getloadavg()}
+    if args.hybrid:
+        result["hybrid"] = hybrid_timing(args.n, args.days, args.n // args.hybrid_devices,
+                                         args.procs)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2, default=float))
+        return
     if not args.skip_halo:
         parts = [int(p) for p in args.parts.split(",")]
         rows: list[dict] = []

@@ -47,7 +47,7 @@ class HybridStepper:
 
     def _full(self, local: torch.Tensor) -> torch.Tensor:
         """The length-n vector from every rank's owned entries (exact: x + 0 = x)."""
-        full = torch.zeros(self.n, dtype=local.dtype)
+        full = torch.zeros((self.n, *local.shape[1:]), dtype=local.dtype)
         full[self.owned] = local
         if self.size > 1:
             dist.all_reduce(full, group=self.group)
@@ -100,5 +100,8 @@ class HybridStepper:
                        attributes={k: v[own] for k, v in attributes.items()},
                        estimator=estimator)
         torch.set_num_threads(1)
-        full_state = {k: self._full(v.detach()) for k, v in new.items()}
-        return full_state, self._full(captured["sums"].detach())
+        # one collective for the whole state and the sums (float64 holds float32 exactly)
+        parts = [*new.values(), captured["sums"]]
+        full = self._full(torch.stack([v.detach().double() for v in parts]).T).T
+        out = [f.to(v.dtype) for f, v in zip(full.unbind(0), parts, strict=True)]
+        return dict(zip(new, out[:-1], strict=True)), out[-1]
