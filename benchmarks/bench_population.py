@@ -17,13 +17,12 @@ import argparse
 import gc
 import os
 import tempfile
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import psutil
 import torch
+from peak_rss import PeakRSS  # benchmarks/peak_rss.py (the script's folder is on sys.path)
 
 from simulation.engine import simulate
 from simulation.kernels import warm_up
@@ -37,30 +36,6 @@ from simulation.population import (
     synthesize,
     write_population,
 )
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every 5 ms."""
-
-    def __enter__(self) -> PeakRSS:
-        gc.collect()
-        self.proc = psutil.Process(os.getpid())
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._stop = False
-        self._t = threading.Thread(target=self._poll, daemon=True)
-        self._t.start()
-        return self
-
-    def _poll(self) -> None:
-        while not self._stop:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop = True
-        self._t.join()
-        self.extra_gib = (self.peak - self.base) / 2**30
 
 
 def throughput(graph, n: int, days: int) -> float:

@@ -27,11 +27,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-import psutil
 import torch
+from peak_rss import PeakRSS  # benchmarks/peak_rss.py (the script's folder is on sys.path)
 
 from simulation.engine import simulate
 from simulation.kernels import warm_up
@@ -39,30 +38,6 @@ from simulation.models import SIR
 from simulation.population import random_contact_graph
 
 BETA, GAMMA, I0, DEGREE = 0.5, 0.1, 0.01, 10
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every 2 ms."""
-
-    def __enter__(self):
-        gc.collect()
-        self.proc = psutil.Process(os.getpid())
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._stop = False
-        self._t = threading.Thread(target=self._poll, daemon=True)
-        self._t.start()
-        return self
-
-    def _poll(self):
-        while not self._stop:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop = True
-        self._t.join()
-        self.extra = self.peak - self.base
 
 
 def load() -> str:
@@ -78,7 +53,7 @@ def best_of(repeat: int, fn):
 def timed(fn):
     gc.collect()
     t, c = time.perf_counter(), time.process_time()
-    with PeakRSS() as mem:
+    with PeakRSS(interval=0.002) as mem:
         value = fn()
     return time.perf_counter() - t, time.process_time() - c, mem.extra, value
 
