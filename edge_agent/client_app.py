@@ -105,6 +105,8 @@ class _Device:
     def __init__(self, st: ConfigRecord) -> None:
         self.st = st
         self._store: EdgeStore | None = None
+        self._agreed: dict[str, tuple[bytes, bytes]] | None = None
+        self._agreed_at_load = 0
 
     @property
     def store(self) -> EdgeStore | None:
@@ -126,6 +128,40 @@ class _Device:
             return blob(self.st, name)
         return store.get_private_key(f"{text(self.st, 'run_id')}/{name}")
 
+    def _optional_secret(self, name: str) -> bytes | None:
+        store = self.store
+        if store is None:
+            return blob(self.st, name) if name in self.st else None
+        try:
+            return store.get_private_key(f"{text(self.st, 'run_id')}/{name}")
+        except KeyError:
+            return None
+
+    def keyring(self) -> Keyring:
+        """A keyring for one neighbourhood agent (its own replay memory) over the X25519
+        secrets this device already agreed in the run (kept like its other secrets), so a
+        day costs no agreement with a known contact and a contact's key cannot change
+        between messages unnoticed."""
+        key = AgreementKey.from_private_bytes(self.secret("nb_key"))
+        if self._agreed is None:
+            self._agreed = _load_agreed(self._optional_secret(_AGREED), key.public_bytes())
+            self._agreed_at_load = len(self._agreed)
+        return Keyring(text(self.st, "agent_id"), text(self.st, "run_id"), key,
+                       agreed=self._agreed)
+
+    def keep_agreed(self) -> None:
+        """Save the run's agreed secrets if this message added any."""
+        if self._agreed is None or len(self._agreed) == self._agreed_at_load:
+            return
+        raw = _dump_agreed(self._agreed, AgreementKey.from_private_bytes(
+            self.secret("nb_key")).public_bytes())
+        store = self.store
+        if store is None:
+            self.st[_AGREED] = raw
+        else:
+            store.put_private_key(f"{text(self.st, 'run_id')}/{_AGREED}", raw)
+        self._agreed_at_load = len(self._agreed)
+
     def user_status(self) -> str | None:
         """The status the device's user set (``lpm edge status``), if any."""
         store = self.store
@@ -140,6 +176,33 @@ class _Device:
         run_id = text(self.st, "run_id")
         return SecAggDevice(self.st, store.get_private_key(f"{run_id}/identity"),
                             StoreVault(store, run_id))
+
+
+_AGREED = "nb_agreed"  # the run's X25519 secrets with contacts, bound to the device's key
+
+
+def _dump_agreed(agreed: dict[str, tuple[bytes, bytes]], own_public: bytes) -> bytes:
+    return json.dumps({"pk": own_public.hex(),
+                       "peers": {p: pub.hex() + sec.hex() for p, (pub, sec) in agreed.items()}}
+                      ).encode()
+
+
+def _load_agreed(raw: bytes | None, own_public: bytes) -> dict[str, tuple[bytes, bytes]]:
+    """The saved agreements, or none when they belong to another key (a new enrolment)."""
+    if raw is None:
+        return {}
+    try:
+        d = json.loads(raw.decode())
+        if d["pk"] != own_public.hex():
+            return {}
+        out = {str(p): (bytes.fromhex(v[:64]), bytes.fromhex(v[64:]))
+               for p, v in d["peers"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DeviceProtocolError(f"the device's saved key agreements are damaged: {exc}"
+                                  ) from exc
+    if any(len(pub) != 32 or len(sec) != 32 for pub, sec in out.values()):
+        raise DeviceProtocolError("the device's saved key agreements are damaged")
+    return out
 
 
 @contextmanager
@@ -174,6 +237,7 @@ def _session(context: Context) -> Iterator[_Device]:
             dev.st = restore_record(saved)
             records[Keys.DEVICE_STATE] = dev.st
         yield dev
+        dev.keep_agreed()
         if dev.store is not None:
             dev.store.set_status(RECORD_STATUS_KEY, export_record(dev.st))
     finally:
@@ -238,9 +302,8 @@ def _restore_day(dev: _Device, run_id: str, day: int) -> int:
 
 def _agent(dev: _Device, tangent: bool = False) -> AssistedNeighbourhoodAgent:
     st = dev.st
-    keyring = Keyring(str(st["agent_id"]), str(st["run_id"]),
-                      AgreementKey.from_private_bytes(dev.secret("nb_key")))
-    return AssistedNeighbourhoodAgent(str(st["agent_id"]), str(st["run_id"]), keyring=keyring,
+    return AssistedNeighbourhoodAgent(str(st["agent_id"]), str(st["run_id"]),
+                                      keyring=dev.keyring(),
                                       ring=FixedPointRing(integer(st, "frac_bits")),
                                       value_bound=TANGENT_BOUND if tangent else None)
 

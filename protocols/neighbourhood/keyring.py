@@ -35,11 +35,17 @@ def key_statement(run_id: str, agent_id: str, public_key: bytes) -> bytes:
 class Keyring:
     """Agreement key of ``owner`` plus the public keys of its peers (from the relay)."""
 
-    def __init__(self, owner: str, run_id: str, key: AgreementKey | None = None) -> None:
+    def __init__(self, owner: str, run_id: str, key: AgreementKey | None = None,
+                 agreed: dict[str, tuple[bytes, bytes]] | None = None) -> None:
+        """``agreed`` (optional, shared and updated in place): ``{peer: (peer public key,
+        X25519 secret)}`` kept by the device between messages of one run and key, so a
+        device that rebuilds its keyring per message agrees with each peer once per run —
+        and notices a peer key that changed between messages."""
         self.owner = owner
         self.run_id = run_id
         self._key = key if key is not None else AgreementKey.generate()
         self._public: dict[str, bytes] = {}
+        self._agreed = agreed if agreed is not None else {}
         self._pair: dict[str, tuple[bytes, bytes]] = {}
         self._keys: dict[tuple[str, str], bytes] = {}
         self._guard = ReplayGuard()
@@ -66,8 +72,13 @@ class Keyring:
                 raise UnexpectedMessageError(f"no public key for {peer!r}")
             lo, hi = sorted((self.owner, peer))
             info = b"".join(_lp(f.encode()) for f in (self.run_id, lo, hi))
-            cached = (self._key.exchange(pub), info)
-            self._pair[peer] = cached
+            known = self._agreed.get(peer)
+            if known is not None and known[0] != pub:
+                raise UnexpectedMessageError(f"public key of {peer!r} changed within the run")
+            secret = known[1] if known is not None else self._key.exchange(pub)
+            if known is None and not peer.startswith(DUMMY_PREFIX):  # dummies: fresh keys
+                self._agreed[peer] = (pub, secret)
+            cached = self._pair[peer] = (secret, info)
         return cached
 
     def _derived(self, peer: str, label: str) -> bytes:

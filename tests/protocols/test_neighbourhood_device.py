@@ -390,3 +390,45 @@ def test_signed_keys_stop_a_relay_that_substitutes_a_key() -> None:
     forged = dict(signed) | {"b": (mitm.public_bytes(), signed["b"][1])}
     with pytest.raises(SignatureError):
         Keyring("z", "signed").add_signed_peers(forged, trusted)
+
+
+class _CountingKey:
+    """An X25519 key that counts its agreements (wraps the real key)."""
+
+    def __init__(self) -> None:
+        from protocols.keys import AgreementKey
+
+        self.key, self.exchanges = AgreementKey.generate(), 0
+
+    def public_bytes(self) -> bytes:
+        return self.key.public_bytes()
+
+    def exchange(self, peer_public: bytes) -> bytes:
+        self.exchanges += 1
+        return self.key.exchange(peer_public)
+
+
+def test_agreed_secrets_carry_over_between_keyrings_and_pin_peer_keys() -> None:
+    """A device that rebuilds its keyring per message (the ClientApp) agrees with a contact
+    once per run, derives the same keys from the carried-over secret, and refuses a contact
+    whose key changed between messages (a relay substituting keys later in the run)."""
+    from protocols.keys import AgreementKey
+    from protocols.neighbourhood import Keyring
+    from protocols.neighbourhood.errors import UnexpectedMessageError
+
+    peer = AgreementKey.generate()
+    key = _CountingKey()
+    agreed: dict[str, tuple[bytes, bytes]] = {}
+    first = Keyring("a1", "run", key, agreed=agreed)  # type: ignore[arg-type]
+    first.add_peers({"a2": peer.public_bytes()})
+    k1 = first.pair_key("a2")
+    second = Keyring("a1", "run", key, agreed=agreed)  # type: ignore[arg-type]
+    second.add_peers({"a2": peer.public_bytes()})
+    assert second.pair_key("a2") == k1 and key.exchanges == 1
+    fresh = Keyring("a1", "run", key.key)  # nothing carried over: the same key, derived again
+    fresh.add_peers({"a2": peer.public_bytes()})
+    assert fresh.pair_key("a2") == k1
+    third = Keyring("a1", "run", key, agreed=agreed)  # type: ignore[arg-type]
+    third.add_peers({"a2": AgreementKey.generate().public_bytes()})  # substituted
+    with pytest.raises(UnexpectedMessageError, match="changed within the run"):
+        third.pair_key("a2")
