@@ -71,7 +71,6 @@ STORE_CONFIG_KEY = "lpm-store"  # node config: path of the device's EdgeStore
 USER_STATUS_KEY = "user"  # EdgeStore status key written by `lpm edge status`
 RECORD_STATUS_KEY = "device-record"  # EdgeStore status key: the exported state record
 _UNIFORM_LABEL = "lpm-edge/device-uniforms/v1"
-_SECRETS = ("nb_key", "identity", "u_seed")
 _COMPARTMENTS = ("S", "I", "R")
 
 app = ClientApp()
