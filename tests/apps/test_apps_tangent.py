@@ -74,29 +74,20 @@ def test_flower_devices_carry_tangents_exact_gradient(estimator):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_tangents_over_real_superlink_and_supernodes(tmp_path):
+def test_tangents_over_real_superlink_and_supernodes(tmp_path, e2e):
     """The same over real processes: flower-superlink + 3 flower-supernode + `flwr run` with
     run config ``tangents=true``; the committed rows' d_new_dbeta equal central autograd."""
     import os
     import shutil
-    import signal
-    import socket
     import subprocess
-    import sys
     import time
-    from pathlib import Path
 
     from coordinator.store import CoordinatorStore
 
-    root, bin_ = Path(__file__).resolve().parents[2], Path(sys.executable).parent
+    root, bin_ = e2e.root, e2e.bin
     if shutil.which("flower-superlink", path=str(bin_)) is None:
         pytest.skip("flower-superlink not installed")
-    socks = [socket.socket() for _ in range(4)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    link, *capio = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    link, *capio = e2e.ports(4)
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text(
@@ -107,8 +98,7 @@ def test_tangents_over_real_superlink_and_supernodes(tmp_path):
            "OMP_NUM_THREADS": "1"}
 
     def spawn(args: list[str], log: str) -> subprocess.Popen:
-        return subprocess.Popen(args, env=env, stdout=(tmp_path / log).open("wb"),
-                                stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+        return e2e.spawn(args, env, tmp_path / log)
 
     db = tmp_path / "coord.db"
     procs = [spawn([str(bin_ / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
@@ -136,14 +126,7 @@ def test_tangents_over_real_superlink_and_supernodes(tmp_path):
             time.sleep(1)
         series = store.series("tan")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        e2e.stop(procs)
     fed = torch.tensor([float(r["d_new_dbeta"]) for r in series], dtype=torch.float64)
     assert _rel(fed, _central(cfg, "expected")) < 1e-5
     assert _rel(fed, _fleet_mode(cfg, "expected")) < 1e-5
