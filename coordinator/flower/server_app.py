@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -363,33 +363,15 @@ class FederatedRun:
                                     pending_theta, sim)
             if attempt is None:
                 break
-            uploads = {name: [Envelope.from_bytes(b) for b in r.envelopes]
-                       for name, r in day_replies.items()}
-            i_now = sim.state["I"]
-            for name, agent in proxies.items():
-                idx = int(name[1:])
-                plan = plans[name]
-                agent.keyring.add_peers({p: all_keys[p] for p in _parties(plan) if p in all_keys})
-                uploads[name] = agent.start(plan, float(i_now[idx]),
-                                            weights=weights.get(name),
-                                            weight_sum=wsum.get(name))
-            cross_sums, pending = _route(attempt.route_phase1(uploads), proxies, day_replies,
-                                         split.n)
+            cross_sums, pending = _relay_round(
+                attempt, proxies, plans, {m: r.envelopes for m, r in day_replies.items()},
+                sim.state["I"], all_keys, weights, wsum, day_replies, split.n)
             cross_dsums = None
             if tattempt is not None:
-                tuploads = {name: [Envelope.from_bytes(b) for b in r.tenvelopes]
-                            for name, r in day_replies.items()}
-                t_now = sim.tangent["I"]
-                for name, agent in tproxies.items():
-                    idx = int(name[1:])
-                    tplan = tplans[name]
-                    agent.keyring.add_peers({p: all_keys[p] for p in _parties(tplan)
-                                             if p in all_keys})
-                    tuploads[name] = agent.start(tplan, float(t_now[idx]),
-                                                 weights=weights.get(name),
-                                                 weight_sum=wsum.get(name))
-                cross_dsums, tpending = _route(tattempt.route_phase1(tuploads), tproxies,
-                                               day_replies, split.n)
+                cross_dsums, tpending = _relay_round(
+                    tattempt, tproxies, tplans,
+                    {m: r.tenvelopes for m, r in day_replies.items()}, sim.tangent["I"],
+                    all_keys, weights, wsum, day_replies, split.n)
             pending_syn = sim.step(cross_sums=cross_sums, cross_dsums=cross_dsums)
             pending_theta = theta
             self._state_blob = sim.state_bytes()
@@ -486,6 +468,25 @@ class FederatedRun:
                                     state=pack_checkpoint(self._state_blob, self.calibrator))
         if self.on_day is not None:
             self.on_day(day, row)
+
+
+def _relay_round(attempt: Any, proxies: Mapping[str, AssistedNeighbourhoodAgent],
+                 plans: Mapping[str, Any], device_uploads: Mapping[str, Sequence[bytes]],
+                 values: torch.Tensor, keys: Mapping[str, bytes],
+                 weights: Mapping[str, dict[str, float]], wsum: Mapping[str, float],
+                 replies: Mapping[str, DayReply], n: int
+                 ) -> tuple[torch.Tensor, dict[str, tuple[list[bytes], bytes]]]:
+    """One neighbourhood round at the coordinator (the value round or the tangent round):
+    the devices' uploads, the proxies' (synthetic agents with device contacts) own starts
+    with ``values``, routed through ``attempt``; then :func:`_route`."""
+    uploads = {name: [Envelope.from_bytes(b) for b in blobs]
+               for name, blobs in device_uploads.items()}
+    for name, agent in proxies.items():
+        plan = plans[name]
+        agent.keyring.add_peers({p: keys[p] for p in _parties(plan) if p in keys})
+        uploads[name] = agent.start(plan, float(values[int(name[1:])]),
+                                    weights=weights.get(name), weight_sum=wsum.get(name))
+    return _route(attempt.route_phase1(uploads), proxies, replies, n)
 
 
 def _route(deliveries: Mapping[str, Any], proxies: Mapping[str, AssistedNeighbourhoodAgent],
