@@ -104,7 +104,8 @@ class _Device:
     def __init__(self, st: ConfigRecord) -> None:
         self.st = st
         self._store: EdgeStore | None = None
-        self._agreed: dict[str, tuple[bytes, bytes]] | None = None
+        self._nb_key: AgreementKey | None = None  # read once per message
+        self._agreed: dict[str, tuple[bytes, bytes]] = {}
         self._agreed_at_load = 0
 
     @property
@@ -141,19 +142,19 @@ class _Device:
         secrets this device already agreed in the run (kept like its other secrets), so a
         day costs no agreement with a known contact and a contact's key cannot change
         between messages unnoticed."""
-        key = AgreementKey.from_private_bytes(self.secret("nb_key"))
-        if self._agreed is None:
-            self._agreed = _load_agreed(self._optional_secret(_AGREED), key.public_bytes())
+        if self._nb_key is None:
+            self._nb_key = AgreementKey.from_private_bytes(self.secret("nb_key"))
+            self._agreed = _load_agreed(self._optional_secret(_AGREED),
+                                        self._nb_key.public_bytes())
             self._agreed_at_load = len(self._agreed)
-        return Keyring(text(self.st, "agent_id"), text(self.st, "run_id"), key,
+        return Keyring(text(self.st, "agent_id"), text(self.st, "run_id"), self._nb_key,
                        agreed=self._agreed)
 
     def keep_agreed(self) -> None:
         """Save the run's agreed secrets if this message added any."""
-        if self._agreed is None or len(self._agreed) == self._agreed_at_load:
+        if self._nb_key is None or len(self._agreed) == self._agreed_at_load:
             return
-        raw = _dump_agreed(self._agreed, AgreementKey.from_private_bytes(
-            self.secret("nb_key")).public_bytes())
+        raw = _dump_agreed(self._agreed, self._nb_key.public_bytes())
         store = self.store
         if store is None:
             self.st[_AGREED] = raw
