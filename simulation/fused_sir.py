@@ -477,14 +477,14 @@ def simulate_sir_fused(model, layer: CSRLayer, days: int, seed: int, progress=No
         tan = sum(torch.from_numpy(jac[..., j]).float() * t.float() for j, t in enumerate(tangents) if t is not None)
         series = fwAD.make_dual(torch.from_numpy(series_np).float(), tan)
         out.update(S=torch.from_numpy(s), I=torch.from_numpy(i), new=torch.from_numpy(new))
-        return _named(series, out)
+        return named_series(series, out)
     grad = torch.is_grad_enabled() and (model.beta.requires_grad or model.gamma.requires_grad)
     beta, gamma = (model.beta, model.gamma) if grad else (model.beta.detach(), model.gamma.detach())
     series = _FusedSIR.apply(beta, gamma, layer, state["S"], state["I"], days, seed, progress, out)
-    return _named(series, out)
+    return named_series(series, out)
 
 
-def _named(series: torch.Tensor, out: dict[str, torch.Tensor]):
+def named_series(series: torch.Tensor, out: dict[str, torch.Tensor]):
     cols = series.unbind(1)
     named = {"S": cols[0], "I": cols[1], "R": cols[2], "new_infections": cols[3]}
     final = {"S": out["S"], "I": out["I"], "R": 1.0 - out["S"] - out["I"], "new_infections": out["new"]}
