@@ -34,6 +34,7 @@ __all__ = [
     "SurvivorTags",
     "DayUnmaskRequest",
     "DayUnmaskResponse",
+    "pack_indexed",
     "parse_eheader",
 ]
 
@@ -86,30 +87,39 @@ class EHeader:
                 + _HEAD.pack(self.epoch, self.day, self.sender, self.receiver))
 
 
+_EMSG = {int(m): m for m in EMsg}
+_KINDS = {int(k): k for k in RevealKind}
+
+
 def _parse(blob: bytes) -> tuple[EHeader, _Reader]:
-    r = _Reader(blob)
-    if r.take(4) != MAGIC:
-        raise MalformedMessageError("bad magic")
-    t = r.take(1)[0]
+    if len(blob) < 6 + _HEAD.size or blob[:4] != MAGIC:
+        if len(blob) >= 4 and blob[:4] != MAGIC:
+            raise MalformedMessageError("bad magic")
+        raise MalformedMessageError("message truncated")
+    mtype = _EMSG.get(blob[4])
+    if mtype is None:
+        raise MalformedMessageError(f"unknown message type {blob[4]}")
+    run_len = blob[5]
+    end = 6 + run_len
+    if len(blob) < end + _HEAD.size:
+        raise MalformedMessageError("message truncated")
     try:
-        mtype = EMsg(t)
-    except ValueError as exc:
-        raise MalformedMessageError(f"unknown message type {t}") from exc
-    run_len = r.take(1)[0]
-    try:
-        run = r.take(run_len).decode()
+        run = blob[6:end].decode()
     except UnicodeDecodeError as exc:
         raise MalformedMessageError("run_id is not UTF-8") from exc
-    epoch, day, sender, receiver = _HEAD.unpack(r.take(_HEAD.size))
+    epoch, day, sender, receiver = _HEAD.unpack_from(blob, end)
     if epoch >= 2**63 or day >= 2**63:
         raise MalformedMessageError("epoch or day out of range")
+    r = _Reader(blob)
+    r.pos = end + _HEAD.size
     return EHeader(mtype, run, epoch, day, sender, receiver), r
 
 
 def _start(blob: object, expected: EMsg, max_bytes: int) -> tuple[EHeader, _Reader]:
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise MalformedMessageError(f"message must be bytes, got {type(blob).__name__}")
-    blob = bytes(blob)
+    if type(blob) is not bytes:
+        blob = bytes(blob)
     if len(blob) > max_bytes:
         raise OversizedMessageError(f"message of {len(blob)} bytes exceeds {max_bytes}")
     header, r = _parse(blob)
@@ -196,13 +206,16 @@ def _envelopes(r: _Reader, n: int, limit: int) -> tuple[tuple[int, bytes], ...]:
     return _indexed(r, n, limit, ENVELOPE_BYTES)
 
 
+def pack_indexed(entries: tuple[tuple[int, bytes], ...] | list[tuple[int, bytes]],
+                 size: int, what: str) -> bytes:
+    """``count ‖ (u32 index ‖ size bytes)*`` (the inverse of the parsers' indexed lists)."""
+    if any(len(v) != size for _, v in entries):
+        raise MalformedMessageError(f"{what} of the wrong size")
+    return b"".join([_U32.pack(len(entries)), *(_U32.pack(i) + v for i, v in entries)])
+
+
 def _pack_envelopes(envs: tuple[tuple[int, bytes], ...]) -> list[bytes]:
-    parts = [_U32.pack(len(envs))]
-    for idx, env in envs:
-        if len(env) != ENVELOPE_BYTES:
-            raise MalformedMessageError("envelope of the wrong size")
-        parts += [_U32.pack(idx), env]
-    return parts
+    return [pack_indexed(envs, ENVELOPE_BYTES, "envelope")]
 
 
 @dataclass(frozen=True)
@@ -270,12 +283,7 @@ class SurvivorSet:
 
 
 def _pack_tags(tags: tuple[tuple[int, bytes], ...]) -> list[bytes]:
-    parts = [_U32.pack(len(tags))]
-    for idx, tag in tags:
-        if len(tag) != TAG:
-            raise MalformedMessageError("tag of the wrong size")
-        parts += [_U32.pack(idx), tag]
-    return parts
+    return [pack_indexed(tags, TAG, "tag")]
 
 
 def _tags(r: _Reader, n: int, limit: int) -> tuple[tuple[int, bytes], ...]:
@@ -356,18 +364,22 @@ class DayUnmaskResponse:
     def decode(cls, blob: object, n: int, max_entries: int) -> DayUnmaskResponse:
         size = HEADER_MAX + 4 + max_entries * (5 + SHARE_BYTES)
         header, r = _start(blob, EMsg.UNMASK_RESPONSE, size)
-        out = []
-        for _ in range(_count(r, max_entries)):
-            idx = _index(r.u32(), n)
-            k = r.take(1)[0]
-            try:
-                kind = RevealKind(k)
-            except ValueError as exc:
-                raise MalformedMessageError(f"unknown reveal kind {k}") from exc
-            out.append((idx, kind, r.take(_REVEAL_BYTES[kind])))
+        count = _count(r, max_entries)
+        rows = list(struct.iter_unpack(f">IB{SHARE_BYTES}s", r.take(count * (5 + SHARE_BYTES))))
         r.end()
         _index(header.sender, n)
-        _no_duplicates(i for i, _, _ in out)
+        if count:
+            idx = [i for i, _, _ in rows]
+            if max(idx) >= n:
+                raise MalformedMessageError(f"client index {max(idx)} out of range (n={n})")
+            if len(set(idx)) != count:
+                raise MalformedMessageError("duplicate index")
+        out = []
+        for idx_, k, data in rows:
+            kind = _KINDS.get(k)
+            if kind is None:
+                raise MalformedMessageError(f"unknown reveal kind {k}")
+            out.append((idx_, kind, data))
         return cls(header, tuple(out))
 
 

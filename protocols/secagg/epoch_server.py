@@ -12,9 +12,11 @@ when the dropouts are known in advance, and leaves the epoch usable for the next
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from enum import Enum
 
+import numpy as np
 import torch
 
 from protocols.keys import (
@@ -22,16 +24,16 @@ from protocols.keys import (
     InvalidKeyError,
     SignatureError,
     check_agreement_public_key,
-    ring_keystream,
     verify_signature,
 )
 from protocols.secagg.config import RoundConfig
 from protocols.secagg.epoch_client import check_day, check_eheader
 from protocols.secagg.epoch_keys import EpochContexts
 from protocols.secagg.epoch_messages import (
+    ENVELOPE_BYTES,
     SERVER,
+    TAG,
     DayInput,
-    DayUnmaskRequest,
     DayUnmaskResponse,
     EHeader,
     EMsg,
@@ -39,9 +41,9 @@ from protocols.secagg.epoch_messages import (
     EpochRoster,
     RevealKind,
     RosterEntry,
-    SurvivorSet,
     SurvivorTags,
     encode_bitmap,
+    pack_indexed,
 )
 from protocols.secagg.errors import (
     BadSignatureError,
@@ -54,8 +56,16 @@ from protocols.secagg.errors import (
     StaleMessageError,
 )
 from protocols.secagg.graph import neighbour_graph
+from protocols.secagg.keystream import ring_keystreams
 from protocols.secagg.messages import add_mac, strip_mac
-from protocols.secagg.shamir import ShamirError, decode_share, reconstruct_secret
+from protocols.secagg.shamir import (
+    InconsistentSharesError,
+    ShamirError,
+    reconstruct_secrets,
+    shares_in_field,
+)
+
+_U32 = struct.Struct(">I")
 
 __all__ = ["EpochServer", "EpochServerStage"]
 
@@ -67,6 +77,14 @@ class EpochServerStage(Enum):
     CONSISTENCY = "consistency"
     UNMASK = "unmask"
     ABORTED = "aborted"
+
+
+_HANDLERS = {
+    EpochServerStage.ADVERTISE: "_on_advertise",
+    EpochServerStage.INPUT: "_on_input",
+    EpochServerStage.CONSISTENCY: "_on_signature",
+    EpochServerStage.UNMASK: "_on_unmask",
+}
 
 
 class EpochServer:
@@ -100,6 +118,10 @@ class EpochServer:
         self._day_keys: dict[tuple[int, int], bytes] = {}  # (survivor, dropped) -> day key
         self._responders: frozenset[int] = frozenset()
         self._responses: dict[int, DayUnmaskResponse] = {}
+        self._envs: dict[int, dict[int, bytes]] = {}  # sender -> {receiver: envelope}
+        self._in_s: dict[int, frozenset[int]] = {}  # survivor -> its live neighbours in S
+        self._shares: dict[int, dict[int, bytes]] = {}  # owner -> {holder x: share}
+        self._live_nbrs: list[frozenset[int]] = [frozenset()] * config.n
         self.results: dict[int, torch.Tensor] = {}
         self.survivors: dict[int, frozenset[int]] = {}
         self.result: torch.Tensor | None = None
@@ -117,17 +139,12 @@ class EpochServer:
     def receive(self, sender: int, blob: bytes) -> None:
         """Accept one client message for the current stage (``sender`` = the roster index
         the transport received it from)."""
-        if not isinstance(sender, int) or isinstance(sender, bool) or not 0 <= sender < self.config.n:
+        if type(sender) is not int or not 0 <= sender < self.config.n:
             raise MalformedMessageError(f"unknown sender {sender!r}")
-        handler = {
-            EpochServerStage.ADVERTISE: self._on_advertise,
-            EpochServerStage.INPUT: self._on_input,
-            EpochServerStage.CONSISTENCY: self._on_signature,
-            EpochServerStage.UNMASK: self._on_unmask,
-        }.get(self.stage)
-        if handler is None:
+        name = _HANDLERS.get(self.stage)
+        if name is None:
             raise StageError(f"server is {self.stage.value}; no messages accepted")
-        handler(sender, blob)
+        getattr(self, name)(sender, blob)
 
     def open_day(self, day: int) -> None:
         """Start collecting day ``day``'s inputs (days strictly increase)."""
@@ -178,6 +195,7 @@ class EpochServer:
     # -- helpers ---------------------------------------------------------------------
     def _clear_day(self) -> None:
         self._inputs, self._tags, self._responses, self._day_keys = {}, {}, {}, {}
+        self._envs, self._in_s, self._shares = {}, {}, {}
         self._s, self._responders, self._bitmap = frozenset(), frozenset(), b""
 
     def _out(self, mtype: EMsg, receiver: int, day: int = 0) -> EHeader:
@@ -245,6 +263,7 @@ class EpochServer:
             out[i] = add_mac(self._macs[i],
                              EpochRoster(self._out(EMsg.ROSTER, i), entries).encode())
         self.live = live
+        self._live_nbrs = [nb & live for nb in self._nbrs]
         self.stage = EpochServerStage.READY
         return out
 
@@ -254,10 +273,19 @@ class EpochServer:
         assert self.day is not None
         msg = DayInput.decode(self._body(sender, blob), cfg.n, cfg.degree, cfg.spec.length)
         self._check(sender, msg.header, self.day, self._inputs, self.live)
-        if {j for j, _ in msg.envelopes} != self._nbrs[sender] & self.live:
+        envs = dict(msg.envelopes)
+        if envs.keys() != self._live_nbrs[sender]:
             raise ProtocolViolationError(f"client {sender} did not share its self mask with "
                                          "exactly its live neighbours")
         self._inputs[sender] = msg
+        self._envs[sender] = envs
+
+    def _headers(self, mtype: EMsg, receivers: Sequence[int]) -> list[bytes]:
+        """The encoded headers (server → each receiver) of the current day's ``mtype``:
+        identical bytes to ``EHeader(...).encode()``, the common prefix encoded once."""
+        assert self.day is not None
+        prefix = self._out(mtype, 0, self.day).encode()[: -_U32.size]
+        return [prefix + _U32.pack(i) for i in receivers]
 
     def _close_input(self) -> dict[int, bytes]:
         assert self.day is not None
@@ -265,9 +293,13 @@ class EpochServer:
         self._require(s, "masked input")
         self._s = s
         self._bitmap = encode_bitmap(s, self.config.n)
-        out = {i: add_mac(self._macs[i], SurvivorSet(self._out(EMsg.SURVIVORS, i, self.day),
-                                                     self._bitmap).encode())
-               for i in sorted(s)}
+        order = sorted(s)
+        tail = _U32.pack(len(self._bitmap)) + self._bitmap  # SurvivorSet body after header
+        macs = self._macs
+        out = {i: add_mac(macs[i], head + tail)
+               for i, head in zip(order, self._headers(EMsg.SURVIVORS, order), strict=True)}
+        live = self._live_nbrs
+        self._in_s = {i: live[i] & s for i in order}
         self.stage = EpochServerStage.CONSISTENCY
         return out
 
@@ -279,13 +311,14 @@ class EpochServer:
         self._check(sender, msg.header, self.day, self._tags, self._s)
         # one tag per live neighbour in S: the server cannot check a tag (it does not hold
         # the pair's key), only that the sender addressed exactly its neighbours in S
-        if {j for j, _ in msg.tags} != self._nbrs[sender] & self._s:
+        tags = dict(msg.tags)
+        if tags.keys() != self._in_s[sender]:
             raise ProtocolViolationError(f"client {sender} did not tag the survivor set for "
                                          "exactly its live neighbours in it")
-        if {j for j, _ in msg.day_keys} != (self._nbrs[sender] & self.live) - self._s:
+        if {j for j, _ in msg.day_keys} != self._live_nbrs[sender] - self._s:
             raise ProtocolViolationError(f"client {sender} did not reveal its day keys with "
                                          "exactly its live neighbours outside the survivor set")
-        self._tags[sender] = dict(msg.tags)
+        self._tags[sender] = tags
         self._day_keys.update(((sender, j), key) for j, key in msg.day_keys)
 
     def _close_consistency(self) -> dict[int, bytes]:
@@ -302,18 +335,24 @@ class EpochServer:
                 raise SecAggAbortError(f"self mask of client {i} has {holders} holders able to "
                                        f"reveal, threshold {cfg.threshold}: aborting the day "
                                        "before unmasking")
-            if i not in signers and (self._nbrs[i] & self.live) - self._s:
+            if i not in signers and self._live_nbrs[i] - self._s:
                 raise SecAggAbortError(f"client {i} sent no tags, so it cannot reveal its day "
                                        "keys with dropped neighbours: aborting the day "
                                        "before unmasking")
+        order = sorted(responders)
+        tags, envs, macs = self._tags, self._envs, self._macs
         out = {}
-        for i in sorted(responders):
+        for i, head in zip(order, self._headers(EMsg.UNMASK_REQUEST, order), strict=True):
             nb = self._nbrs[i]
-            tags = tuple((j, self._tags[j][i]) for j in sorted(nb & signers))
-            envs = tuple((j, dict(self._inputs[j].envelopes)[i]) for j in sorted(nb & self._s))
-            req = DayUnmaskRequest(self._out(EMsg.UNMASK_REQUEST, i, self.day), tags, envs)
-            out[i] = add_mac(self._macs[i], req.encode())
+            # DayUnmaskRequest body: the tags addressed to i, the envelopes addressed to i
+            body = b"".join((head,
+                             pack_indexed([(j, tags[j][i]) for j in sorted(nb & signers)],
+                                          TAG, "tag"),
+                             pack_indexed([(j, envs[j][i]) for j in sorted(nb & self._s)],
+                                          ENVELOPE_BYTES, "envelope")))
+            out[i] = add_mac(macs[i], body)
         self._responders = responders
+        self._shares = {i: {} for i in self._s}
         self.stage = EpochServerStage.UNMASK
         return out
 
@@ -323,55 +362,50 @@ class EpochServer:
         assert self.day is not None
         msg = DayUnmaskResponse.decode(self._body(sender, blob), cfg.n, cfg.degree)
         self._check(sender, msg.header, self.day, self._responses, self._responders)
-        expected = {j: RevealKind.SELF_MASK_SHARE for j in self._nbrs[sender] & self._s}
-        if {j: k for j, k, _ in msg.reveals} != expected:
+        expected = self._nbrs[sender] & self._s
+        if (len(msg.reveals) != len(expected)
+                or any(j not in expected or k is not RevealKind.SELF_MASK_SHARE
+                       for j, k, _ in msg.reveals)):
             raise ProtocolViolationError(f"unmask response of {sender} does not match the "
                                          "survivor set")
-        try:
-            for _, kind, data in msg.reveals:
-                if kind is RevealKind.SELF_MASK_SHARE:
-                    decode_share(data)
-        except ShamirError as exc:
-            raise MalformedMessageError(f"invalid share from {sender}: {exc}") from exc
+        if not shares_in_field([data for _, _, data in msg.reveals]):
+            raise MalformedMessageError(f"invalid share from {sender}: share element outside "
+                                        "the field")
         self._responses[sender] = msg
+        x = sender + 1
+        for j, _, data in msg.reveals:
+            self._shares[j][x] = data
 
     def _close_unmask(self) -> dict[int, bytes]:
         cfg, ctx = self.config, self._ctx
         day = self.day
         assert day is not None
-        shares: dict[int, dict[int, bytes]] = {i: {} for i in self._s}
-        day_keys = self._day_keys
-        for holder, msg in self._responses.items():
-            for j, _, data in msg.reveals:
-                shares[j][holder + 1] = data
-        for i in sorted(self._s):
+        order = sorted(self._s)
+        shares = self._shares
+        for i in order:
             if len(shares[i]) < cfg.threshold:
                 raise SecAggAbortError(f"only {len(shares[i])} shares of client {i}'s self "
                                        f"mask, threshold {cfg.threshold}")
-        total = torch.zeros(cfg.spec.length, dtype=torch.int64)
-        for i in sorted(self._s):
-            total.add_(self._inputs[i].vector)
-        buf = torch.empty(cfg.spec.length, dtype=torch.int64)
-        try:
-            for i in sorted(self._s):
-                seed = reconstruct_secret(shares[i], cfg.threshold)
-                if len(shares[i]) > cfg.threshold:  # a second subset must agree
-                    last = dict(sorted(shares[i].items())[-cfg.threshold:])
-                    if reconstruct_secret(last, cfg.threshold) != seed:
-                        raise ProtocolViolationError(
-                            f"the shares of client {i}'s self mask are inconsistent: a "
-                            "holder revealed a wrong share (not attributable)")
-                ring_keystream(ctx.self_mask_key(seed, i, day), buf.numel(), out=buf)
-                total.sub_(buf)
+        try:  # each seed from all its shares: a wrong one among them is detected
+            seeds = reconstruct_secrets([shares[i] for i in order], cfg.threshold)
+        except InconsistentSharesError as exc:
+            who = order[exc.item] if exc.item is not None else "?"
+            raise ProtocolViolationError(
+                f"the shares of client {who}'s self mask are inconsistent: a holder revealed "
+                "a wrong share (not attributable)") from exc
         except ShamirError as exc:
             raise ProtocolViolationError(f"self-mask reconstruction failed: {exc}") from exc
-        for (i, j), key in sorted(day_keys.items()):
-            ring_keystream(key, buf.numel(), out=buf)  # i added +mask if i < j, else −mask
-            if i < j:
-                total.sub_(buf)
-            else:
-                total.add_(buf)
-        self.results[day] = self.result = total
+        length = cfg.spec.length
+        total = torch.stack([self._inputs[i].vector for i in order]).numpy().sum(0)
+        masks = ring_keystreams([ctx.self_mask_key(seed, i, day)
+                                 for seed, i in zip(seeds, order, strict=True)], length)
+        total -= masks.sum(0)
+        if self._day_keys:  # i added +mask if i < j, else −mask: undo it
+            pairs = sorted(self._day_keys.items())
+            sign = np.array([-1 if i < j else 1 for (i, j), _ in pairs], dtype=np.int64)
+            pads = ring_keystreams([key for _, key in pairs], length)
+            total += (pads * sign[:, None]).sum(0)
+        self.results[day] = self.result = torch.from_numpy(total)
         self.survivors[day] = self._s
         self._clear_day()
         self.stage = EpochServerStage.READY

@@ -7,7 +7,6 @@ or its subclass :class:`~protocols.secagg.errors.OversizedMessageError`.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import struct
 
@@ -26,7 +25,7 @@ _U32 = struct.Struct(">I")
 
 def add_mac(key: bytes, body: bytes) -> bytes:
     """Append an HMAC-SHA256 tag over ``body``."""
-    return body + hmac.new(key, body, hashlib.sha256).digest()
+    return body + hmac.digest(key, body, "sha256")
 
 
 def strip_mac(key: bytes, blob: object, max_bytes: int) -> bytes:
@@ -35,13 +34,14 @@ def strip_mac(key: bytes, blob: object, max_bytes: int) -> bytes:
     :class:`TamperedMessageError`."""
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise MalformedMessageError(f"message must be bytes, got {type(blob).__name__}")
-    blob = bytes(blob)
+    if type(blob) is not bytes:
+        blob = bytes(blob)
     if len(blob) > max_bytes + MAC_BYTES:
         raise OversizedMessageError(f"message of {len(blob)} bytes exceeds {max_bytes}")
     if len(blob) < MAC_BYTES:
         raise MalformedMessageError("message shorter than its MAC")
     body, tag = blob[:-MAC_BYTES], blob[-MAC_BYTES:]
-    if not hmac.compare_digest(hmac.new(key, body, hashlib.sha256).digest(), tag):
+    if not hmac.compare_digest(hmac.digest(key, body, "sha256"), tag):
         raise TamperedMessageError("message MAC does not verify")
     return body
 
