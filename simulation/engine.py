@@ -21,6 +21,7 @@ from simulation.fused_sir import simulate_sir_fused, supports_fused_sir
 from simulation.kernels import NeighbourSum
 from simulation.population import ContactGraph, Population
 from simulation.rng import counter_uniforms, counter_uniforms_at
+from simulation.stochastic_triples import simulate_sir_triples
 from simulation.substeps import State, StepContext, SubstepModel
 
 __all__ = ["SimulationError", "Trajectory", "agent_uniforms", "simulate", "step_day", "step_uniforms",
@@ -178,6 +179,12 @@ def simulate(
     model = model.to(dev)
     if estimator in RUN_ESTIMATORS:
         hooks = layered or any(h is not None for h in (neighbour_sum, uniforms, extras, initial_state))
+        if estimator == "triples":
+            if not supports_fused_sir(model, dev, hooks) or merged.weights is not None:
+                raise SimulationError("the triples estimator runs the plain SIR model on CPU over a unit-weight "
+                                      "contact graph without hooks; use 'nonbacktracking' or 'smoothed'")
+            series_t, final = simulate_sir_triples(model, merged, days, seed, progress=progress)
+            return Trajectory(series_t, final, days, {"seed": seed, "estimator": "triples", "device": str(dev), "n": n})
         if supports_fused_sir(model, dev, hooks):
             series_t, final = simulate_sir_fused(model, merged, days, seed, progress)
             return Trajectory(series_t, final, days,

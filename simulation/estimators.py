@@ -35,9 +35,10 @@ __all__ = ["DEFAULT_ESTIMATOR", "ESTIMATORS", "RUN_ESTIMATORS", "EstimatorError"
 
 _EPS = 1e-6
 DEFAULT_ESTIMATOR = "auto"
-#: estimators that act on a whole run rather than per event (``simulation.fused_sir``); "auto"
-#: picks "nonbacktracking" where the engine supports it and "smoothed" elsewhere
-RUN_ESTIMATORS = ("auto", "nonbacktracking")
+#: estimators that act on a whole run rather than per event (``simulation.fused_sir``,
+#: ``simulation.stochastic_triples``); "auto" picks "nonbacktracking" where the engine supports
+#: it and "smoothed" elsewhere
+RUN_ESTIMATORS = ("auto", "nonbacktracking", "triples")
 
 
 class EstimatorError(ValueError):
@@ -81,8 +82,8 @@ ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 
 def get_estimator(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The per-event estimator function registered under ``name`` ("auto" and
-    "nonbacktracking" act on whole runs in the engine; per event they are ``smoothed``)."""
+    """The per-event estimator function registered under ``name`` ("auto", "nonbacktracking"
+    and "triples" act on whole runs in the engine; per event they are ``smoothed``)."""
     if name in RUN_ESTIMATORS:
         return smoothed
     try:
