@@ -165,12 +165,17 @@ class HybridSimulation:
         # partitioned synthetic part (simulation.distributed.hybrid_stepper): every rank of
         # an initialised process group runs this same loop; procs_group=None keeps 1 rank
         self._stepper = None
-        if procs_group is not None:
-            if remote or tangents:
-                raise HybridError("the partitioned hybrid run supports fleet mode without tangents")
+        if procs_group is not None:  # from here on self.state holds this rank's agents only
+            if tangents:
+                raise HybridError("the partitioned hybrid run does not carry tangents")
             from simulation.distributed.hybrid_stepper import HybridStepper
-            self._stepper = HybridStepper(self.split.central, n,
-                                          group=None if procs_group is True else procs_group)
+            self._stepper = HybridStepper(self, group=None if procs_group is True
+                                          else procs_group)
+
+    def cross_infected(self) -> torch.Tensor:
+        """The ``I`` the cross-edge protocol reads (exact at every cross endpoint); with
+        ``procs_group`` rank 0's view, gathered from the ranks' cross boundary each day."""
+        return self.state["I"] if self._stepper is None else self._stepper.cross_infected()
 
     def _zero_physical(self) -> None:
         for v in self.state.values():
@@ -192,6 +197,8 @@ class HybridSimulation:
         sums of the neighbours' tangents Σ_j w_ij ∂I_j/∂β."""
         if self.tangents:
             return self._step_tangent(cross_sums, cross_dsums)
+        if self._stepper is not None:  # partitioned: rank 0 alone passes the cross sums
+            return self._stepper.day(self, cross_sums)
         n = self.split.n
         if self.remote and cross_sums is None:
             raise HybridError("remote mode needs the protocol's cross sums")
@@ -211,17 +218,9 @@ class HybridSimulation:
 
         with torch.no_grad():
             susceptible = self.state["S"].clone()
-            if self._stepper is not None:
-                self.state, captured["sums"] = self._stepper.step(
-                    self.model, self.state, day, self.seed,
-                    cross_fn=lambda i: self._fleet_sum().step(i, round=day).sums,
-                    degree=self.split.degree, attributes=self.attributes,
-                    estimator=self._estimator)
-            else:
-                self.state = step_day(self.model, self.state, day,
-                                      step_uniforms(self.seed, day, n),
-                                      neighbour_sum=neighbour_sum, degree=self.split.degree,
-                                      attributes=self.attributes, estimator=self._estimator)
+            self.state = step_day(self.model, self.state, day, step_uniforms(self.seed, day, n),
+                                  neighbour_sum=neighbour_sum, degree=self.split.degree,
+                                  attributes=self.attributes, estimator=self._estimator)
             torch.set_num_threads(1)  # the numba kernel may have changed torch's threads
             if self.remote:
                 self._zero_physical()

@@ -1,107 +1,263 @@
-"""Partitioned stepping of the coordinator's hybrid run (issue 16, first cut).
+"""Partitioned stepping of the coordinator's hybrid run (issue 16): halo-only traffic.
 
-Every rank runs the same ``HybridSimulation`` loop (SPMD); :class:`HybridStepper` replaces
-its one ``step_day`` call. The synthetic–synthetic (``central``) layer is partitioned with
-METIS and summed with :class:`DistributedNeighbourSum` (halo exchange); each rank steps only
-its own agents with ``agent_uniforms`` (the columns of ``step_uniforms``, so events equal
-the 1-rank run). The cross sums (edges touching a physical agent) are computed on rank 0
-only, which holds the fleet's protocol state, from the full ``I`` and broadcast.
+Every rank runs the same ``HybridSimulation`` loop (SPMD); with ``procs_group`` its
+``step()`` hands the day to :meth:`HybridStepper.day`. Each rank holds only its own agents'
+state (``sim.state`` is the owned rows, global ids ``stepper.owned``):
 
-First cut, measured limits: the full ``I`` and the new state are assembled on every rank
-with an ``all_reduce`` of full-length vectors (each rank fills its own entries, the others
-are zero, so the sums are exact), i.e. O(n) bytes per day per rank, not halo-only; so the
-hybrid's aggregates are computed by the unchanged 1-rank code. No autograd window yet.
+* the synthetic–synthetic (``central``) layer is METIS-partitioned and summed with
+  :class:`DistributedNeighbourSum` (one halo exchange, ≤ 8 B per cut edge);
+* every physical agent is owned by rank 0 (they have no central edges, so this cuts
+  nothing), which holds the fleet's protocol state. The cross sums (edges touching a
+  physical agent) need the ``I`` of the *cross boundary*: the synthetic agents with a
+  physical contact. Each rank sends rank 0 only its boundary agents' ``I`` (once a day,
+  after the step, so rank 0 has it before the next day's protocol round, as remote mode
+  needs), and rank 0 sends each rank only its boundary agents' cross sums;
+* the day's aggregates are reduced as counts (compartment totals, per-area infected,
+  the physical agents' report sums from rank 0): one ``all_reduce`` of 8 + areas floats;
+* uniforms by global id (``agent_uniforms``), so events equal the 1-rank run bit for bit.
+
+Per day a rank receives 4 B × (its halo + its cross boundary) + a fixed header (β, the
+counts vector, the day-start barrier); ``bytes_received``/``bytes_sent`` count it.
+In remote mode (``HybridSimulation(remote=True)``) rank 0 passes the devices' cross sums
+to ``step(cross_sums=...)`` (other ranks pass nothing) and reads the boundary ``I`` for the
+protocol with ``sim.cross_infected()``; the synthetic hazard bases the calibration needs
+are gathered to rank 0 (ids and values of the agents with h > 0, in global order).
+No autograd window across ranks (the hybrid steps under ``no_grad``), no tangents.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from simulation.engine import agent_uniforms, step_day
-from simulation.population import CSRLayer
-from simulation.substeps import SubstepModel
+from simulation.models import infection_probability, infection_probability_dbeta
 
 from .halo import DistributedNeighbourSum
-from .partition import DistributedError
+from .partition import DistributedError, Partition, partition_graph
 from .runner import LocalGraph, prepare, world
 
+if TYPE_CHECKING:  # pragma: no cover
+    from coordinator.hybrid import HybridSimulation
+
 State = dict[str, torch.Tensor]
+HEADER_BYTES = 1024  # per day and rank, beyond the per-agent traffic: β, barrier, counts
 
 
 class HybridStepper:
-    """One rank's part of a hybrid run's day (collective: every rank calls :meth:`step`)."""
+    """One rank's part of a hybrid run (collective: every rank calls :meth:`day`)."""
 
-    def __init__(self, central: CSRLayer, n: int, group=None, method: str = "metis",
-                 timeout: float = 60.0) -> None:
-        self.n, self.group, self.timeout = int(n), group, float(timeout)
+    def __init__(self, sim: HybridSimulation, group: Any = None, method: str = "metis",
+                 timeout: float = 60.0, gather_hazard: bool | None = None) -> None:
+        split = sim.split
+        self.n, self.group, self.timeout = int(split.n), group, float(timeout)
         self.rank, self.size = world(group)
-        shard, _, part = prepare(LocalGraph(central), method=method, group=group)
+        self.gather_hazard = bool(sim.remote if gather_hazard is None else gather_hazard)
+        self.bytes_sent = self.bytes_received = 0
+        phys = split.physical.numpy()
+        if self.rank == 0:  # METIS on the synthetic layer; the (isolated) physical go to 0
+            parts = partition_graph(split.central, self.size, method).parts.copy()
+            parts[phys] = 0
+        else:  # replaced by rank 0's owner array (broadcast in prepare)
+            parts = np.zeros(self.n, np.int32)
+        shard, _, part = prepare(LocalGraph(split.central),
+                                 partition=Partition(parts, self.size, method), group=group)
         self.shard, self.partition = shard, part
         self.owned = shard.owned.long()
         self.op = DistributedNeighbourSum(shard, "cpu", group)
+        own_np = self.owned.numpy()
+        # the cross boundary: synthetic agents with a physical contact, by owner rank
+        cp = split.cross.indptr.numpy()
+        boundary = (cp[1:] > cp[:-1]) & ~split.is_physical.numpy()
+        self.boundary_ids = [torch.from_numpy(np.flatnonzero(boundary & (part.parts == r)))
+                             for r in range(self.size)]
+        self.boundary_local = torch.from_numpy(
+            np.searchsorted(own_np, self.boundary_ids[self.rank].numpy()))
+        self.sizes = [int(b.numel()) for b in self.boundary_ids]
+        self.phys_local = torch.from_numpy(np.searchsorted(own_np, phys))  # rank 0 only
+        if self.rank != 0 and np.isin(phys, own_np).any():
+            raise DistributedError("physical agents must all be owned by rank 0")
+        area = sim.area
+        self.area_local = None if area is None else area.long()[self.owned]
+        self.areas = 0 if area is None else int(area.max()) + 1
+        self.area_den = None if area is None else \
+            torch.bincount(area.long(), minlength=self.areas).clamp(min=1)
+        self.degree = split.degree[self.owned]
+        self.attributes = {k: v[self.owned] for k, v in sim.attributes.items()}
+        # rank 0's view of I at every cross endpoint (the rest stays 0): what the protocol reads
+        self.cross_I = sim.state["I"].clone() if self.rank == 0 else torch.zeros(0)
+        sim.state = {k: v[self.owned].clone() for k, v in sim.state.items()}
 
-    def _full(self, local: torch.Tensor) -> torch.Tensor:
-        """The length-n vector from every rank's owned entries (exact: x + 0 = x)."""
-        full = torch.zeros((self.n, *local.shape[1:]), dtype=local.dtype)
-        full[self.owned] = local
+    # ------------------------------------------------------------------ collectives
+    def _a2a(self, values: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+        out = torch.empty(sum(recv), dtype=values.dtype)
+        dist.all_to_all_single(out, values.contiguous(), recv, send, group=self.group)
+        self.bytes_sent += values.numel() * values.element_size()
+        self.bytes_received += out.numel() * out.element_size()
+        return out
+
+    def _gather_boundary(self, infected: torch.Tensor) -> None:
+        """Rank 0's ``cross_I`` ← every rank's boundary agents' ``I`` (rank 0: all its own)."""
+        if self.rank == 0:
+            self.cross_I[self.owned] = infected
+        if self.size == 1:
+            return
+        send = [self.sizes[self.rank] if (q == 0 and self.rank != 0) else 0
+                for q in range(self.size)]
+        recv = self.sizes[:] if self.rank == 0 else [0] * self.size
+        recv[0] = 0
+        mine = self.boundary_local if self.rank else self.boundary_local[:0]  # 0 keeps its own
+        got = self._a2a(infected.index_select(0, mine).float(), send, recv)
+        if self.rank == 0 and got.numel():
+            ids = torch.cat(self.boundary_ids[1:])
+            self.cross_I[ids] = got.to(self.cross_I.dtype)
+
+    def _scatter_cross(self, cross: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """This rank's cross sums [n_local] from rank 0's length-n ``cross``."""
+        local = torch.zeros(self.owned.numel(), dtype=dtype)
+        if self.rank == 0:
+            assert cross is not None
+            local = cross[self.owned]
+        if self.size == 1:
+            return local
+        send = [self.sizes[q] if (self.rank == 0 and q != 0) else 0 for q in range(self.size)]
+        recv = [self.sizes[self.rank] if (q == 0 and self.rank != 0) else 0
+                for q in range(self.size)]
+        pieces = torch.cat([cross[self.boundary_ids[q]] for q in range(1, self.size)]) \
+            if self.rank == 0 and cross is not None else torch.zeros(0, dtype=dtype)
+        got = self._a2a(pieces.to(dtype), send, recv)
+        if self.rank != 0:
+            local[self.boundary_local] = got
+        return local
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
-            dist.all_reduce(full, group=self.group)
-        return full
+            dist.all_reduce(x, group=self.group)
+            nb = x.numel() * x.element_size()
+            self.bytes_sent += nb
+            self.bytes_received += nb
+        return x
 
-    def step(
-        self,
-        model: SubstepModel,
-        state: State,
-        day: int,
-        seed: int,
-        *,
-        cross_fn: Callable[[torch.Tensor], torch.Tensor] | None,
-        degree: torch.Tensor,
-        attributes: Mapping[str, torch.Tensor],
-        estimator: Any,
-    ) -> tuple[State, torch.Tensor]:
-        """Step day ``day``; returns the full new state and the full neighbour sums.
+    def _gather_hazard(self, h: torch.Tensor) -> torch.Tensor:
+        """Rank 0: the hazard bases h > 0 of all ranks in global id order (else: local)."""
+        keep = h > 0
+        ids, vals = self.owned[keep].double(), h[keep].double()
+        if self.size == 1:
+            return vals
+        k = torch.tensor([ids.numel() if q == 0 else 0 for q in range(self.size)])
+        counts = self._a2a(k, [1] * self.size, [1] * self.size)  # rank 0: every rank's k
+        recv = [2 * int(c) for c in counts] if self.rank == 0 else [0] * self.size
+        send = [2 * ids.numel() if q == 0 else 0 for q in range(self.size)]
+        got = self._a2a(torch.stack([ids, vals], 1).flatten(), send, recv)
+        if self.rank != 0:
+            return vals
+        pairs = got.view(-1, 2)
+        order = torch.argsort(pairs[:, 0])
+        return pairs[order, 1].contiguous()
 
-        ``cross_fn(I_full) -> cross sums [n]`` is called on rank 0 only (None: no cross)."""
+    # ------------------------------------------------------------------ the day
+    def cross_infected(self) -> torch.Tensor:
+        """Rank 0: length-n ``I``, exact at every cross-edge endpoint (0 elsewhere)."""
+        if self.rank != 0:
+            raise DistributedError("the cross boundary's I is held by rank 0 only")
+        return self.cross_I
+
+    def day(self, sim: HybridSimulation, cross_sums: torch.Tensor | None) -> dict[str, object]:
+        """Step ``sim``'s day ``sim.day`` on this rank's agents; returns the global aggregates
+        (equal on every rank). Remote mode: rank 0 passes the devices' ``cross_sums``."""
+        day, model = sim.day, sim.model
+        if sim.remote and self.rank == 0 and cross_sums is None:
+            raise DistributedError("remote mode: rank 0 needs the protocol's cross sums")
         if self.size > 1:  # a dead or stuck rank is named here rather than hanging the day
             try:
                 dist.monitored_barrier(self.group, timeout=timedelta(seconds=self.timeout))
             except RuntimeError as e:
                 raise DistributedError(f"hybrid day {day}, rank {self.rank}: a peer rank "
                                        f"failed or is stuck: {e}") from e
-        if self.size > 1:  # rank 0's β (calibration updates it there) on every rank
-            for p in model.parameters():
-                dist.broadcast(p.data, 0, group=self.group)
-        own = self.owned
-        local = {k: v[own].clone() for k, v in state.items()}
+            for param in model.parameters():  # rank 0's β (calibration updates it there)
+                dist.broadcast(param.data, 0, group=self.group)
+        state = sim.state
         captured: dict[str, torch.Tensor] = {}
 
         def neighbour_sum(infected: torch.Tensor) -> torch.Tensor:
             central = self.op(infected)
-            full_i = self._full(infected.detach())
-            if self.rank == 0 and cross_fn is not None:
-                cross = torch.nan_to_num(torch.as_tensor(cross_fn(full_i), dtype=torch.float64),
-                                         nan=0.0)
-            else:
-                cross = torch.zeros(self.n, dtype=torch.float64)
-            if self.size > 1:
-                dist.broadcast(cross, 0, group=self.group)
-            total = central + cross[own].to(central.dtype)
+            cross = None
+            if self.rank == 0:
+                given = cross_sums if sim.remote else \
+                    sim._fleet_sum().step(self.cross_I, round=day).sums
+                cross = torch.nan_to_num(torch.as_tensor(given, dtype=torch.float64), nan=0.0)
+                cross = cross.to(central.dtype)
+            total = central + self._scatter_cross(cross, central.dtype)
             captured["sums"] = total
             return total
 
-        new = step_day(model, local, day, agent_uniforms(seed, day, own, self.n),
-                       neighbour_sum=neighbour_sum, degree=degree[own],
-                       attributes={k: v[own] for k, v in attributes.items()},
-                       estimator=estimator)
-        torch.set_num_threads(1)
-        # one collective for the whole state and the sums (float64 holds float32 exactly)
-        parts = [*new.values(), captured["sums"]]
-        full = self._full(torch.stack([v.detach().double() for v in parts]).T).T
-        out = [f.to(v.dtype) for f, v in zip(full.unbind(0), parts, strict=True)]
-        return dict(zip(new, out[:-1], strict=True)), out[-1]
+        with torch.no_grad():
+            susceptible = state["S"].clone()
+            new = step_day(model, state, day, agent_uniforms(sim.seed, day, self.owned, self.n),
+                           neighbour_sum=neighbour_sum, degree=self.degree,
+                           attributes=self.attributes, estimator=sim._estimator)
+            torch.set_num_threads(1)  # the numba kernel may have changed torch's threads
+            phys = self.phys_local if self.rank == 0 else self.phys_local[:0]
+            if sim.remote:
+                for v in new.values():
+                    v[phys] = 0.0
+            sums = captured["sums"]
+            h = susceptible / self.degree.clamp(min=1.0) * sums
+            h[phys] = 0.0
+            beta_now: torch.Tensor = model.beta.detach()
+            sums_p, s_p, deg_p = sums[phys], susceptible[phys], self.degree[phys]
+            p = infection_probability(sums_p, s_p, deg_p, beta_now)
+            dp = infection_probability_dbeta(sums_p, s_p, deg_p, beta_now)
+            names = (*model.compartments, "new_infections")
+            vec = [new[c].double().sum() for c in names]
+            vec += [new["I"][phys].sum().double(), new["new_infections"][phys].sum().double(),
+                    p.sum().double(), dp.sum().double()]
+            head = torch.stack(vec)
+            if self.area_local is not None:
+                num = torch.bincount(self.area_local, weights=new["I"].double(),
+                                     minlength=self.areas)
+                head = torch.cat([head, num])
+            red = self._all_reduce(head)
+            self._gather_boundary(new["I"])
+            hazard = self._gather_hazard(h) if self.gather_hazard else h[h > 0].double()
+        sim.state, sim.last_synthetic_hazard = new, hazard
+        sim.day += 1
+        k = len(names)
+        agg: dict[str, object] = {c: float(red[i]) for i, c in enumerate(names)}
+        if self.area_den is None:
+            exposure = {"all": float(red[names.index("I")].float() / self.n)}
+        else:
+            exposure = {str(a): float(v) for a, v in
+                        enumerate((red[k + 4:] / self.area_den).tolist())}
+        agg["exposure"] = exposure
+        if not sim.remote:
+            agg.update({"physical_I": float(red[k]), "physical_new_infections": float(red[k + 1]),
+                        "physical_expected_new": float(red[k + 2]),
+                        "physical_dp_dbeta": float(red[k + 3])})
+        return agg
+
+    # ------------------------------------------------------------------ checkpoints
+    def full_state(self, state: State) -> State | None:
+        """Rank 0: the whole state from every rank's rows (collective; others get None)."""
+        names = list(state)
+        local = torch.stack([state[k].double() for k in names], 1)
+        if self.size == 1:
+            return state
+        recv = [self.partition.sizes()[q] * len(names) if self.rank == 0 else 0
+                for q in range(self.size)]
+        send = [local.numel() if q == 0 else 0 for q in range(self.size)]
+        got = self._a2a(local.flatten(), send, recv)
+        if self.rank != 0:
+            return None
+        ids = torch.cat([torch.from_numpy(self.partition.owned(q)) for q in range(self.size)])
+        full = torch.empty(self.n, len(names), dtype=torch.float64)
+        full[ids] = got.view(-1, len(names))
+        return {k: full[:, i].to(state[k].dtype).contiguous() for i, k in enumerate(names)}
+
+    def own_rows(self, full: State) -> State:
+        """This rank's rows of a whole state (every rank holds the checkpoint)."""
+        return {k: v[self.owned].clone() for k, v in full.items()}
