@@ -38,7 +38,8 @@ from simulation.numba_threads import follow_torch_threads
 from simulation.population import CSRLayer
 from simulation.rng import _uniform, day_key
 
-__all__ = ["DEFAULT_FLIPS", "FlipGradient", "StochasticTripleError", "run_sir_triples", "simulate_sir_triples"]
+__all__ = ["DEFAULT_FLIPS", "FlipGradient", "PrimalPath", "StochasticTripleError", "primal_path", "run_sir_triples",
+           "simulate_sir_triples"]
 
 _BETA, _GAMMA = 0, 1
 PARAMS = ("beta", "gamma")
@@ -286,12 +287,99 @@ def _allocate(weights: np.ndarray, flips: int) -> np.ndarray:
     live = weights > 0
     alloc = live.astype(np.int64)
     spare = flips - int(alloc.sum())
-    if spare > 0:
+    if spare > 0 and live.any():
         share = spare * weights / weights.sum()
         alloc += np.floor(share).astype(np.int64)
         rest = spare - int(np.floor(share).sum())
         alloc[np.argsort(-(share - np.floor(share)), kind="stable")[:rest]] += 1
     return alloc
+
+
+@dataclass
+class PrimalPath:
+    """One primal SIR run kept for alternative paths: S, I (and infected-neighbour counts) at
+    the start of every day, one byte per agent-day each, and the days' flip weights."""
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    deg: np.ndarray
+    beta: float
+    recover: float  # r = 1 − exp(−γ Δt)
+    dt: float
+    keys: np.ndarray  # uint64 day keys of the run's counter-based uniforms
+    S: np.ndarray  # [days + 1, n] uint8
+    I: np.ndarray  # [days + 1, n] uint8
+    C: np.ndarray  # [days, n] infected-neighbour counts
+    weights: np.ndarray  # [2, days] Σ w of the events that did not happen (β, γ)
+    seconds: float
+
+    @property
+    def days(self) -> int:
+        return self.keys.size
+
+    def series(self) -> np.ndarray:
+        """[days + 1, 4] S, I, R, new infections (entry 0 of new = I at the start)."""
+        s_tot = self.S.sum(1, dtype=np.float64)
+        i_tot = self.I.sum(1, dtype=np.float64)
+        new = np.concatenate([[i_tot[0]], s_tot[:-1] - s_tot[1:]])
+        return np.stack([s_tot, i_tot, self.S.shape[1] - s_tot - i_tot, new], 1)
+
+    def coupled_effects(self, days: np.ndarray, agents: np.ndarray, param: str) -> np.ndarray:
+        """[events, days + 1, 3]: (ΔS, ΔI, Δ new infections) per day of the exact coupled
+        path in which each event happens (``beta``: the agent is infected on that day;
+        ``gamma``: it recovers), every uniform kept."""
+        kind = PARAMS.index(param)
+        days = np.asarray(days, np.int64)
+        agents = np.asarray(agents, np.int64)
+        out = np.zeros((days.size, self.days + 1, 3))
+        if days.size:
+            _alternatives(self.indptr, self.indices, self.deg, self.beta, self.recover, self.dt, self.keys,
+                          self.S, self.I, days, agents, kind, max(1, min(numba.get_num_threads(), days.size)),
+                          out)
+        return out
+
+    def sample(self, param: str, flips: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(days, agents, scale) of ``flips`` events drawn ∝ w, stratified by day; Σ scale ·
+        effect is the unbiased estimate."""
+        kind = PARAMS.index(param)
+        day_w = self.weights[kind]
+        alloc = _allocate(day_w, flips)
+        agents = np.zeros(int(alloc.sum()), np.int64)
+        days = np.repeat(np.arange(self.days), alloc)
+        scale = np.repeat(np.divide(day_w, alloc, out=np.zeros_like(day_w), where=alloc > 0), alloc)
+        start = 0
+        for d in np.flatnonzero(alloc):
+            _sample_day(self.deg, self.dt, self.S[d], self.I[d], self.S[d + 1], self.I[d + 1], self.C[d], kind,
+                        rng.random(), agents[start:start + alloc[d]])
+            start += alloc[d]
+        return days, agents, scale
+
+
+def primal_path(layer: CSRLayer, S0: torch.Tensor, I0: torch.Tensor, beta: float, gamma: float, days: int,
+                seed: int, dt: float = 1.0, progress=None) -> PrimalPath:
+    """Run the fused SIR model's events (same uniforms and formulas) and keep the path."""
+    if layer.weights is not None:
+        raise StochasticTripleError("the triples estimator runs unit-weight contact graphs only")
+    if days < 0:
+        raise StochasticTripleError("days must be >= 0")
+    n = layer.n
+    indptr, indices = layer.indptr.numpy(), layer.indices.numpy()
+    deg = np.maximum(layer.degree().numpy().astype(np.float64), 1.0)
+    S = (S0.detach().numpy() == 1).astype(np.uint8)
+    I = (I0.detach().numpy() == 1).astype(np.uint8)
+    cnt = np.zeros(n, count_dtype(layer))
+    _push(indptr, indices, I.astype(np.int8), cnt)
+    keys = np.array([day_key(seed, d) for d in range(days)], np.uint64)
+    r = -math.expm1(-gamma * dt)
+    Ssnap = np.zeros((days + 1, n), np.uint8)
+    Isnap = np.zeros((days + 1, n), np.uint8)
+    Csnap = np.zeros((days, n), cnt.dtype)
+    weights = np.zeros((2, days))
+    t0 = time.perf_counter()
+    _primal(indptr, indices, S, I, cnt, deg, beta, r, dt, keys, Ssnap, Isnap, Csnap, weights[0], weights[1],
+            progress)
+    return PrimalPath(indptr, indices, deg, beta, r, dt, keys, Ssnap, Isnap, Csnap, weights,
+                      time.perf_counter() - t0)
 
 
 def run_sir_triples(
@@ -306,67 +394,30 @@ def run_sir_triples(
     final I; last day's new infections; per-parameter statistics of d total/dθ), shaped like
     ``fused_sir.run_sir_nonbacktracking``. ``sample_seed`` seeds which events are drawn (a
     statistical choice, not a secret; default: ``seed``)."""
-    if layer.weights is not None:
-        raise StochasticTripleError("the triples estimator runs unit-weight contact graphs only")
     if flips < 1:
         raise StochasticTripleError("flips must be >= 1")
-    if days < 0:
-        raise StochasticTripleError("days must be >= 0")
     unknown = set(wrt) - set(PARAMS)
     if unknown:
         raise StochasticTripleError(f"unknown parameters {sorted(unknown)}; choose from {PARAMS}")
-    n = layer.n
-    indptr, indices = layer.indptr.numpy(), layer.indices.numpy()
-    deg = np.maximum(layer.degree().numpy().astype(np.float64), 1.0)
-    S = (S0.detach().numpy() == 1).astype(np.uint8)
-    I = (I0.detach().numpy() == 1).astype(np.uint8)
-    cnt = np.zeros(n, count_dtype(layer))
-    _push(indptr, indices, I.astype(np.int8), cnt)
-    keys = np.array([day_key(seed, d) for d in range(days)], np.uint64)
-    r = -math.expm1(-gamma * dt)
-    Ssnap = np.zeros((days + 1, n), np.uint8)
-    Isnap = np.zeros((days + 1, n), np.uint8)
-    Csnap = np.zeros((days, n), cnt.dtype)
-    wb, wg = np.zeros(days), np.zeros(days)
     threads = follow_torch_threads()
-    t0 = time.perf_counter()
-    _primal(indptr, indices, S, I, cnt, deg, beta, r, dt, keys, Ssnap, Isnap, Csnap, wb, wg, progress)
-    primal_s = time.perf_counter() - t0
-    s_tot = Ssnap.sum(1, dtype=np.float64)
-    i_tot = Isnap.sum(1, dtype=np.float64)
-    new = np.concatenate([[i_tot[0]], s_tot[:-1] - s_tot[1:]])
-    series = np.stack([s_tot, i_tot, n - s_tot - i_tot, new], 1)
+    path = primal_path(layer, S0, I0, beta, gamma, days, seed, dt, progress)
     jac = np.zeros((days + 1, 4, 2))
     stats: dict[str, FlipGradient] = {}
     rng = np.random.default_rng([int(seed if sample_seed is None else sample_seed), 0x57])
     for name in wrt:
         kind = PARAMS.index(name)
-        day_w = wb if kind == _BETA else wg
         t0 = time.perf_counter()
-        alloc = _allocate(day_w, flips)
-        fday, fagent, scale = [], [], []
-        for d in np.flatnonzero(alloc):
-            agents = np.zeros(alloc[d], np.int64)
-            _sample_day(deg, dt, Ssnap[d], Isnap[d], Ssnap[d + 1], Isnap[d + 1], Csnap[d], kind, rng.random(),
-                        agents)
-            fagent.append(agents)
-            fday.append(np.full(alloc[d], d, np.int64))
-            scale.append(np.full(alloc[d], day_w[d] / alloc[d]))
-        effects = np.zeros((0, days + 1, 3))
-        if fday:
-            fd = np.concatenate(fday)
-            effects = np.zeros((fd.size, days + 1, 3))
-            _alternatives(indptr, indices, deg, beta, r, dt, keys, Ssnap, Isnap, fd,
-                          np.concatenate(fagent), kind,
-                          max(1, min(numba.get_num_threads(), fd.size)), effects)
-            d_sir = np.einsum("k,kdc->dc", np.concatenate(scale), effects)
-            jac[:, :, kind] = np.stack([d_sir[:, 0], d_sir[:, 1], -d_sir[:, 0] - d_sir[:, 1], d_sir[:, 2]], 1)
+        fday, fagent, scale = path.sample(name, flips, rng)
+        effects = path.coupled_effects(fday, fagent, name)
+        dS, dI, dnew = np.einsum("k,kdc->cd", scale, effects)
+        jac[:, :, kind] = np.stack([dS, dI, -dS - dI, dnew], 1)
         total = effects[:, :, 2].sum(1)
-        stats[name] = FlipGradient(float(jac[:, 3, kind].sum()), float(day_w.sum()), int(total.size),
+        stats[name] = FlipGradient(float(dnew.sum()), float(path.weights[kind].sum()), int(total.size),
                                    float(total.std(ddof=1)) if total.size > 1 else 0.0,
-                                   time.perf_counter() - t0, primal_s)
+                                   time.perf_counter() - t0, path.seconds)
     torch.set_num_threads(threads)
-    return series, jac, S, I, (Ssnap[-2] - Ssnap[-1]).astype(np.float32) if days else I.astype(np.float32), stats
+    last_new = (path.S[-2] - path.S[-1]) if days else path.I[0]
+    return path.series(), jac, path.S[-1].copy(), path.I[-1].copy(), last_new.astype(np.float32), stats
 
 
 class _TriplesSIR(torch.autograd.Function):
