@@ -21,6 +21,16 @@ above scaled by the inverse of Σ_t J_t², J_t = ∂ŷ_t/∂β_t = synthetic + d
 for this nearly linear loss converges in a few steps; θ is clamped to ``[lo, hi]``.
 The observed series is the run's own reported new infections (``observed=None``) or a
 given per-day series (e.g. a CSV column).
+
+Full path (run config ``tangents``; :mod:`coordinator.calibration_path`): the model of day
+t's count is the run replayed from day 0 at θ, ŷ_t(θ) = synthetic replay + the devices'
+SecAgg'd count and full-path tangent, and the loss is over log counts,
+
+    L(θ) = mean_t (log(1 + ŷ_t(θ)) − log(1 + y_t))²,
+
+with ∂ŷ_t/∂θ exact (forward-mode tangents through the synthetic replay, the devices'
+∂new/∂β over the whole path). Every ``every`` days: up to ``steps`` Gauss–Newton steps, each
+a fresh replay (a step is at most half of θ; θ clamped to ``[lo, hi]``).
 """
 
 from __future__ import annotations
@@ -32,10 +42,13 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from coordinator.calibration_path import SyntheticReplay
 
 __all__ = ["CalibrationError", "CalibrationSettings", "OnlineCalibrator", "pack_checkpoint",
            "read_observed_csv", "unpack_checkpoint"]
@@ -141,9 +154,17 @@ class OnlineCalibrator:
     # (day, β) last handed out: the daily loop picks a day's β before the previous day's
     # update, so a resumed run must hand out the same β for its first day
     given: tuple[int, float] | None = None
+    # full-path mode (tangents): the synthetic replay and per day (N^phys, D^phys, y, segment)
+    replay: SyntheticReplay | None = None
+    path_days: list[tuple[float, float, float, int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.theta = [self.settings.beta_init]
+
+    @property
+    def full_path(self) -> bool:
+        """Whether θ is fitted with the full-path model (tangents) rather than Eq. 11."""
+        return self.replay is not None
 
     def segment_of(self, day_index: int) -> int:
         s = self.settings.segment_days
@@ -172,6 +193,60 @@ class OnlineCalibrator:
                 theta: float, y: float) -> None:
         self.days.append(_Day.from_hazard(hazard, phys_p, phys_dp, theta, y,
                                           self.segment_of(day_index)))
+
+    def add_path_day(self, day_index: int, phys_new: float, phys_dnew: float,
+                     y: float) -> None:
+        """Full-path mode: day ``day_index``'s devices' count and ∂count/∂β (SecAgg'd) and
+        its observation; its cross sums went to the replay when the day was stepped."""
+        if self.replay is None:
+            raise CalibrationError("add_path_day needs the full-path replay (tangents)")
+        if day_index != len(self.path_days) or self.replay.days <= day_index:
+            raise CalibrationError(f"full-path day {day_index} out of order "
+                                   f"({len(self.path_days)} days kept, "
+                                   f"{self.replay.days} replayable)")
+        self.path_days.append((float(phys_new), float(phys_dnew), float(y),
+                               self.segment_of(day_index)))
+
+    def _path_terms(self, theta: list[float]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ŷ_t(θ), y_t and ∂ŷ_t/∂θ_s split into the synthetic (replay) and device part [T, K]."""
+        assert self.replay is not None
+        t_days, k = len(self.path_days), len(theta)
+        seg = torch.tensor([d[3] for d in self.path_days])
+        beta = torch.tensor(theta, dtype=torch.float64)
+        seeds = (seg[None, :] == torch.arange(k)[:, None]).to(torch.float64)
+        syn, dsyn = self.replay.run(beta[seg], seeds)
+        phys_new = torch.tensor([d[0] for d in self.path_days], dtype=torch.float64)
+        phys_d = torch.tensor([d[1] for d in self.path_days], dtype=torch.float64)
+        y = torch.tensor([d[2] for d in self.path_days], dtype=torch.float64)
+        pred = syn + phys_new + phys_d * (beta[seg] - self.replay.beta_devices)
+        j_dev = torch.zeros(t_days, k, dtype=torch.float64)
+        j_dev[torch.arange(t_days), seg] = phys_d
+        return pred.clamp(min=0.0), y, dsyn.T.contiguous(), j_dev
+
+    def _path_loss_and_grad(self, theta: list[float]
+                            ) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor,
+                                       torch.Tensor]:
+        pred, y, j_syn, j_dev = self._path_terms(theta)
+        r = torch.log1p(pred) - torch.log1p(y)
+        scale = (1.0 / (1.0 + pred))[:, None]
+        coef = 2 * r / len(r)
+        g_syn = (coef[:, None] * j_syn * scale).sum(0)
+        g_dev = (coef[:, None] * j_dev * scale).sum(0)
+        return float(r.square().mean()), g_syn, g_dev, r, (j_syn + j_dev) * scale
+
+    def _path_update(self) -> None:
+        for _ in range(self.settings.steps):
+            _, _, _, r, jac = self._path_loss_and_grad(self.theta)
+            a = jac.T @ jac
+            diag = a.diagonal()
+            a = a + torch.diag(torch.where(diag > 0, 1e-9 * diag, torch.ones_like(diag)))
+            step = torch.linalg.solve(a, jac.T @ r)
+            beta = torch.tensor(self.theta, dtype=torch.float64)
+            step = torch.maximum(torch.minimum(step, 0.5 * beta), -0.5 * beta)
+            self.theta = (beta - step).clamp(self.settings.lo, self.settings.hi).tolist()
+            if float(step.abs().max()) < 1e-7:
+                break
 
     def export_state(self) -> dict[str, np.ndarray]:
         """θ and every day's terms as arrays (for the run's checkpoint), so a resumed run
@@ -234,6 +309,9 @@ class OnlineCalibrator:
 
     def loss_and_grad(self) -> tuple[float, list[float], list[float]]:
         """L(θ) and ∂L/∂θ split into the synthetic and the device part (per segment)."""
+        if self.replay is not None:
+            loss, g_syn, g_dev = self._path_loss_and_grad(self.theta)[:3]
+            return loss, g_syn.tolist(), g_dev.tolist()
         beta = torch.tensor(self.theta, dtype=torch.float64)
         y = torch.tensor([d.y for d in self.days], dtype=torch.float64)
         pred, j_syn, j_dev = self._terms(beta)
@@ -248,8 +326,12 @@ class OnlineCalibrator:
 
     def update(self, day_index: int) -> bool:
         """Take the steps if day ``day_index`` closes a block of ``every`` days."""
-        if not self.days or (day_index + 1) % self.settings.every:
+        kept = self.path_days if self.replay is not None else self.days
+        if not kept or (day_index + 1) % self.settings.every:
             return False
+        if self.replay is not None:
+            self._path_update()
+            return True
         for _ in range(self.settings.steps):
             beta = torch.tensor(self.theta, dtype=torch.float64)
             y = torch.tensor([d.y for d in self.days], dtype=torch.float64)
@@ -266,7 +348,8 @@ class OnlineCalibrator:
         return True
 
     def loss(self) -> float:
-        return self.loss_and_grad()[0] if self.days else float("nan")
+        kept = self.path_days if self.replay is not None else self.days
+        return self.loss_and_grad()[0] if kept else float("nan")
 
 
 def pack_checkpoint(sim_state: bytes, calibrator: OnlineCalibrator | None) -> bytes:

@@ -47,6 +47,12 @@ def fleet_command(
                                               "public seed (their states become public).")
                            ] = False,
     out: Annotated[Path | None, typer.Option(help="Write OUT/summary.json.")] = None,
+    tangents: Annotated[bool, typer.Option(help="Exact decentralised gradients (devices carry "
+                                           "∂state/∂β); with --calibrate, θ is fitted with "
+                                           "the full-path model (docs/calibration.md).")
+                        ] = False,
+    estimator: Annotated[str, typer.Option(help="The step's gradient estimator (devices and "
+                                           "synthetic agents).")] = "straight_through",
 ) -> None:
     """Run a hybrid run with N simulated devices (optionally calibrating θ and with dropouts)."""
     from coordinator.calibration import CalibrationError, CalibrationSettings, read_observed_csv
@@ -69,7 +75,7 @@ def fleet_command(
             raise FederatedRunError(f"--devices {devices} is below the minimum cohort "
                                     f"--min-devices {min_devices}")
         settings = FederatedSettings(min_devices=min_devices, shared_seed=shared_seed,
-                                     calibration=cal)
+                                     calibration=cal, tangents=tangents, estimator=estimator)
     except (RunConfigError, CalibrationError, FederatedRunError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from None

@@ -33,8 +33,9 @@ observed-csv (per-day ``new_infections``; default: the run's own reported counts
 exchange-timeout (seconds a message exchange waits for devices; a late device is out),
 tangents (exact decentralised gradients: every device carries ∂state/∂β, the neighbourhood
 sum carries the tangents in a second round, the SecAgg'd report its ∂new_i/∂β; the
-committed row's ``d_new_dbeta`` is the full-path derivative), estimator (the step's
-gradient estimator, devices and synthetic agents alike).
+committed row's ``d_new_dbeta`` is the full-path derivative; with calibrate, θ is fitted
+with the full-path model of :mod:`coordinator.calibration_path` instead of Eq. 11),
+estimator (the step's gradient estimator, devices and synthetic agents alike).
 """
 
 from __future__ import annotations
@@ -229,6 +230,11 @@ class FederatedRun:
                                cfg.seed, remote=True, tangents=tangents,
                                estimator=settings.estimator)
         self.sim = sim
+        if tangents and self.calibrator is not None:  # full-path calibration (no resume)
+            from coordinator.calibration_path import SyntheticReplay
+            self.calibrator.replay = SyntheticReplay(
+                SIR(cfg.beta, cfg.gamma, cfg.initial_infected), sim.split, sim.state, cfg.seed,
+                settings.estimator, beta_devices=cfg.beta)
         start = 0
         point = self.store.resume(self.run_id) if self.resume and self.store else None
         if point is not None and tangents:  # the checkpoint keeps no synthetic tangents
@@ -373,6 +379,9 @@ class FederatedRun:
                     {m: r.tenvelopes for m, r in day_replies.items()}, sim.tangent["I"],
                     all_keys, weights, wsum, day_replies, split.n)
             pending_syn = sim.step(cross_sums=cross_sums, cross_dsums=cross_dsums)
+            if self.calibrator is not None and self.calibrator.replay is not None:
+                assert cross_dsums is not None
+                self.calibrator.replay.record(sim.day - 1, cross_sums, cross_dsums)
             pending_theta = theta
             self._state_blob = sim.state_bytes()
         return self.rows
@@ -453,8 +462,11 @@ class FederatedRun:
         if self.calibrator is not None:
             cal = self.calibrator
             y = cal.observed_for(day - 1, float(cast(float, row["new_infections"])))
-            cal.add_day(day - 1, sim.last_synthetic_hazard, phys["p"], phys["dp_dbeta"],
-                        theta, y)
+            if cal.full_path:  # the devices' count and full-path ∂count/∂β (SecAgg'd)
+                cal.add_path_day(day - 1, phys["new_infections"], phys["d_new_dbeta"], y)
+            else:
+                cal.add_day(day - 1, sim.last_synthetic_hazard, phys["p"], phys["dp_dbeta"],
+                            theta, y)
             loss, g_syn, g_dev = cal.loss_and_grad()
             cal.update(day - 1)
             row.update({"theta_beta": cal.beta_for(day), "theta": {"beta": list(cal.theta)},
