@@ -29,7 +29,7 @@ def _run(rank: int, world: int, preset: str, scale: float | None, every: int):
 
 
 def _check(preset: str, scale: float | None, every: int, worlds=(2,)) -> None:
-    one = spawn_local(_run, 1, preset, scale, every, timeout=120)[0]
+    one = _run(0, 1, preset, scale, every)  # the 1-rank run: plain code, in this process
     assert len(one) == DAYS and sum(r["new_infections"] for r in one) > 20
     for w in worlds:  # daily counts, exposure, the simulated devices' reports: bit for bit
         assert spawn_local(_run, w, preset, scale, every, timeout=120)[0] == one, w
@@ -107,27 +107,31 @@ def _run_counted(rank: int, world: int, kind: str, every: int):
     counter = [0]
     _count_received(rank, counter)
     pop = _population(kind)
-    sim = HybridSimulation(SIR(beta=0.9, gamma=0.1, initial_infected=0.05), pop,
-                           torch.arange(0, pop.n, every), SEED,
-                           procs_group=True if world > 1 else None)
+
+    def hybrid(**kw):
+        return HybridSimulation(SIR(beta=0.9, gamma=0.1, initial_infected=0.05), pop,
+                                torch.arange(0, pop.n, every), SEED, **kw)
+
+    sim = hybrid(procs_group=True)
     counter[0] = 0  # setup (the owner array, the split counts) is paid once, not per day
     rows = [sim.step() for _ in range(DAYS)]
+    received = counter[0]
+    one = hybrid() if rank == 0 else None  # the 1-rank run (no collectives), same process
     st = sim._stepper
-    if st is None:
-        return {"rows": rows}
-    return {"received": counter[0], "halo": st.shard.n_halo, "boundary": st.sizes,
+    return {"received": received, "halo": st.shard.n_halo, "boundary": st.sizes,
             "cut": cut_stats(sim.split.central, st.partition)["cut_edges"],
-            "own_count": st.bytes_received, "rows": rows, "n": pop.n}
+            "own_count": st.bytes_received, "n": pop.n,
+            "equal": one is None or rows == [one.step() for _ in range(DAYS)]}
 
 
-@pytest.mark.parametrize("kind", ["tiny", "random"])
+@pytest.mark.parametrize("kind", ["random", pytest.param("tiny", marks=pytest.mark.slow)])
 def test_hybrid_ranks_receive_only_the_boundary(kind):
     """Per day a rank receives 4 B × (its halo + its cross boundary) + a fixed header, and
     all ranks together ≤ 8 B per cut edge + 8 B per boundary agent + headers: no O(n)
     state (the first cut all-reduced 5 × n float64 a day: 44 kB/day at rank 0 on tiny)."""
     from simulation.distributed.hybrid_stepper import HEADER_BYTES
     out = spawn_local(_run_counted, 2, kind, 50, timeout=120)
-    assert out[0]["rows"] == spawn_local(_run_counted, 1, kind, 50, timeout=120)[0]["rows"]
+    assert out[0]["equal"]  # the daily aggregates equal the 1-rank run's bit for bit
     n, total = out[0]["n"], 0
     if kind == "random":
         assert out[0]["cut"] > 1000 and out[0]["halo"] > 0  # the halo is exercised
@@ -140,3 +144,56 @@ def test_hybrid_ranks_receive_only_the_boundary(kind):
     bound = DAYS * (8 * out[0]["cut"] + 8 * sum(out[0]["boundary"]) + 2 * HEADER_BYTES)
     assert total <= bound, (total, bound)
     assert total / DAYS < 5 * 8 * n / 4  # a quarter of what one rank received a day before
+
+
+# --- remote (Flower) mode: rank 0 holds the devices' cross sums -------------------------------
+
+def _run_remote(rank: int, world: int, every: int):
+    """Remote mode on ``world`` ranks. Rank 0 also runs the 1-rank remote run (``one``) and
+    plays the devices with a fleet-mode 1-rank run (``ref``): each day the protocol reads
+    the synthetic cross boundary's I from ``cross_infected()`` and the physical agents' I
+    from the devices (``ref``); returns the days where anything differed."""
+    torch.set_num_threads(1)
+    pop = synthesize("tiny", seed=0)
+    phys = torch.arange(0, pop.n, every)
+
+    def hybrid(**kw):
+        return HybridSimulation(SIR(beta=0.9, gamma=0.1, initial_infected=0.05), pop, phys,
+                                SEED, **kw)
+
+    sim = hybrid(remote=True, procs_group=True)
+    if rank:
+        for _ in range(DAYS):
+            sim.step()  # a worker: no cross sums, rank 0 scatters them
+        return None
+    one, ref = hybrid(remote=True), hybrid()
+    ends = torch.zeros(pop.n, dtype=torch.bool)  # the cross edges' endpoints
+    ends[torch.unique(sim.split.cross.indices.long())] = True
+    bad, infections = [], 0.0
+    for day in range(DAYS):
+        if day == 4:  # a calibration step on the coordinator (and on the devices)
+            for s in (sim, one, ref):
+                s.model.beta.data.mul_(0.8)
+        seen = sim.cross_infected().clone()
+        if not torch.equal(seen[ends], one.cross_infected()[ends]):
+            bad.append((day, "cross_infected"))
+        seen[phys] = ref.state["I"][phys]  # the devices' contributions
+        cross = ref._fleet_sum().step(seen, round=day).sums
+        row, row1, want = sim.step(cross_sums=cross), one.step(cross_sums=cross), ref.step()
+        if row != row1:
+            bad.append((day, "aggregates"))
+        if not torch.equal(sim.last_synthetic_hazard, one.last_synthetic_hazard):
+            bad.append((day, "hazard"))
+        for c in ("S", "I", "R", "new_infections"):  # synthetic = fleet run − its devices
+            if row[c] != want[c] - float(ref.state[c][phys].sum()):
+                bad.append((day, c))
+        infections += float(row["new_infections"])
+    return bad, infections
+
+
+def test_remote_mode_two_ranks_equal_one():
+    """Remote mode: the devices' cross sums arrive at rank 0 only; 2 ranks == 1 rank (daily
+    synthetic aggregates, the boundary I the protocol reads, and the hazard bases the
+    calibration reads, gathered at rank 0), and == the fleet-mode run minus its devices."""
+    bad, infections = spawn_local(_run_remote, 2, 17, timeout=120)[0]
+    assert bad == [] and infections > 20
