@@ -9,6 +9,7 @@ its subclass :class:`~protocols.secagg.errors.OversizedMessageError`.
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -400,3 +401,79 @@ class SharePayload:
             raise MalformedMessageError("share payload of the wrong size")
         s, rcv = struct.unpack(">II", data[:8])
         return cls(s, rcv, data[8:])
+
+
+# -- exact-layout fast paths (the coordinator's per-day hot loop) ---------------------------
+# Each takes a MAC-stripped body and the exact header bytes the receiver expects, and returns
+# the parsed fields only if the body is *exactly* well formed with that header (right type,
+# run, epoch, day, sender and receiver; counts and sizes consistent; no duplicate index; no
+# trailing bytes); otherwise None, and the caller runs the strict decoder above, which raises
+# the precise error. A header that passes the strict checks encodes to exactly these bytes
+# (fixed-width integers, strict UTF-8), so the two paths accept the same messages.
+
+_ROW_ENV = struct.Struct(f">I{ENVELOPE_BYTES}s")
+_ROW_KEY = struct.Struct(f">I{KEY}s")
+_ROW_SHARE = struct.Struct(f">I1x{SHARE_BYTES}s")
+# one unmask reveal: u32 index, kind 0 (SELF_MASK_SHARE), three field elements < 2^127 − 1
+_ELEMENT = rb"(?:[\x00-\x7e][\x00-\xff]{15}|\x7f(?!\xff{15})[\x00-\xff]{15})"
+_REVEALS = re.compile(rb"(?:[\x00-\xff]{4}\x00" + _ELEMENT + rb"{3})*")
+
+
+def header_prefix(mtype: EMsg, run_id: str, epoch: int, day: int) -> bytes:
+    """The header bytes up to (not including) sender and receiver."""
+    return EHeader(mtype, run_id, epoch, day, 0, 0).encode()[: -8]
+
+
+def _rows(body: bytes, pos: int, row: struct.Struct, limit: int
+          ) -> tuple[dict[int, bytes], int] | None:
+    if len(body) < pos + 4:
+        return None
+    (count,) = _U32.unpack_from(body, pos)
+    end = pos + 4 + count * row.size
+    if count > limit or len(body) < end:
+        return None
+    out = dict(row.iter_unpack(body[pos + 4 : end]))
+    return (out, end) if len(out) == count else None
+
+
+def fast_input(body: bytes, head: bytes, limit: int, length: int
+               ) -> tuple[dict[int, bytes], bytes] | None:
+    """DayInput body → ({receiver: envelope}, masked vector as int64 little-endian bytes)."""
+    if not body.startswith(head):
+        return None
+    got = _rows(body, len(head), _ROW_ENV, limit)
+    if got is None:
+        return None
+    envs, pos = got
+    if len(body) != pos + 4 + 8 * length or _U32.unpack_from(body, pos)[0] != length:
+        return None
+    return envs, body[pos + 4 :]
+
+
+def fast_tags(body: bytes, head: bytes, limit: int
+              ) -> tuple[dict[int, bytes], dict[int, bytes]] | None:
+    """SurvivorTags body → ({receiver: tag}, {dropped neighbour: day key})."""
+    if not body.startswith(head):
+        return None
+    got = _rows(body, len(head), _ROW_KEY, limit)
+    if got is None:
+        return None
+    tags, pos = got
+    got = _rows(body, pos, _ROW_KEY, limit)
+    if got is None or got[1] != len(body) or tags.keys() & got[0].keys():
+        return None
+    return tags, got[0]
+
+
+def fast_reveals(body: bytes, head: bytes, limit: int) -> dict[int, bytes] | None:
+    """DayUnmaskResponse body of self-mask shares, every element in the field →
+    {owner: share}."""
+    pos = len(head)
+    if not body.startswith(head) or len(body) < pos + 4:
+        return None
+    (count,) = _U32.unpack_from(body, pos)
+    region = body[pos + 4 :]
+    if count > limit or len(region) != count * _ROW_SHARE.size or not _REVEALS.fullmatch(region):
+        return None
+    out = dict(_ROW_SHARE.iter_unpack(region))
+    return out if len(out) == count else None

@@ -30,9 +30,7 @@ from protocols.secagg.config import RoundConfig
 from protocols.secagg.epoch_client import check_day, check_eheader
 from protocols.secagg.epoch_keys import EpochContexts
 from protocols.secagg.epoch_messages import (
-    ENVELOPE_BYTES,
     SERVER,
-    TAG,
     DayInput,
     DayUnmaskResponse,
     EHeader,
@@ -43,7 +41,10 @@ from protocols.secagg.epoch_messages import (
     RosterEntry,
     SurvivorTags,
     encode_bitmap,
-    pack_indexed,
+    fast_input,
+    fast_reveals,
+    fast_tags,
+    header_prefix,
 )
 from protocols.secagg.errors import (
     BadSignatureError,
@@ -79,6 +80,38 @@ class EpochServerStage(Enum):
     ABORTED = "aborted"
 
 
+class _Input:
+    """A masked input as the server keeps it: {receiver: envelope} and the vector's int64
+    little-endian bytes (``envelopes`` and ``vector`` as on :class:`DayInput`)."""
+
+    __slots__ = ("envs", "raw")
+
+    def __init__(self, envs: dict[int, bytes], raw: bytes) -> None:
+        self.envs, self.raw = envs, raw
+
+    @property
+    def envelopes(self) -> tuple[tuple[int, bytes], ...]:
+        return tuple(sorted(self.envs.items()))
+
+    @property
+    def vector(self) -> torch.Tensor:
+        return torch.from_numpy(np.frombuffer(self.raw, dtype="<i8").astype(np.int64))
+
+
+class _Response:
+    """An unmask response as the server keeps it: {owner: share of its self-mask seed}
+    (``reveals`` as on :class:`DayUnmaskResponse`)."""
+
+    __slots__ = ("shares",)
+
+    def __init__(self, shares: dict[int, bytes]) -> None:
+        self.shares = shares
+
+    @property
+    def reveals(self) -> tuple[tuple[int, RevealKind, bytes], ...]:
+        return tuple((j, RevealKind.SELF_MASK_SHARE, d) for j, d in sorted(self.shares.items()))
+
+
 _HANDLERS = {
     EpochServerStage.ADVERTISE: "_on_advertise",
     EpochServerStage.INPUT: "_on_input",
@@ -111,15 +144,19 @@ class EpochServer:
         self.live: frozenset[int] = frozenset()
         self.day: int | None = None
         self.last_day: int | None = None
-        self._inputs: dict[int, DayInput] = {}
+        self._inputs: dict[int, _Input] = {}
         self._s: frozenset[int] = frozenset()
         self._bitmap = b""
         self._tags: dict[int, dict[int, bytes]] = {}  # signer -> {receiver: tag}
         self._day_keys: dict[tuple[int, int], bytes] = {}  # (survivor, dropped) -> day key
         self._responders: frozenset[int] = frozenset()
-        self._responses: dict[int, DayUnmaskResponse] = {}
-        self._envs: dict[int, dict[int, bytes]] = {}  # sender -> {receiver: envelope}
+        self._responses: dict[int, _Response] = {}
+        # exact header bytes of the current stage's client messages, up to the sender
+        self._head = b""
+        self._tails = [struct.pack(">II", i, SERVER) for i in range(config.n)]
+        self._idx = [_U32.pack(i) for i in range(config.n)]
         self._in_s: dict[int, frozenset[int]] = {}  # survivor -> its live neighbours in S
+        self._out_s: dict[int, frozenset[int]] = {}  # survivor -> live neighbours not in S
         self._shares: dict[int, dict[int, bytes]] = {}  # owner -> {holder x: share}
         self._live_nbrs: list[frozenset[int]] = [frozenset()] * config.n
         self.results: dict[int, torch.Tensor] = {}
@@ -155,6 +192,7 @@ class EpochServer:
             raise StaleMessageError(f"day {day} is not after day {self.last_day}")
         self.day = self.last_day = day
         self.result = None
+        self._head = self._prefix(EMsg.INPUT)
         self.stage = EpochServerStage.INPUT
 
     def abandon_day(self) -> None:
@@ -195,8 +233,12 @@ class EpochServer:
     # -- helpers ---------------------------------------------------------------------
     def _clear_day(self) -> None:
         self._inputs, self._tags, self._responses, self._day_keys = {}, {}, {}, {}
-        self._envs, self._in_s, self._shares = {}, {}, {}
+        self._in_s, self._out_s, self._shares = {}, {}, {}
         self._s, self._responders, self._bitmap = frozenset(), frozenset(), b""
+
+    def _prefix(self, mtype: EMsg) -> bytes:
+        assert self.day is not None
+        return header_prefix(mtype, self.config.run_id, self.config.round, self.day)
 
     def _out(self, mtype: EMsg, receiver: int, day: int = 0) -> EHeader:
         cfg = self.config
@@ -271,14 +313,19 @@ class EpochServer:
     def _on_input(self, sender: int, blob: bytes) -> None:
         cfg = self.config
         assert self.day is not None
-        msg = DayInput.decode(self._body(sender, blob), cfg.n, cfg.degree, cfg.spec.length)
-        self._check(sender, msg.header, self.day, self._inputs, self.live)
-        envs = dict(msg.envelopes)
-        if envs.keys() != self._live_nbrs[sender]:
-            raise ProtocolViolationError(f"client {sender} did not share its self mask with "
-                                         "exactly its live neighbours")
-        self._inputs[sender] = msg
-        self._envs[sender] = envs
+        body = self._body(sender, blob)
+        got = None
+        if sender not in self._inputs and sender in self.live:
+            got = fast_input(body, self._head + self._tails[sender], cfg.degree,
+                             cfg.spec.length)
+        if got is None or got[0].keys() != self._live_nbrs[sender]:
+            msg = DayInput.decode(body, cfg.n, cfg.degree, cfg.spec.length)  # strict path
+            self._check(sender, msg.header, self.day, self._inputs, self.live)
+            got = dict(msg.envelopes), msg.vector.numpy().astype("<i8").tobytes()
+            if got[0].keys() != self._live_nbrs[sender]:
+                raise ProtocolViolationError(f"client {sender} did not share its self mask "
+                                             "with exactly its live neighbours")
+        self._inputs[sender] = _Input(*got)
 
     def _headers(self, mtype: EMsg, receivers: Sequence[int]) -> list[bytes]:
         """The encoded headers (server → each receiver) of the current day's ``mtype``:
@@ -300,6 +347,8 @@ class EpochServer:
                for i, head in zip(order, self._headers(EMsg.SURVIVORS, order), strict=True)}
         live = self._live_nbrs
         self._in_s = {i: live[i] & s for i in order}
+        self._out_s = {i: live[i] - s for i in order}
+        self._head = self._prefix(EMsg.TAGS)
         self.stage = EpochServerStage.CONSISTENCY
         return out
 
@@ -307,19 +356,26 @@ class EpochServer:
     def _on_signature(self, sender: int, blob: bytes) -> None:
         cfg = self.config
         assert self.day is not None
-        msg = SurvivorTags.decode(self._body(sender, blob), cfg.n, cfg.degree)
-        self._check(sender, msg.header, self.day, self._tags, self._s)
+        body = self._body(sender, blob)
+        got = None
+        if sender not in self._tags and sender in self._s:
+            got = fast_tags(body, self._head + self._tails[sender], cfg.degree)
         # one tag per live neighbour in S: the server cannot check a tag (it does not hold
         # the pair's key), only that the sender addressed exactly its neighbours in S
-        tags = dict(msg.tags)
-        if tags.keys() != self._in_s[sender]:
-            raise ProtocolViolationError(f"client {sender} did not tag the survivor set for "
-                                         "exactly its live neighbours in it")
-        if {j for j, _ in msg.day_keys} != self._live_nbrs[sender] - self._s:
-            raise ProtocolViolationError(f"client {sender} did not reveal its day keys with "
-                                         "exactly its live neighbours outside the survivor set")
-        self._tags[sender] = tags
-        self._day_keys.update(((sender, j), key) for j, key in msg.day_keys)
+        if (got is None or got[0].keys() != self._in_s[sender]
+                or got[1].keys() != self._out_s[sender]):
+            msg = SurvivorTags.decode(body, cfg.n, cfg.degree)  # strict path
+            self._check(sender, msg.header, self.day, self._tags, self._s)
+            got = dict(msg.tags), dict(msg.day_keys)
+            if got[0].keys() != self._in_s[sender]:
+                raise ProtocolViolationError(f"client {sender} did not tag the survivor set "
+                                             "for exactly its live neighbours in it")
+            if got[1].keys() != self._out_s[sender]:
+                raise ProtocolViolationError(f"client {sender} did not reveal its day keys "
+                                             "with exactly its live neighbours outside the "
+                                             "survivor set")
+        self._tags[sender] = got[0]
+        self._day_keys.update(((sender, j), key) for j, key in got[1].items())
 
     def _close_consistency(self) -> dict[int, bytes]:
         cfg = self.config
@@ -340,19 +396,21 @@ class EpochServer:
                                        "keys with dropped neighbours: aborting the day "
                                        "before unmasking")
         order = sorted(responders)
-        tags, envs, macs = self._tags, self._envs, self._macs
+        tags, macs, idx, s = self._tags, self._macs, self._idx, self._s
+        envs = {j: inp.envs for j, inp in self._inputs.items()}
         out = {}
         for i, head in zip(order, self._headers(EMsg.UNMASK_REQUEST, order), strict=True):
             nb = self._nbrs[i]
-            # DayUnmaskRequest body: the tags addressed to i, the envelopes addressed to i
-            body = b"".join((head,
-                             pack_indexed([(j, tags[j][i]) for j in sorted(nb & signers)],
-                                          TAG, "tag"),
-                             pack_indexed([(j, envs[j][i]) for j in sorted(nb & self._s)],
-                                          ENVELOPE_BYTES, "envelope")))
+            # DayUnmaskRequest body: the tags addressed to i (index = signer), then the
+            # envelopes addressed to i (index = sender); sizes fixed by the parsers
+            t_from = sorted(nb & signers)
+            e_from = sorted(nb & s)
+            body = b"".join([head, idx[len(t_from)], *[idx[j] + tags[j][i] for j in t_from],
+                             idx[len(e_from)], *[idx[j] + envs[j][i] for j in e_from]])
             out[i] = add_mac(macs[i], body)
         self._responders = responders
         self._shares = {i: {} for i in self._s}
+        self._head = self._prefix(EMsg.UNMASK_RESPONSE)
         self.stage = EpochServerStage.UNMASK
         return out
 
@@ -360,20 +418,25 @@ class EpochServer:
     def _on_unmask(self, sender: int, blob: bytes) -> None:
         cfg = self.config
         assert self.day is not None
-        msg = DayUnmaskResponse.decode(self._body(sender, blob), cfg.n, cfg.degree)
-        self._check(sender, msg.header, self.day, self._responses, self._responders)
+        body = self._body(sender, blob)
         expected = self._nbrs[sender] & self._s
-        if (len(msg.reveals) != len(expected)
-                or any(j not in expected or k is not RevealKind.SELF_MASK_SHARE
-                       for j, k, _ in msg.reveals)):
-            raise ProtocolViolationError(f"unmask response of {sender} does not match the "
-                                         "survivor set")
-        if not shares_in_field([data for _, _, data in msg.reveals]):
-            raise MalformedMessageError(f"invalid share from {sender}: share element outside "
-                                        "the field")
-        self._responses[sender] = msg
+        got = None
+        if sender not in self._responses and sender in self._responders:
+            got = fast_reveals(body, self._head + self._tails[sender], cfg.degree)
+        if got is None or got.keys() != expected:
+            msg = DayUnmaskResponse.decode(body, cfg.n, cfg.degree)  # strict path
+            self._check(sender, msg.header, self.day, self._responses, self._responders)
+            if {j: k for j, k, _ in msg.reveals} != dict.fromkeys(
+                    expected, RevealKind.SELF_MASK_SHARE):
+                raise ProtocolViolationError(f"unmask response of {sender} does not match "
+                                             "the survivor set")
+            if not shares_in_field([data for _, _, data in msg.reveals]):
+                raise MalformedMessageError(f"invalid share from {sender}: share element "
+                                            "outside the field")
+            got = {j: data for j, _, data in msg.reveals}
+        self._responses[sender] = _Response(got)
         x = sender + 1
-        for j, _, data in msg.reveals:
+        for j, data in got.items():
             self._shares[j][x] = data
 
     def _close_unmask(self) -> dict[int, bytes]:
@@ -396,7 +459,9 @@ class EpochServer:
         except ShamirError as exc:
             raise ProtocolViolationError(f"self-mask reconstruction failed: {exc}") from exc
         length = cfg.spec.length
-        total = torch.stack([self._inputs[i].vector for i in order]).numpy().sum(0)
+        raw = b"".join([self._inputs[i].raw for i in order])
+        total = np.frombuffer(raw, dtype="<i8").reshape(len(order), length).sum(
+            0, dtype=np.int64)  # wraps mod 2^64, as the ring requires
         masks = ring_keystreams([ctx.self_mask_key(seed, i, day)
                                  for seed, i in zip(seeds, order, strict=True)], length)
         total -= masks.sum(0)

@@ -7,8 +7,9 @@ Lagrange coefficients cached per set of x-coordinates.
 
 :func:`reconstruct_secrets` is the coordinator's batched path: many secrets at once, each
 from all the shares it received, interpolated once from the ``threshold`` smallest
-x-coordinates, and every further share checked against that polynomial (a wrong share
-among more than ``threshold`` is always detected). The three chunks of a share travel as
+x-coordinates, and every further share checked against that polynomial (one random linear
+combination of the checks, secret to the reconstructor: a wrong share among more than
+``threshold`` passes with probability 2^-127). The three chunks of a share travel as
 one Python integer with 2^(8·lane) spacing, so each Lagrange term is one multiplication.
 """
 
@@ -180,13 +181,16 @@ def _all_but_one(values: Sequence[int]) -> list[int]:
 
 
 @lru_cache(maxsize=8192)
-def _plan(xs: tuple[int, ...], threshold: int) -> tuple[tuple[int, ...],
-                                                         tuple[tuple[int, ...], ...]]:
+def _plan(xs: tuple[int, ...], threshold: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """For sorted holder x-coordinates: the Lagrange coefficients at 0 over the base (the
-    ``threshold`` smallest), and for each further x_e a check vector c (over base + x_e)
-    with Σ c_i y_i = 0 iff y_e lies on the base's polynomial: c is the threshold-th divided
-    difference over base ∪ {x_e} (zero exactly for degree < threshold), scaled by the
-    product of its denominators so that no inversion is needed."""
+    ``threshold`` smallest), and one check vector C over all of ``xs``.
+
+    For each further x_e, the threshold-th divided difference over base ∪ {x_e} is zero
+    exactly when y_e lies on the base's polynomial; scaled by the product of its
+    denominators it needs no inversion (coefficients c^(e)). C = Σ_e r_e · c^(e) with r_e
+    drawn here from the OS CSPRNG and never revealed: if any share is off the polynomial,
+    Σ_j C_j y_j ≠ 0 except with probability 1/p ≈ 2^-127 over r (one multiplication per
+    share instead of one per share and extra share)."""
     _check_xs(xs)
     base = xs[:threshold]
     # W_j = Π_{l≠j} (x_j − x_l), nonzero: the x are distinct elements of the field
@@ -195,12 +199,16 @@ def _plan(xs: tuple[int, ...], threshold: int) -> tuple[tuple[int, ...],
     num = _prod_mod(base)
     inv = _inverses([xj * wj % PRIME for xj, wj in zip(base, w, strict=True)])
     lam0 = tuple(sign * num * v % PRIME for v in inv)
-    checks = []
-    for xe in xs[threshold:]:
+    check = [0] * len(xs)
+    for e, xe in enumerate(xs[threshold:], threshold):
         dens = [wj * (xj - xe) % PRIME for xj, wj in zip(base, w, strict=True)]
         dens.append(_prod_mod(xe - xl for xl in base))
-        checks.append(tuple(_all_but_one(dens)))
-    return lam0, tuple(checks)
+        c = _all_but_one(dens)
+        r = _random_element()
+        for j in range(threshold):
+            check[j] = (check[j] + r * c[j]) % PRIME
+        check[e] = r * c[-1] % PRIME
+    return lam0, tuple(check)
 
 
 def _prod_mod(values: Iterable[int]) -> int:
@@ -232,9 +240,10 @@ def shares_in_field(shares: Sequence[bytes]) -> bool:
 def reconstruct_secrets(batch: Sequence[dict[int, bytes]], threshold: int) -> list[bytes]:
     """Reconstruct many secrets, each from ``{x: share}`` with at least ``threshold``
     entries, using *all* its shares: interpolate from the ``threshold`` smallest x, require
-    every other share to lie on that polynomial (else :class:`InconsistentSharesError`).
-    Equal to :func:`reconstruct_secret` on consistent shares. Errors carry ``item``, the
-    position in ``batch`` of the secret that failed."""
+    every other share to lie on that polynomial (else :class:`InconsistentSharesError`;
+    one randomised check per secret, see :func:`_plan`: a wrong share passes with
+    probability 2^-127). Equal to :func:`reconstruct_secret` on consistent shares. Errors
+    carry ``item``, the position in ``batch`` of the secret that failed."""
     if not isinstance(threshold, int) or threshold < 1:
         raise ShamirError(f"threshold {threshold!r} must be a positive int")
     plans, order = [], []
@@ -255,28 +264,32 @@ def reconstruct_secrets(batch: Sequence[dict[int, bytes]], threshold: int) -> li
         return []
     raw = np.frombuffer(b"".join(flat), dtype=np.uint8).reshape(-1, CHUNKS, ELEMENT_BYTES)
     ok = _field_ok(raw)
-    # lanes wide enough for a sum of threshold + 1 products of two field elements
-    lane = -(-(2 * 127 + (threshold + 1).bit_length()) // 8)
+    if not ok.all():
+        bad, pos = int(np.argmin(ok)), 0
+        for item, row in enumerate(order):
+            pos += len(row)
+            if bad < pos:
+                raise ShamirError("share element outside the field", item)
+    # lanes wide enough for a sum of up to max(m) products of two field elements
+    most = max(len(row) for row in order)
+    lane = -(-(2 * 127 + most.bit_length()) // 8)
     padded = np.zeros((raw.shape[0], CHUNKS, lane), dtype=np.uint8)
     padded[:, :, lane - ELEMENT_BYTES :] = raw
     blob, width, bits = padded.tobytes(), CHUNKS * lane, 8 * lane
     mask = (1 << bits) - 1
     shifts = [(CHUNKS - 1 - c) * bits for c in range(CHUNKS)]
     out, pos = [], 0
-    for item, ((lam0, checks), row) in enumerate(zip(plans, order, strict=True)):
+    for item, ((lam0, check), row) in enumerate(zip(plans, order, strict=True)):
         m = len(row)
-        if not ok[pos : pos + m].all():
-            raise ShamirError("share element outside the field", item)
-        ys = [int.from_bytes(blob[(pos + j) * width : (pos + j + 1) * width], "big")
-              for j in range(m)]
+        ys = [int.from_bytes(blob[j * width : (j + 1) * width], "big")
+              for j in range(pos, pos + m)]
         pos += m
-        base = ys[:threshold]
-        for c, ye in zip(checks, ys[threshold:], strict=True):
-            r = sum(map(mul, c, base)) + c[-1] * ye
+        if m > threshold:
+            r = sum(map(mul, check, ys))
             if any(((r >> sh) & mask) % PRIME for sh in shifts):
                 raise InconsistentSharesError(
                     "shares do not lie on one polynomial of degree < threshold", item)
-        acc = sum(map(mul, lam0, base))
+        acc = sum(map(mul, lam0, ys))
         out.append(_unchunk_item([((acc >> sh) & mask) % PRIME for sh in shifts], item))
     return out
 
