@@ -21,7 +21,7 @@ from simulation.fused_sir import simulate_sir_fused, supports_fused_sir
 from simulation.kernels import NeighbourSum
 from simulation.population import ContactGraph, Population
 from simulation.rng import counter_uniforms, counter_uniforms_at
-from simulation.stochastic_triples import simulate_sir_triples
+from simulation.stochastic_triples import simulate_sir_triples, triples_serves
 from simulation.substeps import State, StepContext, SubstepModel
 
 __all__ = ["SimulationError", "Trajectory", "agent_uniforms", "simulate", "step_day", "step_uniforms",
@@ -138,8 +138,10 @@ def simulate(
     the model has one) makes the layer weights learnable: the neighbour sum becomes
     Σ_l w_l (A_l x) over the per-layer CSRs and gradients reach every w_l (layers not named
     keep their baked weight). Without it the merged CSR (weights baked in) is used, unchanged.
-    The fused run estimators ("auto", "nonbacktracking") carry no layer-weight tangents:
-    "auto" then runs "smoothed", and "nonbacktracking" is refused.
+    The fused run estimators ("auto", "nonbacktracking", "triples") carry no layer-weight
+    tangents: "auto" then runs "smoothed", the others are refused. For the plain SIR model
+    "auto" is "triples" (unbiased, reverse mode, unit-weight graphs) and "nonbacktracking"
+    otherwise (forward-mode tangents, weighted graphs).
     """
     if layer_weights is None:
         layer_weights = getattr(model, "layer_weights", None)
@@ -179,6 +181,8 @@ def simulate(
     model = model.to(dev)
     if estimator in RUN_ESTIMATORS:
         hooks = layered or any(h is not None for h in (neighbour_sum, uniforms, extras, initial_state))
+        if estimator == "auto" and supports_fused_sir(model, dev, hooks) and triples_serves(model, merged):
+            estimator = "triples"
         if estimator == "triples":
             if not supports_fused_sir(model, dev, hooks) or merged.weights is not None:
                 raise SimulationError("the triples estimator runs the plain SIR model on CPU over a unit-weight "

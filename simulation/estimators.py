@@ -36,8 +36,9 @@ __all__ = ["DEFAULT_ESTIMATOR", "ESTIMATORS", "RUN_ESTIMATORS", "EstimatorError"
 _EPS = 1e-6
 DEFAULT_ESTIMATOR = "auto"
 #: estimators that act on a whole run rather than per event (``simulation.fused_sir``,
-#: ``simulation.stochastic_triples``); "auto" picks "nonbacktracking" where the engine supports
-#: it and "smoothed" elsewhere
+#: ``simulation.stochastic_triples``); "auto" picks "triples" for the plain SIR model on a
+#: unit-weight graph in reverse mode, "nonbacktracking" for other fused SIR runs and
+#: "smoothed" elsewhere
 RUN_ESTIMATORS = ("auto", "nonbacktracking", "triples")
 
 

@@ -39,7 +39,7 @@ from simulation.population import CSRLayer
 from simulation.rng import _uniform, day_key
 
 __all__ = ["DEFAULT_FLIPS", "FlipGradient", "PrimalPath", "StochasticTripleError", "primal_path", "run_sir_triples",
-           "simulate_sir_triples"]
+           "simulate_sir_triples", "triples_serves"]
 
 _BETA, _GAMMA = 0, 1
 PARAMS = ("beta", "gamma")
@@ -418,6 +418,12 @@ def run_sir_triples(
     torch.set_num_threads(threads)
     last_new = (path.S[-2] - path.S[-1]) if days else path.I[0]
     return path.series(), jac, path.S[-1].copy(), path.I[-1].copy(), last_new.astype(np.float32), stats
+
+
+def triples_serves(model, layer: CSRLayer) -> bool:
+    """True where "auto" runs this estimator: a unit-weight graph and no forward-mode tangent
+    on β or γ (the flips give a reverse-mode Jacobian)."""
+    return layer.weights is None and all(fwAD.unpack_dual(p).tangent is None for p in (model.beta, model.gamma))
 
 
 class _TriplesSIR(torch.autograd.Function):
