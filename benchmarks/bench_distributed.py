@@ -239,8 +239,10 @@ def project(rows: list[dict], sizes=(8_400_000, 100_000_000), ranks=(1, 2, 4, 8,
     return out
 
 
-def _hybrid_rank(rank: int, world: int, n: int, days: int, every: int) -> dict | None:
-    """One rank of a fleet-mode hybrid run (coordinator.hybrid, procs_group on P > 1)."""
+def _hybrid_rank(rank: int, world: int, n: int, days: int, every: int,
+                 stepper: bool = False) -> dict | None:
+    """One rank of a fleet-mode hybrid run (coordinator.hybrid; procs_group on P > 1, or
+    on 1 rank with ``stepper``: the partitioned code path on one process)."""
     from coordinator.hybrid import HybridSimulation
     from simulation.models import SIR
     from simulation.population import synthesize
@@ -249,33 +251,46 @@ def _hybrid_rank(rank: int, world: int, n: int, days: int, every: int) -> dict |
     t0 = time.perf_counter()
     sim = HybridSimulation(SIR(beta=0.9, gamma=0.1, initial_infected=0.05), pop,
                            torch.arange(0, pop.n, every), 3,
-                           procs_group=True if world > 1 else None)
+                           procs_group=True if world > 1 or stepper else None)
     setup = time.perf_counter() - t0
     t0 = time.perf_counter()
     rows = [sim.step() for _ in range(days)]
     steps = time.perf_counter() - t0
-    if rank:
-        return None
-    return {"setup_s": setup, "steps_s": steps, "series": [r["new_infections"] for r in rows]}
+    st = sim._stepper
+    phases = {} if st is None else {**st.seconds, "received_bytes_per_day":
+                                    st.bytes_received / days}
+    return {"setup_s": setup, "steps_s": steps, "series": [r["new_infections"] for r in rows],
+            "phases": phases}
 
 
 def hybrid_timing(n: int, days: int, every: int, procs: int) -> dict:
-    """1- vs P-rank hybrid run (same run, alternated twice): seconds and ratio."""
+    """1- vs P-rank hybrid run (same run, alternated twice, best of 2): the plain 1-rank
+    HybridSimulation, the partitioned code path on 1 rank, and on P ranks; ratios."""
     from simulation.distributed.launch import spawn_local
-    best: dict[int, float] = {}
-    series: dict[int, list] = {}
+    runs = {"plain 1": (1, False), "stepper 1": (1, True), f"stepper {procs}": (procs, True)}
+    best: dict[str, float] = {}
+    series: dict[str, list] = {}
     for _ in range(2):
-        for w in (1, procs):
-            r = spawn_local(_hybrid_rank, w, n, days, every, timeout=600)[0]
-            best[w] = min(best.get(w, float("inf")), r["steps_s"])
-            series[w] = r["series"]
-            print(f"hybrid {n} agents, {n // every} devices, {days} days, {w} rank(s): "
+        for label, (w, stepper) in runs.items():
+            ranks = spawn_local(_hybrid_rank, w, n, days, every, stepper, timeout=600)
+            r = ranks[0]
+            best[label] = min(best.get(label, float("inf")), r["steps_s"])
+            series[label] = r["series"]
+            print(f"hybrid {n} agents, {n // every} devices, {days} days, {label} rank(s): "
                   f"steps {r['steps_s']:.2f} s, setup {r['setup_s']:.2f} s "
                   f"(load {os.getloadavg()[0]:.1f})", flush=True)
-    assert series[1] == series[procs], "partitioned hybrid series differ from 1 rank"
-    ratio = best[1] / best[procs]
-    print(f"hybrid speed-up 1 -> {procs} ranks (best of 2): {ratio:.2f}x")
-    return {"n": n, "days": days, "devices": n // every, "best_s": best, "speedup": ratio}
+            for k, q in enumerate(ranks):  # where a partitioned day's time goes, per rank
+                if q["phases"]:
+                    print(f"  rank {k}: " + ", ".join(
+                        f"{name} {v:.2f} s" if name != "received_bytes_per_day"
+                        else f"received {v / 1e3:.1f} kB/day" for name, v in q["phases"].items()))
+    assert all(v == series["plain 1"] for v in series.values()), "series differ from 1 rank"
+    top = f"stepper {procs}"
+    ratio, ratio_same = best["plain 1"] / best[top], best["stepper 1"] / best[top]
+    print(f"hybrid speed-up plain 1 rank -> {procs} ranks (best of 2): {ratio:.2f}x; "
+          f"partitioned path 1 -> {procs} ranks: {ratio_same:.2f}x")
+    return {"n": n, "days": days, "devices": n // every, "best_s": best, "speedup": ratio,
+            "speedup_same_path": ratio_same}
 
 
 def main() -> None:

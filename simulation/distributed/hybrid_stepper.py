@@ -27,6 +27,7 @@ No autograd window across ranks (the hybrid steps under ``no_grad``), no tangent
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,30 @@ State = dict[str, torch.Tensor]
 HEADER_BYTES = 1024  # per day and rank, beyond the per-agent traffic: β, barrier, counts
 
 
+def _compact_fleet(sim: HybridSimulation, ends: torch.Tensor) -> Any:
+    """The simulated fleet's protocol over the cross endpoints ``ends`` only (relabelled
+    0..m−1, rows in the same order): its sums equal the full protocol's at ``ends`` (the
+    masks cancel in the ring, refusals and padding depend on the degrees only). Noise is
+    drawn per agent id over all n, so a noisy policy keeps the full-length protocol (None)."""
+    from protocols.neighbourhood import FleetNeighbourhoodSum
+
+    full = sim._fleet_sum()
+    if full.policy.noisy:
+        return None
+    cross = sim.split.cross
+    ip, ix = cross.indptr.numpy(), cross.indices.numpy()
+    e = ends.numpy()
+    deg = ip[e + 1] - ip[e]
+    ptr = np.zeros(e.size + 1, np.int64)
+    np.cumsum(deg, out=ptr[1:])
+    pos = np.repeat(ip[e] - ptr[:-1], deg) + np.arange(ptr[-1], dtype=np.int64)
+    cols = np.searchsorted(e, ix[pos])
+    w = None if cross.weights is None else cross.weights[torch.from_numpy(pos)]
+    return FleetNeighbourhoodSum(torch.from_numpy(ptr), torch.from_numpy(cols), w,
+                                 variant=full.variant, policy=full.policy, ring=full.ring,
+                                 run_id=full.run_id)
+
+
 class HybridStepper:
     """One rank's part of a hybrid run (collective: every rank calls :meth:`day`)."""
 
@@ -58,6 +83,10 @@ class HybridStepper:
         self.rank, self.size = world(group)
         self.gather_hazard = bool(sim.remote if gather_hazard is None else gather_hazard)
         self.bytes_sent = self.bytes_received = 0
+        # wall seconds per phase (benchmark accounting): day-start barrier and β, the cross
+        # sums (rank 0's protocol step and the scatter), the halo exchange, the end-of-day
+        # collectives (counts, boundary I, hazard), and the whole day
+        self.seconds = dict.fromkeys(("sync", "cross", "halo", "reduce", "day"), 0.0)
         phys = split.physical.numpy()
         if self.rank == 0:  # METIS on the synthetic layer; the (isolated) physical go to 0
             parts = partition_graph(split.central, self.size, method).parts.copy()
@@ -88,8 +117,21 @@ class HybridStepper:
             torch.bincount(area.long(), minlength=self.areas).clamp(min=1)
         self.degree = split.degree[self.owned]
         self.attributes = {k: v[self.owned] for k, v in sim.attributes.items()}
-        # rank 0's view of I at every cross endpoint (the rest stays 0): what the protocol reads
-        self.cross_I = sim.state["I"].clone() if self.rank == 0 else torch.zeros(0)
+        # rank 0: the cross endpoints E (physical ∪ boundary, sorted), their I, and the
+        # protocol over E only (relabelled), so no step of a day is O(n) on rank 0
+        self.ends = torch.from_numpy(np.flatnonzero(cp[1:] > cp[:-1]))
+        self.cross_I = sim.state["I"][self.ends].clone() if self.rank == 0 else torch.zeros(0)
+        self._own_ends = torch.zeros(0, dtype=torch.int64)  # positions in E of rank 0's agents
+        self._own_at = torch.zeros(0, dtype=torch.int64)  # ... and their local indices
+        self._fleet = None
+        if self.rank == 0:
+            ends = self.ends.numpy()
+            mine = np.isin(ends, own_np)
+            self._own_ends = torch.from_numpy(np.flatnonzero(mine))
+            self._own_at = torch.from_numpy(np.searchsorted(own_np, ends[mine]))
+            self._pos = [torch.from_numpy(np.searchsorted(ends, b.numpy()))
+                         for b in self.boundary_ids]
+            self._fleet = None if sim.remote else _compact_fleet(sim, self.ends)
         sim.state = {k: v[self.owned].clone() for k, v in sim.state.items()}
 
     # ------------------------------------------------------------------ collectives
@@ -101,9 +143,9 @@ class HybridStepper:
         return out
 
     def _gather_boundary(self, infected: torch.Tensor) -> None:
-        """Rank 0's ``cross_I`` ← every rank's boundary agents' ``I`` (rank 0: all its own)."""
+        """Rank 0's ``cross_I`` (over E) ← every rank's boundary agents' ``I``."""
         if self.rank == 0:
-            self.cross_I[self.owned] = infected
+            self.cross_I[self._own_ends] = infected[self._own_at].to(self.cross_I.dtype)
         if self.size == 1:
             return
         send = [self.sizes[self.rank] if (q == 0 and self.rank != 0) else 0
@@ -113,21 +155,20 @@ class HybridStepper:
         mine = self.boundary_local if self.rank else self.boundary_local[:0]  # 0 keeps its own
         got = self._a2a(infected.index_select(0, mine).float(), send, recv)
         if self.rank == 0 and got.numel():
-            ids = torch.cat(self.boundary_ids[1:])
-            self.cross_I[ids] = got.to(self.cross_I.dtype)
+            self.cross_I[torch.cat(self._pos[1:])] = got.to(self.cross_I.dtype)
 
     def _scatter_cross(self, cross: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """This rank's cross sums [n_local] from rank 0's length-n ``cross``."""
+        """This rank's cross sums [n_local] from rank 0's ``cross`` over E."""
         local = torch.zeros(self.owned.numel(), dtype=dtype)
         if self.rank == 0:
             assert cross is not None
-            local = cross[self.owned]
+            local[self._own_at] = cross[self._own_ends]
         if self.size == 1:
             return local
         send = [self.sizes[q] if (self.rank == 0 and q != 0) else 0 for q in range(self.size)]
         recv = [self.sizes[self.rank] if (q == 0 and self.rank != 0) else 0
                 for q in range(self.size)]
-        pieces = torch.cat([cross[self.boundary_ids[q]] for q in range(1, self.size)]) \
+        pieces = torch.cat([cross[self._pos[q]] for q in range(1, self.size)]) \
             if self.rank == 0 and cross is not None else torch.zeros(0, dtype=dtype)
         got = self._a2a(pieces.to(dtype), send, recv)
         if self.rank != 0:
@@ -164,12 +205,15 @@ class HybridStepper:
         """Rank 0: length-n ``I``, exact at every cross-edge endpoint (0 elsewhere)."""
         if self.rank != 0:
             raise DistributedError("the cross boundary's I is held by rank 0 only")
-        return self.cross_I
+        full = torch.zeros(self.n, dtype=self.cross_I.dtype)
+        full[self.ends] = self.cross_I
+        return full
 
     def day(self, sim: HybridSimulation, cross_sums: torch.Tensor | None) -> dict[str, object]:
         """Step ``sim``'s day ``sim.day`` on this rank's agents; returns the global aggregates
         (equal on every rank). Remote mode: rank 0 passes the devices' ``cross_sums``."""
         day, model = sim.day, sim.model
+        t_day = time.perf_counter()
         if sim.remote and self.rank == 0 and cross_sums is None:
             raise DistributedError("remote mode: rank 0 needs the protocol's cross sums")
         if self.size > 1:  # a dead or stuck rank is named here rather than hanging the day
@@ -180,18 +224,28 @@ class HybridStepper:
                                        f"failed or is stuck: {e}") from e
             for param in model.parameters():  # rank 0's β (calibration updates it there)
                 dist.broadcast(param.data, 0, group=self.group)
+        self.seconds["sync"] += time.perf_counter() - t_day
         state = sim.state
         captured: dict[str, torch.Tensor] = {}
 
         def neighbour_sum(infected: torch.Tensor) -> torch.Tensor:
+            halo0 = self.op.exchange_seconds
             central = self.op(infected)
+            self.seconds["halo"] += self.op.exchange_seconds - halo0
+            t0 = time.perf_counter()
             cross = None
             if self.rank == 0:
-                given = cross_sums if sim.remote else \
-                    sim._fleet_sum().step(self.cross_I, round=day).sums
-                cross = torch.nan_to_num(torch.as_tensor(given, dtype=torch.float64), nan=0.0)
+                if sim.remote:
+                    given = torch.as_tensor(cross_sums, dtype=torch.float64)[self.ends]
+                elif self._fleet is not None:
+                    given = self._fleet.step(self.cross_I, round=day).sums
+                else:  # a noisy protocol: its noise is drawn per agent id over all n
+                    given = sim._fleet_sum().step(self.cross_infected(), round=day).sums
+                    given = given[self.ends]
+                cross = torch.nan_to_num(given.to(torch.float64), nan=0.0)
                 cross = cross.to(central.dtype)
             total = central + self._scatter_cross(cross, central.dtype)
+            self.seconds["cross"] += time.perf_counter() - t0
             captured["sums"] = total
             return total
 
@@ -221,11 +275,14 @@ class HybridStepper:
                 num = torch.bincount(self.area_local, weights=new["I"].double(),
                                      minlength=self.areas)
                 head = torch.cat([head, num])
+            t0 = time.perf_counter()
             red = self._all_reduce(head)
             self._gather_boundary(new["I"])
             hazard = self._gather_hazard(h) if self.gather_hazard else h[h > 0].double()
+            self.seconds["reduce"] += time.perf_counter() - t0
         sim.state, sim.last_synthetic_hazard = new, hazard
         sim.day += 1
+        self.seconds["day"] += time.perf_counter() - t_day
         k = len(names)
         agg: dict[str, object] = {c: float(red[i]) for i, c in enumerate(names)}
         if self.area_den is None:
