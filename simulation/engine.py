@@ -22,6 +22,7 @@ from simulation.kernels import NeighbourSum
 from simulation.population import ContactGraph, Population
 from simulation.rng import counter_uniforms, counter_uniforms_at
 from simulation.stochastic_triples import simulate_sir_triples, triples_serves
+from simulation.stochastic_triples_seirm import simulate_seirm_triples, supports_seirm_triples
 from simulation.substeps import State, StepContext, SubstepModel
 
 __all__ = ["SimulationError", "Trajectory", "agent_uniforms", "simulate", "step_day", "step_uniforms",
@@ -183,10 +184,18 @@ def simulate(
         hooks = layered or any(h is not None for h in (neighbour_sum, uniforms, extras, initial_state))
         if estimator == "auto" and supports_fused_sir(model, dev, hooks) and triples_serves(model, merged):
             estimator = "triples"
+        if estimator == "triples" and supports_seirm_triples(model) and not hooks and dev.type == "cpu":
+            if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+                series_t, final = simulate_seirm_triples(model, merged, attributes, days, seed, op, degree,
+                                                         progress=progress)
+                return Trajectory(series_t, final, days,
+                                  {"seed": seed, "estimator": "triples", "device": str(dev), "n": n})
+            estimator = "smoothed"  # nothing to differentiate: the plain hard forward
         if estimator == "triples":
             if not supports_fused_sir(model, dev, hooks) or merged.weights is not None:
-                raise SimulationError("the triples estimator runs the plain SIR model on CPU over a unit-weight "
-                                      "contact graph without hooks; use 'nonbacktracking' or 'smoothed'")
+                raise SimulationError("the triples estimator runs the plain SEIRM model, or the plain SIR model over "
+                                      "a unit-weight contact graph, on CPU without hooks; use 'nonbacktracking' "
+                                      "or 'smoothed'")
             series_t, final = simulate_sir_triples(model, merged, days, seed, progress=progress)
             return Trajectory(series_t, final, days, {"seed": seed, "estimator": "triples", "device": str(dev), "n": n})
         if supports_fused_sir(model, dev, hooks):

@@ -11,13 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from simulation.engine import SimulationError, simulate
+from simulation.engine import SimulationError, simulate, step_uniforms
 from simulation.fused_sir import run_sir_nonbacktracking
+from simulation.kernels import NeighbourSum
 from simulation.models.seirm import SEIRM
 from simulation.models.sir import SIR
-from simulation.population import CSRLayer, random_contact_graph
+from simulation.population import CSRLayer, random_contact_graph, synthesize
 from simulation.rng import counter_uniforms
 from simulation.stochastic_triples import StochasticTripleError, primal_path, run_sir_triples
+from simulation.stochastic_triples_seirm import SEIRM_PARAMS, SERIES, seirm_path
+from simulation.substeps import Substep
 
 
 def _layer(n: int, degree: float, seed: int = 0) -> CSRLayer:
@@ -158,5 +161,53 @@ def test_clear_errors_where_the_estimator_does_not_apply():
     with pytest.raises(StochasticTripleError, match="unknown parameters"):
         run_sir_triples(layer, S0, I0, 0.3, 0.1, 5, 0, wrt=("delta",))
     pop = random_contact_graph(200, 4.0, seed=0)
+    extended = SEIRM()
+    extended.add_substep("noop", Substep(), after="progression")
     with pytest.raises(SimulationError, match="triples"):
-        simulate(SEIRM(), pop, 3, estimator="triples").total_infections.backward()
+        simulate(extended, pop, 3, estimator="triples").total_infections.backward()
+
+
+def _seirm() -> SEIRM:
+    return SEIRM(beta=0.5, latent_days=3.0, infectious_days=6.0, test_rate=0.1)  # testing: isolation moves
+
+
+@pytest.mark.parametrize("param", SEIRM_PARAMS)
+def test_seirm_alternative_paths_equal_engine_reruns_with_the_event_forced(param):
+    """The primal path is the engine's run; each coupled path by difference equals the
+    engine's own run with that one uniform moved (u = 0 forces an infection, u = 1
+    suppresses an onset or an exit), on the NYC-like population with isolation."""
+    pop = synthesize("nyc", seed=0, scale=0.001)
+    graph = pop.graph.merged()
+    days, seed = 20, 3
+    with torch.no_grad():
+        ref = simulate(_seirm(), pop, days, seed, estimator="smoothed")
+    path = seirm_path(_seirm(), graph, pop.attributes, days, seed, NeighbourSum(graph), graph.degree().float())
+    base = np.stack([ref.series[c].double().numpy() for c in SERIES], 1)
+    assert np.array_equal(path.series(), base)
+    p = SEIRM_PARAMS.index(param)
+    fday, fagent, _ = path.sample(p, 8, np.random.default_rng(1))
+    effects = path.coupled_effects(fday, fagent, p)
+    for k, (d, a) in enumerate(zip(fday.tolist(), fagent.tolist(), strict=True)):
+        def moved(day, streams, d=d, a=a):
+            u = step_uniforms(seed, day, graph.n, "cpu", streams)
+            if day == d:
+                u[p, a] = 0.0 if param == "beta" else 1.0  # streams 0 infection, 1 onset, 2 exit
+            return u
+
+        with torch.no_grad():
+            alt = simulate(_seirm(), pop, days, seed, estimator="smoothed", uniforms=moved)
+        assert np.array_equal(effects[k], np.stack([alt.series[c].double().numpy() for c in SERIES], 1) - base)
+
+
+def test_seirm_backward_reaches_the_three_parameters():
+    pop = synthesize("nyc", seed=0, scale=0.001)
+    model = _seirm()
+    traj = simulate(model, pop, 20, seed=2, estimator="triples")
+    assert traj.meta["estimator"] == "triples"
+    traj.total_infections.backward()
+    tr, pg = model.substeps["infection"], model.substeps["progression"]
+    assert float(tr.beta.grad) > 0 and float(pg.infectious_days.grad) > 0 and float(pg.latent_days.grad) < 0
+    with torch.no_grad():
+        plain = simulate(_seirm(), pop, 20, seed=2, estimator="triples")
+    assert plain.meta["estimator"] == "smoothed"  # nothing to differentiate: the plain forward
+    assert torch.equal(plain.series["new_infections"], traj.series["new_infections"].detach())
