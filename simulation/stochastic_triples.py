@@ -367,7 +367,7 @@ def primal_path(layer: CSRLayer, S0: torch.Tensor, I0: torch.Tensor, beta: float
     deg = np.maximum(layer.degree().numpy().astype(np.float64), 1.0)
     S = (S0.detach().numpy() == 1).astype(np.uint8)
     I = (I0.detach().numpy() == 1).astype(np.uint8)
-    cnt = np.zeros(n, count_dtype(layer))
+    cnt: np.ndarray = np.zeros(n, count_dtype(layer))
     _push(indptr, indices, I.astype(np.int8), cnt)
     keys = np.array([day_key(seed, d) for d in range(days)], np.uint64)
     r = -math.expm1(-gamma * dt)
