@@ -159,6 +159,10 @@ class EpochServer:
         self._out_s: dict[int, frozenset[int]] = {}  # survivor -> live neighbours not in S
         self._shares: dict[int, dict[int, bytes]] = {}  # owner -> {holder x: share}
         self._live_nbrs: list[frozenset[int]] = [frozenset()] * config.n
+        self._share_xs: list[tuple[int, ...]] = []
+        # per receiver, the day's entries addressed to it: u32 sender index ‖ tag / envelope
+        self._inbox_t: list[list[bytes]] = [[] for _ in range(config.n)]
+        self._inbox_e: list[list[bytes]] = [[] for _ in range(config.n)]
         self.results: dict[int, torch.Tensor] = {}
         self.survivors: dict[int, frozenset[int]] = {}
         self.result: torch.Tensor | None = None
@@ -234,6 +238,8 @@ class EpochServer:
     def _clear_day(self) -> None:
         self._inputs, self._tags, self._responses, self._day_keys = {}, {}, {}, {}
         self._in_s, self._out_s, self._shares = {}, {}, {}
+        self._inbox_t: list[list[bytes]] = [[] for _ in range(self.config.n)]
+        self._inbox_e: list[list[bytes]] = [[] for _ in range(self.config.n)]
         self._s, self._responders, self._bitmap = frozenset(), frozenset(), b""
 
     def _prefix(self, mtype: EMsg) -> bytes:
@@ -306,6 +312,8 @@ class EpochServer:
                              EpochRoster(self._out(EMsg.ROSTER, i), entries).encode())
         self.live = live
         self._live_nbrs = [nb & live for nb in self._nbrs]
+        # x-coordinates each client shares its self-mask seed among (its live neighbours)
+        self._share_xs = [tuple(sorted(j + 1 for j in nb)) for nb in self._live_nbrs]
         self.stage = EpochServerStage.READY
         return out
 
@@ -326,6 +334,10 @@ class EpochServer:
                 raise ProtocolViolationError(f"client {sender} did not share its self mask "
                                              "with exactly its live neighbours")
         self._inputs[sender] = _Input(*got)
+        tag = self._idx[sender]  # sender's index prefix, as in the unmask requests
+        inbox = self._inbox_e
+        for j, env in got[0].items():
+            inbox[j].append(tag + env)
 
     def _headers(self, mtype: EMsg, receivers: Sequence[int]) -> list[bytes]:
         """The encoded headers (server → each receiver) of the current day's ``mtype``:
@@ -375,6 +387,10 @@ class EpochServer:
                                              "with exactly its live neighbours outside the "
                                              "survivor set")
         self._tags[sender] = got[0]
+        tag = self._idx[sender]
+        inbox = self._inbox_t
+        for j, t in got[0].items():
+            inbox[j].append(tag + t)
         self._day_keys.update(((sender, j), key) for j, key in got[1].items())
 
     def _close_consistency(self) -> dict[int, bytes]:
@@ -396,18 +412,20 @@ class EpochServer:
                                        "keys with dropped neighbours: aborting the day "
                                        "before unmasking")
         order = sorted(responders)
-        tags, macs, idx, s = self._tags, self._macs, self._idx, self._s
-        envs = {j: inp.envs for j, inp in self._inputs.items()}
+        macs, idx = self._macs, self._idx
+        pruned = len(self._s) != len(self._inputs)  # inputs outside S: leave out their shares
         out = {}
         for i, head in zip(order, self._headers(EMsg.UNMASK_REQUEST, order), strict=True):
-            nb = self._nbrs[i]
-            # DayUnmaskRequest body: the tags addressed to i (index = signer), then the
-            # envelopes addressed to i (index = sender); sizes fixed by the parsers
-            t_from = sorted(nb & signers)
-            e_from = sorted(nb & s)
-            body = b"".join([head, idx[len(t_from)], *[idx[j] + tags[j][i] for j in t_from],
-                             idx[len(e_from)], *[idx[j] + envs[j][i] for j in e_from]])
-            out[i] = add_mac(macs[i], body)
+            # DayUnmaskRequest body: the tags addressed to i (index = signer: every signer
+            # j with i among its neighbours in S, i.e. nb(i) ∩ signers), then the envelopes
+            # addressed to i (index = sender, nb(i) ∩ S). Entries were prefixed with their
+            # sender's big-endian index on receipt, so sorting them sorts by index.
+            tags = sorted(self._inbox_t[i])
+            envs = sorted(self._inbox_e[i])
+            if pruned:
+                envs = [e for e in envs if _U32.unpack_from(e)[0] in self._s]
+            out[i] = add_mac(macs[i], b"".join([head, idx[len(tags)], *tags,
+                                                  idx[len(envs)], *envs]))
         self._responders = responders
         self._shares = {i: {} for i in self._s}
         self._head = self._prefix(EMsg.UNMASK_RESPONSE)
@@ -450,7 +468,8 @@ class EpochServer:
                 raise SecAggAbortError(f"only {len(shares[i])} shares of client {i}'s self "
                                        f"mask, threshold {cfg.threshold}")
         try:  # each seed from all its shares: a wrong one among them is detected
-            seeds = reconstruct_secrets([shares[i] for i in order], cfg.threshold)
+            seeds = reconstruct_secrets([shares[i] for i in order], cfg.threshold,
+                                        [self._share_xs[i] for i in order])
         except InconsistentSharesError as exc:
             who = order[exc.item] if exc.item is not None else "?"
             raise ProtocolViolationError(

@@ -16,8 +16,9 @@ one Python integer with 2^(8·lane) spacing, so each Lagrange term is one multip
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
+from math import prod
 from operator import mul
 
 import numpy as np
@@ -117,7 +118,7 @@ def share_secret(secret: bytes, xs: Sequence[int], threshold: int) -> list[bytes
 def _check_xs(xs: Sequence[int]) -> None:
     if len(set(xs)) != len(xs):
         raise ShamirError("x-coordinates must be distinct")
-    if any(not isinstance(x, int) or not 0 < x < PRIME for x in xs):
+    if xs and (set(map(type, xs)) - {int} or not 0 < min(xs) <= max(xs) < PRIME):
         raise ShamirError("x-coordinates must be integers in (0, p)")
 
 
@@ -166,56 +167,66 @@ def _inverses(values: Sequence[int]) -> list[int]:
     return out
 
 
-def _all_but_one(values: Sequence[int]) -> list[int]:
-    """c_i = Π_{j≠i} values_j mod PRIME (prefix and suffix products, no inversion)."""
-    n = len(values)
-    out, acc = [1] * n, 1
-    for i in range(n):
-        out[i] = acc
-        acc = acc * values[i] % PRIME
-    acc = 1
-    for i in range(n - 1, -1, -1):
-        out[i] = out[i] * acc % PRIME
-        acc = acc * values[i] % PRIME
-    return out
-
-
-@lru_cache(maxsize=8192)
-def _plan(xs: tuple[int, ...], threshold: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """For sorted holder x-coordinates: the Lagrange coefficients at 0 over the base (the
-    ``threshold`` smallest), and one check vector C over all of ``xs``.
-
-    For each further x_e, the threshold-th divided difference over base ∪ {x_e} is zero
-    exactly when y_e lies on the base's polynomial; scaled by the product of its
-    denominators it needs no inversion (coefficients c^(e)). C = Σ_e r_e · c^(e) with r_e
-    drawn here from the OS CSPRNG and never revealed: if any share is off the polynomial,
-    Σ_j C_j y_j ≠ 0 except with probability 1/p ≈ 2^-127 over r (one multiplication per
-    share instead of one per share and extra share)."""
+@lru_cache(maxsize=4096)
+def _weights(xs: tuple[int, ...]) -> dict[int, int]:
+    """Barycentric weights {x_j: 1 / Π_{l≠j} (x_j − x_l)} of distinct x-coordinates."""
     _check_xs(xs)
-    base = xs[:threshold]
-    # W_j = Π_{l≠j} (x_j − x_l), nonzero: the x are distinct elements of the field
-    w = [_prod_mod(xj - xl for xl in base if xl != xj) for xj in base]
-    sign = -1 if threshold % 2 == 0 else 1  # Π_{l≠j} (x_l − x_j) = (−1)^(t−1) W_j
-    num = _prod_mod(base)
-    inv = _inverses([xj * wj % PRIME for xj, wj in zip(base, w, strict=True)])
-    lam0 = tuple(sign * num * v % PRIME for v in inv)
-    check = [0] * len(xs)
-    for e, xe in enumerate(xs[threshold:], threshold):
-        dens = [wj * (xj - xe) % PRIME for xj, wj in zip(base, w, strict=True)]
-        dens.append(_prod_mod(xe - xl for xl in base))
-        c = _all_but_one(dens)
-        r = _random_element()
-        for j in range(threshold):
-            check[j] = (check[j] + r * c[j]) % PRIME
-        check[e] = r * c[-1] % PRIME
-    return lam0, tuple(check)
+    dens = [prod([xj - xl for xl in xs if xl != xj]) % PRIME for xj in xs]
+    return dict(zip(xs, _inverses(dens), strict=True))
 
 
-def _prod_mod(values: Iterable[int]) -> int:
-    acc = 1
-    for v in values:
-        acc = acc * v % PRIME
-    return acc
+_NEG_INV: dict[int, int] = {}  # x -> (−x)^-1 mod p
+_R: list[int] = []  # coefficients ρ_s of the secret check polynomial R (see below)
+_R_AT: dict[int, dict[int, int]] = {}  # d -> {x: R_d(x)}
+
+
+def _neg_inv(x: int) -> int:
+    v = _NEG_INV.get(x)
+    if v is None:
+        v = _NEG_INV[x] = pow(-x % PRIME, -1, PRIME)
+    return v
+
+
+def _r_at(d: int, x: int) -> int:
+    """R_d(x) = Σ_{s<d} ρ_s x^s; ρ is drawn once per process from the OS CSPRNG and never
+    revealed."""
+    table = _R_AT.setdefault(d, {})
+    v = table.get(x)
+    if v is None:
+        while len(_R) < d:
+            _R.append(_random_element())
+        v = 0
+        for c in reversed(_R[:d]):
+            v = (v * x + c) % PRIME
+        table[x] = v
+    return v
+
+
+@lru_cache(maxsize=16384)
+def _plan(xs: tuple[int, ...], full: tuple[int, ...] | None,
+          threshold: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(λ, C) for sorted holder x-coordinates ``xs``: λ_j, the Lagrange coefficients at 0
+    over all of ``xs``, and C_j = w_j · R_d(x_j) (d = m − threshold; empty if d = 0), the
+    consistency check (see :func:`reconstruct_secrets`). w_j are the barycentric weights;
+    if ``xs`` is a subset of ``full`` (the holders the secret was shared among) they come
+    from full's cached ones by removing the missing points (w_j · Π_missing (x_j − x_a)),
+    O(k) per missing holder instead of O(k²)."""
+    _check_xs(xs)
+    have = set(xs)
+    if full is not None and full != xs and have <= set(full):
+        wf = _weights(full)
+        missing = [x for x in full if x not in have]
+        w = [wf[xj] * prod([xj - xa for xa in missing]) % PRIME for xj in xs]
+    else:
+        wf = _weights(xs)
+        w = [wf[xj] for xj in xs]
+    # λ_j = Π_{l≠j} (0 − x_l) / (x_j − x_l) = w_j · Π_{l≠j} (−x_l) = w_j · l0 / (−x_j)
+    l0 = prod([-x for x in xs]) % PRIME
+    lam = tuple([wj * l0 % PRIME * _neg_inv(x) % PRIME for x, wj in zip(xs, w, strict=True)])
+    d = len(xs) - threshold
+    if not d:
+        return lam, ()
+    return lam, tuple([wj * _r_at(d, x) % PRIME for x, wj in zip(xs, w, strict=True)])
 
 
 _P_BYTES = np.frombuffer(PRIME.to_bytes(ELEMENT_BYTES, "big"), dtype=np.uint8)
@@ -237,41 +248,54 @@ def shares_in_field(shares: Sequence[bytes]) -> bool:
     return bool(_field_ok(raw).all())
 
 
-def reconstruct_secrets(batch: Sequence[dict[int, bytes]], threshold: int) -> list[bytes]:
+def reconstruct_secrets(batch: Sequence[dict[int, bytes]], threshold: int,
+                        full: Sequence[Sequence[int]] | None = None) -> list[bytes]:
     """Reconstruct many secrets, each from ``{x: share}`` with at least ``threshold``
-    entries, using *all* its shares: interpolate from the ``threshold`` smallest x, require
-    every other share to lie on that polynomial (else :class:`InconsistentSharesError`;
-    one randomised check per secret, see :func:`_plan`: a wrong share passes with
-    probability 2^-127). Equal to :func:`reconstruct_secret` on consistent shares. Errors
-    carry ``item``, the position in ``batch`` of the secret that failed."""
+    entries, using *all* its shares, and check that they lie on one polynomial of degree <
+    ``threshold`` (else :class:`InconsistentSharesError`). Equal to
+    :func:`reconstruct_secret` on consistent shares. ``full[i]`` (optional) names the
+    x-coordinates secret i was shared among, so that interpolation weights of the holders
+    that answered derive from that set's cached ones. Errors carry ``item``, the position in
+    ``batch`` of the secret that failed.
+
+    The check: with m shares at points x_j and barycentric weights w_j, the m − t
+    functionals φ_s(y) = Σ_j w_j x_j^s y_j (s < m − t) vanish exactly on the values of
+    polynomials of degree < t (they are the interpolant's coefficients of degree ≥ t, up
+    to a triangular change of basis). One random combination Σ_j w_j R(x_j) y_j, with R of
+    degree < m − t drawn from the OS CSPRNG (once per process) and never revealed, is zero
+    for inconsistent shares with probability 1/p ≈ 2^-127 (a rejection tells a cheating
+    holder only that its guess was wrong), and costs one multiplication per share."""
     if not isinstance(threshold, int) or threshold < 1:
         raise ShamirError(f"threshold {threshold!r} must be a positive int")
+    if full is not None and len(full) != len(batch):
+        raise ShamirError("full must name one holder set per secret")
     plans, order = [], []
     for item, shares in enumerate(batch):
         if len(shares) < threshold:
             raise ShamirError(f"{len(shares)} shares, need {threshold}", item)
         xs = tuple(sorted(shares))
         try:
-            plans.append(_plan(xs, threshold))
+            plans.append(_plan(xs, None if full is None else tuple(sorted(full[item])),
+                               threshold))
         except ShamirError as exc:
             raise ShamirError(str(exc), item) from exc
         row = [shares[x] for x in xs]
         if any(not isinstance(sh, bytes) or len(sh) != SHARE_BYTES for sh in row):
             raise ShamirError(f"share must be {SHARE_BYTES} bytes", item)
-        order.append(row)
-    flat = [sh for row in order for sh in row]
+        order.append((xs, row))
+    flat = [sh for _, row in order for sh in row]
     if not flat:
         return []
     raw = np.frombuffer(b"".join(flat), dtype=np.uint8).reshape(-1, CHUNKS, ELEMENT_BYTES)
     ok = _field_ok(raw)
     if not ok.all():
         bad, pos = int(np.argmin(ok)), 0
-        for item, row in enumerate(order):
+        for item, (_, row) in enumerate(order):
             pos += len(row)
             if bad < pos:
                 raise ShamirError("share element outside the field", item)
     # lanes wide enough for a sum of up to max(m) products of two field elements
-    most = max(len(row) for row in order)
+    most = max(len(row) for _, row in order)
     lane = -(-(2 * 127 + most.bit_length()) // 8)
     padded = np.zeros((raw.shape[0], CHUNKS, lane), dtype=np.uint8)
     padded[:, :, lane - ELEMENT_BYTES :] = raw
@@ -279,17 +303,17 @@ def reconstruct_secrets(batch: Sequence[dict[int, bytes]], threshold: int) -> li
     mask = (1 << bits) - 1
     shifts = [(CHUNKS - 1 - c) * bits for c in range(CHUNKS)]
     out, pos = [], 0
-    for item, ((lam0, check), row) in enumerate(zip(plans, order, strict=True)):
+    for item, ((lam, check), (_, row)) in enumerate(zip(plans, order, strict=True)):
         m = len(row)
         ys = [int.from_bytes(blob[j * width : (j + 1) * width], "big")
               for j in range(pos, pos + m)]
         pos += m
-        if m > threshold:
+        if check:
             r = sum(map(mul, check, ys))
             if any(((r >> sh) & mask) % PRIME for sh in shifts):
                 raise InconsistentSharesError(
                     "shares do not lie on one polynomial of degree < threshold", item)
-        acc = sum(map(mul, lam0, ys))
+        acc = sum(map(mul, lam, ys))
         out.append(_unchunk_item([((acc >> sh) & mask) % PRIME for sh in shifts], item))
     return out
 
