@@ -260,7 +260,8 @@ def _hybrid_rank(rank: int, world: int, n: int, days: int, every: int,
     phases = {} if st is None else {**st.seconds, "received_bytes_per_day":
                                     st.bytes_received / days}
     return {"setup_s": setup, "steps_s": steps, "series": [r["new_infections"] for r in rows],
-            "phases": phases}
+            "phases": phases, "balance": {} if st is None else st.balance,
+            "n_local": 0 if st is None else st.shard.n_local}
 
 
 def hybrid_timing(n: int, days: int, every: int, procs: int) -> dict:
@@ -279,9 +280,11 @@ def hybrid_timing(n: int, days: int, every: int, procs: int) -> dict:
             print(f"hybrid {n} agents, {n // every} devices, {days} days, {label} rank(s): "
                   f"steps {r['steps_s']:.2f} s, setup {r['setup_s']:.2f} s "
                   f"(load {os.getloadavg()[0]:.1f})", flush=True)
+            if r["balance"]:
+                print("  setup: " + ", ".join(f"{k} {v:.3f}" for k, v in r["balance"].items()))
             for k, q in enumerate(ranks):  # where a partitioned day's time goes, per rank
                 if q["phases"]:
-                    print(f"  rank {k}: " + ", ".join(
+                    print(f"  rank {k} ({q['n_local']} agents): " + ", ".join(
                         f"{name} {v:.2f} s" if name != "received_bytes_per_day"
                         else f"received {v / 1e3:.1f} kB/day" for name, v in q["phases"].items()))
     assert all(v == series["plain 1"] for v in series.values()), "series differ from 1 rank"

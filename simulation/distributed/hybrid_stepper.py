@@ -35,7 +35,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from simulation.engine import agent_uniforms, step_day
+from simulation.engine import agent_uniforms, step_day, step_uniforms
+from simulation.kernels import NeighbourSum
 from simulation.models import infection_probability, infection_probability_dbeta
 
 from .halo import DistributedNeighbourSum
@@ -46,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from coordinator.hybrid import HybridSimulation
 
 State = dict[str, torch.Tensor]
+_WARMUP_ROUND = 2**62  # the setup's timing runs of the protocol: a round no day uses
 HEADER_BYTES = 1024  # per day and rank, beyond the per-agent traffic: β, barrier, counts
 
 
@@ -77,7 +79,8 @@ class HybridStepper:
     """One rank's part of a hybrid run (collective: every rank calls :meth:`day`)."""
 
     def __init__(self, sim: HybridSimulation, group: Any = None, method: str = "metis",
-                 timeout: float = 60.0, gather_hazard: bool | None = None) -> None:
+                 timeout: float = 60.0, gather_hazard: bool | None = None,
+                 rank0_share: float | None = None) -> None:
         split = sim.split
         self.n, self.group, self.timeout = int(split.n), group, float(timeout)
         self.rank, self.size = world(group)
@@ -88,8 +91,17 @@ class HybridStepper:
         # collectives (counts, boundary I, hazard), and the whole day
         self.seconds = dict.fromkeys(("sync", "cross", "halo", "reduce", "day"), 0.0)
         phys = split.physical.numpy()
+        cp = split.cross.indptr.numpy()
+        self.ends = torch.from_numpy(np.flatnonzero(cp[1:] > cp[:-1]))  # cross endpoints E
+        self._fleet = None
+        self.balance: dict[str, float] = {}
         if self.rank == 0:  # METIS on the synthetic layer; the (isolated) physical go to 0
-            parts = partition_graph(split.central, self.size, method).parts.copy()
+            self._fleet = None if sim.remote else _compact_fleet(sim, self.ends)
+            shares = None
+            if self.size > 1 and method == "metis":
+                share = self._rank0_share(sim) if rank0_share is None else float(rank0_share)
+                shares = [share] + [(1 - share) / (self.size - 1)] * (self.size - 1)
+            parts = partition_graph(split.central, self.size, method, shares=shares).parts.copy()
             parts[phys] = 0
         else:  # replaced by rank 0's owner array (broadcast in prepare)
             parts = np.zeros(self.n, np.int32)
@@ -100,7 +112,6 @@ class HybridStepper:
         self.op = DistributedNeighbourSum(shard, "cpu", group)
         own_np = self.owned.numpy()
         # the cross boundary: synthetic agents with a physical contact, by owner rank
-        cp = split.cross.indptr.numpy()
         boundary = (cp[1:] > cp[:-1]) & ~split.is_physical.numpy()
         self.boundary_ids = [torch.from_numpy(np.flatnonzero(boundary & (part.parts == r)))
                              for r in range(self.size)]
@@ -117,13 +128,11 @@ class HybridStepper:
             torch.bincount(area.long(), minlength=self.areas).clamp(min=1)
         self.degree = split.degree[self.owned]
         self.attributes = {k: v[self.owned] for k, v in sim.attributes.items()}
-        # rank 0: the cross endpoints E (physical ∪ boundary, sorted), their I, and the
-        # protocol over E only (relabelled), so no step of a day is O(n) on rank 0
-        self.ends = torch.from_numpy(np.flatnonzero(cp[1:] > cp[:-1]))
+        # rank 0: the cross endpoints' I and the protocol over E only (relabelled, built
+        # above), so no step of a day is O(n) on rank 0
         self.cross_I = sim.state["I"][self.ends].clone() if self.rank == 0 else torch.zeros(0)
         self._own_ends = torch.zeros(0, dtype=torch.int64)  # positions in E of rank 0's agents
         self._own_at = torch.zeros(0, dtype=torch.int64)  # ... and their local indices
-        self._fleet = None
         if self.rank == 0:
             ends = self.ends.numpy()
             mine = np.isin(ends, own_np)
@@ -131,8 +140,32 @@ class HybridStepper:
             self._own_at = torch.from_numpy(np.searchsorted(own_np, ends[mine]))
             self._pos = [torch.from_numpy(np.searchsorted(ends, b.numpy()))
                          for b in self.boundary_ids]
-            self._fleet = None if sim.remote else _compact_fleet(sim, self.ends)
         sim.state = {k: v[self.owned].clone() for k, v in sim.state.items()}
+
+    def _rank0_share(self, sim: HybridSimulation) -> float:
+        """Rank 0's fraction of the synthetic agents: rank 0 also runs the fleet's protocol
+        each day, so it gets less of the rest. Measured once (best of 2): t_f, one protocol
+        step over E; t_s, one whole synthetic day; share = (t_s − (P−1) t_f) / (P t_s),
+        within [0.05, 1/P]. Remote mode (the protocol runs outside the day): 1/P."""
+        p = self.size
+        if self._fleet is None:
+            return 1.0 / p
+        central = NeighbourSum(sim.split.central, "cpu")
+        t_f = t_s = float("inf")
+        with torch.no_grad():
+            for k in range(2):
+                t0 = time.perf_counter()
+                self._fleet.step(sim.state["I"][self.ends], round=_WARMUP_ROUND + k)
+                t_f = min(t_f, time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                step_day(sim.model, {k: v.clone() for k, v in sim.state.items()}, 0, step_uniforms(sim.seed, 0, self.n),
+                         neighbour_sum=central, degree=sim.split.degree,
+                         attributes=sim.attributes, estimator=sim._estimator)
+                t_s = min(t_s, time.perf_counter() - t0)
+        torch.set_num_threads(1)
+        share = min(max((t_s - (p - 1) * t_f) / (p * t_s), 0.05), 1.0 / p)
+        self.balance = {"fleet_step_s": t_f, "synthetic_day_s": t_s, "rank0_share": share}
+        return share
 
     # ------------------------------------------------------------------ collectives
     def _a2a(self, values: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:

@@ -93,7 +93,8 @@ def _memory_weights(layer: CSRLayer) -> np.ndarray:
     return (7 + 2 * layer.degree().numpy()).astype(np.int64)
 
 
-def _metis(layer: CSRLayer, n_parts: int, seed: int) -> np.ndarray:
+def _metis(layer: CSRLayer, n_parts: int, seed: int,
+           shares: list[float] | None = None) -> np.ndarray:
     try:
         import pymetis
     except ImportError as exc:  # pragma: no cover - pymetis is a dependency
@@ -104,6 +105,7 @@ def _metis(layer: CSRLayer, n_parts: int, seed: int) -> np.ndarray:
         xadj=layer.indptr.numpy(),
         adjncy=layer.indices.numpy(),
         vweights=_memory_weights(layer),
+        tpwgts=shares,
         options=opts,
     )
     return np.asarray(parts, dtype=np.int32)
@@ -141,11 +143,14 @@ def partition_graph(
     *,
     attributes: Mapping[str, torch.Tensor] | None = None,
     seed: int = 0,
+    shares: list[float] | None = None,
 ) -> Partition:
     """Partition the (merged, symmetric) contact graph ``layer`` into ``n_parts`` parts.
 
     ``attributes`` (``household``, ``area``) guide the ``locality`` heuristic; ``seed`` fixes
-    METIS' and ``random``'s choices (partitions are deterministic for a seed).
+    METIS' and ``random``'s choices (partitions are deterministic for a seed). ``shares``
+    (METIS only): the fraction of the weight each part should get (default 1/P each), e.g.
+    a smaller part for a rank with other work (the hybrid run's rank 0 runs the protocol).
     """
     if method not in METHODS:
         raise DistributedError(f"unknown partition method {method!r}; choose from {METHODS}")
@@ -154,8 +159,14 @@ def partition_graph(
         raise DistributedError(f"n_parts must be in [1, {n}] for {n} agents, got {n_parts}")
     if n_parts == 1:
         return Partition(np.zeros(n, np.int32), 1, method)
+    if shares is not None:
+        if method != "metis" or len(shares) != n_parts or min(shares) <= 0:
+            raise DistributedError(f"shares need method 'metis' and {n_parts} positive "
+                                   f"fractions, got {method!r} and {shares}")
+        total = float(sum(shares))
+        shares = [float(x) / total for x in shares]
     if method == "metis":
-        parts = _metis(layer, n_parts, seed)
+        parts = _metis(layer, n_parts, seed, shares)
     elif method == "locality":
         parts = _locality(n, n_parts, attributes)
     elif method == "block":
