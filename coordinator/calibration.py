@@ -157,6 +157,7 @@ class OnlineCalibrator:
     # full-path mode (tangents): the synthetic replay and per day (N^phys, D^phys, y, segment)
     replay: SyntheticReplay | None = None
     path_days: list[tuple[float, float, float, int]] = field(default_factory=list)
+    _path_cache: tuple[Any, Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.theta = [self.settings.beta_init]
@@ -227,6 +228,15 @@ class OnlineCalibrator:
     def _path_loss_and_grad(self, theta: list[float]
                             ) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor,
                                        torch.Tensor]:
+        key = (tuple(theta), len(self.path_days))
+        if self._path_cache is not None and self._path_cache[0] == key:
+            return self._path_cache[1]  # the day's loss row, then the update's first step
+        out = self._path_eval(theta)
+        self._path_cache = (key, out)
+        return out
+
+    def _path_eval(self, theta: list[float]
+                   ) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         pred, y, j_syn, j_dev = self._path_terms(theta)
         r = torch.log1p(pred) - torch.log1p(y)
         scale = (1.0 / (1.0 + pred))[:, None]
