@@ -8,13 +8,17 @@ the day's infection pressure (float32 each). Events and their flip weights:
 - β: a susceptible that was not infected, w = hazard/β (q = 1 − exp(−hazard), flip up);
 - latent_days L: an onset E → I that happened, w = 1/L (p = Δt/L decreases in L: flip down);
 - infectious_days D: an exit from I that happened, w = 1/D (flip down; a suppressed exit
-  also suppresses that day's death draw).
+  also suppresses that day's death draw);
+- isolation efficacy e (a behaviour parameter: how much a positive cuts its contacts): it
+  moves every isolation level continuously (∂iso/∂e along the path) and so every hazard,
+  always down; an infection that happened flips down with w = (1 − q)|∂hazard/∂e| / q.
 
 An alternative path is simulated by difference: the set D of agents whose stage or isolation
 differs from the primal path, and their neighbours, are re-evaluated each day. An agent whose
 inputs (own state, isolation, pressure) equal the primal ones takes the primal outcome, so a
 path diverges only through the flipped event. Plain SEIRM substeps only (testing, isolation,
-vaccination, infection, progression); other parameters get no gradient from this estimator.
+vaccination, infection, progression); other parameters (susceptibility, IFR, test rate) get no
+gradient from this estimator.
 """
 
 # ruff: noqa: E741  (S, I are the epidemiological names)
@@ -35,8 +39,8 @@ from simulation.stochastic_triples import DEFAULT_FLIPS, StochasticTripleError, 
 __all__ = ["SEIRM_PARAMS", "SeirmPath", "seirm_path", "seirm_triples_jacobian", "simulate_seirm_triples",
            "supports_seirm_triples"]
 
-SEIRM_PARAMS = ("beta", "latent_days", "infectious_days")
-_BETA, _LATENT, _INFECTIOUS = 0, 1, 2
+SEIRM_PARAMS = ("beta", "latent_days", "infectious_days", "efficacy")
+_BETA, _LATENT, _INFECTIOUS, _EFFICACY = 0, 1, 2, 3
 STAGES = ("S", "E", "I", "R", "M")
 _S, _E, _I, _R, _M = 0, 1, 2, 3, 4
 #: daily series the Jacobian covers: the five compartments, new infections, new deaths
@@ -68,7 +72,8 @@ class SeirmPath:
     iso: np.ndarray  # [days + 1, n] float32 (isolation after the previous day's update)
     pressure: np.ndarray  # [days, n] float32
     vac: np.ndarray  # [days, n] float32
-    weights_by_day: np.ndarray  # [3, days] Σ w per parameter
+    weights_by_day: np.ndarray  # [4, days] Σ w per parameter
+    efficacy_w: np.ndarray  # [days, n] float32 flip weights for the isolation efficacy
     values: tuple[float, float, float]  # β, latent_days, infectious_days
     seconds: float
     final_state: dict[str, torch.Tensor]
@@ -91,6 +96,8 @@ class SeirmPath:
             protect = (1 - self.iso[d + 1].astype(np.float64)) * (1 - float(self.consts[4]) * self.vac[d])
             k = self.sus * protect * float(self.consts[7]) * self.pressure[d] / self.deg
             return np.where((s0 == _S) & (s1 == _S), k, 0.0)
+        if param == _EFFICACY:
+            return self.efficacy_w[d].astype(np.float64)
         if param == _LATENT:
             return np.where((s0 == _E) & (s1 == _I), 1.0 / latent if self.consts[5] < 1 else 0.0, 0.0)
         return np.where((s0 == _I) & (s1 >= _R), 1.0 / infectious if self.consts[6] < 1 else 0.0, 0.0)
@@ -187,6 +194,8 @@ def _alternative(indptr, indices, wts, deg, sus, ifr, consts, keys, stage, iso, 
                     infected = _uniform(key, m + 1) < -math.expm1(-hz)
                 if kind == _BETA and forced:
                     infected = True
+                if kind == _EFFICACY and forced:
+                    infected = False
                 if infected:
                     nxt_stage = _E
                     dnew += 1.0
@@ -278,7 +287,15 @@ def seirm_path(model, layer: CSRLayer, attributes, days: int, seed: int, neighbo
         pressure = np.zeros((days, n), np.float32)
         vac = np.zeros((days, n), np.float32)
         stage[0], iso[0] = _stage_of(state), state["isolated"].numpy()
+        tr, pg, testing, isolation = subs["infection"], subs["progression"], subs["testing"], subs["isolation"]
+        keep = torch.exp(torch.tensor(-dt / isolation.mean_duration))
+        eff = isolation.efficacy.detach()
+        sus_t = torch.exp(tr.log_susceptibility.detach())[age]
+        deg_t = degree.clamp(min=1)
+        diso = torch.zeros(n)  # ∂ isolation / ∂ efficacy along the path
+        efficacy_w = np.zeros((days, n), np.float32)
         for day in range(days):
+            iso_before = state["isolated"].clone()
             state = step_day(model, state, day, step_uniforms(seed, day, n, "cpu", model.n_uniform_streams()),
                              neighbour_sum=neighbour_sum, degree=degree, attributes=attributes, estimator=smoothed,
                              dt=dt)
@@ -287,9 +304,21 @@ def seirm_path(model, layer: CSRLayer, attributes, days: int, seed: int, neighbo
             infectious = torch.from_numpy((stage[day] == _I).astype(np.float32)) * (1 - state["isolated"])
             pressure[day] = neighbour_sum(infectious).numpy()
             vac[day] = state["vaccinated"].numpy()
+            tp = state["tested_positive"]
+            diso = torch.where(tp * eff >= iso_before * keep, tp, keep * diso)
+            i_start = torch.from_numpy((stage[day] == _I).astype(np.float32))
+            dpress = -neighbour_sum(i_start * diso)  # ∂ pressure / ∂ efficacy
+            protect_v = 1 - tr.vaccine_efficacy * state["vaccinated"]
+            base = tr.beta.detach() * sus_t * dt / deg_t * protect_v
+            iso_now = state["isolated"]
+            hz = base * (1 - iso_now) * torch.from_numpy(pressure[day])
+            dhz = base * (-diso * torch.from_numpy(pressure[day]) + (1 - iso_now) * dpress)
+            q = -torch.expm1(-hz.double())
+            infected = torch.from_numpy((stage[day] == _S) & (stage[day + 1] == _E))
+            w = torch.where(infected & (q > 0), (1 - q) * dhz.double().abs() / q.clamp(min=1e-300), 0.0)
+            efficacy_w[day] = w.float().numpy()
             if progress is not None:
                 progress(day)
-        tr, pg, testing, isolation = subs["infection"], subs["progression"], subs["testing"], subs["isolation"]
         consts = np.array([
             float(tr.beta), float(testing.daily_test_rate * testing.sensitivity),
             float(torch.exp(torch.tensor(-dt / isolation.mean_duration))), float(isolation.efficacy),
@@ -301,9 +330,10 @@ def seirm_path(model, layer: CSRLayer, attributes, days: int, seed: int, neighbo
     path = SeirmPath(layer.indptr.numpy(), layer.indices.numpy(), wts,
                      degree.clamp(min=1).numpy().astype(np.float32), sus, ifr, consts,
                      np.array([day_key(seed, d) for d in range(days)], np.uint64), stage, iso, pressure, vac,
-                     np.zeros((3, days)), (float(tr.beta.detach()), float(pg.latent_days.detach()), float(pg.infectious_days.detach())),
+                     np.zeros((4, days)), efficacy_w,
+                     (float(tr.beta.detach()), float(pg.latent_days.detach()), float(pg.infectious_days.detach())),
                      0.0, state)
-    for p in range(3):
+    for p in range(4):
         for d in range(days):
             path.weights_by_day[p, d] = path.day_weights(p, d).sum()
     path.seconds = time.perf_counter() - t0
@@ -312,11 +342,11 @@ def seirm_path(model, layer: CSRLayer, attributes, days: int, seed: int, neighbo
 
 def seirm_triples_jacobian(path: SeirmPath, flips: int, rng: np.random.Generator,
                            wrt: tuple[str, ...] = SEIRM_PARAMS) -> np.ndarray:
-    """[days + 1, 6, 3]: unbiased Jacobian of the series (S, E, I, R, M, new infections)
-    w.r.t. (β, latent_days, infectious_days); columns not in ``wrt`` are zero."""
+    """[days + 1, 6, 4]: unbiased Jacobian of the series (S, E, I, R, M, new infections)
+    w.r.t. (β, latent_days, infectious_days, efficacy); columns not in ``wrt`` are zero."""
     if flips < 1:
         raise StochasticTripleError("flips must be >= 1")
-    jac = np.zeros((path.days + 1, 6, 3))
+    jac = np.zeros((path.days + 1, 6, 4))
     for name in wrt:
         p = SEIRM_PARAMS.index(name)
         days, agents, scale = path.sample(p, flips, rng)
@@ -326,11 +356,11 @@ def seirm_triples_jacobian(path: SeirmPath, flips: int, rng: np.random.Generator
 
 
 class _TriplesSEIRM(torch.autograd.Function):
-    """Daily series [days + 1, 6] as a function of (β, latent_days, infectious_days)."""
+    """Daily series [days + 1, 6] as a function of (β, latent_days, infectious_days, efficacy)."""
 
     @staticmethod
-    def forward(ctx, beta, latent, infectious, path, flips, rng):  # type: ignore[override]
-        wrt = tuple(name for name, need in zip(SEIRM_PARAMS, ctx.needs_input_grad[:3], strict=True) if need)
+    def forward(ctx, beta, latent, infectious, efficacy, path, flips, rng):  # type: ignore[override]
+        wrt = tuple(name for name, need in zip(SEIRM_PARAMS, ctx.needs_input_grad[:4], strict=True) if need)
         ctx.save_for_backward(torch.from_numpy(seirm_triples_jacobian(path, flips, rng, wrt)).float())
         return torch.from_numpy(path.series()).float()
 
@@ -338,16 +368,17 @@ class _TriplesSEIRM(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         (jac,) = ctx.saved_tensors
         g = (grad.unsqueeze(-1) * jac).sum((0, 1))
-        return g[0], g[1], g[2], None, None, None
+        return g[0], g[1], g[2], g[3], None, None, None
 
 
 def simulate_seirm_triples(model, layer: CSRLayer, attributes, days: int, seed: int, neighbour_sum,
                            degree: torch.Tensor, flips: int = DEFAULT_FLIPS, progress=None):
     """The plain SEIRM model with unbiased flip gradients of its daily series w.r.t. β,
-    latent_days and infectious_days; returns (series dict, final state)."""
+    latent_days, infectious_days and the isolation efficacy; returns (series dict, final state)."""
     path = seirm_path(model, layer, attributes, days, seed, neighbour_sum, degree, progress=progress)
     tr, pg = model.substeps["infection"], model.substeps["progression"]
     rng = np.random.default_rng([int(seed), 0x5E])  # which events are drawn: statistics, not a secret
-    series = _TriplesSEIRM.apply(tr.beta, pg.latent_days, pg.infectious_days, path, flips, rng)
+    series = _TriplesSEIRM.apply(tr.beta, pg.latent_days, pg.infectious_days, model.substeps["isolation"].efficacy,
+                                 path, flips, rng)
     named = dict(zip(SERIES, series.unbind(1), strict=True))
     return named, path.final_state

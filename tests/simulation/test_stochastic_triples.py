@@ -175,7 +175,8 @@ def _seirm() -> SEIRM:
 def test_seirm_alternative_paths_equal_engine_reruns_with_the_event_forced(param):
     """The primal path is the engine's run; each coupled path by difference equals the
     engine's own run with that one uniform moved (u = 0 forces an infection, u = 1
-    suppresses an onset or an exit), on the NYC-like population with isolation."""
+    suppresses an onset, an exit or, for the isolation efficacy, an infection), on the
+    NYC-like population with isolation."""
     pop = synthesize("nyc", seed=0, scale=0.001)
     graph = pop.graph.merged()
     days, seed = 20, 3
@@ -191,7 +192,8 @@ def test_seirm_alternative_paths_equal_engine_reruns_with_the_event_forced(param
         def moved(day, streams, d=d, a=a):
             u = step_uniforms(seed, day, graph.n, "cpu", streams)
             if day == d:
-                u[p, a] = 0.0 if param == "beta" else 1.0  # streams 0 infection, 1 onset, 2 exit
+                stream = {"beta": 0, "latent_days": 1, "infectious_days": 2, "efficacy": 0}[param]
+                u[stream, a] = 0.0 if param == "beta" else 1.0  # force an infection; suppress the others
             return u
 
         with torch.no_grad():
@@ -199,7 +201,7 @@ def test_seirm_alternative_paths_equal_engine_reruns_with_the_event_forced(param
         assert np.array_equal(effects[k], np.stack([alt.series[c].double().numpy() for c in SERIES], 1) - base)
 
 
-def test_seirm_backward_reaches_the_three_parameters():
+def test_seirm_backward_reaches_the_four_parameters():
     pop = synthesize("nyc", seed=0, scale=0.001)
     model = _seirm()
     traj = simulate(model, pop, 20, seed=2, estimator="triples")
@@ -207,6 +209,7 @@ def test_seirm_backward_reaches_the_three_parameters():
     traj.total_infections.backward()
     tr, pg = model.substeps["infection"], model.substeps["progression"]
     assert float(tr.beta.grad) > 0 and float(pg.infectious_days.grad) > 0 and float(pg.latent_days.grad) < 0
+    assert float(model.substeps["isolation"].efficacy.grad) < 0
     with torch.no_grad():
         plain = simulate(_seirm(), pop, 20, seed=2, estimator="triples")
     assert plain.meta["estimator"] == "smoothed"  # nothing to differentiate: the plain forward
