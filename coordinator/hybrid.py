@@ -331,9 +331,14 @@ class HybridSimulation:
 
     # ------------------------------------------------------------------ checkpoints
     def state_bytes(self) -> bytes:
-        """The state (and next day) as compressed bytes for the store's checkpoint."""
+        """The state (and next day) as compressed bytes for the store's checkpoint. With
+        ``procs_group`` a collective (every rank calls it): rank 0 gets the whole state's
+        bytes, the other ranks b""."""
+        state = self.state if self._stepper is None else self._stepper.full_state(self.state)
+        if state is None:
+            return b""
         buf = io.BytesIO()
-        arrays: dict[str, Any] = {k: v.numpy().astype(np.uint8) for k, v in self.state.items()}
+        arrays: dict[str, Any] = {k: v.numpy().astype(np.uint8) for k, v in state.items()}
         np.savez_compressed(buf, day=np.array(self.day), **arrays)
         return buf.getvalue()
 
@@ -342,3 +347,5 @@ class HybridSimulation:
         with np.load(io.BytesIO(blob)) as z:
             self.day = int(z["day"])
             self.state = {k: torch.from_numpy(z[k].astype(np.float32)) for k in self.state}
+        if self._stepper is not None:  # every rank loads the same blob and keeps its rows
+            self._stepper.restore(self)

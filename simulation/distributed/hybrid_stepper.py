@@ -337,7 +337,7 @@ class HybridStepper:
         local = torch.stack([state[k].double() for k in names], 1)
         if self.size == 1:
             return state
-        recv = [self.partition.sizes()[q] * len(names) if self.rank == 0 else 0
+        recv = [int(self.partition.sizes()[q]) * len(names) if self.rank == 0 else 0
                 for q in range(self.size)]
         send = [local.numel() if q == 0 else 0 for q in range(self.size)]
         got = self._a2a(local.flatten(), send, recv)
@@ -348,6 +348,12 @@ class HybridStepper:
         full[ids] = got.view(-1, len(names))
         return {k: full[:, i].to(state[k].dtype).contiguous() for i, k in enumerate(names)}
 
-    def own_rows(self, full: State) -> State:
-        """This rank's rows of a whole state (every rank holds the checkpoint)."""
-        return {k: v[self.owned].clone() for k, v in full.items()}
+    def restore(self, sim: HybridSimulation) -> None:
+        """``sim.state`` was just loaded whole (a checkpoint): keep this rank's rows, and on
+        rank 0 the cross endpoints' I the next day's protocol reads."""
+        full = sim.state
+        if next(iter(full.values())).shape[0] != self.n:
+            raise DistributedError(f"a checkpoint of {self.n} agents expected")
+        if self.rank == 0:
+            self.cross_I = full["I"][self.ends].clone()
+        sim.state = {k: v[self.owned].clone() for k, v in full.items()}
