@@ -22,7 +22,11 @@ from simulation.kernels import NeighbourSum
 from simulation.population import ContactGraph, Population
 from simulation.rng import counter_uniforms, counter_uniforms_at
 from simulation.stochastic_triples import simulate_sir_triples, triples_serves
-from simulation.stochastic_triples_seirm import simulate_seirm_triples, supports_seirm_triples
+from simulation.stochastic_triples_seirm import (
+    simulate_seirm_triples,
+    supports_seirm_triples,
+    undifferentiated,
+)
 from simulation.substeps import State, StepContext, SubstepModel
 
 __all__ = ["SimulationError", "Trajectory", "agent_uniforms", "simulate", "step_day", "step_uniforms",
@@ -142,7 +146,9 @@ def simulate(
     The fused run estimators ("auto", "nonbacktracking", "triples") carry no layer-weight
     tangents: "auto" then runs "smoothed", the others are refused. For the plain SIR model
     "auto" is "triples" (unbiased, reverse mode, unit-weight graphs) and "nonbacktracking"
-    otherwise (forward-mode tangents, weighted graphs).
+    otherwise (forward-mode tangents, weighted graphs); for the plain SEIRM model it is
+    "triples" when only β, latent_days, infectious_days or the isolation efficacy require a
+    gradient, else "smoothed".
     """
     if layer_weights is None:
         layer_weights = getattr(model, "layer_weights", None)
@@ -182,7 +188,8 @@ def simulate(
     model = model.to(dev)
     if estimator in RUN_ESTIMATORS:
         hooks = layered or any(h is not None for h in (neighbour_sum, uniforms, extras, initial_state))
-        if estimator == "auto" and supports_fused_sir(model, dev, hooks) and triples_serves(model, merged):
+        if estimator == "auto" and (supports_fused_sir(model, dev, hooks) and triples_serves(model, merged) or (
+                supports_seirm_triples(model) and not undifferentiated(model) and not hooks)):
             estimator = "triples"
         if estimator == "triples" and supports_seirm_triples(model) and not hooks and dev.type == "cpu":
             if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):

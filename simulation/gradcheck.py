@@ -106,6 +106,9 @@ def gradcheck(
     fd_estimator = estimator if hard_forward(get_estimator(estimator)) else "smoothed"
     for seed in seed_list:
         model = make_model()
+        checked = {id(parameter(model, name)) for name in params}
+        for p in model.parameters():  # only the checked parameters need a gradient
+            p.requires_grad_(id(p) in checked)
         _total(model, population, days, seed, estimator, device).backward()
         for name in params:
             grad = parameter(model, name).grad

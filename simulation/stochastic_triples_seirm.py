@@ -37,7 +37,7 @@ from simulation.rng import _uniform, day_key
 from simulation.stochastic_triples import DEFAULT_FLIPS, StochasticTripleError, _allocate
 
 __all__ = ["SEIRM_PARAMS", "SeirmPath", "seirm_path", "seirm_triples_jacobian", "simulate_seirm_triples",
-           "supports_seirm_triples"]
+           "supports_seirm_triples", "undifferentiated"]
 
 SEIRM_PARAMS = ("beta", "latent_days", "infectious_days", "efficacy")
 _BETA, _LATENT, _INFECTIOUS, _EFFICACY = 0, 1, 2, 3
@@ -47,12 +47,21 @@ _S, _E, _I, _R, _M = 0, 1, 2, 3, 4
 SERIES = (*STAGES, "new_infections")
 
 
+_DIFFERENTIATED = {"substeps.infection.beta", "substeps.progression.latent_days",
+                   "substeps.progression.infectious_days", "substeps.isolation.efficacy"}
+
+
 def supports_seirm_triples(model) -> bool:
     """True for the plain SEIRM model (its five substeps, nothing added)."""
     from simulation.models.seirm import SEIRM
 
     return type(model) is SEIRM and list(model.substeps) == [
         "testing", "isolation", "vaccination", "infection", "progression"] and not model.extra_streams
+
+
+def undifferentiated(model) -> list[str]:
+    """Parameters that require a gradient this estimator does not give."""
+    return sorted(k for k, p in model.named_parameters() if p.requires_grad and k not in _DIFFERENTIATED)
 
 
 @dataclass
@@ -375,6 +384,10 @@ def simulate_seirm_triples(model, layer: CSRLayer, attributes, days: int, seed: 
                            degree: torch.Tensor, flips: int = DEFAULT_FLIPS, progress=None):
     """The plain SEIRM model with unbiased flip gradients of its daily series w.r.t. β,
     latent_days, infectious_days and the isolation efficacy; returns (series dict, final state)."""
+    missing = undifferentiated(model)
+    if missing:
+        raise StochasticTripleError(f"the triples estimator differentiates {sorted(_DIFFERENTIATED)} only; "
+                                    f"freeze {missing} (requires_grad_(False)) or use 'smoothed'")
     path = seirm_path(model, layer, attributes, days, seed, neighbour_sum, degree, progress=progress)
     tr, pg = model.substeps["infection"], model.substeps["progression"]
     rng = np.random.default_rng([int(seed), 0x5E])  # which events are drawn: statistics, not a secret

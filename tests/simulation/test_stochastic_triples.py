@@ -204,7 +204,11 @@ def test_seirm_alternative_paths_equal_engine_reruns_with_the_event_forced(param
 def test_seirm_backward_reaches_the_four_parameters():
     pop = synthesize("nyc", seed=0, scale=0.001)
     model = _seirm()
-    traj = simulate(model, pop, 20, seed=2, estimator="triples")
+    with pytest.raises(StochasticTripleError, match="freeze"):  # susceptibility, IFR, test rate
+        simulate(model, pop, 20, seed=2, estimator="triples")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.rsplit(".", 1)[-1] in SEIRM_PARAMS)
+    traj = simulate(model, pop, 20, seed=2)  # "auto" picks triples when only these need gradients
     assert traj.meta["estimator"] == "triples"
     traj.total_infections.backward()
     tr, pg = model.substeps["infection"], model.substeps["progression"]
