@@ -255,8 +255,11 @@ class HybridStepper:
             except RuntimeError as e:
                 raise DistributedError(f"hybrid day {day}, rank {self.rank}: a peer rank "
                                        f"failed or is stuck: {e}") from e
-            for param in model.parameters():  # rank 0's β (calibration updates it there)
-                dist.broadcast(param.data, 0, group=self.group)
+            params = [q.data for q in model.parameters()]  # rank 0's β (calibration sets it)
+            flat = torch.cat([q.flatten().double() for q in params])  # one message, exact
+            dist.broadcast(flat, 0, group=self.group)
+            for q, v in zip(params, flat.split([q.numel() for q in params]), strict=True):
+                q.copy_(v.view_as(q))
         self.seconds["sync"] += time.perf_counter() - t_day
         state = sim.state
         captured: dict[str, torch.Tensor] = {}
