@@ -18,15 +18,18 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from coordinator.flower.server_app import FederatedRun, FederatedSettings, MinCohortError
-from coordinator.runner import RunConfig
-from coordinator.store import CoordinatorStore
 from protocols.daily import EXCHANGES
 
+if TYPE_CHECKING:  # the heavy imports happen in run_fleet: importing this module stays light,
+    # so `lpm fleet` can start the device host before it imports the coordinator
+    from coordinator.flower.server_app import FederatedSettings
+    from coordinator.runner import RunConfig
+    from coordinator.store import CoordinatorStore
+
 __all__ = ["DEVICE_HOST_MODULE", "FleetError", "ProcessTransport", "dropout_schedule",
-           "run_fleet", "timed", "write_summary"]
+           "run_fleet", "start_device_host", "stop_device_host", "timed", "write_summary"]
 
 DEVICE_HOST_MODULE = "edge_agent.fleet_host"
 _STAGES = EXCHANGES  # day, then the SecAgg+ stages
@@ -55,37 +58,75 @@ def _frame_io():  # the host module's framing, by name (no edge_agent import her
     return read, write
 
 
+def start_device_host() -> subprocess.Popen:
+    """Start a device-host process (``python -m edge_agent.fleet_host``). It imports its
+    stack (torch, Flower, the ClientApp) as soon as it starts, so a caller that starts it
+    before its own imports and population build has it ready by enrolment; hand it to
+    :class:`ProcessTransport` (``process=``), which owns it from then on."""
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return subprocess.Popen([sys.executable, "-m", DEVICE_HOST_MODULE],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+
+
+def stop_device_host(proc: subprocess.Popen) -> None:
+    """Stop a device host that is not (or no longer) a run's transport: it holds no device
+    yet, so it is killed at once rather than left to finish its imports."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+    for f in (proc.stdin, proc.stdout):
+        if f is not None:
+            f.close()
+
+
 class ProcessTransport:
-    """:class:`~coordinator.flower.server_app.Transport` to a device-host subprocess."""
+    """:class:`~coordinator.flower.server_app.Transport` to a device-host subprocess
+    (``process``: one from :func:`start_device_host`, else started here). The ``init``
+    frame is sent at once and its answer read before the first exchange, so the host builds
+    its devices while the coordinator builds its population."""
 
     def __init__(self, nodes: int, *, offline: Mapping[int, list] | None = None,
                  node_config: Mapping[str, Any] | None = None,
-                 node_configs: Mapping[int, Mapping[str, Any]] | None = None) -> None:
+                 node_configs: Mapping[int, Mapping[str, Any]] | None = None,
+                 process: subprocess.Popen | None = None) -> None:
         self._read, self._write = _frame_io()
-        env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1"}
-        root = str(Path(__file__).resolve().parents[1])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        self.proc = subprocess.Popen([sys.executable, "-m", DEVICE_HOST_MODULE],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.proc = process if process is not None else start_device_host()
         self._nodes = list(range(1, nodes + 1))
         self.device_seconds = 0.0  # wall time spent waiting for the device host
-        self._call("init", {"nodes": self._nodes, "offline": dict(offline or {}),
+        self._init_pending = False
+        self._send("init", {"nodes": self._nodes, "offline": dict(offline or {}),
                             "node_config": dict(node_config or {}),
                             "node_configs": {k: dict(v) for k, v in (node_configs or {}).items()}})
+        self._init_pending = True
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    def _call(self, op: str, arg: Any) -> Any:
+    def _send(self, op: str, arg: Any) -> None:
         if self.proc.poll() is not None:
             raise FleetError(f"the device host exited with code {self.proc.returncode}")
-        t0 = time.perf_counter()
-        self._write(self.proc.stdin, (op, arg))
+        try:
+            self._write(self.proc.stdin, (op, arg))
+        except (BrokenPipeError, OSError) as exc:
+            raise FleetError(f"the device host closed its input: {exc}") from None
+
+    def _answer(self) -> Any:
         status, value = self._read(self.proc.stdout)
-        self.device_seconds += time.perf_counter() - t0
         if status != "ok":
             raise FleetError(f"device host: {value}")
+        return value
+
+    def _call(self, op: str, arg: Any) -> Any:
+        t0 = time.perf_counter()
+        if self._init_pending:  # the answer to ``init`` (sent in __init__) comes first
+            self._init_pending = False
+            self._answer()
+        self._send(op, arg)
+        value = self._answer()
+        self.device_seconds += time.perf_counter() - t0
         return value
 
     def node_ids(self) -> list[int]:
@@ -134,17 +175,31 @@ def run_fleet(cfg: RunConfig, *, settings: FederatedSettings | None = None,
               on_day: Callable[[int, dict[str, object]], None] | None = None,
               drop_fraction: float = 0.0, drop_seed: int = 0,
               offline: Mapping[int, list] | None = None,
-              transport: ProcessTransport | None = None) -> list[dict[str, object]]:
+              transport: ProcessTransport | None = None,
+              process: subprocess.Popen | None = None) -> list[dict[str, object]]:
     """Run ``cfg`` with ``cfg.devices`` simulated devices; returns the per-day rows.
-    A given ``transport`` (tests) is used as it is and left open."""
+    A given ``transport`` (tests) is used as it is and left open; a given ``process``
+    (:func:`start_device_host`, started early by the caller) becomes the run's transport
+    and is stopped with it."""
+    from coordinator.flower.server_app import FederatedRun, FederatedSettings, MinCohortError
+
+    if transport is not None and process is not None:
+        raise FleetError("give a transport or a device-host process, not both")
     min_devices = (settings or FederatedSettings()).min_devices
     if cfg.devices < min_devices:
+        if process is not None:
+            stop_device_host(process)
         raise MinCohortError(f"{cfg.devices} devices: the minimum cohort is {min_devices}")
     own = transport is None
     if transport is None:
         sched = dict(offline) if offline is not None else \
             dropout_schedule(cfg.devices, cfg.days, drop_fraction, drop_seed)
-        transport = ProcessTransport(cfg.devices, offline=sched)
+        try:
+            transport = ProcessTransport(cfg.devices, offline=sched, process=process)
+        except BaseException:
+            if process is not None:
+                stop_device_host(process)
+            raise
     try:
         return FederatedRun(transport, cfg, settings=settings, store=store, run_id=run_id,
                             on_day=on_day).run()

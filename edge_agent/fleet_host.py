@@ -137,6 +137,9 @@ def main() -> None:
 def _serve() -> None:
     import torch
 
+    import edge_agent.client_app  # noqa: F401  (the devices' stack, imported before ``init``
+    # arrives: a coordinator that starts this host early overlaps it with its own start-up)
+
     torch.set_num_threads(1)
     fin, fout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # keep stray prints off the frame channel

@@ -3,6 +3,7 @@ when the command runs, so `lpm --help` stays fast)."""
 
 from __future__ import annotations
 
+import subprocess
 import time
 from pathlib import Path
 from typing import Annotated
@@ -55,6 +56,25 @@ def fleet_command(
                                            "synthetic agents).")] = "straight_through",
 ) -> None:
     """Run a hybrid run with N simulated devices (optionally calibrating θ and with dropouts)."""
+    options = dict(locals())  # every option above, passed on to _fleet
+    from coordinator.fleet import start_device_host, stop_device_host
+
+    # the device host imports its stack (torch, Flower, the ClientApp) while this process
+    # imports the coordinator and builds the population: the two start-ups overlap
+    host = start_device_host()
+    try:
+        _fleet(host, **options)
+    finally:  # a no-op once the run's transport has closed it
+        stop_device_host(host)
+
+
+def _fleet(host: subprocess.Popen, *, devices: int, days: int | None, population: str | None,
+           scale: float | None, seed: int | None, beta: float | None,
+           initial_infected: float | None, db: Path, calibrate: str, beta_init: float,
+           calibrate_every: int, calibrate_steps: int, beta_segment_days: int,
+           observed_csv: Path | None, drop_fraction: float, drop_seed: int,
+           min_devices: int, shared_seed: bool, out: Path | None, tangents: bool,
+           estimator: str) -> None:
     from coordinator.calibration import CalibrationError, CalibrationSettings, read_observed_csv
     from coordinator.fleet import run_fleet, timed, write_summary
     from coordinator.flower.server_app import FederatedRunError, FederatedSettings
@@ -96,7 +116,7 @@ def fleet_command(
     try:
         with store.running(rid):
             rows = run_fleet(cfg, settings=settings, store=store, run_id=rid, on_day=on_day,
-                             drop_fraction=drop_fraction, drop_seed=drop_seed)
+                             drop_fraction=drop_fraction, drop_seed=drop_seed, process=host)
     except FederatedRunError as exc:  # already marked failed
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None

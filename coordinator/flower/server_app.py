@@ -265,11 +265,13 @@ class FederatedRun:
         proxy_keys = {name: AgreementKey.generate()
                       for name in set(cross) | set(weights) if name not in devices}
         proxies = {name: AssistedNeighbourhoodAgent(name, self.run_id, ring=self.ring,
-                                                    keyring=Keyring(name, self.run_id, k))
+                                                    keyring=Keyring(name, self.run_id, k,
+                                                                    party=relay.party))
                    for name, k in proxy_keys.items()}
         # the tangent round's proxies: the same keys, their own state machines
         tproxies = {name: AssistedNeighbourhoodAgent(name, self.run_id, ring=self.ring,
-                                                     keyring=Keyring(name, self.run_id, k),
+                                                     keyring=Keyring(name, self.run_id, k,
+                                                                     party=relay.party),
                                                      value_bound=TANGENT_BOUND)
                     for name, k in proxy_keys.items()} if tangents else {}
         for name, agent in proxies.items():

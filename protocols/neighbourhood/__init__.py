@@ -19,7 +19,7 @@ from protocols.neighbourhood.errors import (
     UnexpectedMessageError,
 )
 from protocols.neighbourhood.fleet import FleetNeighbourhoodSum, FleetStepResult, FleetStepStats
-from protocols.neighbourhood.keyring import Keyring
+from protocols.neighbourhood.keyring import Keyring, PartyKeys
 from protocols.neighbourhood.messages import AgentPlan, Envelope, Neighbourhood
 from protocols.neighbourhood.peer import PeerNeighbourhoodAgent
 from protocols.neighbourhood.policy import (
@@ -50,6 +50,7 @@ __all__ = [
     "NeighbourSum",
     "NeighbourSumOutOfRangeError",
     "Outcome",
+    "PartyKeys",
     "PlanRejectedError",
     "PeerNeighbourhoodAgent",
     "ProtocolStateError",

@@ -7,6 +7,7 @@ assisted variant a key shared with the coordinator derives the masks.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 from protocols.envelope import MessageContext, ReplayGuard, open_envelope, seal
@@ -32,27 +33,71 @@ def key_statement(run_id: str, agent_id: str, public_key: bytes) -> bytes:
                                                        bytes(public_key)))
 
 
+class PartyKeys:
+    """The pairwise keys among the agreement keys of *one* party that runs several agents
+    (the coordinator: the relay, its dummies, its proxies for synthetic agents). Two of its
+    keyrings that talk to each other would each run the same X25519 agreement and HKDF;
+    with a shared ``PartyKeys`` the first computes the key and the second reuses it. Only
+    keys between two members are kept (a member's key with an outside party, e.g. a
+    device, is never stored here), and a member is a keyring built with this object, so it
+    holds the private key of the public key it registers. Never share one between parties
+    (two devices): each would use key material derived from the other's private key."""
+
+    def __init__(self) -> None:
+        self._members: set[bytes] = set()
+        self._secrets: dict[tuple[bytes, bytes], bytes] = {}
+        self._keys: dict[tuple[bytes, bytes, bytes, str], bytes] = {}
+
+    def join(self, public_key: bytes) -> None:
+        """Register a member's public key (its keyring holds the private key)."""
+        self._members.add(bytes(public_key))
+
+    def is_member(self, public_key: bytes) -> bool:
+        return public_key in self._members
+
+    def derived(self, key: AgreementKey, own_public: bytes, peer_public: bytes, info: bytes,
+                label: str) -> bytes:
+        """HKDF(X25519(own, peer), info, label) between two members, computed once for
+        both: X25519 is symmetric and ``info`` orders the two identities."""
+        lo, hi = sorted((own_public, peer_public))
+        slot = (lo, hi, info, label)
+        out = self._keys.get(slot)
+        if out is None:
+            secret = self._secrets.get((lo, hi))
+            if secret is None:
+                secret = self._secrets[(lo, hi)] = key.exchange(peer_public)
+            out = self._keys[slot] = derive_key(secret, info, label=label)
+        return out
+
+
 class Keyring:
     """Agreement key of ``owner`` plus the public keys of its peers (from the relay)."""
 
     def __init__(self, owner: str, run_id: str, key: AgreementKey | None = None,
-                 agreed: dict[str, tuple[bytes, bytes]] | None = None) -> None:
+                 agreed: dict[str, tuple[bytes, bytes]] | None = None,
+                 party: PartyKeys | None = None) -> None:
         """``agreed`` (optional, shared and updated in place): ``{peer: (peer public key,
         X25519 secret)}`` kept by the device between messages of one run and key, so a
         device that rebuilds its keyring per message agrees with each peer once per run —
-        and notices a peer key that changed between messages."""
+        and notices a peer key that changed between messages. ``party``: the
+        :class:`PartyKeys` of the party this keyring's owner belongs to (the coordinator's
+        relay, dummies and proxies), which this keyring joins."""
         self.owner = owner
         self.run_id = run_id
         self._key = key if key is not None else AgreementKey.generate()
+        self._own_public = self._key.public_bytes()
         self._public: dict[str, bytes] = {}
         self._agreed = agreed if agreed is not None else {}
         self._pair: dict[str, tuple[bytes, bytes]] = {}
         self._keys: dict[tuple[str, str], bytes] = {}
         self._guard = ReplayGuard()
+        self._party = party
+        if party is not None:
+            party.join(self._own_public)
 
     def public_bytes(self) -> bytes:
         """This device's X25519 public key (published through the relay)."""
-        return self._key.public_bytes()
+        return self._own_public
 
     def add_peers(self, public_keys: Mapping[str, bytes]) -> None:
         """Register peers' public keys; a changed key for a known peer is rejected."""
@@ -64,14 +109,17 @@ class Keyring:
                 raise UnexpectedMessageError(f"public key of {peer!r} changed within the run")
             self._public[peer] = bytes(pub)
 
+    def _info(self, peer: str) -> bytes:
+        lo, hi = sorted((self.owner, peer))
+        return b"".join(_lp(f.encode()) for f in (self.run_id, lo, hi))
+
     def _shared(self, peer: str) -> tuple[bytes, bytes]:
         cached = self._pair.get(peer)
         if cached is None:
             pub = self._public.get(peer)
             if pub is None:
                 raise UnexpectedMessageError(f"no public key for {peer!r}")
-            lo, hi = sorted((self.owner, peer))
-            info = b"".join(_lp(f.encode()) for f in (self.run_id, lo, hi))
+            info = self._info(peer)
             known = self._agreed.get(peer)
             if known is not None and known[0] != pub:
                 raise UnexpectedMessageError(f"public key of {peer!r} changed within the run")
@@ -84,9 +132,21 @@ class Keyring:
     def _derived(self, peer: str, label: str) -> bytes:
         key = self._keys.get((peer, label))
         if key is None:
-            secret, info = self._shared(peer)
-            key = self._keys[(peer, label)] = derive_key(secret, info, label=label)
+            pub = self._public.get(peer)
+            party = self._party
+            if party is not None and pub is not None and party.is_member(pub):
+                key = party.derived(self._key, self._own_public, pub, self._info(peer), label)
+            else:
+                secret, info = self._shared(peer)
+                key = derive_key(secret, info, label=label)
+            self._keys[(peer, label)] = key
         return key
+
+    def use_random_mask_root(self, peer: str) -> None:
+        """Make the mask root shared with ``peer`` a fresh random key (CSPRNG) instead of
+        an X25519 agreement: for a relay-run dummy, whose masks only the relay (the other
+        holder, running it) ever needs and which it keeps (``sent_masks``)."""
+        self._keys[(peer, MASK_ROOT_LABEL)] = os.urandom(32)
 
     def sign_public(self, identity: IdentityKey) -> bytes:
         """Signature of ``identity`` over this keyring's key statement."""

@@ -34,7 +34,7 @@ from protocols.neighbourhood.errors import (
     ProtocolStateError,
     UnexpectedMessageError,
 )
-from protocols.neighbourhood.keyring import Keyring, key_statement
+from protocols.neighbourhood.keyring import Keyring, PartyKeys, key_statement
 from protocols.neighbourhood.messages import (
     ASSISTED_PROTOCOL,
     DUMMY_PREFIX,
@@ -130,7 +130,10 @@ class NeighbourhoodRelay:
         for t, cs in self.contacts.items():
             if t in cs or any(c.startswith(DUMMY_PREFIX) or c == RELAY_ID for c in cs):
                 raise NeighbourhoodError(f"invalid contact list for {t!r}")
-        self.keyring = Keyring(RELAY_ID, run_id)
+        #: the coordinator's pairwise keys among its own agents (relay, dummies, and the
+        #: proxies a caller builds with ``Keyring(..., party=relay.party)``): agreed once
+        self.party = PartyKeys()
+        self.keyring = Keyring(RELAY_ID, run_id, party=self.party)
         self._public: dict[str, bytes] = {}
         self._publish(RELAY_ID, self.keyring)
         self._dummies: dict[str, NeighbourhoodAgent] = {}
@@ -189,7 +192,11 @@ class NeighbourhoodRelay:
         if dev is None:
             cls: type[NeighbourhoodAgent] = PeerNeighbourhoodAgent \
                 if self.variant is Variant.PEER else AssistedNeighbourhoodAgent
-            dev = cls(ident, self.run_id, ring=self.ring, policy=self.policy, relay_run=True)
+            keyring = Keyring(ident, self.run_id, party=self.party)
+            if cls is AssistedNeighbourhoodAgent:  # its masks: the relay keeps them
+                keyring.use_random_mask_root(RELAY_ID)
+            dev = cls(ident, self.run_id, keyring=keyring, ring=self.ring, policy=self.policy,
+                      relay_run=True)
             self._dummies[ident] = dev
             self._publish(ident, dev.keyring)
             self.keyring.add_peers({ident: dev.keyring.public_bytes()})

@@ -227,3 +227,84 @@ def test_holder_inflation_within_range_is_undetected_documented_limit() -> None:
         else:
             r = devices["a"].on_partials(d2["a"].envelopes, d2["a"].aborted)
             assert r is not None and r.value == pytest.approx(delta)
+
+
+def _count_exchanges(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from protocols.keys import AgreementKey
+
+    calls = [0]
+    real = AgreementKey.exchange
+
+    def counted(self: AgreementKey, peer_public: bytes) -> bytes:
+        calls[0] += 1
+        return real(self, peer_public)
+
+    monkeypatch.setattr(AgreementKey, "exchange", counted)
+    return calls
+
+
+def test_party_keys_are_the_keys_each_side_agrees_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coordinator's own agents (relay, a proxy) share their pairwise keys through the
+    relay's ``PartyKeys``: each key equals what the keyring computes on its own (and what
+    the other side gets), and the pair's X25519 agreement runs once instead of twice."""
+    from protocols.neighbourhood import Keyring, PartyKeys
+
+    relay = _relay("assisted")
+    proxy = Keyring("p", "atk", party=relay.party)
+    relay.keyring.add_peers({"p": proxy.public_bytes()})
+    proxy.add_peers({RELAY_ID: relay.keyring.public_bytes()})
+    calls = _count_exchanges(monkeypatch)
+    got = (proxy.mask_key(RELAY_ID), relay.keyring.mask_key("p"), proxy.pair_key(RELAY_ID),
+           relay.keyring.pair_key("p"))
+    assert calls[0] == 1
+    alone_proxy = Keyring("p", "atk", proxy._key)  # the same keys, no party
+    alone_relay = Keyring(RELAY_ID, "atk", relay.keyring._key)
+    alone_proxy.add_peers({RELAY_ID: relay.keyring.public_bytes()})
+    alone_relay.add_peers({"p": proxy.public_bytes()})
+    assert got == (alone_proxy.mask_key(RELAY_ID), alone_relay.mask_key("p"),
+                   alone_proxy.pair_key(RELAY_ID), alone_relay.pair_key("p"))
+    assert len(set(got)) == 2  # mask root and envelope key differ
+    assert not PartyKeys().is_member(proxy.public_bytes())
+
+
+def test_party_keys_serve_no_outsider(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device that registers a coordinator proxy's public key as its own (public keys
+    are public) gets nothing from the coordinator's ``PartyKeys``: the relay's keys for it
+    are bound to its own name (they differ from the proxy's) and are what the relay would
+    compute without the party; a device's keys with a member are never stored there."""
+    from protocols.neighbourhood import Keyring
+
+    relay = _relay("assisted")
+    proxy = Keyring("p", "atk", party=relay.party)
+    relay.keyring.add_peers({"p": proxy.public_bytes(), "a": proxy.public_bytes()})
+    alone = Keyring(RELAY_ID, "atk", relay.keyring._key)
+    alone.add_peers({"a": proxy.public_bytes()})
+    assert relay.keyring.pair_key("a") == alone.pair_key("a")
+    assert relay.keyring.pair_key("a") != relay.keyring.pair_key("p")
+    device = AssistedNeighbourhoodAgent("b", "atk")
+    device.keyring.add_peers({RELAY_ID: relay.keyring.public_bytes()})
+    relay.keyring.add_peers({"b": device.keyring.public_bytes()})
+    stored = dict(relay.party._keys)
+    calls = _count_exchanges(monkeypatch)
+    assert relay.keyring.pair_key("b") == device.keyring.pair_key(RELAY_ID)
+    assert calls[0] == 2 and relay.party._keys == stored  # each side agreed on its own
+
+
+def test_dummy_mask_roots_are_random_and_kept_by_the_relay() -> None:
+    """A relay-run dummy's mask root is a fresh CSPRNG key, not an X25519 agreement with
+    the relay (both are the relay): the relay sums the masks its dummies kept, so padded
+    neighbourhoods still decode exactly (``run_round`` checks every sum)."""
+    relay = NeighbourhoodRelay({"a": ["b"], "b": ["a"]}, variant="assisted", run_id="atk",
+                               policy=NeighbourhoodPolicy(min_size=3))
+    devices = make_devices(relay, ["a", "b"])
+    sums = run_round(relay, devices, {"a": 1.0, "b": 0.0}, 0)
+    assert sums["a"].value == pytest.approx(0.0) and sums["b"].value == pytest.approx(1.0)
+    dummies = list(relay._dummies.values())
+    assert len(dummies) == 4
+    roots = {d.keyring.mask_key(RELAY_ID) for d in dummies}
+    assert len(roots) == 4
+    for d in dummies:  # not derivable from the dummy's and the relay's public keys
+        d.keyring.add_peers({RELAY_ID: relay.keyring.public_bytes()})
+        alone = type(d.keyring)(d.agent_id, "atk", d.keyring._key)
+        alone.add_peers({RELAY_ID: relay.keyring.public_bytes()})
+        assert alone.mask_key(RELAY_ID) not in roots
