@@ -238,8 +238,8 @@ class EpochServer:
     def _clear_day(self) -> None:
         self._inputs, self._tags, self._responses, self._day_keys = {}, {}, {}, {}
         self._in_s, self._out_s, self._shares = {}, {}, {}
-        self._inbox_t: list[list[bytes]] = [[] for _ in range(self.config.n)]
-        self._inbox_e: list[list[bytes]] = [[] for _ in range(self.config.n)]
+        self._inbox_t = [[] for _ in range(self.config.n)]
+        self._inbox_e = [[] for _ in range(self.config.n)]
         self._s, self._responders, self._bitmap = frozenset(), frozenset(), b""
 
     def _prefix(self, mtype: EMsg) -> bytes:

@@ -275,12 +275,12 @@ def reconstruct_secrets(batch: Sequence[dict[int, bytes]], threshold: int,
             raise ShamirError(f"{len(shares)} shares, need {threshold}", item)
         xs = tuple(sorted(shares))
         try:
-            plans.append(_plan(xs, None if full is None else tuple(sorted(full[item])),
-                               threshold))
+            f = None if full is None else full[item]
+            plans.append(_plan(xs, f if f is None or type(f) is tuple else tuple(f), threshold))
         except ShamirError as exc:
             raise ShamirError(str(exc), item) from exc
         row = [shares[x] for x in xs]
-        if any(not isinstance(sh, bytes) or len(sh) != SHARE_BYTES for sh in row):
+        if set(map(type, row)) != {bytes} or set(map(len, row)) != {SHARE_BYTES}:
             raise ShamirError(f"share must be {SHARE_BYTES} bytes", item)
         order.append((xs, row))
     flat = [sh for _, row in order for sh in row]
