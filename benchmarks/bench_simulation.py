@@ -100,19 +100,21 @@ def run_fused(mod, graph, days, tangents):
 
 
 def kernel_profile(graph, days) -> None:
-    """Wall seconds per compiled kernel of ``simulation.fused_sir`` (one forward, one tangent run):
-    where the gradient's extra time goes. Wraps the module's kernels for the two runs only."""
+    """Wall (and CPU) seconds per compiled kernel of ``simulation.fused_sir`` (one forward, one
+    tangent run): where the gradient's extra time goes. Wraps the module's kernels for the two runs only."""
     import simulation.fused_sir as fs
 
-    names = ["_day_counts", "_events_cnt", "_events", "_advance", "_send", "_push"]
+    names = ["_day_counts", "_events_cnt", "_events", "_events_pack", "_pack", "_edges", "_agents", "_push"]
     orig = {k: getattr(fs, k) for k in names}
-    acc: dict[str, float] = {}
+    acc: dict[str, list[float]] = {}
 
     def wrap(name, fn):
         def go(*a):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fn(*a)
-            acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
+            w = acc.setdefault(name, [0.0, 0.0])
+            w[0] += time.perf_counter() - t0
+            w[1] += time.process_time() - c0
             return out
         return go
 
@@ -121,10 +123,10 @@ def kernel_profile(graph, days) -> None:
             setattr(fs, k, wrap(k, fn))
         for tangents in (False, True):
             acc.clear()
-            wall = run_fused(fs, graph, days, tangents)[0]
-            parts = "  ".join(f"{k} {v:.2f}" for k, v in sorted(acc.items(), key=lambda kv: -kv[1]))
-            print(f"  kernels, {'tangent run' if tangents else 'forward':11s} {wall:6.2f} s: {parts}  [{load()}]",
-                  flush=True)
+            wall, cpu = run_fused(fs, graph, days, tangents)[:2]
+            parts = "  ".join(f"{k} {v[0]:.2f} ({v[1]:.2f})" for k, v in sorted(acc.items(), key=lambda kv: -kv[1][0]))
+            print(f"  kernels, {'tangent run' if tangents else 'forward':11s} {wall:6.2f} s (cpu {cpu:.2f}): {parts}"
+                  f"  [{load()}]", flush=True)
     finally:
         for k, fn in orig.items():
             setattr(fs, k, fn)

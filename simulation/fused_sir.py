@@ -178,35 +178,215 @@ def _events_cnt(S, I, cnt, deg, beta, r, dt, key, h, x, y):  # pragma: no cover
                 x[m] = 1.0 if _uniform(key, m + 1) < q else 0.0
 
 
+# Flags per agent for the day (AR[m, 3]): bit 1 susceptible this morning, bit 2 infectious this
+# morning, bit 4 the infection coin x = 1, bit 8 the recovery coin y = 1.
+_FS, _FI, _FX, _FY = 1, 2, 4, 8
+
+
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _advance(indptr, S, I, x_arr, y_arr, h, deg, beta, r, dr, dt, inj_beta, inj_gamma, msg, J, inbox,
-             cS, cI, sumI, ag, oS, oI, out_new, chg, sus):  # pragma: no cover - compiled
-    """Phase B: primal update, the non-backtracking inflow of every susceptible's incoming
-    edges, and the tangent components of every agent; returns the day's totals (S, I, new)
-    and the tangent totals (dS, dI, dnew) for parameters 0 and 1.
+def _pack(S, I, x_arr, y_arr, deg, beta, dt, AR):  # pragma: no cover - compiled
+    """Per agent for the edge pass: the inflow rate (1 − x) β Δt / n of a susceptible (0
+    otherwise) and the day's flags, one 32-byte record per agent (one cache line per gather)."""
+    for m in numba.prange(S.size):
+        s = S[m]
+        x = x_arr[m]
+        fl = (_FS if s == 1 else 0) | (_FI if I[m] == 1 else 0)
+        fl |= (_FX if x == 1 else 0) | (_FY if y_arr[m] == 1 else 0)
+        AR[m, 0] = (1.0 - x) * beta * dt / deg[m] if s == 1 else 0.0
+        AR[m, 3] = fl
 
-    Inflow into susceptible m along edge e = (m ← k): msg_e = w (dI_k − part of dI_k that
-    came from m), written by k at the end of the previous day (``_send``); of that extra
-    infectious mass, J_e has already infected m in the alternative path and cannot infect it
-    again: inflow = (1 − x_m) β Δt / n_m · (msg_e − J_e), J_e += inflow (k's ``_send``
-    zeroes J_e when k recovers or the primal path infects k: J follows k's mass).
 
-    Per component (own, or per incoming edge): d new = cS·x + inflow, d rec = cI·y (+ the γ
-    injection on the own component), cS −= d new, cI += d new − d rec. The own component of
-    a susceptible not infected today gets (1 − x) Δt h / n for β (the smoothed right
-    stochastic derivative); an infectious agent not recovering gets (1 − y)/(1 − r) ∂r/∂γ.
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _events_pack(S, I, cnt, deg, beta, r, dt, key, h, x, y, AR):  # pragma: no cover
+    """``_events_cnt`` and ``_pack`` in one pass (unit weights)."""
+    n = S.size
+    for m in numba.prange(n):
+        s = S[m]
+        x[m] = 0.0
+        y[m] = 0.0
+        AR[m, 0] = 0.0
+        AR[m, 3] = 0.0
+        if s == 0 and I[m] == 0:
+            continue
+        fl = (_FS if s == 1 else 0) | (_FI if I[m] == 1 else 0)
+        if _uniform(key, n + m + 1) < r:
+            y[m] = 1.0
+            fl |= _FY
+        if s == 1:
+            c = cnt[m]
+            h[m] = c
+            if c > 0:
+                q = 1.0 - math.exp(-beta * dt * c / deg[m])
+                if _uniform(key, m + 1) < q:
+                    x[m] = 1.0
+                    fl |= _FX
+            AR[m, 0] = (1.0 - x[m]) * beta * dt / deg[m]
+        AR[m, 3] = fl
 
-    An agent that is not susceptible has no inflow and cS = 0, so its edge components stay
-    as they were (y = 0) or all vanish (y = 1): the row is not walked, its sum is kept in
-    sumI (set on the day the agent leaves S) and zeroed at recovery. Recovered agents are
-    skipped. A susceptible's row is walked only if it holds edge state or its inbox flag is
-    set (some message or J of the row is non-zero); otherwise it would add zeros.
 
-    ag[m] = (dI_m per parameter, flag); flag bit 1: dI_m ≠ 0, bit 2: some edge component of
-    m is non-zero, bit 4: keep_m = 0 today (m recovers or is infected), bit 8: bit 1 or 2
-    was set at the start of the day (``_send`` then still has to send)."""
-    n = indptr.size - 1
-    P = cS.shape[1]
+@numba.njit(cache=True)
+def _undirected(indptr, indices, rev, S, I, EA, EB, fwd, bwd):  # pragma: no cover - compiled
+    """The live undirected edges (a ≤ b, one record per pair of directed edges e = (a ← b),
+    rev[e] = (b ← a)): at least one end susceptible and neither recovered. Returns their count."""
+    L = 0
+    for a in range(indptr.size - 1):
+        for e in range(indptr[a], indptr[a + 1]):
+            b = indices[e]
+            if b < a:
+                continue
+            ra = S[a] == 0 and I[a] == 0
+            rb = S[b] == 0 and I[b] == 0
+            if (S[a] == 1 or S[b] == 1) and not ra and not rb:
+                EA[L] = a
+                EB[L] = b
+                fwd[L] = e
+                bwd[L] = rev[e]
+                L += 1
+    return L
+
+
+@numba.njit(fastmath=True, cache=True)
+def _edge_chunk(EA, EB, W, unit, E, lo, ln, AR, acc, fold, glob, c, P):  # pragma: no cover - compiled
+    """One chunk of ``_edges`` (a plain compiled loop: inside a parallel loop numba optimises
+    the body less well, measured 1.4x slower). Gathers the far ends' records a block at a
+    time and scatters their sums after the block, so the random reads overlap."""
+    B = 256
+    wp = lo[c]
+    gN = np.zeros(P)
+    gS = np.zeros(P)
+    gb = np.empty((B, 4))
+    sc = np.empty((B, 2))
+    bb = np.empty(B, np.int64)
+    end = lo[c] + ln[c]
+    for r0 in range(lo[c], end, B):
+        nb = min(B, end - r0)
+        for j in range(nb):
+            b = EB[r0 + j]
+            bb[j] = b
+            gb[j, 0] = AR[b, 0]
+            gb[j, 1] = AR[b, 1]
+            gb[j, 2] = AR[b, 2]
+            gb[j, 3] = AR[b, 3]
+        for j in range(nb):
+            r = r0 + j
+            a = EA[r]
+            b = EB[r]
+            fa = int(AR[a, 3])
+            fb = int(gb[j, 3])
+            rate_b = gb[j, 0]
+            sa = (fa & _FS) != 0
+            sb = (fb & _FS) != 0
+            xa = np.float32(1.0) if (fa & _FX) != 0 else np.float32(0.0)
+            ya = np.float32(1.0) if (fa & _FY) != 0 else np.float32(0.0)
+            xb = np.float32(1.0) if (fb & _FX) != 0 else np.float32(0.0)
+            yb = np.float32(1.0) if (fb & _FY) != 0 else np.float32(0.0)
+            drop_a = (fa & _FY) != 0 or (sa and (fa & _FX) != 0)
+            drop_b = (fb & _FY) != 0 or (sb and (fb & _FX) != 0)
+            stay_a = sa and (fa & _FX) == 0
+            stay_b = sb and (fb & _FX) == 0
+            rec_a = (fa & (_FS | _FI)) == 0 or ((fa & _FI) != 0 and (fa & _FY) != 0)
+            rec_b = (fb & (_FS | _FI)) == 0 or ((fb & _FI) != 0 and (fb & _FY) != 0)
+            live = (stay_a or stay_b) and not rec_a and not rec_b
+            if b == a:  # a self-loop is one directed edge: side a only (side b adds zeros)
+                rate_b = 0.0
+                stay_b = False
+            if unit:
+                wab = np.float32(1.0)
+                wba = np.float32(1.0)
+            else:
+                wab = W[r, 0]
+                wba = W[r, 1]
+            rate_a = AR[a, 0]
+            ka = np.float32(0.0) if drop_b else np.float32(1.0)
+            kb = np.float32(0.0) if drop_a else np.float32(1.0)
+            for p in range(P):
+                o = 6 * p
+                Ja = E[r, o]
+                cSa = E[r, o + 1]
+                Ca = E[r, o + 2]
+                Jb = E[r, o + 3]
+                cSb = E[r, o + 4]
+                Cb = E[r, o + 5] if b != a else Ca
+                msg = wab * (np.float32(gb[j, 1 + p]) - Cb)
+                f64 = rate_a * (msg - Ja)
+                nJa = np.float32(Ja + f64) * ka
+                f = np.float32(f64)
+                dn = cSa * xa + f
+                cs = cSa - dn
+                ci = Ca + dn - Ca * ya
+                msg = wba * (np.float32(AR[a, 1 + p]) - Ca)
+                f64 = rate_b * (msg - Jb)
+                nJb = np.float32(Jb + f64) * kb
+                f = np.float32(f64)
+                dn2 = cSb * xb + f
+                cs2 = cSb - dn2
+                ci2 = Cb + dn2 - Cb * yb
+                gN[p] += dn + dn2
+                gS[p] += cs + cs2
+                acc[c, a, p] += ci
+                sc[j, p] = ci2 if b != a else np.float32(0.0)
+                if not live:
+                    if stay_a:
+                        fold[c, a, p] += cs
+                        fold[c, a, P + p] += ci
+                    if stay_b:
+                        fold[c, b, p] += cs2
+                        fold[c, b, P + p] += ci2
+                E[wp, o] = nJa
+                E[wp, o + 1] = cs
+                E[wp, o + 2] = ci
+                E[wp, o + 3] = nJb
+                E[wp, o + 4] = cs2
+                E[wp, o + 5] = ci2
+            EA[wp] = a
+            EB[wp] = b
+            if not unit:
+                W[wp, 0] = wab
+                W[wp, 1] = wba
+            if live:
+                wp += 1
+        for j in range(nb):
+            b = bb[j]
+            for p in range(P):
+                acc[c, b, p] += sc[j, p]
+    ln[c] = wp - lo[c]
+    for p in range(P):
+        glob[c, p] = gS[p]
+        glob[c, P + p] = gN[p]
+
+
+@numba.njit(parallel=True, cache=True)
+def _edges(EA, EB, W, unit, E, lo, ln, AR, acc, fold, glob, nP):  # pragma: no cover - compiled
+    """Edge pass: the non-backtracking inflow of both directions of every live undirected edge
+    {a, b}, from yesterday's state (so one visit serves both rows, with no message array).
+
+    Direction a ← b (a susceptible this morning), per parameter: msg = w_ab (dI_b − C_ba),
+    f = rate_a (msg − J_ab), J_ab += f; dn = cS_ab x_a + f, cS_ab −= dn, C_ab += dn − C_ab y_a;
+    J_ab = 0 if b drops today (recovers, or the primal path infects it). Record E[r, 6p:6p+6] =
+    (J_ab, cS_ab, C_ab, J_ba, cS_ba, C_ba). An infectious end's components are frozen (their
+    row sum is the agent's sumI). Σ C_ab goes to acc[chunk, a] (a's dI), Σ cS and Σ dn to
+    glob. An edge dies when no end stays susceptible or an end recovers: a susceptible end
+    then has no inflow left on it and its components evolve like its own, so they are folded
+    into ``fold`` (added to oS, oI by ``_agents``). Each chunk c of the list [lo[c], lo[c] +
+    ln[c]) compacts itself in place; its scatters go to its own acc/fold slices (no races)."""
+    P = numba.literally(nP)  # compiled per parameter count: the inner loops unroll
+    for c in numba.prange(lo.size):
+        _edge_chunk(EA, EB, W, unit, E, lo, ln, AR, acc, fold, glob, c, P)
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _agents(S, I, x_arr, y_arr, h, deg, r, dr, dt, inj_beta, inj_gamma, sumI, AR, acc, fold, oS, oI,
+            out_new, chg):  # pragma: no cover - compiled
+    """Per agent after the edge pass: the own tangent component (d new = oS·x + the β
+    injection (1 − x) Δt h / n of a susceptible; d rec = oI·y + the γ injection (1 − y)/(1 − r)
+    ∂r/∂γ of an infectious agent; oS −= d new, oI += d new − d rec), the agent's dI (own +
+    its edge components: today's acc for a susceptible, kept in sumI from its infection day
+    to its recovery), components folded from dead edges, and the primal update. Returns the
+    day's totals (S, I, new) and the own parts of the tangent totals (dS, dI, dnew) for
+    parameters 0 and 1."""
+    n = S.size
+    T = acc.shape[0]
+    P = acc.shape[2]
     s_tot = 0.0
     i_tot = 0.0
     new_tot = 0.0
@@ -225,12 +405,6 @@ def _advance(indptr, S, I, x_arr, y_arr, h, deg, beta, r, dr, dt, inj_beta, inj_
             continue
         x = x_arr[m]
         y = y_arr[m]
-        fl = int(ag[m, 3]) if P else 0
-        walk = s == 1 and ((fl & 2) != 0 or inbox[m] != 0)
-        rate = (1.0 - x) * beta * dt / deg[m]
-        any_edge = 0
-        any_tot = 0
-        any_j = 0
         for p in range(P):
             inj_new = 0.0
             inj_rec = 0.0
@@ -242,63 +416,39 @@ def _advance(indptr, S, I, x_arr, y_arr, h, deg, beta, r, dr, dt, inj_beta, inj_
             drec = oI[m, p] * y + inj_rec
             oS[m, p] -= dnew
             oI[m, p] += dnew - drec
-            tot_new = dnew
             tot_S = oS[m, p]
             tot_I = oI[m, p]
-            if walk:
-                row_I = 0.0
-                for e in range(indptr[m], indptr[m + 1]):
-                    j = J[e, p]
-                    f64 = rate * (msg[e, p] - j)
-                    if j != 0.0 or f64 != 0.0:
-                        J[e, p] = j + f64
-                        if J[e, p] != 0.0:
-                            any_j = 1
-                    f = np.float32(f64)
-                    cs = cS[e, p]
-                    ci = cI[e, p]
-                    if cs == 0.0 and ci == 0.0 and f == 0.0:
-                        continue
-                    dn = cs * x + f
-                    dc = ci * y
-                    cS[e, p] = cs - dn
-                    cI[e, p] = ci + dn - dc
-                    tot_new += dn
-                    tot_S += cs - dn
-                    tot_I += ci + dn - dc
-                    row_I += cI[e, p]
-                    if cS[e, p] != 0.0 or cI[e, p] != 0.0:
-                        any_edge = 1
-                sumI[m, p] = row_I
-            elif s != 1 and (fl & 2) != 0:
-                if y != 0:  # every component recovers: the row is zeroed once
-                    for e in range(indptr[m], indptr[m + 1]):
-                        cI[e, p] = 0.0
-                    sumI[m, p] = 0.0
-                else:
-                    tot_I += sumI[m, p]
-                    any_edge = 1
-            if tot_I != 0.0:
-                any_tot = 1
-            ag[m, p] = tot_I
+            if s == 1:
+                row = 0.0
+                fs = 0.0
+                fi = 0.0
+                for c in range(T):
+                    row += acc[c, m, p]
+                    acc[c, m, p] = 0.0
+                    fs += fold[c, m, p]
+                    fi += fold[c, m, P + p]
+                    fold[c, m, p] = 0.0
+                    fold[c, m, P + p] = 0.0
+                tot_I += row
+                if x == 1:
+                    sumI[m, p] = row
+                oS[m, p] += fs
+                oI[m, p] += fi
+            elif y != 0:
+                sumI[m, p] = 0.0
+            else:
+                tot_I += sumI[m, p]
+            AR[m, 1 + p] = np.float32(tot_I)
             if p == 0:
                 dS0 += tot_S
                 dI0 += tot_I
-                dn0 += tot_new
+                dn0 += dnew
             else:
                 dS1 += tot_S
                 dI1 += tot_I
-                dn1 += tot_new
-        if P:
-            drop = 4 if (y == 1 or (s == 1 and x == 1)) else 0
-            was = 8 if (fl & 3) != 0 else 0
-            ag[m, 3] = any_tot | (2 * any_edge) | drop | was
-            if walk:
-                inbox[m] = any_j
+                dn1 += dnew
         new = s * x
         i2 = i + new - i * y
-        if new != 0.0:
-            sus[m] = 0
         out_new[m] = new
         S[m] = s - new
         I[m] = i2
@@ -309,46 +459,44 @@ def _advance(indptr, S, I, x_arr, y_arr, h, deg, beta, r, dr, dt, inj_beta, inj_
     return s_tot, i_tot, new_tot, dS0, dS1, dI0, dI1, dn0, dn1
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
-def _send(indptr, indices, weights, unit, rev, sus, ag, cI, msg, J, inbox):  # pragma: no cover - compiled
-    """Phase C: every agent k with a tangent (or that had one this morning) writes its
-    non-backtracking message to each neighbour m into m's row: msg at e = (m ← k) is
-    w (dI_k − cI_k at (k ← m)), i.e. k's extra infectious mass less what came from m; k reads
-    its own row in order and each slot has one writer (no races). An agent whose keep is 0
-    today (it recovered, or the primal path infected it) zeroes J on its outgoing slots.
-    Sets inbox[m] when a non-zero message reaches m. Only susceptible neighbours (S == 1 after
-    today's update) are written: the others never read their rows again (``sus``: one byte
-    per agent, 1 while S == 1, so this random read touches a quarter of the lines of S)."""
-    n = indptr.size - 1
-    P = cI.shape[1]
-    for k in numba.prange(n):
-        fl = int(ag[k, 3])
-        send = (fl & 11) != 0
-        drop = (fl & 4) != 0
-        if not send and not drop:
-            continue
-        for r in range(indptr[k], indptr[k + 1]):
-            m = indices[r]
-            if sus[m] == 0:  # m is no longer susceptible: it never reads its row again
-                continue
-            t = rev[r]
-            if drop:
-                for p in range(P):
-                    J[t, p] = 0.0
-            if send:
-                w = np.float32(1.0) if unit else weights[t]
-                nz = 0
-                for p in range(P):
-                    v = w * (ag[k, p] - cI[r, p])
-                    msg[t, p] = v
-                    if v != 0.0:
-                        nz = 1
-                if nz:
-                    inbox[m] = 1
-        ag[k, 3] = fl & 3
-
-
 _PARAMS = ("beta", "gamma")
+
+
+def _aligned(shape: tuple[int, int], align: int) -> np.ndarray:
+    """Zeroed float64 array whose rows start on ``align``-byte boundaries (a 32-byte agent
+    record then never straddles two cache lines)."""
+    count = shape[0] * shape[1]
+    raw = np.zeros(count + align // 8, np.float64)
+    skip = (-raw.ctypes.data % align) // 8
+    return raw[skip:skip + count].reshape(shape)
+
+
+def _live_edges(layer: CSRLayer, S: np.ndarray, I: np.ndarray, P: int, T: int):
+    """The live undirected edge list for ``_edges`` split into T chunks: (EA, EB, W, E, lo, ln).
+    W holds the weights of both directions (empty for unit weights), E the 6·P float32
+    components per edge."""
+    if not P:
+        z = np.zeros(0, np.int32)
+        return z, z, np.zeros((0, 2), np.float32), np.zeros((0, 0), np.float32), np.zeros(1, np.int64), \
+            np.zeros(1, np.int64)
+    rev = reverse_edges(layer)
+    indptr, indices = layer.indptr.numpy(), layer.indices.numpy()
+    m = int(np.count_nonzero(indices >= np.repeat(np.arange(layer.n), np.diff(indptr))))
+    EA = np.empty(m, np.int32)
+    EB = np.empty(m, np.int32)
+    fwd = np.empty(m, np.int64)
+    bwd = np.empty(m, np.int64)
+    L = _undirected(indptr, indices, rev, S, I, EA, EB, fwd, bwd)
+    EA, EB, fwd, bwd = EA[:L].copy(), EB[:L].copy(), fwd[:L], bwd[:L]
+    if layer.weights is None:
+        W = np.zeros((0, 2), np.float32)
+    else:
+        w = layer.weights.numpy()
+        W = np.stack([w[fwd], w[bwd]], axis=1).astype(np.float32)
+    E = np.zeros((L, 6 * P), np.float32)
+    lo = np.array([L * c // T for c in range(T)], np.int64)
+    ln = np.diff(np.append(lo, L)).astype(np.int64)
+    return EA, EB, W, E, lo, ln
 
 
 def run_sir_nonbacktracking(
@@ -368,23 +516,21 @@ def run_sir_nonbacktracking(
     indptr, indices = layer.indptr.numpy(), layer.indices.numpy()
     unit = layer.weights is None
     weights = (layer.weights.numpy() if layer.weights is not None else np.ones(layer.nnz, np.float32))
-    rev = reverse_edges(layer) if P else np.zeros(0, np.int32)
     deg = np.maximum(layer.degree().numpy().astype(np.float64), 1.0)
     S = S0.detach().numpy().astype(np.float32).copy()
     I = I0.detach().numpy().astype(np.float32).copy()
-    nnz = layer.nnz if P else 0
-    cS = np.zeros((nnz, P), np.float32)  # edge-major: one cache line per edge for all parameters
-    cI = np.zeros((nnz, P), np.float32)
-    msg = np.zeros((nnz, P), np.float32)  # message into each edge's row (written by its source)
-    J = np.zeros((nnz, P), np.float32)
+    threads = follow_torch_threads()
+    T = numba.get_num_threads() if P else 1  # edge-list chunks, one per thread
+    EA, EB, W, E, lo, ln = _live_edges(layer, S, I, P, T)
     xa = np.zeros(n, np.float32)
     ya = np.zeros(n, np.float32)
     oS = np.zeros((n, P), np.float64)
     oI = np.zeros((n, P), np.float64)
-    ag = np.zeros((n if P else 0, 4), np.float32)  # per agent: dI for each parameter, flag
     sumI = np.zeros((n, P), np.float64)
-    inbox = np.zeros(n, np.uint8)
-    sus = (S == 1).astype(np.uint8)  # 1 while the agent is susceptible (read by _send)
+    AR = _aligned((n, 4), 32)  # per agent: inflow rate, dI per parameter, flags
+    acc = np.zeros((T, n if P else 0, P), np.float64)
+    fold = np.zeros((T, n if P else 0, 2 * P), np.float64)
+    glob = np.zeros((T, 2 * P), np.float64)
     chg = np.zeros(n, np.int8)
     h = np.zeros(n, np.float64)
     out_new = np.zeros(n, np.float32)
@@ -397,7 +543,6 @@ def run_sir_nonbacktracking(
     series[0] = (S.sum(dtype=np.float64), I.sum(dtype=np.float64), n - S.sum(dtype=np.float64)
                  - I.sum(dtype=np.float64), I.sum(dtype=np.float64))
     out_new[:] = I
-    threads = follow_torch_threads()
     cnt: np.ndarray = np.zeros(n, count_dtype(layer))
     if unit:
         _count_infected(indptr, indices, I, cnt)
@@ -409,20 +554,21 @@ def run_sir_nonbacktracking(
             _push(indptr, indices, chg, cnt)
         else:
             if unit:
-                _events_cnt(S, I, cnt, deg, beta, r, dt, key, h, xa, ya)
+                _events_pack(S, I, cnt, deg, beta, r, dt, key, h, xa, ya, AR)
             else:
                 u = counter_uniforms(seed, day, n, torch.device("cpu"), 2).numpy()
                 follow_torch_threads()
                 _events(indptr, indices, weights, S, I, u[0], u[1], deg, beta, r, dt, h, xa, ya)
-            s_tot, i_tot, new_tot, *tot = _advance(
-                indptr, S, I, xa, ya, h, deg, beta, r, dr, dt, inj_beta, inj_gamma, msg, J, inbox,
-                cS, cI, sumI, ag, oS, oI, out_new, chg, sus)
+                _pack(S, I, xa, ya, deg, beta, dt, AR)
             if P:
-                _send(indptr, indices, weights, unit, rev, sus, ag, cI, msg, J, inbox)
+                _edges(EA, EB, W, unit, E, lo, ln, AR, acc, fold, glob, P)
+            s_tot, i_tot, new_tot, *tot = _agents(
+                S, I, xa, ya, h, deg, r, dr, dt, inj_beta, inj_gamma, sumI, AR, acc, fold, oS, oI, out_new, chg)
             if unit:
                 _push(indptr, indices, chg, cnt)
+            edge = glob.sum(0)
             for slot, c in enumerate(cols):
-                dS, dI, dnew = tot[slot], tot[2 + slot], tot[4 + slot]
+                dS, dI, dnew = tot[slot] + edge[slot], tot[2 + slot], tot[4 + slot] + edge[P + slot]
                 jac[day + 1, :, c] = (dS, dI, -dS - dI, dnew)
         series[day + 1] = (s_tot, i_tot, n - s_tot - i_tot, new_tot)
         if progress is not None:

@@ -318,3 +318,26 @@ def test_small_count_type_keeps_the_forward_bit_identical(hub, dtype):
     assert np.array_equal(fwd[0], ref[0]) and np.array_equal(tan[0], ref[0])
     assert np.array_equal(fwd[2], ref[2]) and np.array_equal(fwd[3], ref[3])
     _assert_close(tan[1], ref[1])
+
+
+def _with_self_loops(layer: CSRLayer, every: int) -> CSRLayer:
+    """The same graph with a self-loop (m, m) added to every ``every``-th agent's row."""
+    ip, ix = layer.indptr.numpy(), layer.indices.numpy()
+    rows = [sorted([*ix[ip[m]:ip[m + 1]], *([m] if m % every == 0 else [])]) for m in range(layer.n)]
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(ip.dtype)
+    indices = np.concatenate(rows).astype(ix.dtype)
+    return CSRLayer(indptr=torch.from_numpy(indptr), indices=torch.from_numpy(indices), weights=None)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_self_loops_equal_the_reference(weighted):
+    """A self-loop is one directed edge that is its own reverse: the undirected edge pass
+    reads it from one side only."""
+    layer = _with_self_loops(random_contact_graph(2000, 6, seed=3).merged(), 3)
+    if weighted:
+        layer = _weighted(layer, 3)
+    st = SIR(0.5, 0.1, 0.02).initial_state(layer.n, torch.Generator().manual_seed(3), torch.device("cpu"))
+    ref = _reference_run(layer, st["S"], st["I"], 0.5, 0.1, 40, 3)
+    new = fused_sir.run_sir_nonbacktracking(layer, st["S"], st["I"], 0.5, 0.1, 40, 3)
+    assert np.array_equal(new[0], ref[0])
+    _assert_close(new[1], ref[1])
