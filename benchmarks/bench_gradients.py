@@ -27,6 +27,7 @@ from simulation.engine import simulate
 from simulation.gradcheck import gradcheck, parameter
 from simulation.models import SEIRM, SIR
 from simulation.population import random_contact_graph, synthesize
+from simulation.stochastic_triples import DEFAULT_FLIPS
 
 SIR_GRID = [(b, g) for g in (0.1, 0.15) for b in (0.2, 0.3, 0.4, 0.6, 0.8)]
 SEIRM_POINTS = [  # (β, latent_days, infectious_days)
@@ -36,7 +37,7 @@ SEIRM_POINTS = [  # (β, latent_days, infectious_days)
 ]
 
 
-def _cost(make, pop, days, estimator, params) -> float:
+def _cost(make, pop, days, estimator, params, flips) -> float:
     """(forward+backward time) / (forward time), one seed; as in gradcheck only ``params``
     require a gradient."""
     m = make()
@@ -45,20 +46,20 @@ def _cost(make, pop, days, estimator, params) -> float:
         p.requires_grad_(id(p) in wanted)
     t = time.perf_counter()
     with torch.no_grad():
-        simulate(m, pop, days, 0, estimator=estimator)
+        simulate(m, pop, days, 0, estimator=estimator, flips=flips)
     fwd = time.perf_counter() - t
     t = time.perf_counter()
-    simulate(m, pop, days, 0, estimator=estimator).total_infections.backward()
+    simulate(m, pop, days, 0, estimator=estimator, flips=flips).total_infections.backward()
     return (time.perf_counter() - t) / fwd
 
 
-def run_point(label, make, pop, days, seeds, params, estimators, fd_step, rows, only=None):
+def run_point(label, make, pop, days, seeds, params, estimators, fd_step, rows, only=None, flips=DEFAULT_FLIPS):
     if only is not None and not re.search(only, label):
         return
     for est in estimators:
         t = time.perf_counter()
-        report = gradcheck(make, pop, days, seeds, params, estimator=est, fd_step=fd_step)
-        cost = _cost(make, pop, days, est, params)
+        report = gradcheck(make, pop, days, seeds, params, estimator=est, fd_step=fd_step, flips=flips)
+        cost = _cost(make, pop, days, est, params, flips)
         for name, r in report.items():
             row = {"point": label, "estimator": est, "parameter": name, "cost": cost, **r.as_dict()}
             rows.append(row)
@@ -77,6 +78,7 @@ def main() -> None:
     ap.add_argument("--part", default="sir,seirm,behaviour")
     ap.add_argument("--estimators", default="smoothed,straight_through,expected,relaxed")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--flips", type=int, default=DEFAULT_FLIPS, help="triples: alternative paths per parameter")
     ap.add_argument("--only", default=None, help="regular expression: run only the points whose label matches")
     ap.add_argument("--json", type=Path, default=Path("out/gradients.json"))
     args = ap.parse_args()
@@ -91,7 +93,7 @@ def main() -> None:
         g = random_contact_graph(args.agents, 10, seed=1)
         for beta, gamma in SIR_GRID:
             run_point(f"SIR β {beta} γ {gamma}", lambda b=beta, c=gamma: SIR(b, c, 0.01), g, args.days,
-                      args.seeds, ["beta", "gamma"], estimators, args.fd_step, rows, args.only)
+                      args.seeds, ["beta", "gamma"], estimators, args.fd_step, rows, args.only, args.flips)
     if "seirm" in parts or "behaviour" in parts:
         pop = synthesize("nyc", seed=0, scale=args.agents / 8_400_000)
     if "seirm" in parts:
@@ -99,7 +101,7 @@ def main() -> None:
             run_point(f"SEIRM β {beta} latent {lat} inf {inf}",
                       lambda b=beta, la=lat, i=inf: SEIRM(beta=b, latent_days=la, infectious_days=i),
                       pop, args.seirm_days, args.seeds, ["beta", "latent_days", "infectious_days"],
-                      estimators, args.fd_step, rows, args.only)
+                      estimators, args.fd_step, rows, args.only, args.flips)
     if "behaviour" in parts:
         from simulation.behaviour import add_archetype_behaviour
 
@@ -109,7 +111,7 @@ def main() -> None:
             return m
 
         run_point("SEIRM β 0.6 test 0.1 (isolation)", lambda: SEIRM(beta=0.6, test_rate=0.1), pop, args.seirm_days,
-                  args.seeds, ["efficacy"], estimators, args.fd_step, rows, args.only)
+                  args.seeds, ["efficacy"], estimators, args.fd_step, rows, args.only, args.flips)
         # archetype behaviour adds substeps, which the triples estimator does not model
         run_point("SEIRM+behaviour β 0.6 test 0.1", with_behaviour, pop, args.seirm_days, args.seeds,
                   ["efficacy"], [e for e in estimators if e != "triples"], args.fd_step, rows, args.only)

@@ -175,6 +175,8 @@ def gradcheck_command(
     estimator: Annotated[str, typer.Option(
         help="Gradient estimator to check (auto: the engine default).")] = "auto",
     fd_step: Annotated[float, typer.Option(help="Relative FD step h/|θ|.")] = 0.05,
+    flips: Annotated[int, typer.Option(
+        min=1, help="triples: alternative paths per parameter (unbiased for any value; more = less noise).")] = 2000,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     json_out: Annotated[Path | None, typer.Option(
         "--json", help="Write the per-parameter statistics here.")] = None,
@@ -202,7 +204,7 @@ def gradcheck_command(
     with console.status(f"{seeds} seeds × (1 AD + {2 * len(names)} FD runs) of {days} days"):
         try:
             report = gradcheck(make, pop, days, seeds, names, estimator=estimator, fd_step=fd_step,
-                               device=device)
+                               device=device, flips=flips)
         except SimulationError as exc:
             raise typer.BadParameter(str(exc)) from exc
     n = pop.n

@@ -21,7 +21,7 @@ from simulation.fused_sir import simulate_sir_fused, supports_fused_sir
 from simulation.kernels import NeighbourSum
 from simulation.population import ContactGraph, Population
 from simulation.rng import counter_uniforms, counter_uniforms_at
-from simulation.stochastic_triples import simulate_sir_triples, triples_serves
+from simulation.stochastic_triples import DEFAULT_FLIPS, simulate_sir_triples, triples_serves
 from simulation.stochastic_triples_seirm import (
     simulate_seirm_triples,
     supports_seirm_triples,
@@ -127,6 +127,7 @@ def simulate(
     extras: dict[str, torch.Tensor] | None = None,
     uniforms: Callable[[int, int], torch.Tensor] | None = None,
     layer_weights: Mapping[str, torch.Tensor] | None = None,
+    flips: int = DEFAULT_FLIPS,
 ) -> Trajectory:
     """Simulate ``days`` days; returns the daily compartment totals and new infections.
 
@@ -143,6 +144,8 @@ def simulate(
     the model has one) makes the layer weights learnable: the neighbour sum becomes
     Σ_l w_l (A_l x) over the per-layer CSRs and gradients reach every w_l (layers not named
     keep their baked weight). Without it the merged CSR (weights baked in) is used, unchanged.
+    ``flips`` (the "triples" estimator only): alternative paths per parameter; the estimate is
+    unbiased for any value, its variance falls as 1/flips.
     The fused run estimators ("auto", "nonbacktracking", "triples") carry no layer-weight
     tangents: "auto" then runs "smoothed", the others are refused. For the plain SIR model
     "auto" is "triples" (unbiased, reverse mode, unit-weight graphs) and "nonbacktracking"
@@ -194,7 +197,7 @@ def simulate(
         if estimator == "triples" and supports_seirm_triples(model) and not hooks and dev.type == "cpu":
             if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
                 series_t, final = simulate_seirm_triples(model, merged, attributes, days, seed, op, degree,
-                                                         progress=progress)
+                                                         flips=flips, progress=progress)
                 return Trajectory(series_t, final, days,
                                   {"seed": seed, "estimator": "triples", "device": str(dev), "n": n})
             estimator = "smoothed"  # nothing to differentiate: the plain hard forward
@@ -203,7 +206,7 @@ def simulate(
                 raise SimulationError("the triples estimator runs the plain SEIRM model, or the plain SIR model over "
                                       "a unit-weight contact graph, on CPU without hooks; use 'nonbacktracking' "
                                       "or 'smoothed'")
-            series_t, final = simulate_sir_triples(model, merged, days, seed, progress=progress)
+            series_t, final = simulate_sir_triples(model, merged, days, seed, flips=flips, progress=progress)
             return Trajectory(series_t, final, days, {"seed": seed, "estimator": "triples", "device": str(dev), "n": n})
         if supports_fused_sir(model, dev, hooks):
             series_t, final = simulate_sir_fused(model, merged, days, seed, progress)

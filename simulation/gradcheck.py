@@ -17,6 +17,7 @@ import torch
 
 from simulation.engine import SimulationError, simulate
 from simulation.estimators import get_estimator, hard_forward
+from simulation.stochastic_triples import DEFAULT_FLIPS
 from simulation.substeps import SubstepModel
 
 __all__ = ["GradCheck", "GradCheckError", "gradcheck", "parameter", "format_table"]
@@ -71,8 +72,9 @@ def parameter(model: SubstepModel, name: str) -> torch.nn.Parameter:
     return p
 
 
-def _total(model: SubstepModel, population, days: int, seed: int, estimator: str, device: str) -> torch.Tensor:
-    return simulate(model, population, days, seed, estimator=estimator, device=device).total_infections
+def _total(model: SubstepModel, population, days: int, seed: int, estimator: str, device: str,
+           flips: int = DEFAULT_FLIPS) -> torch.Tensor:
+    return simulate(model, population, days, seed, estimator=estimator, device=device, flips=flips).total_infections
 
 
 def gradcheck(
@@ -85,11 +87,13 @@ def gradcheck(
     estimator: str = "auto",
     fd_step: float = 0.05,
     device: str = "cpu",
+    flips: int = DEFAULT_FLIPS,
 ) -> dict[str, GradCheck]:
     """Compare ∂(total infections)/∂θ from ``estimator`` with CRN central differences.
 
     ``make_model()`` returns a fresh model at the parameter point; ``fd_step`` is relative
-    (h = fd_step · |θ|, or fd_step if θ = 0). ``seeds`` is a count or explicit seeds."""
+    (h = fd_step · |θ|, or fd_step if θ = 0). ``seeds`` is a count or explicit seeds; ``flips``
+    sets the "triples" estimator's alternative paths per parameter."""
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if len(seed_list) < 2:
         raise GradCheckError("gradcheck needs at least 2 seeds (it reports standard deviations)")
@@ -109,7 +113,7 @@ def gradcheck(
         checked = {id(parameter(model, name)) for name in params}
         for p in model.parameters():  # only the checked parameters need a gradient
             p.requires_grad_(id(p) in checked)
-        _total(model, population, days, seed, estimator, device).backward()
+        _total(model, population, days, seed, estimator, device, flips).backward()
         for name in params:
             grad = parameter(model, name).grad
             ad[name].append(0.0 if grad is None else float(grad))
