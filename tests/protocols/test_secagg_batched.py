@@ -217,3 +217,66 @@ def test_fast_parsers_accept_only_what_the_strict_decoders_accept(kind: str) -> 
         assert strict[-1] == em.parse_eheader(head)
         assert tuple(fast) == strict[:-1]
     assert accepted > 0  # flips inside tags, keys, envelopes or vectors stay well formed
+
+
+def test_assembled_server_messages_are_the_reference_encodings() -> None:
+    """The coordinator builds survivor sets and unmask requests from pre-encoded pieces:
+    the bytes must be exactly what SurvivorSet / DayUnmaskRequest encode, entries sorted by
+    index (as the per-entry encoders produced them before)."""
+    setup = make_round(12, InputSpec("int", 3, 100), degree=6, threshold=4)
+    server, clients = setup.agreed()
+    gone = 5
+    server.open_day(0)
+    for i, c in enumerate(clients):
+        if i != gone:
+            server.receive(i, c.masked_input(0, torch.arange(3)))
+    outs = server.advance()
+    for blob in outs.values():
+        body = blob[:-MAC_BYTES]
+        msg, members = em.SurvivorSet.decode(body, 12)
+        assert msg.encode() == body and gone not in members
+    tagged = {i: clients[i].sign_survivors(b) for i, b in outs.items()}
+    for i, blob in tagged.items():
+        server.receive(i, blob)
+    for i, blob in server.advance().items():
+        body = blob[:-MAC_BYTES]
+        req = em.DayUnmaskRequest.decode(body, 12, 6)
+        assert req.encode() == body
+        assert [j for j, _ in req.tags] == sorted(server.neighbours(i) - {gone})
+        assert [j for j, _ in req.envelopes] == sorted(server.neighbours(i) - {gone})
+
+
+def test_two_colluding_holders_cannot_shift_a_secret() -> None:
+    """Before the batched path the coordinator compared the secrets of the t smallest and
+    the t largest holders. Two colluding holders, one in each part outside the overlap,
+    can pick errors e_a, e_b with λ¹_a·e_a = λ²_b·e_b: both subsets then give the same
+    *wrong* secret. Checking every share against one polynomial needs m − t + 1 colluders
+    (the code's distance)."""
+    t, m = 4, 7
+    xs = list(range(1, m + 1))
+    secret = os.urandom(32)
+    shares = dict(zip(xs, share_secret(secret, xs, t), strict=True))
+    low, high = xs[:t], xs[-t:]
+    a, b = low[0], high[-1]  # a only in the first subset, b only in the second
+
+    def lagrange0(points: list[int], j: int) -> int:
+        num = den = 1
+        for x in points:
+            if x != j:
+                num, den = num * x % PRIME, den * (x - j) % PRIME
+        return num * pow(den, -1, PRIME) % PRIME
+
+    e_a = pow(lagrange0(low, a), -1, PRIME)  # shifts the first subset's result by +1
+    e_b = lagrange0(low, a) * e_a * pow(lagrange0(high, b), -1, PRIME) % PRIME
+    bad = dict(shares)
+    for x, e in ((a, e_a), (b, e_b)):
+        vals = list(decode_share(bad[x]))
+        vals[0] = (vals[0] + e) % PRIME  # the first 15-byte chunk of the secret
+        bad[x] = encode_share(vals)
+
+    first = reconstruct_secret({x: bad[x] for x in low}, t)
+    second = reconstruct_secret({x: bad[x] for x in high}, t)
+    assert first == second != secret  # the old comparison accepted a shifted secret
+    assert int.from_bytes(first[:15], "big") == int.from_bytes(secret[:15], "big") + 1
+    with pytest.raises(InconsistentSharesError):
+        reconstruct_secrets([bad], t)
