@@ -16,7 +16,7 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -28,8 +28,9 @@ if TYPE_CHECKING:  # the heavy imports happen in run_fleet: importing this modul
     from coordinator.runner import RunConfig
     from coordinator.store import CoordinatorStore
 
-__all__ = ["DEVICE_HOST_MODULE", "FleetError", "ProcessTransport", "dropout_schedule",
-           "run_fleet", "start_device_host", "stop_device_host", "timed", "write_summary"]
+__all__ = ["DEVICE_HOST_MODULE", "FleetError", "ProcessTransport", "default_device_hosts",
+           "dropout_schedule", "run_fleet", "start_device_host", "start_device_hosts",
+           "stop_device_host", "timed", "write_summary"]
 
 DEVICE_HOST_MODULE = "edge_agent.fleet_host"
 _STAGES = EXCHANGES  # day, then the SecAgg+ stages
@@ -58,99 +59,176 @@ def _frame_io():  # the host module's framing, by name (no edge_agent import her
     return read, write
 
 
-def start_device_host() -> subprocess.Popen:
+#: a fleet this large gets one device-host process per core (up to MAX_DEVICE_HOSTS): the
+#: coordinator waits while the devices work, so the devices can use every core
+SHARD_FROM_DEVICES = 200
+MAX_DEVICE_HOSTS = 4
+
+
+def default_device_hosts(devices: int) -> int:
+    """Device-host processes for a fleet of ``devices``: one below
+    :data:`SHARD_FROM_DEVICES` (a second start-up would cost more than it saves), else one
+    per core, at most :data:`MAX_DEVICE_HOSTS`."""
+    if devices < SHARD_FROM_DEVICES:
+        return 1
+    return max(1, min(os.cpu_count() or 1, MAX_DEVICE_HOSTS))
+
+
+def start_device_host(shard: int = 0) -> subprocess.Popen:
     """Start a device-host process (``python -m edge_agent.fleet_host``). It imports its
     stack (torch, Flower, the ClientApp) as soon as it starts, so a caller that starts it
     before its own imports and population build has it ready by enrolment; hand it to
     :class:`ProcessTransport` (``process=``), which owns it from then on."""
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "OMP_NUM_THREADS": "1",
+           "LPM_FLEET_SHARD": str(int(shard))}
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return subprocess.Popen([sys.executable, "-m", DEVICE_HOST_MODULE],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
 
 
-def stop_device_host(proc: subprocess.Popen) -> None:
-    """Stop a device host that is not (or no longer) a run's transport: it holds no device
-    yet, so it is killed at once rather than left to finish its imports."""
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(10)
-    for f in (proc.stdin, proc.stdout):
-        if f is not None:
-            f.close()
+def start_device_hosts(count: int) -> list[subprocess.Popen]:
+    """``count`` device hosts (:func:`start_device_host`), shards 0 … count − 1."""
+    if count < 1:
+        raise FleetError("a fleet needs at least one device host")
+    return [start_device_host(s) for s in range(count)]
+
+
+def stop_device_host(proc: subprocess.Popen | Sequence[subprocess.Popen]) -> None:
+    """Stop device hosts that are not (or no longer) a run's transport: they hold no
+    device yet, so they are killed at once rather than left to finish their imports."""
+    for pr in [proc] if isinstance(proc, subprocess.Popen) else list(proc):
+        if pr.poll() is None:
+            pr.kill()
+        pr.wait(10)
+        for f in (pr.stdin, pr.stdout):
+            if f is not None:
+                f.close()
 
 
 class ProcessTransport:
-    """:class:`~coordinator.flower.server_app.Transport` to a device-host subprocess
-    (``process``: one from :func:`start_device_host`, else started here). The ``init``
-    frame is sent at once and its answer read before the first exchange, so the host builds
-    its devices while the coordinator builds its population."""
+    """:class:`~coordinator.flower.server_app.Transport` to device-host subprocesses.
+
+    ``process``: host(s) from :func:`start_device_host` / :func:`start_device_hosts`, else
+    ``hosts`` of them (default :func:`default_device_hosts`) are started here. The nodes are
+    split into contiguous blocks, one per host (each device lives in exactly one host, with
+    its own Flower ``Context``); an exchange sends every host its block at once and waits
+    for all, so the hosts work in parallel. The ``init`` frames are sent at once and their
+    answers read before the first exchange, so the hosts build their devices while the
+    coordinator builds its population."""
 
     def __init__(self, nodes: int, *, offline: Mapping[int, list] | None = None,
                  node_config: Mapping[str, Any] | None = None,
                  node_configs: Mapping[int, Mapping[str, Any]] | None = None,
-                 process: subprocess.Popen | None = None) -> None:
+                 process: subprocess.Popen | Sequence[subprocess.Popen] | None = None,
+                 hosts: int | None = None) -> None:
         self._read, self._write = _frame_io()
-        self.proc = process if process is not None else start_device_host()
+        if process is None:
+            procs = start_device_hosts(hosts if hosts is not None else
+                                       default_device_hosts(nodes))
+        else:
+            procs = [process] if isinstance(process, subprocess.Popen) else list(process)
+        if not procs or len(procs) > max(nodes, 1):
+            stop_device_host(procs)
+            raise FleetError(f"{len(procs)} device hosts for {nodes} devices")
+        self.procs = procs
+        self.proc = procs[0]
         self._nodes = list(range(1, nodes + 1))
-        self.device_seconds = 0.0  # wall time spent waiting for the device host
-        self._init_pending = False
-        self._send("init", {"nodes": self._nodes, "offline": dict(offline or {}),
-                            "node_config": dict(node_config or {}),
-                            "node_configs": {k: dict(v) for k, v in (node_configs or {}).items()}})
-        self._init_pending = True
+        k = len(procs)
+        blocks = [self._nodes[s * nodes // k:(s + 1) * nodes // k] for s in range(k)]
+        self._shard_of = {n: s for s, block in enumerate(blocks) for n in block}
+        self.device_seconds = 0.0  # wall time spent waiting for the device hosts
+        self._init_pending = [False] * k
+        configs = {int(n): dict(v) for n, v in (node_configs or {}).items()}
+        for s, block in enumerate(blocks):
+            mine = set(block)
+            self._send(s, "init", {
+                "nodes": block,
+                "offline": {n: v for n, v in dict(offline or {}).items() if n in mine},
+                "node_config": dict(node_config or {}),
+                "node_configs": {n: v for n, v in configs.items() if n in mine}})
+            self._init_pending[s] = True
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    def _send(self, op: str, arg: Any) -> None:
-        if self.proc.poll() is not None:
-            raise FleetError(f"the device host exited with code {self.proc.returncode}")
+    def _send(self, shard: int, op: str, arg: Any) -> None:
+        proc = self.procs[shard]
+        if proc.poll() is not None:
+            raise FleetError(f"device host {shard} exited with code {proc.returncode}")
         try:
-            self._write(self.proc.stdin, (op, arg))
+            self._write(proc.stdin, (op, arg))
         except (BrokenPipeError, OSError) as exc:
-            raise FleetError(f"the device host closed its input: {exc}") from None
+            raise FleetError(f"device host {shard} closed its input: {exc}") from None
 
-    def _answer(self) -> Any:
-        status, value = self._read(self.proc.stdout)
+    def _answer(self, shard: int) -> Any:
+        status, value = self._read(self.procs[shard].stdout)
         if status != "ok":
-            raise FleetError(f"device host: {value}")
+            raise FleetError(f"device host {shard}: {value}")
         return value
 
-    def _call(self, op: str, arg: Any) -> Any:
+    def _call_all(self, op: str, args: Mapping[int, Any]) -> dict[int, Any]:
+        """Send ``op`` to the hosts in ``args`` (shard -> argument), then read each answer:
+        the hosts work at the same time."""
         t0 = time.perf_counter()
-        if self._init_pending:  # the answer to ``init`` (sent in __init__) comes first
-            self._init_pending = False
-            self._answer()
-        self._send(op, arg)
-        value = self._answer()
+        for s, arg in args.items():
+            if self._init_pending[s]:
+                self._answer_init(s)
+            self._send(s, op, arg)
+        out = {s: self._answer(s) for s in args}
         self.device_seconds += time.perf_counter() - t0
-        return value
+        return out
+
+    def _answer_init(self, shard: int) -> None:
+        """The answer to ``init`` (sent in ``__init__``): read before anything else."""
+        self._init_pending[shard] = False
+        self._answer(shard)
 
     def node_ids(self) -> list[int]:
         return list(self._nodes)
 
     def exchange(self, message_type: str, contents: Mapping[int, dict[str, Any]], group: str,
                  timeout: float) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
-        return self._call("exchange", (message_type, dict(contents), group))
+        parts: dict[int, dict[int, dict[str, Any]]] = {}
+        for node, body in contents.items():  # a node of no host: host 0 answers "unknown"
+            parts.setdefault(self._shard_of.get(node, 0), {})[node] = body
+        answers = self._call_all("exchange", {s: (message_type, part, group)
+                                              for s, part in sorted(parts.items())})
+        replies: dict[int, dict[str, Any]] = {}
+        failures: dict[int, str] = {}
+        for got, failed in answers.values():
+            replies.update(got)
+            failures.update(failed)
+        order = list(contents)  # the order one host would have answered in
+        return ({n: replies[n] for n in order if n in replies},
+                {n: failures[n] for n in order if n in failures})
 
     def device_states(self) -> dict[int, dict[str, float]]:
         """The simulated devices' true states (test harness only: the run never calls it)."""
-        return self._call("states", None)
+        out: dict[int, dict[str, float]] = {}
+        for states in self._call_all("states", dict.fromkeys(range(len(self.procs)))
+                                     ).values():
+            out.update(states)
+        return out
 
     def close(self) -> None:
-        if self.proc.poll() is None:
+        for s, proc in enumerate(self.procs):
+            if proc.poll() is not None:
+                continue
             try:
-                self._call("close", None)
-            except (FleetError, OSError):
+                if self._init_pending[s]:
+                    self._answer_init(s)
+                self._send(s, "close", None)
+                self._read(proc.stdout)
+            except (FleetError, OSError, EOFError):
                 pass
+        for proc in self.procs:
             try:  # nothing to flush: the simulated devices' states die with the host
-                self.proc.wait(30 if os.environ.get("LPM_FLEET_PROFILE") else 0.5)
+                proc.wait(30 if os.environ.get("LPM_FLEET_PROFILE") else 0.5)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+                proc.kill()
+                proc.wait(10)
 
 
 def dropout_schedule(devices: int, days: int, fraction: float, seed: int = 0
@@ -176,11 +254,13 @@ def run_fleet(cfg: RunConfig, *, settings: FederatedSettings | None = None,
               drop_fraction: float = 0.0, drop_seed: int = 0,
               offline: Mapping[int, list] | None = None,
               transport: ProcessTransport | None = None,
-              process: subprocess.Popen | None = None) -> list[dict[str, object]]:
+              process: subprocess.Popen | Sequence[subprocess.Popen] | None = None,
+              hosts: int | None = None) -> list[dict[str, object]]:
     """Run ``cfg`` with ``cfg.devices`` simulated devices; returns the per-day rows.
-    A given ``transport`` (tests) is used as it is and left open; a given ``process``
-    (:func:`start_device_host`, started early by the caller) becomes the run's transport
-    and is stopped with it."""
+    A given ``transport`` (tests) is used as it is and left open; given ``process``\ es
+    (:func:`start_device_hosts`, started early by the caller) become the run's transport
+    and are stopped with it; else ``hosts`` device hosts are started (default
+    :func:`default_device_hosts`)."""
     from coordinator.flower.server_app import FederatedRun, FederatedSettings, MinCohortError
 
     if transport is not None and process is not None:
@@ -195,7 +275,8 @@ def run_fleet(cfg: RunConfig, *, settings: FederatedSettings | None = None,
         sched = dict(offline) if offline is not None else \
             dropout_schedule(cfg.devices, cfg.days, drop_fraction, drop_seed)
         try:
-            transport = ProcessTransport(cfg.devices, offline=sched, process=process)
+            transport = ProcessTransport(cfg.devices, offline=sched, process=process,
+                                         hosts=hosts)
         except BaseException:
             if process is not None:
                 stop_device_host(process)

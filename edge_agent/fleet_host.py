@@ -32,6 +32,8 @@ from protocols.daily import EXCHANGES, Keys, MessageType
 __all__ = ["main", "read_frame", "write_frame", "STAGE_RANK"]
 
 STAGE_RANK = {"enrol": -1, **{name: rank for rank, name in enumerate(EXCHANGES)}}
+#: this host's shard of the fleet (``coordinator.fleet`` starts one host per block of nodes)
+_SHARD = int(os.environ.get("LPM_FLEET_SHARD", "0") or 0)
 
 
 def read_frame(f: BinaryIO) -> Any:
@@ -98,7 +100,7 @@ class _Host:
                 failures[node] = "offline"
                 continue
             self.counter += 1
-            meta = Metadata(run_id=1, message_id=f"m{self.counter}", src_node_id=0,
+            meta = Metadata(run_id=1, message_id=f"m{_SHARD}-{self.counter}", src_node_id=0,
                             dst_node_id=node, reply_to_message_id="", group_id=group,
                             created_at=time.time(), ttl=3600.0, message_type=message_type)
             # the SuperNode's own form (content + full metadata), outside Message's public overloads
@@ -121,6 +123,7 @@ def main() -> None:
     """Serve frames until ``close`` or end of input (``LPM_FLEET_PROFILE=path``: cProfile)."""
     prof_path = os.environ.get("LPM_FLEET_PROFILE")
     if prof_path:
+        prof_path = f"{prof_path}.{_SHARD}" if _SHARD else prof_path
         import cProfile
 
         prof = cProfile.Profile()

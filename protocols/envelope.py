@@ -85,16 +85,21 @@ class MessageContext:
                 raise MalformedEnvelopeError(f"MessageContext.{name} must be an int in [0, 2^63)")
 
     def to_bytes(self) -> bytes:
-        """Canonical, injective encoding (length-prefixed fields)."""
-        return b"".join(
-            (
-                _field(self.protocol),
-                _field(self.run_id),
-                struct.pack(">QQ", self.round, self.step),
-                _field(self.sender),
-                _field(self.receiver),
+        """Canonical, injective encoding (length-prefixed fields); computed once per
+        context (it keys the mask, seals and opens the envelope: ~3 encodings each)."""
+        raw = self.__dict__.get("_encoded")
+        if raw is None:
+            raw = b"".join(
+                (
+                    _field(self.protocol),
+                    _field(self.run_id),
+                    struct.pack(">QQ", self.round, self.step),
+                    _field(self.sender),
+                    _field(self.receiver),
+                )
             )
-        )
+            object.__setattr__(self, "_encoded", raw)  # frozen: fields never change
+        return raw
 
     def reply(self, step: int | None = None) -> MessageContext:
         """The context of an answer: sender and receiver swapped."""

@@ -54,27 +54,30 @@ def fleet_command(
                         ] = False,
     estimator: Annotated[str, typer.Option(help="The step's gradient estimator (devices and "
                                            "synthetic agents).")] = "straight_through",
+    device_hosts: Annotated[int, typer.Option(min=0, help="Device-host processes the devices "
+                                              "are split over (0: one per core from 200 "
+                                              "devices, at most 4; else one).")] = 0,
 ) -> None:
     """Run a hybrid run with N simulated devices (optionally calibrating θ and with dropouts)."""
     options = dict(locals())  # every option above, passed on to _fleet
-    from coordinator.fleet import start_device_host, stop_device_host
+    from coordinator.fleet import default_device_hosts, start_device_hosts, stop_device_host
 
-    # the device host imports its stack (torch, Flower, the ClientApp) while this process
-    # imports the coordinator and builds the population: the two start-ups overlap
-    host = start_device_host()
+    # the device hosts import their stack (torch, Flower, the ClientApp) while this process
+    # imports the coordinator and builds the population: the start-ups overlap
+    host = start_device_hosts(device_hosts or default_device_hosts(devices))
     try:
         _fleet(host, **options)
     finally:  # a no-op once the run's transport has closed it
         stop_device_host(host)
 
 
-def _fleet(host: subprocess.Popen, *, devices: int, days: int | None, population: str | None,
+def _fleet(host: list[subprocess.Popen], *, devices: int, days: int | None, population: str | None,
            scale: float | None, seed: int | None, beta: float | None,
            initial_infected: float | None, db: Path, calibrate: str, beta_init: float,
            calibrate_every: int, calibrate_steps: int, beta_segment_days: int,
            observed_csv: Path | None, drop_fraction: float, drop_seed: int,
            min_devices: int, shared_seed: bool, out: Path | None, tangents: bool,
-           estimator: str) -> None:
+           estimator: str, device_hosts: int) -> None:
     from coordinator.calibration import CalibrationError, CalibrationSettings, read_observed_csv
     from coordinator.fleet import run_fleet, timed, write_summary
     from coordinator.flower.server_app import FederatedRunError, FederatedSettings

@@ -75,11 +75,16 @@ class AssistedNeighbourhoodAgent(DeviceBase):
         encoded = self._begin(plan, value, weights, weight_sum)
         out = []
         self.sent_masks: dict[str, int] = {}  # kept by relay-run dummies only (see below)
+        # an agent the coordinator runs itself (a proxy whose keyring is in the relay's
+        # party) leaves its masks to the relay the same way
+        party = None if self.relay_run else self.keyring.party_with(RELAY_ID)
         for nb in plan.memberships:
             ctx = self._ctx(STEP_MASKED, self.agent_id, nb.target)
             mask = mask_for(self.keyring, self.agent_id, ctx)
             if self.relay_run:  # the relay is this mask's other holder: it reuses it for the
                 self.sent_masks[nb.target] = mask  # mask sum instead of deriving it again
+            elif party is not None:
+                party.keep_mask(ctx, mask)
             out.append(self.keyring.seal_to(ctx, encode_element(wrap64(encoded[nb.target]
                                                                        + mask))))
         self.phase = Phase.SENT

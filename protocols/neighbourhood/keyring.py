@@ -47,6 +47,7 @@ class PartyKeys:
         self._members: set[bytes] = set()
         self._secrets: dict[tuple[bytes, bytes], bytes] = {}
         self._keys: dict[tuple[bytes, bytes, bytes, str], bytes] = {}
+        self._masks: dict[MessageContext, int] = {}
 
     def join(self, public_key: bytes) -> None:
         """Register a member's public key (its keyring holds the private key)."""
@@ -54,6 +55,19 @@ class PartyKeys:
 
     def is_member(self, public_key: bytes) -> bool:
         return public_key in self._members
+
+    def keep_mask(self, context: MessageContext, mask: int) -> None:
+        """A member's phase-1 mask for ``context`` (its other holder, the relay, is a
+        member too): the relay takes it instead of deriving it again."""
+        self._masks[context] = mask
+
+    def take_mask(self, context: MessageContext) -> int | None:
+        """The mask a member kept for ``context`` (once), or ``None``."""
+        return self._masks.pop(context, None)
+
+    def forget_masks(self, up_to_round: int) -> None:
+        """Drop the kept masks of rounds ≤ ``up_to_round`` (contributions not forwarded)."""
+        self._masks = {c: m for c, m in self._masks.items() if c.round > up_to_round}
 
     def derived(self, key: AgreementKey, own_public: bytes, peer_public: bytes, info: bytes,
                 label: str) -> bytes:
@@ -141,6 +155,13 @@ class Keyring:
                 key = derive_key(secret, info, label=label)
             self._keys[(peer, label)] = key
         return key
+
+    def party_with(self, peer: str) -> PartyKeys | None:
+        """This keyring's :class:`PartyKeys` if ``peer``'s key belongs to the same party."""
+        pub = self._public.get(peer)
+        party = self._party
+        return party if party is not None and pub is not None and party.is_member(pub) \
+            else None
 
     def use_random_mask_root(self, peer: str) -> None:
         """Make the mask root shared with ``peer`` a fresh random key (CSPRNG) instead of

@@ -388,10 +388,14 @@ class RelayAttempt:
                 out[a] = MaskedDelivery((), None)
                 continue
             masks = 0
-            for e in envs:  # a relay-run dummy kept its mask (the relay is its other holder)
-                dummy = relay._dummies.get(e.sender)
-                masks += dummy.sent_masks[a] if isinstance(dummy, AssistedNeighbourhoodAgent) \
-                    else mask_for(relay.keyring, e.sender, e.context)
+            for e in envs:  # a relay-run dummy kept its mask (the relay is its other holder),
+                dummy = relay._dummies.get(e.sender)  # so did an agent in the relay's party
+                if isinstance(dummy, AssistedNeighbourhoodAgent):
+                    masks += dummy.sent_masks[a]
+                    continue
+                kept = relay.party.take_mask(e.context)
+                masks += kept if kept is not None else mask_for(relay.keyring, e.sender,
+                                                                e.context)
             total = wrap64(masks - relay.sample_noise())  # optional noise folded into the sum
             ctx = MessageContext(relay.protocol, relay.run_id, self.round,
                                  step_number(self.attempt, STEP_MASKSUM), RELAY_ID, a)
@@ -399,6 +403,7 @@ class RelayAttempt:
                                     relay.keyring.seal_to(ctx, encode_mask_sum(total, senders)))
         for d in self._dummy_ids:
             assisted(relay._dummies[d]).on_masked((), None)  # dummies are never targets
+        relay.party.forget_masks(self.round)
         return out
 
     def route_phase2(

@@ -1,6 +1,7 @@
 """A simulated fleet of 50 devices (real ClientApps in a device-host process) gives the same
 per-day results as the centralised run (and the fleet-mode hybrid run) in the explicit
-shared-seed equivalence mode; reports cross SecAgg+."""
+shared-seed equivalence mode; reports cross SecAgg+. The same with the devices split over
+two device-host processes (as a large fleet is by default)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,16 @@ from simulation.models import SIR
 from simulation.population import synthesize
 
 
-def test_fleet_50_devices_equals_central(tmp_path, monkeypatch):
+@pytest.mark.parametrize("hosts", [1, 2])
+def test_fleet_50_devices_equals_central(tmp_path, monkeypatch, hosts):
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
     torch.set_num_threads(1)
     cfg = RunConfig(population="tiny", days=3, seed=3, devices=50, initial_infected=0.05,
                     beta=0.9)
     store = CoordinatorStore(tmp_path / "c.db")
     rid = store.create_run(cfg.to_dict(), cfg.days)
-    rows = run_fleet(cfg, settings=FederatedSettings(shared_seed=True), store=store, run_id=rid)
+    rows = run_fleet(cfg, settings=FederatedSettings(shared_seed=True), store=store, run_id=rid,
+                     hosts=hosts)
     with torch.no_grad():
         central = simulate(SIR(cfg.beta, cfg.gamma, cfg.initial_infected),
                            synthesize("tiny", seed=cfg.seed), cfg.days, cfg.seed)

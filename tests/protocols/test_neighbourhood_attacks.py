@@ -308,3 +308,38 @@ def test_dummy_mask_roots_are_random_and_kept_by_the_relay() -> None:
         alone = type(d.keyring)(d.agent_id, "atk", d.keyring._key)
         alone.add_peers({RELAY_ID: relay.keyring.public_bytes()})
         assert alone.mask_key(RELAY_ID) not in roots
+
+
+def test_party_proxies_leave_their_masks_to_the_relay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Agents the coordinator runs itself (proxies in the relay's party) hand their
+    phase-1 masks to the relay instead of the relay deriving them again: the sums are exact,
+    the relay derives masks for the real devices only, and no kept mask outlives its
+    round. A device's upload never finds a kept mask (its context names itself)."""
+    import protocols.neighbourhood.relay as relay_mod
+    from protocols.neighbourhood import Keyring
+
+    contacts = {"a": ["p", "q", "b"], "b": ["a", "p", "q"], "p": ["a", "b", "q"],
+                "q": ["a", "b", "p"]}
+    relay = NeighbourhoodRelay(contacts, variant="assisted", run_id="atk")
+    devices = make_devices(relay, ["a", "b"])
+    for name in ("p", "q"):
+        agent = AssistedNeighbourhoodAgent(name, "atk", contacts=contacts[name],
+                                           keyring=Keyring(name, "atk", party=relay.party))
+        relay.register(name, agent.keyring.public_bytes())
+        devices[name] = agent
+    derived_for: list[str] = []
+    real = relay_mod.mask_for
+
+    def counting(keyring: object, contact: str, context: MessageContext) -> int:
+        derived_for.append(contact)
+        return real(keyring, contact, context)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(relay_mod, "mask_for", counting)
+    values = {"a": 1.0, "b": 0.0, "p": 1.0, "q": 1.0}
+    for rnd in range(2):
+        sums = run_round(relay, devices, values, rnd)
+        for t, cs in contacts.items():
+            res = sums[t]
+            assert res is not None and res.value == pytest.approx(sum(values[c] for c in cs))
+        assert relay.party._masks == {}
+    assert sorted(set(derived_for)) == ["a", "b"]
