@@ -46,7 +46,20 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             os.killpg(p.pid, signal.SIGKILL)
 
 
+def _flower_env(tmp: Path, link: int, name: str = "e2e", ca: Path | None = None, **extra: str) -> dict[str, str]:
+    """A FLWR_HOME under ``tmp`` whose config.toml names the SuperLink on 127.0.0.1:``link``
+    (insecure, or TLS with root certificate ``ca``), and the environment for the processes."""
+    home = tmp / "flwr-home"
+    home.mkdir()
+    conn = f'root-certificates = "{ca}"\n' if ca is not None else "insecure = true\n"
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "127.0.0.1:{link}"\n{conn}')
+    return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(home), "PYTHONPATH": str(ROOT),
+            "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **extra}
+
+
 @pytest.fixture()
 def e2e() -> SimpleNamespace:
-    """Free ports, process spawning (own session, log file) and group shutdown."""
-    return SimpleNamespace(root=ROOT, bin=BIN, ports=_ports, spawn=_spawn, stop=_stop)
+    """Free ports, the Flower home and environment, process spawning (own session, log file)
+    and group shutdown."""
+    return SimpleNamespace(root=ROOT, bin=BIN, ports=_ports, flower_env=_flower_env, spawn=_spawn, stop=_stop)

@@ -77,7 +77,6 @@ def test_flower_devices_carry_tangents_exact_gradient(estimator):
 def test_tangents_over_real_superlink_and_supernodes(tmp_path, e2e):
     """The same over real processes: flower-superlink + 3 flower-supernode + `flwr run` with
     run config ``tangents=true``; the committed rows' d_new_dbeta equal central autograd."""
-    import os
     import shutil
     import subprocess
     import time
@@ -88,14 +87,7 @@ def test_tangents_over_real_superlink_and_supernodes(tmp_path, e2e):
     if shutil.which("flower-superlink", path=str(bin_)) is None:
         pytest.skip("flower-superlink not installed")
     link, *capio = e2e.ports(4)
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\naddress = "127.0.0.1:{link}"\n'
-        "insecure = true\n")
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(home),
-           "PYTHONPATH": str(root), "PATH": f"{bin_}:{os.environ.get('PATH', '')}",
-           "OMP_NUM_THREADS": "1"}
+    env = e2e.flower_env(tmp_path, link, OMP_NUM_THREADS="1")
 
     def spawn(args: list[str], log: str) -> subprocess.Popen:
         return e2e.spawn(args, env, tmp_path / log)

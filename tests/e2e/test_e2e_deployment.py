@@ -4,7 +4,6 @@ costs seconds: SuperNodes poll every 3 s)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
@@ -20,14 +19,7 @@ def test_superlink_three_supernodes_flwr_run(tmp_path, e2e):
     if shutil.which("flower-superlink", path=str(BIN)) is None:
         pytest.skip("flower-superlink not installed")
     link, http_port, *capio = e2e.ports(5)
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\naddress = "127.0.0.1:{link}"\n'
-        "insecure = true\n")
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(home),
-           "PYTHONPATH": str(ROOT), "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-           "LPM_COORDINATOR_TOKEN": "e2e-token-0123456789abcdef"}
+    env = e2e.flower_env(tmp_path, link, LPM_COORDINATOR_TOKEN="e2e-token-0123456789abcdef")
     db = tmp_path / "coord.db"
     procs = [e2e.spawn([str(BIN / "flower-superlink"), "--insecure",
                      "--host", "127.0.0.1", "--port", str(link),

@@ -27,15 +27,8 @@ def test_kill_two_supernodes_run_completes_over_survivors(tmp_path, e2e):
     from edge_agent.store import EdgeStore
 
     link, *capio = e2e.ports(7)
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "e2e"\n\n[superlink.e2e]\naddress = "127.0.0.1:{link}"\n'
-        "insecure = true\n")
     pw = "device passphrase e2e"
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(home),
-           "PYTHONPATH": str(ROOT), "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-           "LPM_EDGE_PASSPHRASE": pw}
+    env = e2e.flower_env(tmp_path, link, LPM_EDGE_PASSPHRASE=pw)
     db = tmp_path / "coord.db"
     stores = [tmp_path / f"device{k}.db" for k in range(6)]
     procs = [e2e.spawn([str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",

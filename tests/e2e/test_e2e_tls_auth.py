@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -77,13 +76,7 @@ def test_tls_supernode_auth_flwr_run(tmp_path, e2e):
         pytest.skip("flower-superlink not installed")
     ca, cert, key = _certificates(tmp_path)
     link, *capio = e2e.ports(5)
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "tls"\n\n[superlink.tls]\naddress = "127.0.0.1:{link}"\n'
-        f'root-certificates = "{ca}"\n')
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(home),
-           "PYTHONPATH": str(ROOT), "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    env = e2e.flower_env(tmp_path, link, name="tls", ca=ca)
     db = tmp_path / "coord.db"
     procs = [e2e.spawn([str(BIN / "flower-superlink"), "--ssl-ca-certfile", str(ca),
                      "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
