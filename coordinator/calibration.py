@@ -257,6 +257,8 @@ class OnlineCalibrator:
             self.theta = (beta - step).clamp(self.settings.lo, self.settings.hi).tolist()
             if float(step.abs().max()) < 1e-7:
                 break
+        last = self.path_days[-1][3]  # segments begun without days yet: the latest fit
+        self.theta[last + 1:] = [self.theta[last]] * (len(self.theta) - last - 1)
 
     def export_state(self) -> dict[str, np.ndarray]:
         """θ and every day's terms as arrays (for the run's checkpoint), so a resumed run
