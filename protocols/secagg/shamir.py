@@ -180,26 +180,31 @@ _R: list[int] = []  # coefficients ρ_s of the secret check polynomial R (see be
 _R_AT: dict[int, dict[int, int]] = {}  # d -> {x: R_d(x)}
 
 
-def _neg_inv(x: int) -> int:
-    v = _NEG_INV.get(x)
-    if v is None:
-        v = _NEG_INV[x] = pow(-x % PRIME, -1, PRIME)
-    return v
+def _neg_invs(xs: Sequence[int]) -> dict[int, int]:
+    """The process-wide table x -> (−x)^-1 mod p, filled for ``xs``."""
+    table = _NEG_INV
+    for x in xs:
+        if x not in table:
+            table[x] = pow(-x % PRIME, -1, PRIME)
+    return table
 
 
-def _r_at(d: int, x: int) -> int:
-    """R_d(x) = Σ_{s<d} ρ_s x^s; ρ is drawn once per process from the OS CSPRNG and never
-    revealed."""
-    table = _R_AT.setdefault(d, {})
-    v = table.get(x)
-    if v is None:
-        while len(_R) < d:
-            _R.append(_random_element())
-        v = 0
-        for c in reversed(_R[:d]):
-            v = (v * x + c) % PRIME
-        table[x] = v
-    return v
+def _r_table(d: int, xs: Sequence[int]) -> dict[int, int]:
+    """x -> R_d(x) = Σ_{s<d} ρ_s x^s, filled for ``xs``; ρ is drawn once per process from
+    the OS CSPRNG and never revealed."""
+    while len(_R) < d:
+        _R.append(_random_element())
+    table = _R_AT.get(d)
+    if table is None:
+        table = _R_AT[d] = {}
+    coeffs = _R[:d][::-1]
+    for x in xs:
+        if x not in table:
+            v = 0
+            for c in coeffs:
+                v = (v * x + c) % PRIME
+            table[x] = v
+    return table
 
 
 @lru_cache(maxsize=16384)
@@ -222,11 +227,13 @@ def _plan(xs: tuple[int, ...], full: tuple[int, ...] | None,
         w = [wf[xj] for xj in xs]
     # λ_j = Π_{l≠j} (0 − x_l) / (x_j − x_l) = w_j · Π_{l≠j} (−x_l) = w_j · l0 / (−x_j)
     l0 = prod([-x for x in xs]) % PRIME
-    lam = tuple([wj * l0 % PRIME * _neg_inv(x) % PRIME for x, wj in zip(xs, w, strict=True)])
+    ni = _neg_invs(xs)
+    lam = tuple([wj * l0 % PRIME * ni[x] % PRIME for x, wj in zip(xs, w, strict=True)])
     d = len(xs) - threshold
     if not d:
         return lam, ()
-    return lam, tuple([wj * _r_at(d, x) % PRIME for x, wj in zip(xs, w, strict=True)])
+    rt = _r_table(d, xs)
+    return lam, tuple([wj * rt[x] % PRIME for x, wj in zip(xs, w, strict=True)])
 
 
 _P_BYTES = np.frombuffer(PRIME.to_bytes(ELEMENT_BYTES, "big"), dtype=np.uint8)
