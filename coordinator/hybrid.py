@@ -187,6 +187,9 @@ class HybridSimulation:
         return self._initial_physical
 
     def counts(self) -> dict[str, float]:
+        if self._stepper is not None:
+            raise HybridError("with procs_group this rank holds its own agents only: use the "
+                              "aggregates step() returns")
         return {c: float(self.state[c].sum()) for c in (*self.model.compartments,
                                                          "new_infections")}
 
