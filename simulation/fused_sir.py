@@ -196,21 +196,19 @@ def _pack(S, I, x_arr, y_arr, deg, beta, dt, AR):  # pragma: no cover - compiled
         AR[m, 3] = fl
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
-def _events_pack(S, I, cnt, deg, beta, r, dt, key, h, x, y, AR):  # pragma: no cover
-    """``_events_cnt`` and ``_pack`` in one pass (unit weights)."""
-    n = S.size
-    for m in numba.prange(n):
-        s = S[m]
-        x[m] = 0.0
-        y[m] = 0.0
-        AR[m, 0] = 0.0
-        AR[m, 3] = 0.0
-        if s == 0 and I[m] == 0:
-            continue
-        fl = (_FS if s == 1 else 0) | (_FI if I[m] == 1 else 0)
+@numba.njit(fastmath=True, cache=True)
+def _draw(m, n, s, i, cnt, deg, beta, r, dt, key, h, x, y, AR):  # pragma: no cover - compiled
+    """Agent m's coins for the day from the kept counts (as ``_events_cnt``: the same counter
+    uniforms, drawn only where they decide something), its record for the edge pass (inflow
+    rate and flags) and the change of its I flag (returned, for ``_push``)."""
+    xm = np.float32(0.0)
+    ym = np.float32(0.0)
+    rate = 0.0
+    fl = 0
+    if s != 0 or i != 0:
+        fl = (_FS if s == 1 else 0) | (_FI if i == 1 else 0)
         if _uniform(key, n + m + 1) < r:
-            y[m] = 1.0
+            ym = np.float32(1.0)
             fl |= _FY
         if s == 1:
             c = cnt[m]
@@ -218,10 +216,23 @@ def _events_pack(S, I, cnt, deg, beta, r, dt, key, h, x, y, AR):  # pragma: no c
             if c > 0:
                 q = 1.0 - math.exp(-beta * dt * c / deg[m])
                 if _uniform(key, m + 1) < q:
-                    x[m] = 1.0
+                    xm = np.float32(1.0)
                     fl |= _FX
-            AR[m, 0] = (1.0 - x[m]) * beta * dt / deg[m]
-        AR[m, 3] = fl
+            rate = (1.0 - xm) * beta * dt / deg[m]
+    x[m] = xm
+    y[m] = ym
+    AR[m, 0] = rate
+    AR[m, 3] = fl
+    i2 = i + s * xm - i * ym
+    return (1 if i2 == 1 else 0) - (1 if i == 1 else 0)
+
+
+@numba.njit(parallel=True, fastmath=True, cache=True)
+def _events_pack(S, I, cnt, deg, beta, r, dt, key, h, x, y, AR, chg):  # pragma: no cover
+    """``_events_cnt`` and ``_pack`` in one pass (unit weights), and the day's I-flag changes."""
+    n = S.size
+    for m in numba.prange(n):
+        chg[m] = _draw(m, n, S[m], I[m], cnt, deg, beta, r, dt, key, h, x, y, AR)
 
 
 @numba.njit(cache=True)
@@ -250,7 +261,7 @@ def _edge_chunk(EA, EB, W, unit, E, lo, ln, AR, acc, fold, glob, c, P):  # pragm
     """One chunk of ``_edges`` (a plain compiled loop: inside a parallel loop numba optimises
     the body less well, measured 1.4x slower). Gathers the far ends' records a block at a
     time and scatters their sums after the block, so the random reads overlap."""
-    B = 256
+    B = 1024
     wp = lo[c]
     gN = np.zeros(P)
     gS = np.zeros(P)
@@ -376,14 +387,16 @@ def _edges(EA, EB, W, unit, E, lo, ln, AR, acc, fold, glob, nP):  # pragma: no c
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
 def _agents(S, I, x_arr, y_arr, h, deg, r, dr, dt, inj_beta, inj_gamma, sumI, AR, acc, fold, oS, oI,
-            out_new, chg):  # pragma: no cover - compiled
+            out_new, chg, cnt, beta, key, nxt):  # pragma: no cover - compiled
     """Per agent after the edge pass: the own tangent component (d new = oS·x + the β
     injection (1 − x) Δt h / n of a susceptible; d rec = oI·y + the γ injection (1 − y)/(1 − r)
     ∂r/∂γ of an infectious agent; oS −= d new, oI += d new − d rec), the agent's dI (own +
     its edge components: today's acc for a susceptible, kept in sumI from its infection day
     to its recovery), components folded from dead edges, and the primal update. Returns the
     day's totals (S, I, new) and the own parts of the tangent totals (dS, dI, dnew) for
-    parameters 0 and 1."""
+    parameters 0 and 1. With ``nxt`` (unit weights; ``cnt`` already holds tomorrow's counts,
+    ``key`` is tomorrow's) the agent then draws tomorrow's coins in the same pass (``_draw``):
+    chg is then tomorrow's change, else today's."""
     n = S.size
     T = acc.shape[0]
     P = acc.shape[2]
@@ -452,7 +465,10 @@ def _agents(S, I, x_arr, y_arr, h, deg, r, dr, dt, inj_beta, inj_gamma, sumI, AR
         out_new[m] = new
         S[m] = s - new
         I[m] = i2
-        chg[m] = (1 if i2 == 1 else 0) - (1 if i == 1 else 0)
+        if nxt:
+            chg[m] = _draw(m, n, s - new, i2, cnt, deg, beta, r, dt, key, h, x_arr, y_arr, AR)
+        else:
+            chg[m] = (1 if i2 == 1 else 0) - (1 if i == 1 else 0)
         s_tot += s - new
         i_tot += i2
         new_tot += new
@@ -501,14 +517,16 @@ def _live_edges(layer: CSRLayer, S: np.ndarray, I: np.ndarray, P: int, T: int):
 
 def run_sir_nonbacktracking(
     layer: CSRLayer, S0: torch.Tensor, I0: torch.Tensor, beta: float, gamma: float, days: int,
-    seed: int, dt: float = 1.0, progress=None, tangents: bool = True, wrt=None,
+    seed: int, dt: float = 1.0, progress=None, tangents: bool = True, wrt=None, chunks: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Primal SIR run and (``tangents``) forward-mode tangents for (β, γ), or for the names in
     ``wrt`` only (a subset of ("beta", "gamma"); the other Jacobian column is zero).
 
     Returns (series [days+1, 4] of S, I, R, new infections; jacobian [days+1, 4, 2];
     final S; final I; last day's new infections). Same events as the substep path of
-    ``simulate`` (same uniforms, same formulas, float32 probabilities)."""
+    ``simulate`` (same uniforms, same formulas, float32 probabilities). ``chunks``: how many
+    parts the edge list is cut into for the parallel edge pass (default: numba's thread
+    count); it changes only the order of floating-point sums."""
     n = layer.n
     wrt = tuple(_PARAMS if wrt is None else wrt) if tangents else ()
     cols = [_PARAMS.index(w) for w in wrt]
@@ -520,7 +538,7 @@ def run_sir_nonbacktracking(
     S = S0.detach().numpy().astype(np.float32).copy()
     I = I0.detach().numpy().astype(np.float32).copy()
     threads = follow_torch_threads()
-    T = numba.get_num_threads() if P else 1  # edge-list chunks, one per thread
+    T = (chunks or numba.get_num_threads()) if P else 1  # edge-list chunks, one per thread
     EA, EB, W, E, lo, ln = _live_edges(layer, S, I, P, T)
     xa = np.zeros(n, np.float32)
     ya = np.zeros(n, np.float32)
@@ -554,7 +572,9 @@ def run_sir_nonbacktracking(
             _push(indptr, indices, chg, cnt)
         else:
             if unit:
-                _events_pack(S, I, cnt, deg, beta, r, dt, key, h, xa, ya, AR)
+                if day == 0:
+                    _events_pack(S, I, cnt, deg, beta, r, dt, key, h, xa, ya, AR, chg)
+                _push(indptr, indices, chg, cnt)  # the counts after today (today's coins are drawn)
             else:
                 u = counter_uniforms(seed, day, n, torch.device("cpu"), 2).numpy()
                 follow_torch_threads()
@@ -562,10 +582,10 @@ def run_sir_nonbacktracking(
                 _pack(S, I, xa, ya, deg, beta, dt, AR)
             if P:
                 _edges(EA, EB, W, unit, E, lo, ln, AR, acc, fold, glob, P)
+            nkey = np.uint64(day_key(seed, day + 1))  # unit weights: tomorrow's coins in the same pass
             s_tot, i_tot, new_tot, *tot = _agents(
-                S, I, xa, ya, h, deg, r, dr, dt, inj_beta, inj_gamma, sumI, AR, acc, fold, oS, oI, out_new, chg)
-            if unit:
-                _push(indptr, indices, chg, cnt)
+                S, I, xa, ya, h, deg, r, dr, dt, inj_beta, inj_gamma, sumI, AR, acc, fold, oS, oI, out_new, chg,
+                cnt, beta, nkey, unit)
             edge = glob.sum(0)
             for slot, c in enumerate(cols):
                 dS, dI, dnew = tot[slot] + edge[slot], tot[2 + slot], tot[4 + slot] + edge[P + slot]

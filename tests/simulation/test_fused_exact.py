@@ -341,3 +341,15 @@ def test_self_loops_equal_the_reference(weighted):
     new = fused_sir.run_sir_nonbacktracking(layer, st["S"], st["I"], 0.5, 0.1, 40, 3)
     assert np.array_equal(new[0], ref[0])
     _assert_close(new[1], ref[1])
+
+
+@pytest.mark.parametrize("chunks", [2, 3])
+def test_edge_list_chunks_equal_the_reference(chunks):
+    """The edge pass cut into several chunks (as with several threads: each chunk scatters
+    into its own sums) gives the same Jacobian."""
+    layer = random_contact_graph(3000, 8, seed=4).merged()
+    st = SIR(0.6, 0.1, 0.02).initial_state(layer.n, torch.Generator().manual_seed(4), torch.device("cpu"))
+    ref = _reference_run(layer, st["S"], st["I"], 0.6, 0.1, 40, 4)
+    new = fused_sir.run_sir_nonbacktracking(layer, st["S"], st["I"], 0.6, 0.1, 40, 4, chunks=chunks)
+    assert np.array_equal(new[0], ref[0])
+    _assert_close(new[1], ref[1])
