@@ -236,7 +236,7 @@ def daily(n: int, length: int, days: int, absent: float = 0.0, degree: int = 0) 
     print(f"  key agreement once {tc0 + ts0:.3f} s; per day {tc + ts:.3f} s = all devices "
           f"{tc:.3f} s + coordinator {ts:.3f} s; plain sum {p:.4f} s (devices encode "
           f"{pc:.4f} s + coordinator parse/sum {ps:.4f} s)", flush=True)
-    print(f"  coordinator-only / plain sum:          {ts / p:5.2f}x  (target <= 3x: "
+    print(f"  coordinator-only / plain sum:          {ts / p:6.3f}x  (target <= 3x: "
           f"{'met' if ts / p <= 3 else 'MISSED'})", flush=True)
     print(f"  coordinator-only / plain coordinator:  {ts / ps:5.2f}x", flush=True)
     print(f"  one device per day: {dev * 1e3:.2f} ms CPU vs {pc / n * 1e3:.3f} ms to encode "
