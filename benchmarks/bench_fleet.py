@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--days", type=int, default=6)
     ap.add_argument("--population", default="oxford")
     ap.add_argument("--scale", type=float, default=0.67)
+    ap.add_argument("--hosts", type=int, default=0,
+                    help="device-host processes (0: coordinator.fleet.default_device_hosts)")
     args = ap.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     torch.set_num_threads(1)
@@ -43,7 +45,7 @@ def main() -> None:
                     devices=args.devices, seed=1)
     stamps: list[float] = []
     t0 = time.perf_counter()
-    transport = ProcessTransport(cfg.devices)
+    transport = ProcessTransport(cfg.devices, hosts=args.hosts or None)
     try:
         rows = run_fleet(cfg, settings=FederatedSettings(shared_seed=True), transport=transport,
                          on_day=lambda d, r: stamps.append(time.perf_counter()))
@@ -54,7 +56,8 @@ def main() -> None:
     flower = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
     per_day = [round(b - a, 2) for a, b in zip([t0, *stamps[:-1]], stamps, strict=True)]
     rss_coord = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    rss_host = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
+    rss_host = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6  # largest host
+    hosts = len(transport.procs)
 
     sim = build_simulation(cfg)
     t = time.perf_counter()
@@ -67,8 +70,8 @@ def main() -> None:
         simulate(SIR(cfg.beta, cfg.gamma, cfg.initial_infected), pop, cfg.days, cfg.seed)
         central = (time.perf_counter() - t) / cfg.days
     same = [r["I"] for r in rows] == [r["I"] for r in ref]
-    print(f"population {pop.n:,} agents, {args.devices} devices, {cfg.days} days "
-          f"(measured on a loaded 2-core host)")
+    print(f"population {pop.n:,} agents, {args.devices} devices in {hosts} device-host "
+          f"process(es), {cfg.days} days (measured on a loaded 2-core host)")
     print(f"federated fleet: {flower:.2f} s/day (steady state); whole run incl. start-up "
           f"{total:.1f} s, of which waiting for the devices {transport.device_seconds:.1f} s; "
           f"target <= {target} s/day: {'met' if flower <= target else 'NOT met'}")

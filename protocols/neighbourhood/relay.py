@@ -21,6 +21,7 @@ A device missing from an upload mapping has dropped for the rest of the round.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -210,12 +211,16 @@ class NeighbourhoodRelay:
                                     self.policy.effective_noise_bound, self.ring.frac_bits)[0])
 
     def begin_round(self, round: int, online: Collection[str]) -> RelayAttempt:
-        """Plan attempt 0 of ``round`` for the ``online`` devices."""
+        """Plan attempt 0 of ``round`` for the ``online`` devices; the relay-run dummies'
+        messages are computed in the background from here on (:meth:`RelayAttempt.
+        run_dummies_now`), while the caller sends the plans and waits for the uploads."""
         online = frozenset(online)
         unknown = online - set(self._public)
         if unknown:
             raise NeighbourhoodError(f"devices without a registered key: {sorted(unknown)}")
-        return self._plan(round, 0, online, [t for t in self.contacts if t in online])
+        attempt = self._plan(round, 0, online, [t for t in self.contacts if t in online])
+        attempt.run_dummies_now()
+        return attempt
 
     def _plan(
         self, rnd: int, attempt: int, alive: frozenset[str], targets: Sequence[str]
@@ -285,6 +290,36 @@ class RelayAttempt:
         self._expected: dict[int, tuple[str, str, int, int]] = {}
         self._dummy_ids = [a for a in self.all_plans if a in self.relay._dummies]
         self._plans = {a: p for a, p in self.all_plans.items() if a not in self.relay._dummies}
+        self._early: threading.Thread | None = None
+        self._early_out: dict[str, Sequence[Envelope]] | None = None
+        self._early_error: BaseException | None = None
+
+    def run_dummies_now(self) -> None:
+        """Start the relay-run dummies' phase-1 messages in a background thread: they
+        depend on the plan only, so the relay computes them while it waits for the devices'
+        uploads (a blocked transport releases the interpreter lock). :meth:`route_phase1`
+        waits for them; without this call it runs them itself."""
+        if self._early is not None or self._dummy_uploads is not None or self._phase != 0:
+            return
+
+        def work() -> None:
+            try:
+                self._early_out = {d: self._run_dummy(self.relay._dummies[d])
+                                   for d in self._dummy_ids}
+            except BaseException as exc:  # re-raised by route_phase1
+                self._early_error = exc
+
+        self._early = threading.Thread(target=work, name="relay-dummies", daemon=True)
+        self._early.start()
+
+    def _join_early(self) -> None:
+        if self._early is None:
+            return
+        self._early.join()
+        self._early = None
+        if self._early_error is not None:
+            raise self._early_error
+        self._dummy_uploads = self._early_out
 
     @property
     def plans(self) -> Mapping[str, AgentPlan]:
@@ -326,6 +361,7 @@ class RelayAttempt:
         ``{device: MaskedDelivery}`` for every live target (others get nothing)."""
         if self._phase != 0:
             raise ProtocolStateError("phase 1 already routed")
+        self._join_early()
         full = self._uploads_with_dummies(uploads, self._run_dummy)
         live = set(full)
         by_receiver: dict[str, list[Envelope]] = {}
