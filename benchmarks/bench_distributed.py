@@ -265,10 +265,30 @@ def _hybrid_rank(rank: int, world: int, n: int, days: int, every: int,
             "n_local": 0 if st is None else st.shard.n_local}
 
 
+def _burn(rank: int, world: int) -> tuple[float, float]:
+    """Pure-Python CPU work (no I/O, no collectives): (wall, CPU) seconds."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    x = 0
+    for i in range(20_000_000):
+        x += i
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def free_cores(procs: int) -> float:
+    """How many cores P independent processes get right now: Σ CPU / max wall of P burners
+    (P on an idle machine with P cores; ~1 when the others' load leaves one core)."""
+    from simulation.distributed.launch import spawn_local
+    out = spawn_local(_burn, procs, timeout=600)
+    return sum(c for _, c in out) / max(w for w, _ in out)
+
+
 def hybrid_timing(n: int, days: int, every: int, procs: int) -> dict:
     """1- vs P-rank hybrid run (same run, alternated twice, best of 2): the plain 1-rank
     HybridSimulation, the partitioned code path on 1 rank, and on P ranks; ratios."""
     from simulation.distributed.launch import spawn_local
+    cores = free_cores(procs)
+    print(f"{procs} independent CPU-bound processes get {cores:.2f} cores now "
+          f"(load {os.getloadavg()[0]:.1f}): wall speed-ups are capped by that", flush=True)
     runs = {"plain 1": (1, False), "stepper 1": (1, True), f"stepper {procs}": (procs, True)}
     best: dict[str, float] = {}
     cpu: dict[str, float] = {}  # the busiest rank's CPU seconds: the day's critical path
@@ -300,7 +320,10 @@ def hybrid_timing(n: int, days: int, every: int, procs: int) -> dict:
           f"partitioned path 1 -> {procs} ranks: {ratio_same:.2f}x; CPU seconds of plain 1 "
           f"rank / of the busiest of {procs} (the speed-up a machine with {procs} free cores "
           f"would show, less the collectives' latency): {cpu_ratio:.2f}x")
+    cores_after = free_cores(procs)
+    print(f"... and after the runs {cores_after:.2f} cores (load {os.getloadavg()[0]:.1f})")
     return {"n": n, "days": days, "devices": n // every, "best_s": best, "speedup": ratio,
+            "free_cores": [cores, cores_after],
             "speedup_same_path": ratio_same, "busiest_rank_cpu_s": cpu,
             "cpu_speedup": cpu_ratio}
 
