@@ -64,7 +64,7 @@ def fleet_command(
 
     # the device hosts import their stack (torch, Flower, the ClientApp) while this process
     # imports the coordinator and builds the population: the start-ups overlap
-    host = start_device_hosts(device_hosts or default_device_hosts(devices))
+    host = start_device_hosts(min(device_hosts or default_device_hosts(devices), devices))
     try:
         _fleet(host, **options)
     finally:  # a no-op once the run's transport has closed it
