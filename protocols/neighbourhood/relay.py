@@ -138,6 +138,9 @@ class NeighbourhoodRelay:
         self._public: dict[str, bytes] = {}
         self._publish(RELAY_ID, self.keyring)
         self._dummies: dict[str, NeighbourhoodAgent] = {}
+        #: the attempt whose dummies have started and not finished (their state machines
+        #: are shared by every round: a second round's dummies must wait for it)
+        self._dummies_busy: RelayAttempt | None = None
         self.outcome: dict[str, Outcome] = {}
 
     @property
@@ -301,6 +304,11 @@ class RelayAttempt:
         waits for them; without this call it runs them itself."""
         if self._early is not None or self._dummy_uploads is not None or self._phase != 0:
             return
+        if not self._dummy_ids:
+            return
+        if self.relay._dummies_busy not in (None, self):  # another round's dummies are out
+            return  # (e.g. the tangent round beside the value round): run them at routing
+        self.relay._dummies_busy = self
 
         def work() -> None:
             try:
@@ -343,6 +351,8 @@ class RelayAttempt:
         if extra:
             raise UnexpectedMessageError(f"uploads from devices without a plan: {sorted(extra)}")
         if self._dummy_uploads is None:  # dummies run once, even if a routing call fails
+            if self._dummy_ids:
+                self.relay._dummies_busy = self
             self._dummy_uploads = {
                 d: make(self.relay._dummies[d]) for d in self._dummy_ids
             }
@@ -439,6 +449,8 @@ class RelayAttempt:
                                     relay.keyring.seal_to(ctx, encode_mask_sum(total, senders)))
         for d in self._dummy_ids:
             assisted(relay._dummies[d]).on_masked((), None)  # dummies are never targets
+        if relay._dummies_busy is self:
+            relay._dummies_busy = None
         relay.party.forget_masks(self.round)
         return out
 
@@ -482,6 +494,8 @@ class RelayAttempt:
         self._live2 = live
         for d in self._dummy_ids:
             peer(self.relay._dummies[d]).on_partials((), aborted=True)
+        if self.relay._dummies_busy is self:
+            self.relay._dummies_busy = None
         return {
             a: PartialDelivery(
                 () if a in self.aborted else tuple(by_target.get(a, ())),

@@ -343,3 +343,26 @@ def test_party_proxies_leave_their_masks_to_the_relay(monkeypatch: pytest.Monkey
             assert res is not None and res.value == pytest.approx(sum(values[c] for c in cs))
         assert relay.party._masks == {}
     assert sorted(set(derived_for)) == ["a", "b"]
+
+
+def test_two_rounds_in_flight_share_the_dummies_correctly() -> None:
+    """The fleet plans the value round and the tangent round of a day before routing
+    either (the same relay, so the same padding dummies): the relay runs the first round's
+    dummies in the background and the second's only once the first is routed — each round's
+    mask sums use that round's masks (running both early broke the second round)."""
+    contacts = {"a": ["b"], "b": ["a"]}
+    relay = NeighbourhoodRelay(contacts, variant="assisted", run_id="atk",
+                               policy=NeighbourhoodPolicy(min_size=3))
+    first = make_devices(relay, ["a", "b"])
+    second = {n: AssistedNeighbourhoodAgent(n, "atk", keyring=d.keyring, contacts=contacts[n])
+              for n, d in first.items()}
+    att = [relay.begin_round(r, {"a", "b"}) for r in (0, 1)]
+    values = [{"a": 1.0, "b": 0.0}, {"a": 0.5, "b": 1.0}]
+    for r, devices in enumerate((first, second)):
+        for name, plan in att[r].plans.items():
+            devices[name].keyring.add_peers(relay.keys_for(plan))
+        up = {n: devices[n].start(p, values[r][n]) for n, p in att[r].plans.items()}
+        out = att[r].route_phase1(up)
+        got = {n: devices[n].on_masked(d.envelopes, d.mask_sum) for n, d in out.items()}
+        assert got["a"] is not None and got["a"].value == pytest.approx(values[r]["b"])
+        assert got["b"] is not None and got["b"].value == pytest.approx(values[r]["a"])
