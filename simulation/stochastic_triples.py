@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from simulation.fused_sir import count_dtype, named_series, simulate_sir_fused
+from simulation.fused_sir import _push, count_dtype, named_series, simulate_sir_fused
 from simulation.numba_threads import follow_torch_threads
 from simulation.population import CSRLayer
 from simulation.rng import _uniform, day_key
@@ -100,15 +100,6 @@ def _primal_day(S, I, cnt, deg, beta, r, dt, key, chg):  # pragma: no cover - co
             d = i2 - i
         chg[m] = d
     return wb, wg
-
-
-@numba.njit(cache=True)
-def _push(indptr, indices, chg, cnt):  # pragma: no cover - compiled
-    for m in range(chg.size):
-        d = chg[m]
-        if d != 0:
-            for e in range(indptr[m], indptr[m + 1]):
-                cnt[indices[e]] += d
 
 
 def _primal(indptr, indices, S, I, cnt, deg, beta, r, dt, keys, Ssnap, Isnap, Csnap, wb, wg, progress=None) -> None:
