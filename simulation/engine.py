@@ -191,10 +191,11 @@ def simulate(
     model = model.to(dev)
     if estimator in RUN_ESTIMATORS:
         hooks = layered or any(h is not None for h in (neighbour_sum, uniforms, extras, initial_state))
+        seirm_triples = supports_seirm_triples(model) and not hooks and dev.type == "cpu"
         if estimator == "auto" and (supports_fused_sir(model, dev, hooks) and triples_serves(model, merged) or (
-                supports_seirm_triples(model) and not undifferentiated(model) and not hooks)):
+                seirm_triples and not undifferentiated(model))):
             estimator = "triples"
-        if estimator == "triples" and supports_seirm_triples(model) and not hooks and dev.type == "cpu":
+        if estimator == "triples" and seirm_triples:
             if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
                 series_t, final = simulate_seirm_triples(model, merged, attributes, days, seed, op, degree,
                                                          flips=flips, progress=progress)
