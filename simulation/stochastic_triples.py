@@ -120,6 +120,48 @@ def _primal(indptr, indices, S, I, cnt, deg, beta, r, dt, keys, Ssnap, Isnap, Cs
 
 
 @numba.njit(cache=True)
+def _candidates(indptr, indices, nxt, nd, first, stamp, mark, cand):  # pragma: no cover - compiled
+    """Fill ``cand`` with the agents to re-evaluate on a day of an alternative path: ``first``
+    (the flipped agent, if ≥ 0), the difference set D = nxt[:nd] and D's neighbours, each
+    once (``stamp`` == ``mark`` marks the taken ones). Returns how many."""
+    nc = 0
+    if first >= 0:
+        cand[0] = first
+        stamp[first] = mark
+        nc = 1
+    for k in range(nd):
+        a = nxt[k]
+        if stamp[a] != mark:
+            stamp[a] = mark
+            cand[nc] = a
+            nc += 1
+        for e in range(indptr[a], indptr[a + 1]):
+            b = indices[e]
+            if stamp[b] != mark:
+                stamp[b] = mark
+                cand[nc] = b
+                nc += 1
+    return nc
+
+
+@numba.njit(cache=True)
+def _next_diff(cand, nc, nxt, nd, in_diff):  # pragma: no cover - compiled
+    """Move D to the next day: the candidates marked −1 − m (their state differs from the
+    primal path after today) become nxt[:returned], in the order they were marked, and
+    ``in_diff`` follows. Called only after every candidate has read today's D."""
+    for k in range(nd):
+        in_diff[nxt[k]] = 0
+    nd = 0
+    for k in range(nc):
+        if cand[k] < 0:
+            m = -1 - cand[k]
+            nxt[nd] = m
+            in_diff[m] = 1
+            nd += 1
+    return nd
+
+
+@numba.njit(cache=True)
 def _alternative(indptr, indices, deg, beta, r, dt, keys, Ssnap, Isnap, day0, agent0, kind,
                  tag, altS, altI, in_diff, stamp, cand, nxt, nS, nI, out):  # pragma: no cover
     """The coupled path in which event (day0, agent0, kind) happens, by difference: writes
@@ -133,24 +175,7 @@ def _alternative(indptr, indices, deg, beta, r, dt, keys, Ssnap, Isnap, day0, ag
     nd = 0  # D = nxt[:nd] from the previous day
     for day in range(day0, days):
         key = keys[day]
-        mark = tag + day
-        nc = 0
-        if day == day0:
-            cand[0] = agent0
-            stamp[agent0] = mark
-            nc = 1
-        for k in range(nd):
-            a = nxt[k]
-            if stamp[a] != mark:
-                stamp[a] = mark
-                cand[nc] = a
-                nc += 1
-            for e in range(indptr[a], indptr[a + 1]):
-                b = indices[e]
-                if stamp[b] != mark:
-                    stamp[b] = mark
-                    cand[nc] = b
-                    nc += 1
+        nc = _candidates(indptr, indices, nxt, nd, agent0 if day == day0 else -1, stamp, tag + day, cand)
         if nc == 0:
             break
         nn = 0
@@ -190,21 +215,15 @@ def _alternative(indptr, indices, deg, beta, r, dt, keys, Ssnap, Isnap, day0, ag
                 nI[nn] = i2
                 cand[k] = -1 - m  # keep m for the next day's D (cand is rebuilt from nxt)
                 nn += 1
-        for k in range(nd):  # D moves to the next day only after every candidate read it
-            in_diff[nxt[k]] = 0
-        nd = 0
+        nd = _next_diff(cand, nc, nxt, nd, in_diff)  # D moves on only after every candidate read it
         dS = 0.0
         dI = 0.0
-        for k in range(nc):
-            if cand[k] < 0:
-                m = -1 - cand[k]
-                nxt[nd] = m
-                altS[m] = nS[nd]
-                altI[m] = nI[nd]
-                in_diff[m] = 1
-                dS += nS[nd] - np.float64(Ssnap[day + 1, m])
-                dI += nI[nd] - np.float64(Isnap[day + 1, m])
-                nd += 1
+        for k in range(nd):
+            m = nxt[k]
+            altS[m] = nS[k]
+            altI[m] = nI[k]
+            dS += nS[k] - np.float64(Ssnap[day + 1, m])
+            dI += nI[k] - np.float64(Isnap[day + 1, m])
         out[day + 1, 0] = dS
         out[day + 1, 1] = dI
         out[day + 1, 2] = dnew

@@ -34,7 +34,13 @@ import torch
 
 from simulation.population import CSRLayer
 from simulation.rng import _uniform, day_key
-from simulation.stochastic_triples import DEFAULT_FLIPS, StochasticTripleError, _allocate
+from simulation.stochastic_triples import (
+    DEFAULT_FLIPS,
+    StochasticTripleError,
+    _allocate,
+    _candidates,
+    _next_diff,
+)
 
 __all__ = ["SEIRM_PARAMS", "SeirmPath", "seirm_path", "seirm_triples_jacobian", "simulate_seirm_triples",
            "supports_seirm_triples", "undifferentiated"]
@@ -148,12 +154,6 @@ def _alternative(indptr, indices, wts, deg, sus, ifr, consts, keys, stage, iso, 
     nd = 0
     for day in range(day0, days):
         key = keys[day]
-        mark = tag + day
-        nc = 0
-        if day == day0:
-            cand[0] = agent0
-            stamp[agent0] = mark
-            nc = 1
         # today's infectiousness of the difference set (its own stage, test and isolation)
         for k in range(nd):
             a = nxt[k]
@@ -162,16 +162,7 @@ def _alternative(indptr, indices, wts, deg, sus, ifr, consts, keys, stage, iso, 
             iso_new = max(alt_iso[a] * keep, tp * eff)
             alt_iso[a] = iso_new  # from here on: today's isolation (used by its neighbours' pressure)
             alt_inf[a] = (one - iso_new) if st == _I else np.float32(0.0)
-            if stamp[a] != mark:
-                stamp[a] = mark
-                cand[nc] = a
-                nc += 1
-            for e in range(indptr[a], indptr[a + 1]):
-                b = indices[e]
-                if stamp[b] != mark:
-                    stamp[b] = mark
-                    cand[nc] = b
-                    nc += 1
+        nc = _candidates(indptr, indices, nxt, nd, agent0 if day == day0 else -1, stamp, tag + day, cand)
         if nc == 0:
             break
         nn = 0
@@ -229,19 +220,13 @@ def _alternative(indptr, indices, wts, deg, sus, ifr, consts, keys, stage, iso, 
                 n_iso[nn] = iso_today
                 cand[k] = -1 - m
                 nn += 1
+        nd = _next_diff(cand, nc, nxt, nd, in_diff)  # D moves on only after every candidate read it
         for k in range(nd):
-            in_diff[nxt[k]] = 0
-        nd = 0
-        for k in range(nc):
-            if cand[k] < 0:
-                m = -1 - cand[k]
-                nxt[nd] = m
-                alt_stage[m] = n_stage[nd]
-                alt_iso[m] = n_iso[nd]
-                in_diff[m] = 1
-                out[day + 1, n_stage[nd]] += 1.0
-                out[day + 1, stage[day + 1, m]] -= 1.0
-                nd += 1
+            m = nxt[k]
+            alt_stage[m] = n_stage[k]
+            alt_iso[m] = n_iso[k]
+            out[day + 1, n_stage[k]] += 1.0
+            out[day + 1, stage[day + 1, m]] -= 1.0
         out[day + 1, 5] = dnew
     for k in range(nd):
         in_diff[nxt[k]] = 0
