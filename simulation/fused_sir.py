@@ -256,6 +256,17 @@ def _undirected(indptr, indices, rev, S, I, EA, EB, fwd, bwd):  # pragma: no cov
     return L
 
 
+@numba.njit(inline="always")
+def _edge_side(w, far_dI, far_C, rate, J, cS, C, keep, x, y):  # pragma: no cover - compiled
+    """One direction of an edge's tangent update (the message from the far end, less what
+    this end sent it and what already infected it): (next J, Δ new, next cS, next C)."""
+    msg = w * (np.float32(far_dI) - far_C)
+    f64 = rate * (msg - J)
+    nJ = np.float32(J + f64) * keep
+    dn = cS * x + np.float32(f64)
+    return nJ, dn, cS - dn, C + dn - C * y
+
+
 @numba.njit(fastmath=True, cache=True)
 def _edge_chunk(EA, EB, W, unit, E, lo, ln, AR, acc, fold, glob, c, P):  # pragma: no cover - compiled
     """One chunk of ``_edges`` (a plain compiled loop: inside a parallel loop numba optimises
@@ -318,20 +329,8 @@ def _edge_chunk(EA, EB, W, unit, E, lo, ln, AR, acc, fold, glob, c, P):  # pragm
                 Jb = E[r, o + 3]
                 cSb = E[r, o + 4]
                 Cb = E[r, o + 5] if b != a else Ca
-                msg = wab * (np.float32(gb[j, 1 + p]) - Cb)
-                f64 = rate_a * (msg - Ja)
-                nJa = np.float32(Ja + f64) * ka
-                f = np.float32(f64)
-                dn = cSa * xa + f
-                cs = cSa - dn
-                ci = Ca + dn - Ca * ya
-                msg = wba * (np.float32(AR[a, 1 + p]) - Ca)
-                f64 = rate_b * (msg - Jb)
-                nJb = np.float32(Jb + f64) * kb
-                f = np.float32(f64)
-                dn2 = cSb * xb + f
-                cs2 = cSb - dn2
-                ci2 = Cb + dn2 - Cb * yb
+                nJa, dn, cs, ci = _edge_side(wab, gb[j, 1 + p], Cb, rate_a, Ja, cSa, Ca, ka, xa, ya)
+                nJb, dn2, cs2, ci2 = _edge_side(wba, AR[a, 1 + p], Ca, rate_b, Jb, cSb, Cb, kb, xb, yb)
                 gN[p] += dn + dn2
                 gS[p] += cs + cs2
                 acc[c, a, p] += ci
