@@ -260,9 +260,26 @@ def _stage_of(state) -> np.ndarray:
     return code
 
 
+def _efficacy_weights(state, s0: np.ndarray, s1: np.ndarray, i_start: torch.Tensor, diso: torch.Tensor,
+                      pressure: np.ndarray, base: torch.Tensor, neighbour_sum) -> np.ndarray:
+    """One primal day's flip weights for the isolation efficacy e: the hazard base · (1 − iso) ·
+    pressure falls with e through the agent's own isolation and its infectious contacts'
+    (∂iso/∂e = ``diso``); an infection that happened (s0 = S, s1 = E) flips down with
+    w = (1 − q)|∂hazard/∂e| / q."""
+    dpress = -neighbour_sum(i_start * diso)  # ∂ pressure / ∂ efficacy
+    iso_now = state["isolated"]
+    press = torch.from_numpy(pressure)
+    hz = base * (1 - iso_now) * press
+    dhz = base * (-diso * press + (1 - iso_now) * dpress)
+    q = -torch.expm1(-hz.double())
+    infected = torch.from_numpy((s0 == _S) & (s1 == _E))
+    return torch.where(infected & (q > 0), (1 - q) * dhz.double().abs() / q.clamp(min=1e-300), 0.0).float().numpy()
+
+
 def seirm_path(model, layer: CSRLayer, attributes, days: int, seed: int, neighbour_sum, degree: torch.Tensor,
-               dt: float = 1.0, progress=None) -> SeirmPath:
-    """Run the engine's SEIRM days (hard forward, no gradient) and keep the path."""
+               dt: float = 1.0, progress=None, efficacy: bool = True) -> SeirmPath:
+    """Run the engine's SEIRM days (hard forward, no gradient) and keep the path; with
+    ``efficacy`` also the isolation efficacy's flip weights (one more neighbour sum a day)."""
     from simulation.engine import step_day, step_uniforms
     from simulation.estimators import smoothed
 
@@ -284,8 +301,8 @@ def seirm_path(model, layer: CSRLayer, attributes, days: int, seed: int, neighbo
         tr, pg, testing, isolation = subs["infection"], subs["progression"], subs["testing"], subs["isolation"]
         keep = torch.exp(torch.tensor(-dt / isolation.mean_duration))
         eff = isolation.efficacy.detach()
-        sus_t = torch.exp(tr.log_susceptibility.detach())[age]
-        deg_t = degree.clamp(min=1)
+        # hazard per unit of pressure and of the contact protection (β · susceptibility · Δt / n_i)
+        base = tr.beta.detach() * torch.exp(tr.log_susceptibility.detach())[age] * dt / degree.clamp(min=1)
         diso = torch.zeros(n)  # ∂ isolation / ∂ efficacy along the path
         efficacy_w = np.zeros((days, n), np.float32)
         for day in range(days):
@@ -295,27 +312,20 @@ def seirm_path(model, layer: CSRLayer, attributes, days: int, seed: int, neighbo
                              dt=dt)
             stage[day + 1], iso[day + 1] = _stage_of(state), state["isolated"].numpy()
             # the transmission substep saw today's isolation and today's vaccinations
-            infectious = torch.from_numpy((stage[day] == _I).astype(np.float32)) * (1 - state["isolated"])
-            pressure[day] = neighbour_sum(infectious).numpy()
-            vac[day] = state["vaccinated"].numpy()
-            tp = state["tested_positive"]
-            diso = torch.where(tp * eff >= iso_before * keep, tp, keep * diso)
             i_start = torch.from_numpy((stage[day] == _I).astype(np.float32))
-            dpress = -neighbour_sum(i_start * diso)  # ∂ pressure / ∂ efficacy
-            protect_v = 1 - tr.vaccine_efficacy * state["vaccinated"]
-            base = tr.beta.detach() * sus_t * dt / deg_t * protect_v
-            iso_now = state["isolated"]
-            hz = base * (1 - iso_now) * torch.from_numpy(pressure[day])
-            dhz = base * (-diso * torch.from_numpy(pressure[day]) + (1 - iso_now) * dpress)
-            q = -torch.expm1(-hz.double())
-            infected = torch.from_numpy((stage[day] == _S) & (stage[day + 1] == _E))
-            w = torch.where(infected & (q > 0), (1 - q) * dhz.double().abs() / q.clamp(min=1e-300), 0.0)
-            efficacy_w[day] = w.float().numpy()
+            pressure[day] = neighbour_sum(i_start * (1 - state["isolated"])).numpy()
+            vac[day] = state["vaccinated"].numpy()
+            if efficacy:
+                diso = torch.where(state["tested_positive"] * eff >= iso_before * keep, state["tested_positive"],
+                                   keep * diso)
+                efficacy_w[day] = _efficacy_weights(state, stage[day], stage[day + 1], i_start, diso, pressure[day],
+                                                    base * (1 - tr.vaccine_efficacy * state["vaccinated"]),
+                                                    neighbour_sum)
             if progress is not None:
                 progress(day)
         consts = np.array([
             float(tr.beta), float(testing.daily_test_rate * testing.sensitivity),
-            float(torch.exp(torch.tensor(-dt / isolation.mean_duration))), float(isolation.efficacy),
+            float(keep), float(isolation.efficacy),
             tr.vaccine_efficacy, float((dt / pg.latent_days).clamp(max=1.0)),
             float((dt / pg.infectious_days).clamp(max=1.0)), dt], np.float32)
         sus = torch.exp(tr.log_susceptibility)[age].numpy().astype(np.float32)
@@ -373,7 +383,8 @@ def simulate_seirm_triples(model, layer: CSRLayer, attributes, days: int, seed: 
     if missing:
         raise StochasticTripleError(f"the triples estimator differentiates {sorted(_DIFFERENTIATED)} only; "
                                     f"freeze {missing} (requires_grad_(False)) or use 'smoothed'")
-    path = seirm_path(model, layer, attributes, days, seed, neighbour_sum, degree, progress=progress)
+    path = seirm_path(model, layer, attributes, days, seed, neighbour_sum, degree, progress=progress,
+                      efficacy=model.substeps["isolation"].efficacy.requires_grad)
     tr, pg = model.substeps["infection"], model.substeps["progression"]
     rng = np.random.default_rng([int(seed), 0x5E])  # which events are drawn: statistics, not a secret
     series = _TriplesSEIRM.apply(tr.beta, pg.latent_days, pg.infectious_days, model.substeps["isolation"].efficacy,
