@@ -30,17 +30,26 @@ def _ints(n: int, length: int, bound: int = 1000, seed: int = 0) -> list[torch.T
 
 def _safe_dropouts(graph: list[tuple[int, ...]], m: int, slack: int) -> list[int]:
     """m pairwise non-adjacent clients such that nobody loses more than ``slack``
-    neighbours."""
+    neighbours (a depth-first search: a greedy pick fails on ~2 % of random graphs)."""
     lost = [0] * len(graph)
     chosen: list[int] = []
-    for c in range(len(graph)):
+
+    def extend(start: int) -> bool:
         if len(chosen) == m:
-            break
-        if all(lost[j] < slack for j in graph[c]) and not set(graph[c]) & set(chosen):
-            chosen.append(c)
-            for j in graph[c]:
-                lost[j] += 1
-    assert len(chosen) == m
+            return True
+        for c in range(start, len(graph)):
+            if all(lost[j] < slack for j in graph[c]) and not set(graph[c]) & set(chosen):
+                chosen.append(c)
+                for j in graph[c]:
+                    lost[j] += 1
+                if extend(c + 1):
+                    return True
+                chosen.pop()
+                for j in graph[c]:
+                    lost[j] -= 1
+        return False
+
+    assert extend(0), f"no {m} safe dropouts in this graph"
     return chosen
 
 
