@@ -165,9 +165,8 @@ class HybridSimulation:
         # partitioned synthetic part (simulation.distributed.hybrid_stepper): every rank of
         # an initialised process group runs this same loop; procs_group=None keeps 1 rank
         self._stepper = None
-        if procs_group is not None:  # from here on self.state holds this rank's agents only
-            if tangents:
-                raise HybridError("the partitioned hybrid run does not carry tangents")
+        if procs_group is not None:  # from here on self.state (and self.tangent) hold this
+            # rank's agents only
             from simulation.distributed.hybrid_stepper import HybridStepper
             self._stepper = HybridStepper(self, group=None if procs_group is True
                                           else procs_group)
@@ -176,6 +175,11 @@ class HybridSimulation:
         """The ``I`` the cross-edge protocol reads (exact at every cross endpoint); with
         ``procs_group`` rank 0's view, gathered from the ranks' cross boundary each day."""
         return self.state["I"] if self._stepper is None else self._stepper.cross_infected()
+
+    def cross_tangent(self) -> torch.Tensor:
+        """The ∂I/∂β the protocol's tangent round reads (``tangents=True``), exact at every
+        cross endpoint; with ``procs_group`` rank 0's view, gathered beside ``I``."""
+        return self.tangent["I"] if self._stepper is None else self._stepper.cross_tangent()
 
     def _zero_physical(self) -> None:
         for v in self.state.values():
@@ -190,8 +194,10 @@ class HybridSimulation:
         if self._stepper is not None:
             raise HybridError("with procs_group this rank holds its own agents only: use the "
                               "aggregates step() returns")
-        return {c: float(self.state[c].sum()) for c in (*self.model.compartments,
-                                                         "new_infections")}
+        # float64 sums (exact for 0/1 states; the ``expected`` estimator's fractional states
+        # then round once, not per float32 partial sum)
+        return {c: float(self.state[c].double().sum()) for c in (*self.model.compartments,
+                                                                  "new_infections")}
 
     def step(self, cross_sums: torch.Tensor | None = None,
              cross_dsums: torch.Tensor | None = None) -> dict[str, object]:
@@ -262,6 +268,8 @@ class HybridSimulation:
         protocol (``cross_sums``, ``cross_dsums``) and the physical rows stay zero: each
         device steps its own tangent (``edge_agent.client_app``).
         """
+        if self._stepper is not None:  # partitioned: rank 0 alone passes the cross sums
+            return self._stepper.day(self, cross_sums, cross_dsums)
         if self.remote and (cross_sums is None or cross_dsums is None):
             raise HybridError("remote mode with tangents needs the protocol's cross sums of "
                               "values and tangents")

@@ -23,13 +23,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fwad
 import torch.distributed as dist
 
 from simulation.distributed.partition import DistributedError, Partition
 from simulation.kernels import NeighbourSum
 from simulation.population import CSRLayer
 
-__all__ = ["DistributedNeighbourSum", "HaloExchange", "Shard", "build_shard", "halo_exchange"]
+__all__ = ["DistributedNeighbourSum", "HaloExchange", "Shard", "build_shard", "halo_exchange",
+           "halo_exchange_columns"]
 
 
 @dataclass
@@ -175,6 +177,28 @@ class HaloExchange(torch.autograd.Function):
         gx.index_add_(0, ctx.index, back)
         return gx, None, None
 
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor, _shard, _group):  # type: ignore[override]
+        # linear: the halo's tangents are the owners' tangents, sent the same way (a second
+        # exchange; DistributedNeighbourSum sends both columns in one when it can)
+        shard = ctx.shard
+        return _exchange(tangent.index_select(0, ctx.index), shard.n_halo, shard.send_counts,
+                         shard.recv_counts, ctx.group)
+
+
+def halo_exchange_columns(x: torch.Tensor, shard: Shard, group=None) -> torch.Tensor:
+    """Halo rows of ``x`` [n_local, k] (k columns, e.g. values and their tangents) in ONE
+    exchange; no autograd (forward-mode runs and no-grad steps)."""
+    if x.dim() != 2 or x.shape[0] != shard.n_local:
+        raise DistributedError(f"expected [{shard.n_local}, k] local values, got {tuple(x.shape)}")
+    k = int(x.shape[1])
+    if shard.world == 1:
+        return x.new_empty(0, k)
+    rows = x.detach().index_select(0, shard.send_index.to(x.device))
+    out = _exchange(rows.flatten(), shard.n_halo * k, [c * k for c in shard.send_counts],
+                    [c * k for c in shard.recv_counts], group)
+    return out.view(shard.n_halo, k)
+
 
 def halo_exchange(x: torch.Tensor, shard: Shard, group=None) -> torch.Tensor:
     """Halo values of ``x`` (one value per owned agent), differentiable across ranks."""
@@ -210,8 +234,31 @@ class DistributedNeighbourSum:
         self.exchange_seconds = 0.0  # wall time inside them, waiting for peers included
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        primal, tangent = fwad.unpack_dual(x)
+        if tangent is not None and not (torch.is_grad_enabled() and primal.requires_grad):
+            # forward mode (dual numbers): values and tangents in one exchange
+            val, tan = self.dual(primal, tangent)
+            return fwad.make_dual(val, tan)
         self.exchanges += 1
         t0 = time.perf_counter()
         halo = halo_exchange(x, self.shard, self.group)
         self.exchange_seconds += time.perf_counter() - t0
         return self.local(torch.cat([x, halo]))[: self.shard.n_local]
+
+    def dual(self, values: torch.Tensor, tangents: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ_j w_ij x_j, Σ_j w_ij ẋ_j) for the owned agents, the halo's values and tangents
+        in ONE exchange (8 B per boundary agent and receiving rank in float32); no autograd.
+        Each column sums as :meth:`__call__` and the engine's forward-mode jvp do, so the
+        owned rows are bit-identical to the single-process run's."""
+        n = self.shard.n_local
+        self.exchanges += 1
+        t0 = time.perf_counter()
+        halo = halo_exchange_columns(torch.stack([values.detach(), tangents.detach()
+                                                  .to(values.dtype)], 1), self.shard, self.group)
+        self.exchange_seconds += time.perf_counter() - t0
+        with torch.no_grad():
+            val = self.local._apply(torch.cat([values.detach(), halo[:, 0]]), reuse=False)
+            tan = self.local._apply(torch.cat([tangents.detach().to(values.dtype), halo[:, 1]]),
+                                    reuse=False, binary_ok=False)
+        return val[:n], tan[:n]

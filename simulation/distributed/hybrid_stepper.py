@@ -22,7 +22,11 @@ In remote mode (``HybridSimulation(remote=True)``) rank 0 passes the devices' cr
 to ``step(cross_sums=...)`` (other ranks pass nothing) and reads the boundary ``I`` for the
 protocol with ``sim.cross_infected()``; the synthetic hazard bases the calibration needs
 are gathered to rank 0 (ids and values of the agents with h > 0, in global order).
-No autograd window across ranks (the hybrid steps under ``no_grad``), no tangents.
+With ``tangents=True`` (forward-mode ∂state/∂β, the full-path calibration's input) every
+message above carries the tangent column beside the value: the halo exchange sends [x, ẋ]
+in one ``all_to_all`` (8 B per boundary agent and receiving rank), the cross scatter
+[sum, dsum], the boundary gather [I, ∂I/∂β]; the day's tangent totals ride in the counts'
+``all_reduce``. No reverse-mode window across ranks (the hybrid steps under ``no_grad``).
 """
 
 from __future__ import annotations
@@ -140,7 +144,16 @@ class HybridStepper:
             self._own_at = torch.from_numpy(np.searchsorted(own_np, ends[mine]))
             self._pos = [torch.from_numpy(np.searchsorted(ends, b.numpy()))
                          for b in self.boundary_ids]
+        # forward-mode tangents ∂state/∂β (``HybridSimulation(tangents=True)``): each rank
+        # carries its own agents' rows, rank 0 the cross endpoints' ∂I/∂β and their public
+        # cross weight sums (the tangent round's decoding)
+        self.tangents = bool(sim.tangents)
+        self.cross_dI = sim.tangent["I"][self.ends].clone() if self.rank == 0 else \
+            torch.zeros(0)
+        self._cross_wsum = sim._cross_wsum[self.ends] if self.rank == 0 else torch.zeros(0)
+        self._too_large = False  # a tangent past the protocol's public bound (fleet mode)
         sim.state = {k: v[self.owned].clone() for k, v in sim.state.items()}
+        sim.tangent = {k: v[self.owned].clone() for k, v in sim.tangent.items()}
 
     def _rank0_share(self, sim: HybridSimulation) -> float:
         """Rank 0's fraction of the synthetic agents: rank 0 also runs the fleet's protocol
@@ -176,37 +189,51 @@ class HybridStepper:
         self.bytes_received += out.numel() * out.element_size()
         return out
 
-    def _gather_boundary(self, infected: torch.Tensor) -> None:
-        """Rank 0's ``cross_I`` (over E) ← every rank's boundary agents' ``I``."""
+    def _gather_boundary(self, infected: torch.Tensor, tangent: torch.Tensor | None = None
+                         ) -> None:
+        """Rank 0's ``cross_I`` (over E) ← every rank's boundary agents' ``I``; with
+        ``tangent`` (∂I/∂β) also ``cross_dI``, the two columns in the same message."""
+        cols = [infected] if tangent is None else [infected, tangent]
         if self.rank == 0:
             self.cross_I[self._own_ends] = infected[self._own_at].to(self.cross_I.dtype)
+            if tangent is not None:
+                self.cross_dI[self._own_ends] = tangent[self._own_at].to(self.cross_dI.dtype)
         if self.size == 1:
             return
-        send = [self.sizes[self.rank] if (q == 0 and self.rank != 0) else 0
+        k = len(cols)
+        send = [k * self.sizes[self.rank] if (q == 0 and self.rank != 0) else 0
                 for q in range(self.size)]
-        recv = self.sizes[:] if self.rank == 0 else [0] * self.size
+        recv = [k * c for c in self.sizes] if self.rank == 0 else [0] * self.size
         recv[0] = 0
         mine = self.boundary_local if self.rank else self.boundary_local[:0]  # 0 keeps its own
-        got = self._a2a(infected.index_select(0, mine).float(), send, recv)
+        rows = torch.stack([c.index_select(0, mine).float() for c in cols], 1)
+        got = self._a2a(rows.flatten(), send, recv).view(-1, k)
         if self.rank == 0 and got.numel():
-            self.cross_I[torch.cat(self._pos[1:])] = got.to(self.cross_I.dtype)
+            at = torch.cat(self._pos[1:])
+            self.cross_I[at] = got[:, 0].to(self.cross_I.dtype)
+            if tangent is not None:
+                self.cross_dI[at] = got[:, 1].to(self.cross_dI.dtype)
 
-    def _scatter_cross(self, cross: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """This rank's cross sums [n_local] from rank 0's ``cross`` over E."""
-        local = torch.zeros(self.owned.numel(), dtype=dtype)
+    def _scatter_cross(self, cross: torch.Tensor | None, dtype: torch.dtype,
+                       columns: int = 1) -> torch.Tensor:
+        """This rank's cross sums [n_local] (or [n_local, columns]: values and tangents in
+        one message) from rank 0's ``cross`` over E."""
+        shape = (self.owned.numel(),) if columns == 1 else (self.owned.numel(), columns)
+        local = torch.zeros(shape, dtype=dtype)
         if self.rank == 0:
             assert cross is not None
             local[self._own_at] = cross[self._own_ends]
         if self.size == 1:
             return local
-        send = [self.sizes[q] if (self.rank == 0 and q != 0) else 0 for q in range(self.size)]
-        recv = [self.sizes[self.rank] if (q == 0 and self.rank != 0) else 0
+        send = [columns * self.sizes[q] if (self.rank == 0 and q != 0) else 0
+                for q in range(self.size)]
+        recv = [columns * self.sizes[self.rank] if (q == 0 and self.rank != 0) else 0
                 for q in range(self.size)]
         pieces = torch.cat([cross[self._pos[q]] for q in range(1, self.size)]) \
             if self.rank == 0 and cross is not None else torch.zeros(0, dtype=dtype)
-        got = self._a2a(pieces.to(dtype), send, recv)
+        got = self._a2a(pieces.to(dtype).flatten(), send, recv)
         if self.rank != 0:
-            local[self.boundary_local] = got
+            local[self.boundary_local] = got.view(-1, columns) if columns > 1 else got
         return local
 
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -243,13 +270,17 @@ class HybridStepper:
         full[self.ends] = self.cross_I
         return full
 
-    def day(self, sim: HybridSimulation, cross_sums: torch.Tensor | None) -> dict[str, object]:
-        """Step ``sim``'s day ``sim.day`` on this rank's agents; returns the global aggregates
-        (equal on every rank). Remote mode: rank 0 passes the devices' ``cross_sums``."""
-        day, model = sim.day, sim.model
-        t_day = time.perf_counter()
-        if sim.remote and self.rank == 0 and cross_sums is None:
-            raise DistributedError("remote mode: rank 0 needs the protocol's cross sums")
+    def cross_tangent(self) -> torch.Tensor:
+        """Rank 0: length-n ∂I/∂β, exact at every cross-edge endpoint (0 elsewhere): what the
+        tangent round of the protocol reads (``tangents=True``)."""
+        if self.rank != 0:
+            raise DistributedError("the cross boundary's tangents are held by rank 0 only")
+        full = torch.zeros(self.n, dtype=self.cross_dI.dtype)
+        full[self.ends] = self.cross_dI
+        return full
+
+    def _sync(self, day: int, model: Any) -> None:
+        """Open the day: the monitored barrier, then rank 0's parameters to every rank."""
         if self.size > 1:  # a dead or stuck rank is named here rather than hanging the day
             try:
                 dist.monitored_barrier(self.group, timeout=timedelta(seconds=self.timeout))
@@ -261,7 +292,22 @@ class HybridStepper:
             dist.broadcast(flat, 0, group=self.group)
             for q, v in zip(params, flat.split([q.numel() for q in params]), strict=True):
                 q.copy_(v.view_as(q))
+
+    def day(self, sim: HybridSimulation, cross_sums: torch.Tensor | None,
+            cross_dsums: torch.Tensor | None = None) -> dict[str, object]:
+        """Step ``sim``'s day ``sim.day`` on this rank's agents; returns the global aggregates
+        (equal on every rank). Remote mode: rank 0 passes the devices' ``cross_sums`` (and,
+        with tangents, ``cross_dsums``)."""
+        day, model = sim.day, sim.model
+        t_day = time.perf_counter()
+        if sim.remote and self.rank == 0 and (cross_sums is None or
+                                              (self.tangents and cross_dsums is None)):
+            raise DistributedError("remote mode: rank 0 needs the protocol's cross sums" +
+                                   (" of values and tangents" if self.tangents else ""))
+        self._sync(day, model)
         self.seconds["sync"] += time.perf_counter() - t_day
+        if self.tangents:
+            return self._day_tangent(sim, cross_sums, cross_dsums, t_day)
         state = sim.state
         captured: dict[str, torch.Tensor] = {}
 
@@ -332,6 +378,118 @@ class HybridStepper:
             agg.update({"physical_I": float(red[k]), "physical_new_infections": float(red[k + 1]),
                         "physical_expected_new": float(red[k + 2]),
                         "physical_dp_dbeta": float(red[k + 3])})
+        return agg
+
+    def _cross_tangent_sums(self, sim: HybridSimulation, day: int,
+                            cross_sums: torch.Tensor | None, cross_dsums: torch.Tensor | None
+                            ) -> torch.Tensor:
+        """Rank 0: the cross sums over E of values and tangents, float32 [|E|, 2], exactly as
+        the 1-rank ``_step_tangent`` computes them at those rows (rounds 2d and 2d+1 of the
+        fleet's protocol; a tangent t is sent as (t + B)/(2B), decoded with the public
+        cross weight sum; remote mode: the devices' decoded sums)."""
+        from coordinator.hybrid import TANGENT_BOUND
+
+        def decoded(given: torch.Tensor) -> torch.Tensor:
+            return torch.nan_to_num(torch.as_tensor(given, dtype=torch.float64), nan=0.0)
+
+        if sim.remote:
+            assert cross_sums is not None and cross_dsums is not None
+            v = decoded(torch.as_tensor(cross_sums)[self.ends])
+            t = decoded(torch.as_tensor(cross_dsums)[self.ends])
+            return torch.stack([v, t], 1).to(torch.float32)
+        bound = TANGENT_BOUND
+        if self._fleet is not None:  # the protocol over E only
+            x, dx = self.cross_I.double(), self.cross_dI.double()
+            v = decoded(self._fleet.step(x, round=2 * day).sums).double()
+            c = decoded(self._fleet.step((dx + bound) / (2 * bound), round=2 * day + 1).sums)
+        else:  # a noisy protocol: its noise is drawn per agent id over all n
+            full = sim._fleet_sum()
+            x, dx = self.cross_infected().double(), self.cross_tangent().double()
+            v = decoded(full.step(x, round=2 * day).sums).double()[self.ends]
+            c = decoded(full.step((dx + bound) / (2 * bound), round=2 * day + 1).sums
+                        ).double()[self.ends]
+        t = 2 * bound * c - bound * self._cross_wsum
+        return torch.stack([v.to(torch.float32), t.to(torch.float32)], 1)
+
+    def _day_tangent(self, sim: HybridSimulation, cross_sums: torch.Tensor | None,
+                     cross_dsums: torch.Tensor | None, t_day: float) -> dict[str, object]:
+        """The day with forward-mode tangents ∂state/∂β (``HybridSimulation(tangents=True)``):
+        what :meth:`day` does, with the tangent column beside the value in every message
+        (one halo exchange of [x, ẋ], one cross scatter of [sum, dsum], one boundary gather
+        of [I, ∂I/∂β]) and the day's tangent totals in the counts' all_reduce. Every agent's
+        value and tangent equal the 1-rank run's bit for bit; the float64 totals of the
+        float32 per-agent tangents are summed per rank, then over ranks (≤ 1e-12 relative
+        from the 1-rank run's one sum)."""
+        import torch.autograd.forward_ad as fwad
+
+        from coordinator.hybrid import TANGENT_BOUND, HybridError
+
+        day, model = sim.day, sim.model
+        if self._too_large:  # the 1-rank run refuses the tangent round at this point too
+            raise HybridError(f"a tangent exceeds the public bound {TANGENT_BOUND}")
+        beta = float(model.beta.detach())
+        captured: dict[str, torch.Tensor] = {}
+
+        def neighbour_sum(infected: torch.Tensor) -> torch.Tensor:
+            primal, tangent = fwad.unpack_dual(infected)
+            if tangent is None:
+                tangent = torch.zeros_like(primal)
+            halo0 = self.op.exchange_seconds
+            central, dcentral = self.op.dual(primal.detach(), tangent.detach())
+            self.seconds["halo"] += self.op.exchange_seconds - halo0
+            t0 = time.perf_counter()
+            cross = self._cross_tangent_sums(sim, day, cross_sums, cross_dsums) \
+                if self.rank == 0 else None
+            local = self._scatter_cross(cross, torch.float32, columns=2)
+            self.seconds["cross"] += time.perf_counter() - t0
+            val = central + local[:, 0].to(central.dtype)
+            tan = dcentral + local[:, 1].to(dcentral.dtype)
+            captured["sums"] = val
+            return fwad.make_dual(val, tan)
+
+        with torch.no_grad(), fwad.dual_level():
+            beta_t = fwad.make_dual(torch.full((day + 1,), beta), torch.ones(day + 1))
+            dual = {k: fwad.make_dual(v, sim.tangent[k]) for k, v in sim.state.items()}
+            s_before = sim.state["S"].clone()
+            out = step_day(model, dual, day, agent_uniforms(sim.seed, day, self.owned, self.n),
+                           neighbour_sum=neighbour_sum, degree=self.degree,
+                           attributes=self.attributes, estimator=sim._estimator,
+                           extras={"beta_t": beta_t})
+            torch.set_num_threads(1)  # the numba kernel may have changed torch's threads
+            unpacked = {k: fwad.unpack_dual(v) for k, v in out.items()}
+        new = {k: u.primal.clone() for k, u in unpacked.items()}
+        dnew = {k: (torch.zeros_like(u.primal) if u.tangent is None else u.tangent.clone())
+                for k, u in unpacked.items()}
+        phys = self.phys_local if self.rank == 0 else self.phys_local[:0]
+        if sim.remote:
+            for d in (new, dnew):
+                for v in d.values():
+                    v[phys] = 0.0
+        sums = captured["sums"]
+        one_step = infection_probability_dbeta(sums, s_before, self.degree, beta)
+        h = s_before / self.degree.clamp(min=1.0) * sums
+        h[phys] = 0.0
+        names = (*model.compartments, "new_infections")
+        d_new = dnew["new_infections"]
+        too_large = (dnew["I"].double().abs() > TANGENT_BOUND).sum().double() \
+            if not sim.remote else torch.zeros((), dtype=torch.float64)
+        head = torch.stack([*(new[c].double().sum() for c in names),
+                            d_new.double().sum(), d_new[phys].double().sum(),
+                            one_step.double().sum(), too_large])
+        t0 = time.perf_counter()
+        red = self._all_reduce(head)
+        self._gather_boundary(new["I"], dnew["I"])
+        hazard = self._gather_hazard(h) if self.gather_hazard else h[h > 0].double()
+        self.seconds["reduce"] += time.perf_counter() - t0
+        sim.state, sim.tangent, sim.last_synthetic_hazard = new, dnew, hazard
+        sim.day += 1
+        k = len(names)
+        self._too_large = bool(red[k + 3] > 0)
+        self.seconds["day"] += time.perf_counter() - t_day
+        agg: dict[str, object] = {c: float(red[i]) for i, c in enumerate(names)}
+        agg.update({"d_new_dbeta": float(red[k]), "d_new_dbeta_physical": float(red[k + 1]),
+                    "d_new_dbeta_synthetic": float(red[k] - red[k + 1]),
+                    "one_step_dbeta": float(red[k + 2])})
         return agg
 
     # ------------------------------------------------------------------ checkpoints

@@ -149,6 +149,10 @@ class _GradAllReduce(torch.autograd.Function):
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
 
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor, _group):  # type: ignore[override]
+        return tangent  # identity forward: the parameter's tangent is every rank's own
+
 
 class _ReplicatedSum(torch.autograd.Function):
     """Sum over ranks; every rank holds the result (a replicated loss), so the backward is
@@ -156,6 +160,7 @@ class _ReplicatedSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
         out = x.detach().clone()
         dist.all_reduce(out, group=group)
         return out
@@ -163,6 +168,13 @@ class _ReplicatedSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         return grad, None
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor, _group):  # type: ignore[override]
+        # forward mode: the series' tangents are sums over ranks like the series
+        out = tangent.detach().clone()
+        dist.all_reduce(out, group=ctx.group)
+        return out
 
 
 def sync_gradients(model: torch.nn.Module, group=None) -> None:
