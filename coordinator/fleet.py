@@ -24,13 +24,14 @@ from protocols.daily import EXCHANGES
 
 if TYPE_CHECKING:  # the heavy imports happen in run_fleet: importing this module stays light,
     # so `lpm fleet` can start the device host before it imports the coordinator
+    from coordinator.fleet_procs import FleetProcs
     from coordinator.flower.server_app import FederatedSettings
     from coordinator.runner import RunConfig
     from coordinator.store import CoordinatorStore
 
-__all__ = ["DEVICE_HOST_MODULE", "FleetError", "ProcessTransport", "default_device_hosts",
-           "dropout_schedule", "run_fleet", "start_device_host", "start_device_hosts",
-           "stop_device_host", "timed", "write_summary"]
+__all__ = ["DEVICE_HOST_MODULE", "FleetError", "ProcessTransport", "check_procs",
+           "default_device_hosts", "dropout_schedule", "run_fleet", "start_device_host",
+           "start_device_hosts", "stop_device_host", "timed", "write_summary"]
 
 DEVICE_HOST_MODULE = "edge_agent.fleet_host"
 _STAGES = EXCHANGES  # day, then the SecAgg+ stages
@@ -255,21 +256,35 @@ def run_fleet(cfg: RunConfig, *, settings: FederatedSettings | None = None,
               offline: Mapping[int, list] | None = None,
               transport: ProcessTransport | None = None,
               process: subprocess.Popen | Sequence[subprocess.Popen] | None = None,
-              hosts: int | None = None) -> list[dict[str, object]]:
+              hosts: int | None = None, procs: int | FleetProcs = 1
+              ) -> list[dict[str, object]]:
     """Run ``cfg`` with ``cfg.devices`` simulated devices; returns the per-day rows.
     A given ``transport`` (tests) is used as it is and left open; given ``process``\ es
     (:func:`start_device_hosts`, started early by the caller) become the run's transport
     and are stopped with it; else ``hosts`` device hosts are started (default
-    :func:`default_device_hosts`)."""
+    :func:`default_device_hosts`). ``procs`` P > 1 partitions the synthetic population over
+    P local processes, this one rank 0 (:mod:`coordinator.fleet_procs`; results equal one
+    process's bit for bit); a :class:`~coordinator.fleet_procs.FleetProcs` started early by
+    the caller is used and closed with the run."""
+    from coordinator.fleet_procs import FleetProcs
     from coordinator.flower.server_app import FederatedRun, FederatedSettings, MinCohortError
 
-    if transport is not None and process is not None:
-        raise FleetError("give a transport or a device-host process, not both")
-    min_devices = (settings or FederatedSettings()).min_devices
-    if cfg.devices < min_devices:
+    given = procs if isinstance(procs, FleetProcs) else None
+    n_procs = procs.procs if isinstance(procs, FleetProcs) else int(procs)
+    settings = settings or FederatedSettings()
+    try:
+        check_procs(n_procs, tangents=settings.tangents)
+        if transport is not None and process is not None:
+            raise FleetError("give a transport or a device-host process, not both")
+        if cfg.devices < settings.min_devices:
+            raise MinCohortError(f"{cfg.devices} devices: the minimum cohort is "
+                                 f"{settings.min_devices}")
+    except BaseException:
         if process is not None:
             stop_device_host(process)
-        raise MinCohortError(f"{cfg.devices} devices: the minimum cohort is {min_devices}")
+        if given is not None:
+            given.close()
+        raise
     own = transport is None
     if transport is None:
         sched = dict(offline) if offline is not None else \
@@ -280,13 +295,49 @@ def run_fleet(cfg: RunConfig, *, settings: FederatedSettings | None = None,
         except BaseException:
             if process is not None:
                 stop_device_host(process)
+            if given is not None:
+                given.close()
             raise
+    workers = given
+    run = None
     try:
-        return FederatedRun(transport, cfg, settings=settings, store=store, run_id=run_id,
-                            on_day=on_day).run()
+        if workers is None and n_procs > 1:
+            workers = FleetProcs.start(n_procs, cfg.to_dict(), devices=cfg.devices,
+                                       estimator=settings.estimator)
+        if workers is not None:
+            if len(transport.node_ids()) < cfg.devices:  # the workers place cfg.devices
+                raise FleetError(f"{len(transport.node_ids())} devices connected for a "
+                                 f"partitioned run of {cfg.devices}")
+            workers.join()
+        run = FederatedRun(transport, cfg, settings=settings, store=store, run_id=run_id,
+                           on_day=on_day, procs_group=True if workers is not None else None)
+        rows = run.run()
+        if workers is not None:
+            workers.finish()
+        return rows
+    except Exception as exc:
+        if workers is not None:  # a worker that died is named, not left as a gloo error
+            day = None if run is None or run.sim is None else run.sim.day
+            err = workers.explain(exc, day)
+            if err is not None:
+                raise err from exc
+        raise
     finally:
+        if workers is not None:
+            workers.close()
         if own:
             transport.close()
+
+
+def check_procs(procs: int, *, tangents: bool = False) -> None:
+    """Refuse a process count, or an option the partitioned run does not support, before
+    anything starts (:class:`FleetError`)."""
+    if procs < 1:
+        raise FleetError(f"--procs {procs}: at least 1 process")
+    if procs > 1 and tangents:
+        raise FleetError("--procs > 1 with --tangents: the partitioned fleet does not carry "
+                         "tangents across ranks (the devices' tangent round reads every "
+                         "synthetic contact's ∂I/∂β on rank 0); run --tangents with --procs 1")
 
 
 def write_summary(out_dir: Path, rows: list[dict[str, object]], day_seconds: list[float],

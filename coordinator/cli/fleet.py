@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import subprocess
 import time
+from itertools import pairwise
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from coordinator.fleet_procs import FleetProcs
 
 __all__ = ["fleet_command"]
 
@@ -57,29 +61,52 @@ def fleet_command(
     device_hosts: Annotated[int, typer.Option(min=0, help="Device-host processes the devices "
                                               "are split over (0: one per core from 200 "
                                               "devices, at most 4; else one).")] = 0,
+    procs: Annotated[int, typer.Option(min=1, help="Local processes the synthetic population "
+                                       "is partitioned over (torch.distributed gloo on "
+                                       "127.0.0.1; this process is rank 0 and runs the "
+                                       "devices' protocol and calibration; results equal 1 "
+                                       "process's). See docs/distributed.md.")] = 1,
 ) -> None:
     """Run a hybrid run with N simulated devices (optionally calibrating θ and with dropouts)."""
     options = dict(locals())  # every option above, passed on to _fleet
-    from coordinator.fleet import default_device_hosts, start_device_hosts, stop_device_host
+    from coordinator.fleet import (
+        FleetError,
+        check_procs,
+        default_device_hosts,
+        start_device_hosts,
+        stop_device_host,
+    )
 
-    # the device hosts import their stack (torch, Flower, the ClientApp) while this process
-    # imports the coordinator and builds the population: the start-ups overlap
+    try:  # refused before anything starts
+        check_procs(procs, tangents=tangents)
+    except FleetError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    # the device hosts (and the worker ranks of --procs) import their stack (torch, Flower,
+    # the ClientApp) while this process imports the coordinator and builds the population:
+    # the start-ups overlap
     host = start_device_hosts(min(device_hosts or default_device_hosts(devices), devices))
+    workers = None
     try:
-        _fleet(host, **options)
-    finally:  # a no-op once the run's transport has closed it
+        if procs > 1:
+            from coordinator.fleet_procs import FleetProcs
+            workers = FleetProcs.launch(procs)
+        _fleet(host, workers, **options)
+    finally:  # no-ops once the run has closed them
         stop_device_host(host)
+        if workers is not None:
+            workers.close()
 
 
-def _fleet(host: list[subprocess.Popen], *, devices: int, days: int | None, population: str | None,
+def _fleet(host: list[subprocess.Popen], workers: FleetProcs | None, *, devices: int, days: int | None, population: str | None,
            scale: float | None, seed: int | None, beta: float | None,
            initial_infected: float | None, db: Path, calibrate: str, beta_init: float,
            calibrate_every: int, calibrate_steps: int, beta_segment_days: int,
            observed_csv: Path | None, drop_fraction: float, drop_seed: int,
            min_devices: int, shared_seed: bool, out: Path | None, tangents: bool,
-           estimator: str, device_hosts: int) -> None:
+           estimator: str, device_hosts: int, procs: int) -> None:
     from coordinator.calibration import CalibrationError, CalibrationSettings, read_observed_csv
-    from coordinator.fleet import run_fleet, timed, write_summary
+    from coordinator.fleet import FleetError, run_fleet, timed, write_summary
     from coordinator.flower.server_app import FederatedRunError, FederatedSettings
     from coordinator.run_config import RunConfig, RunConfigError
     from coordinator.store import CoordinatorStore, StoreError
@@ -114,18 +141,33 @@ def _fleet(host: list[subprocess.Popen], *, devices: int, days: int | None, popu
         typer.echo(f"day {d}: S={r['S']:.0f} I={r['I']:.0f} R={r['R']:.0f} devices "
                    f"infected={r['physical_I']} survivors={r['survivors']}{extra}")
 
-    on_day, times = timed(show)
-    t0 = time.perf_counter()
+    cpu: list[float] = []
+
+    def record(d: int, r: dict[str, object]) -> None:  # this process's (rank 0's) CPU
+        cpu.append(time.process_time())
+        show(d, r)
+
+    on_day, times = timed(record)
+    t0, cpu0 = time.perf_counter(), time.process_time()
     try:
         with store.running(rid):
+            if workers is not None:  # launched before the imports: the run, now it is valid
+                workers.configure(cfg.to_dict(), devices=cfg.devices, estimator=estimator)
             rows = run_fleet(cfg, settings=settings, store=store, run_id=rid, on_day=on_day,
-                             drop_fraction=drop_fraction, drop_seed=drop_seed, process=host)
-    except FederatedRunError as exc:  # already marked failed
+                             drop_fraction=drop_fraction, drop_seed=drop_seed, process=host,
+                             procs=workers or 1)
+    except (FederatedRunError, FleetError) as exc:  # already marked failed
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=1) from None
     typer.echo(f"run {rid} stored in {db}")
     if out is not None:
-        path = write_summary(out, rows, times, {"run_id": rid, "seconds_total":
-                                                round(time.perf_counter() - t0, 2),
-                                                "beta_true": beta})
+        extra: dict[str, object] = {
+            "run_id": rid, "seconds_total": round(time.perf_counter() - t0, 2),
+            "beta_true": beta, "procs": procs,
+            "cpu_seconds_per_day": [round(b - a, 3) for a, b in pairwise([cpu0, *cpu])]}
+        if workers is not None:  # each worker rank's CPU seconds: setup, then day by day
+            extra["worker_cpu_seconds_per_day"] = {
+                str(r): [round(b - a, 3) for a, b in pairwise(c)]
+                for r, c in workers.worker_cpu.items()}
+        path = write_summary(out, rows, times, extra)
         typer.echo(f"summary: {path}")

@@ -177,7 +177,9 @@ class FederatedRun:
                  settings: FederatedSettings | None = None,
                  store: CoordinatorStore | None = None, run_id: str | None = None,
                  on_day: Callable[[int, dict[str, object]], None] | None = None,
-                 resume: bool = False, lease_owner: str | None = None) -> None:
+                 resume: bool = False, lease_owner: str | None = None,
+                 procs_group: Any = None) -> None:
+        self.procs_group = procs_group  # partitioned synthetic part (coordinator.fleet_procs)
         self.transport: Transport = FlowerTransport(transport) \
             if isinstance(transport, Grid) else transport
         self.cfg, self.store, self.on_day = cfg, store, on_day
@@ -228,7 +230,7 @@ class FederatedRun:
         tangents = settings.tangents
         sim = HybridSimulation(SIR(cfg.beta, cfg.gamma, cfg.initial_infected), pop, phys,
                                cfg.seed, remote=True, tangents=tangents,
-                               estimator=settings.estimator)
+                               estimator=settings.estimator, procs_group=self.procs_group)
         self.sim = sim
         if tangents and self.calibrator is not None:  # full-path calibration (no resume)
             from coordinator.calibration_path import SyntheticReplay
@@ -373,7 +375,7 @@ class FederatedRun:
                 break
             cross_sums, pending = _relay_round(
                 attempt, proxies, plans, {m: r.envelopes for m, r in day_replies.items()},
-                sim.state["I"], all_keys, weights, wsum, day_replies, split.n)
+                sim.cross_infected(), all_keys, weights, wsum, day_replies, split.n)
             cross_dsums = None
             if tattempt is not None:
                 cross_dsums, tpending = _relay_round(

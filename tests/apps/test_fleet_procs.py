@@ -1,0 +1,160 @@
+"""`lpm fleet --procs P` (coordinator/fleet_procs.py): the fleet's synthetic population
+partitioned over P local processes (gloo on 127.0.0.1). Real processes throughout: the
+device hosts, the worker ranks, `lpm` itself.
+
+* ``--procs 2`` writes the summary (days, survivors, θ, loss, the daily series) and stores
+  the rows of one process bit for bit, on a population METIS cuts (Oxford-like, 3,000
+  agents) with online calibration (through the Python API, 20 devices × 4 days; `lpm fleet
+  --devices 50 --days 5 --procs 2` against `--procs 1` is ``-m slow``);
+* a worker killed mid-run: rank 0 fails with an error naming the rank and the signal, at
+  once (no wait for a collective's timeout), leaves the group and no process behind;
+* a worker that dies before the rendezvous is named too;
+* ``--procs`` with ``--tangents`` is refused before anything starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from coordinator.fleet import FleetError, run_fleet
+from coordinator.fleet_procs import FleetProcs, FleetProcsError
+from coordinator.flower.server_app import FederatedSettings
+from coordinator.runner import RunConfig
+from coordinator.store import CoordinatorStore
+
+ROOT = Path(__file__).resolve().parents[2]
+LPM = [sys.executable, "-c", "from lpm_cli import app; app()"]
+COMMON = ["--population", "oxford", "--scale", "0.02", "--seed", "3", "--beta", "0.9",
+          "--initial-infected", "0.05", "--shared-seed", "--calibrate", "beta"]
+ARGS = ["fleet", "--devices", "50", "--days", "5", *COMMON]  # the brief's run (slow test)
+FAST = ["fleet", "--devices", "20", "--days", "4", *COMMON]  # the default test's
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0",
+            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
+                                          if p)}
+
+
+def _lpm(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([*LPM, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _stored(db: Path, run_id: str) -> list[dict]:
+    return CoordinatorStore(db).series(run_id)
+
+
+def _cli_run(tmp_path: Path, procs: int, args: list[str]) -> dict:
+    d = tmp_path / f"p{procs}"
+    d.mkdir()
+    res = _lpm([*args, "--procs", str(procs), "--db", str(d / "c.db"), "--out", str(d / "out")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((d / "out" / "summary.json").read_text())
+    summary["rows"] = _stored(d / "c.db", summary["run_id"])
+    return summary
+
+
+def _api_run(tmp_path: Path, procs: int) -> dict:
+    """The run of FAST through the Python API the CLI calls (this process is rank 0)."""
+    from coordinator.calibration import CalibrationSettings
+    from coordinator.fleet import write_summary
+
+    torch.set_num_threads(1)
+    cfg = RunConfig(population="oxford", scale=0.02, days=4, seed=3, devices=20, beta=0.9,
+                    initial_infected=0.05)
+    store = CoordinatorStore(tmp_path / f"api{procs}.db")
+    rid = store.create_run({**cfg.to_dict(), "federated": True}, cfg.days)
+    settings = FederatedSettings(shared_seed=True, calibration=CalibrationSettings(
+        params=("beta",), beta_init=0.3, every=1, steps=5))
+    rows = run_fleet(cfg, settings=settings, store=store, run_id=rid, procs=procs)
+    summary = json.loads(write_summary(tmp_path / f"api{procs}", rows, []).read_text())
+    summary["rows"] = store.series(rid)
+    return summary
+
+
+def _assert_same(one: dict, two: dict, days: int) -> None:
+    assert one["days_completed"] == two["days_completed"] == days
+    for key in ("survivors", "theta", "loss", "new_infections"):
+        assert one[key] == two[key], key  # bit for bit: the same floats in the JSON
+    assert len(one["theta"]["beta"]) == days and one["theta"]["beta"][-1] != 0.3  # calibrated
+    for a, b in zip(one["rows"], two["rows"], strict=True):  # every stored aggregate
+        assert a == b
+
+
+def test_procs_2_writes_the_summary_of_one_process(tmp_path):
+    """``run_fleet(procs=2)`` against ``procs=1``: summary and stored rows (this process is
+    rank 0 of both, which saves two start-ups of `lpm`; the CLI is the slow test below)."""
+    _assert_same(_api_run(tmp_path, 1), _api_run(tmp_path, 2), 4)
+    assert not dist.is_initialized()  # rank 0 left the group
+
+
+@pytest.mark.slow
+def test_procs_2_writes_the_summary_of_procs_1(tmp_path):
+    """`lpm fleet --devices 50 --days 5 --procs 2` = `--procs 1`, both through the CLI (two
+    full start-ups: 25–29 s at load 3–4)."""
+    one, two = _cli_run(tmp_path, 1, ARGS), _cli_run(tmp_path, 2, ARGS)
+    _assert_same(one, two, 5)
+    assert two["procs"] == 2 and set(two["worker_cpu_seconds_per_day"]) == {"1"}
+    assert len(two["worker_cpu_seconds_per_day"]["1"]) == 5
+
+
+def test_a_killed_worker_is_named_at_once(tmp_path):
+    torch.set_num_threads(1)
+    cfg = RunConfig(population="oxford", scale=0.02, days=6, seed=3, devices=50,
+                    initial_infected=0.05, beta=0.9)
+    workers = FleetProcs.start(2, cfg.to_dict(), devices=cfg.devices)
+    killed: dict[str, float] = {}
+
+    def on_day(day: int, row: dict) -> None:
+        if day == 2:
+            os.kill(workers.pids()[1], signal.SIGKILL)
+            killed["at"] = time.monotonic()
+
+    with pytest.raises(FleetProcsError, match=r"worker rank 1 \(pid \d+\) was killed by "
+                                              r"SIGKILL \(the run stopped at day 2"):
+        run_fleet(cfg, settings=FederatedSettings(shared_seed=True), procs=workers,
+                  on_day=on_day)
+    # named at the next collective (gloo sees the closed connection), not after the
+    # stepper's 60 s barrier timeout or the group's 30 min one
+    assert time.monotonic() - killed["at"] < 45
+    assert not dist.is_initialized()
+    assert all(w.poll() is not None for w in workers.workers)
+
+
+def test_a_worker_dead_before_the_rendezvous_is_named():
+    cfg = RunConfig(population="tiny", days=2, devices=20)
+    workers = FleetProcs.start(3, cfg.to_dict(), devices=cfg.devices)
+    try:
+        os.kill(workers.pids()[2], signal.SIGKILL)
+        with pytest.raises(FleetProcsError, match=r"worker rank 2 .* killed by SIGKILL before "
+                                                  r"joining"):
+            workers.join()
+        assert not dist.is_initialized()
+    finally:
+        workers.close()
+    assert all(w.poll() is not None for w in workers.workers)
+
+
+def test_procs_with_tangents_is_refused_at_start(tmp_path):
+    t0 = time.monotonic()
+    res = _lpm([*FAST, "--procs", "2", "--tangents", "--db", str(tmp_path / "c.db")], 120)
+    assert res.returncode == 2
+    assert "--procs > 1 with --tangents" in res.stderr
+    assert not (tmp_path / "c.db").exists()  # refused before the store or any process
+    assert time.monotonic() - t0 < 60
+    cfg = RunConfig(population="tiny", days=2, devices=20)
+    with pytest.raises(FleetError, match="tangents"):
+        run_fleet(cfg, settings=FederatedSettings(tangents=True), procs=2)
+    with pytest.raises(FleetError, match="at least 1"):
+        run_fleet(cfg, procs=0)
