@@ -240,27 +240,42 @@ def project(rows: list[dict], sizes=(8_400_000, 100_000_000), ranks=(1, 2, 4, 8,
 
 
 def _hybrid_rank(rank: int, world: int, n: int, days: int, every: int,
-                 stepper: bool = False) -> dict | None:
+                 stepper: bool = False, tangents: bool = False,
+                 graph: str = "tiny", warm_days: int = 0) -> dict | None:
     """One rank of a fleet-mode hybrid run (coordinator.hybrid; procs_group on P > 1, or
-    on 1 rank with ``stepper``: the partitioned code path on one process)."""
+    on 1 rank with ``stepper``: the partitioned code path on one process); ``tangents``:
+    forward-mode ∂state/∂β carried (the full-path calibration's run, ring of 40 bits)."""
     from coordinator.hybrid import HybridSimulation
     from simulation.models import SIR
-    from simulation.population import synthesize
+    from simulation.population import random_contact_graph, synthesize
     torch.set_num_threads(1)
-    pop = synthesize("tiny", seed=0, scale=n / 1000)
+    pop = random_contact_graph(n, 10.0, seed=1) if graph == "random" else \
+        synthesize("tiny", seed=0, scale=n / 1000)
     t0 = time.perf_counter()
     sim = HybridSimulation(SIR(beta=0.9, gamma=0.1, initial_infected=0.05), pop,
-                           torch.arange(0, pop.n, every), 3,
+                           torch.arange(0, pop.n, every), 3, tangents=tangents,
+                           frac_bits=40 if tangents else None,
                            procs_group=True if world > 1 or stepper else None)
+    if tangents:  # torch's forward AD imports ~1.4 s of modules on first use: setup, once
+        import torch.autograd.forward_ad as fwad
+        with torch.no_grad(), fwad.dual_level():
+            fwad.unpack_dual(fwad.make_dual(torch.zeros(1), torch.ones(1)).exp())
+    rows = [sim.step() for _ in range(warm_days)]  # first-use costs (numba, lazy imports)
     setup = time.perf_counter() - t0
     t0, c0 = time.perf_counter(), time.process_time()
-    rows = [sim.step() for _ in range(days)]
+    rows += [sim.step() for _ in range(days)]
     steps, cpu = time.perf_counter() - t0, time.process_time() - c0
     st = sim._stepper
     phases = {} if st is None else {**st.seconds, "received_bytes_per_day":
-                                    st.bytes_received / days}
+                                    st.bytes_received / (days + warm_days)}
+    if st is not None and world > 1:  # the central layer's halo: 4 B per value column
+        from simulation.distributed.partition import cut_stats
+        phases["halo_bytes_per_day"] = 4 * (2 if tangents else 1) * st.shard.n_halo * \
+            st.op.exchanges / (days + warm_days)
+        phases["cut_edges"] = float(cut_stats(sim.split.central, st.partition)["cut_edges"])
     return {"setup_s": setup, "steps_s": steps, "cpu_s": cpu,
             "series": [r["new_infections"] for r in rows],
+            "tangent_series": [r.get("d_new_dbeta", 0.0) for r in rows],
             "phases": phases, "balance": {} if st is None else st.balance,
             "n_local": 0 if st is None else st.shard.n_local}
 
@@ -282,24 +297,35 @@ def free_cores(procs: int) -> float:
     return sum(c for _, c in out) / max(w for w, _ in out)
 
 
-def hybrid_timing(n: int, days: int, every: int, procs: int) -> dict:
+def hybrid_timing(n: int, days: int, every: int, procs: int, tangents: bool = False,
+                  graph: str = "tiny") -> dict:
     """1- vs P-rank hybrid run (same run, alternated twice, best of 2): the plain 1-rank
-    HybridSimulation, the partitioned code path on 1 rank, and on P ranks; ratios."""
+    HybridSimulation, the partitioned code path on 1 rank, and on P ranks; ratios. With
+    ``tangents`` the runs carry ∂state/∂β (and the plain value-only 1-rank run is timed
+    too, for the tangents' own cost)."""
     from simulation.distributed.launch import spawn_local
     cores = free_cores(procs)
     print(f"{procs} independent CPU-bound processes get {cores:.2f} cores now "
           f"(load {os.getloadavg()[0]:.1f}): wall speed-ups are capped by that", flush=True)
     runs = {"plain 1": (1, False), "stepper 1": (1, True), f"stepper {procs}": (procs, True)}
+    if tangents:
+        runs = {"values only, plain 1": (1, False), **runs}
     best: dict[str, float] = {}
     cpu: dict[str, float] = {}  # the busiest rank's CPU seconds: the day's critical path
     series: dict[str, list] = {}
+    tseries: dict[str, list] = {}
+    st_names = ("sync", "cross", "halo", "reduce", "day")  # the stepper's phase seconds
     for _ in range(2):
         for label, (w, stepper) in runs.items():
-            ranks = spawn_local(_hybrid_rank, w, n, days, every, stepper, timeout=600)
+            tan = tangents and not label.startswith("values only")
+            ranks = spawn_local(_hybrid_rank, w, n, days, every, stepper, tan, graph,
+                                1 if tangents else 0, timeout=600)
             r = ranks[0]
             best[label] = min(best.get(label, float("inf")), r["steps_s"])
             cpu[label] = min(cpu.get(label, float("inf")), max(q["cpu_s"] for q in ranks))
             series[label] = r["series"]
+            if tan:
+                tseries[label] = r["tangent_series"]
             per_rank = "/".join(f"{q['cpu_s']:.2f}" for q in ranks)
             print(f"hybrid {n} agents, {n // every} devices, {days} days, {label} rank(s): "
                   f"steps {r['steps_s']:.2f} s, setup {r['setup_s']:.2f} s, CPU per rank "
@@ -310,12 +336,23 @@ def hybrid_timing(n: int, days: int, every: int, procs: int) -> dict:
             for k, q in enumerate(ranks):  # where a partitioned day's time goes, per rank
                 if q["phases"]:
                     print(f"  rank {k} ({q['n_local']} agents): " + ", ".join(
-                        f"{name} {v:.2f} s" if name != "received_bytes_per_day"
-                        else f"received {v / 1e3:.1f} kB/day" for name, v in q["phases"].items()))
+                        f"{name} {v:.2f} s" if name in st_names
+                        else f"{name} {v / 1e3:.1f} kB" if name.endswith("per_day")
+                        else f"{name} {v:.0f}" for name, v in q["phases"].items()))
     assert all(v == series["plain 1"] for v in series.values()), "series differ from 1 rank"
+    for label, ts in tseries.items():  # ∂new/∂β per day: 1e-12 relative (float64 totals)
+        ref = tseries["plain 1"]
+        worst = max((abs(a - b) / max(abs(b), 1e-300) for a, b in zip(ts, ref, strict=True)),
+                    default=0.0)
+        print(f"  d_new/dβ series of {label} vs plain 1: max rel diff {worst:.2g}")
+        assert worst <= 1e-12, (label, worst)
     top = f"stepper {procs}"
     ratio, ratio_same = best["plain 1"] / best[top], best["stepper 1"] / best[top]
     cpu_ratio = cpu["plain 1"] / cpu[top]
+    if tangents:
+        base = "values only, plain 1"
+        print(f"tangents' own cost on 1 rank: {best['plain 1'] / best[base]:.2f}x wall, "
+              f"{cpu['plain 1'] / cpu[base]:.2f}x CPU of the value-only run")
     print(f"hybrid speed-up plain 1 rank -> {procs} ranks (best of 2): {ratio:.2f}x; "
           f"partitioned path 1 -> {procs} ranks: {ratio_same:.2f}x; CPU seconds of plain 1 "
           f"rank / of the busiest of {procs} (the speed-up a machine with {procs} free cores "
@@ -323,6 +360,7 @@ def hybrid_timing(n: int, days: int, every: int, procs: int) -> dict:
     cores_after = free_cores(procs)
     print(f"... and after the runs {cores_after:.2f} cores (load {os.getloadavg()[0]:.1f})")
     return {"n": n, "days": days, "devices": n // every, "best_s": best, "speedup": ratio,
+            "tangents": tangents, "graph": graph,
             "free_cores": [cores, cores_after],
             "speedup_same_path": ratio_same, "busiest_rank_cpu_s": cpu,
             "cpu_speedup": cpu_ratio}
@@ -344,6 +382,10 @@ def main() -> None:
     ap.add_argument("--hybrid", action="store_true",
                     help="only the coordinator's fleet-mode hybrid run, 1 vs --procs ranks")
     ap.add_argument("--hybrid-devices", type=int, default=20)
+    ap.add_argument("--hybrid-tangents", action="store_true",
+                    help="the hybrid runs carry forward-mode tangents ∂state/∂β")
+    ap.add_argument("--hybrid-graph", choices=("tiny", "random"), default="tiny",
+                    help="tiny scaled to --n, or a random graph of mean degree 10 (a real cut)")
     ap.add_argument("--project", type=Path, default=None,
                     help="print the GPU projection table from a saved --json (halo part)")
     args = ap.parse_args()
@@ -361,7 +403,7 @@ def main() -> None:
     result: dict = {"uptime_load": os.getloadavg()}
     if args.hybrid:
         result["hybrid"] = hybrid_timing(args.n, args.days, args.n // args.hybrid_devices,
-                                         args.procs)
+                                         args.procs, args.hybrid_tangents, args.hybrid_graph)
         if args.json:
             args.json.write_text(json.dumps(result, indent=2, default=float))
         return

@@ -171,3 +171,66 @@ def test_remote_mode_tangents_equal_one_rank(world):
     got = _assemble([full0, *out[1:]], len(one["ids"]))
     for k, v in _assemble([one], len(one["ids"])).items():
         assert torch.equal(got[k], v), k
+
+
+# --- traffic: the tangents ride in the same messages (one halo exchange, not two) -----------
+
+_COLLECTIVES = ("all_to_all_single", "all_reduce", "broadcast", "all_gather", "gather",
+                "scatter", "all_gather_into_tensor", "reduce_scatter_tensor", "send", "recv",
+                "reduce", "monitored_barrier", "barrier")
+
+
+def _count(rank: int, counter: dict[str, int]) -> None:
+    """Wrap torch.distributed's collectives: bytes arriving at this rank, and calls."""
+    import torch.distributed as dist
+
+    def wrap(name, fn):
+        def counted(*args, **kwargs):
+            counter["calls"] += 1
+            t = args[0] if args else next(iter(kwargs.values()), None)
+            tensors = t if isinstance(t, list) else [t]
+            src = kwargs.get("src", args[1] if len(args) > 1 else None)
+            if not (name == "broadcast" and src == rank):
+                counter["bytes"] += sum(x.numel() * x.element_size() for x in tensors
+                                        if isinstance(x, torch.Tensor))
+            return fn(*args, **kwargs)
+        return counted
+
+    for name in _COLLECTIVES:
+        setattr(dist, name, wrap(name, getattr(dist, name)))
+
+
+def _counted(rank: int, world: int, tangents: bool):
+    from simulation.distributed.partition import cut_stats
+    torch.set_num_threads(1)
+    counter = {"bytes": 0, "calls": 0}
+    _count(rank, counter)
+    pop = _population("random")
+    sim = HybridSimulation(SIR(beta=BETA, gamma=0.1, initial_infected=0.05), pop,
+                           torch.arange(0, pop.n, 50), SEED, tangents=tangents, frac_bits=40,
+                           procs_group=True)
+    counter.update(bytes=0, calls=0)  # setup is paid once, not per day
+    for _ in range(DAYS):
+        sim.step()
+    st = sim._stepper
+    return {**counter, "halo": st.shard.n_halo, "boundary": st.sizes,
+            "cut": cut_stats(sim.split.central, st.partition)["cut_edges"]}
+
+
+def test_tangent_days_send_both_columns_in_the_same_messages():
+    """Per day and rank, with tangents: the same number of collectives as without, and
+    ≤ 8 B × (its halo + its cross boundary) + the header (twice the 4 B of a value-only day
+    per agent); all ranks together ≤ 16 B per cut edge + 16 B per boundary agent + headers."""
+    from simulation.distributed.hybrid_stepper import HEADER_BYTES
+    plain = spawn_local(_counted, 2, False, timeout=120)
+    tan = spawn_local(_counted, 2, True, timeout=120)
+    assert tan[0]["cut"] > 100 and tan[0]["halo"] > 0  # the halo is exercised
+    total = 0
+    for rank, (p, r) in enumerate(zip(plain, tan, strict=True)):
+        assert r["calls"] == p["calls"], (rank, r["calls"], p["calls"])  # no extra exchange
+        cross = sum(r["boundary"][1:]) if rank == 0 else r["boundary"][rank]
+        assert r["bytes"] <= DAYS * (8 * (r["halo"] + cross) + HEADER_BYTES), (rank, r)
+        assert r["bytes"] <= 2 * p["bytes"]
+        total += r["bytes"]
+    bound = DAYS * (16 * tan[0]["cut"] + 16 * sum(tan[0]["boundary"]) + 2 * HEADER_BYTES)
+    assert total <= bound, (total, bound)
