@@ -273,12 +273,17 @@ def run_fleet(cfg: RunConfig, *, settings: FederatedSettings | None = None,
     n_procs = procs.procs if isinstance(procs, FleetProcs) else int(procs)
     settings = settings or FederatedSettings()
     try:
-        check_procs(n_procs, tangents=settings.tangents)
+        check_procs(n_procs, tangents=settings.tangents,
+                    calibrate=settings.calibration is not None)
         if transport is not None and process is not None:
             raise FleetError("give a transport or a device-host process, not both")
         if cfg.devices < settings.min_devices:
             raise MinCohortError(f"{cfg.devices} devices: the minimum cohort is "
                                  f"{settings.min_devices}")
+        spec: dict[str, Any] = {"devices": cfg.devices, "estimator": settings.estimator,
+                                "tangents": settings.tangents}
+        if given is not None and given.spec != FleetProcs.run_spec(cfg.to_dict(), **spec):
+            raise FleetError("the worker processes were configured for another run")
     except BaseException:
         if process is not None:
             stop_device_host(process)
@@ -302,8 +307,7 @@ def run_fleet(cfg: RunConfig, *, settings: FederatedSettings | None = None,
     run = None
     try:
         if workers is None and n_procs > 1:
-            workers = FleetProcs.start(n_procs, cfg.to_dict(), devices=cfg.devices,
-                                       estimator=settings.estimator)
+            workers = FleetProcs.start(n_procs, cfg.to_dict(), **spec)
         if workers is not None:
             if len(transport.node_ids()) < cfg.devices:  # the workers place cfg.devices
                 raise FleetError(f"{len(transport.node_ids())} devices connected for a "
@@ -329,15 +333,17 @@ def run_fleet(cfg: RunConfig, *, settings: FederatedSettings | None = None,
             transport.close()
 
 
-def check_procs(procs: int, *, tangents: bool = False) -> None:
+def check_procs(procs: int, *, tangents: bool = False, calibrate: bool = False) -> None:
     """Refuse a process count, or an option the partitioned run does not support, before
     anything starts (:class:`FleetError`)."""
     if procs < 1:
         raise FleetError(f"--procs {procs}: at least 1 process")
-    if procs > 1 and tangents:
-        raise FleetError("--procs > 1 with --tangents: the partitioned fleet does not carry "
-                         "tangents across ranks (the devices' tangent round reads every "
-                         "synthetic contact's ∂I/∂β on rank 0); run --tangents with --procs 1")
+    if procs > 1 and tangents and calibrate:
+        raise FleetError("--procs > 1 with --tangents and --calibrate: the full-path "
+                         "calibration replays the whole synthetic population from day 0 on "
+                         "the coordinator (coordinator/calibration_path.py), which a "
+                         "partitioned run does not hold; drop --procs, or --tangents (the "
+                         "one-step calibration runs partitioned)")
 
 
 def write_summary(out_dir: Path, rows: list[dict[str, object]], day_seconds: list[float],

@@ -61,6 +61,7 @@ class FleetProcs:
     def __init__(self, procs: int, workers: list[subprocess.Popen]) -> None:
         self.procs, self.workers = procs, workers
         self.store: Any = None  # rank 0's TCPStore (the rendezvous), from configure
+        self.spec: dict[str, Any] | None = None  # the run the workers build (run_spec)
         self.timeout = 300.0
         self.joined = False
         #: per worker rank (1..P−1): cumulative CPU seconds after setup and after each day
@@ -89,11 +90,19 @@ class FleetProcs:
             raise
         return cls(procs, workers)
 
+    @staticmethod
+    def run_spec(cfg: Mapping[str, Any], *, devices: int, estimator: str = "straight_through",
+                 tangents: bool = False) -> dict[str, Any]:
+        """What the workers need to build rank 0's ``HybridSimulation``: the run config
+        (``RunConfig.to_dict()``), the device count, the estimator, tangents."""
+        return {"cfg": dict(cfg), "devices": int(devices), "estimator": str(estimator),
+                "tangents": bool(tangents)}
+
     def configure(self, cfg: Mapping[str, Any], *, devices: int,
-                  estimator: str = "straight_through", timeout: float = 300.0) -> None:
-        """Give the workers the run ``cfg`` (a ``RunConfig.to_dict()``) with ``devices``
-        physical agents, and open the rendezvous; ``timeout``: seconds a worker may take
-        to reach it."""
+                  estimator: str = "straight_through", tangents: bool = False,
+                  timeout: float = 300.0) -> None:
+        """Give the workers the run (:meth:`run_spec`) and open the rendezvous;
+        ``timeout``: seconds a worker may take to reach it."""
         import torch.distributed as dist
 
         if self.store is not None:
@@ -104,8 +113,8 @@ class FleetProcs:
         self.timeout = float(timeout)
         self.store = dist.TCPStore("127.0.0.1", 0, self.procs, is_master=True,
                                    wait_for_workers=False, timeout=timedelta(seconds=timeout))
-        spec = json.dumps({"cfg": dict(cfg), "devices": int(devices), "estimator": estimator,
-                           "timeout": self.timeout, "port": int(self.store.port)})
+        self.spec = self.run_spec(cfg, devices=devices, estimator=estimator, tangents=tangents)
+        spec = json.dumps({**self.spec, "timeout": self.timeout, "port": int(self.store.port)})
         for w in self.workers:
             try:
                 assert w.stdin is not None
@@ -116,11 +125,13 @@ class FleetProcs:
 
     @classmethod
     def start(cls, procs: int, cfg: Mapping[str, Any], *, devices: int,
-              estimator: str = "straight_through", timeout: float = 300.0) -> FleetProcs:
+              estimator: str = "straight_through", tangents: bool = False,
+              timeout: float = 300.0) -> FleetProcs:
         """:meth:`launch` then :meth:`configure`."""
         workers = cls.launch(procs)
         try:
-            workers.configure(cfg, devices=devices, estimator=estimator, timeout=timeout)
+            workers.configure(cfg, devices=devices, estimator=estimator, tangents=tangents,
+                              timeout=timeout)
         except BaseException:
             workers.close()
             raise
@@ -246,7 +257,8 @@ def worker_main() -> int:
         pop = synthesize(cfg.population, seed=cfg.seed, scale=cfg.scale)
         sim = HybridSimulation(SIR(cfg.beta, cfg.gamma, cfg.initial_infected), pop,
                                physical_agents(pop.n, int(spec["devices"])), cfg.seed,
-                               remote=True, estimator=spec["estimator"], procs_group=True)
+                               remote=True, tangents=bool(spec["tangents"]),
+                               estimator=spec["estimator"], procs_group=True)
         del pop
         cpu = [time.process_time()]
         for _ in range(cfg.days):  # rank 0 steps days 0..days−1, a checkpoint after each

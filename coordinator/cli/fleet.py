@@ -78,7 +78,7 @@ def fleet_command(
     )
 
     try:  # refused before anything starts
-        check_procs(procs, tangents=tangents)
+        check_procs(procs, tangents=tangents, calibrate=bool(calibrate))
     except FleetError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from None
@@ -152,7 +152,8 @@ def _fleet(host: list[subprocess.Popen], workers: FleetProcs | None, *, devices:
     try:
         with store.running(rid):
             if workers is not None:  # launched before the imports: the run, now it is valid
-                workers.configure(cfg.to_dict(), devices=cfg.devices, estimator=estimator)
+                workers.configure(cfg.to_dict(), devices=cfg.devices, estimator=estimator,
+                                  tangents=tangents)
             rows = run_fleet(cfg, settings=settings, store=store, run_id=rid, on_day=on_day,
                              drop_fraction=drop_fraction, drop_seed=drop_seed, process=host,
                              procs=workers or 1)

@@ -380,7 +380,7 @@ class FederatedRun:
             if tattempt is not None:
                 cross_dsums, tpending = _relay_round(
                     tattempt, tproxies, tplans,
-                    {m: r.tenvelopes for m, r in day_replies.items()}, sim.tangent["I"],
+                    {m: r.tenvelopes for m, r in day_replies.items()}, sim.cross_tangent(),
                     all_keys, weights, wsum, day_replies, split.n)
             pending_syn = sim.step(cross_sums=cross_sums, cross_dsums=cross_dsums)
             if self.calibrator is not None and self.calibrator.replay is not None:

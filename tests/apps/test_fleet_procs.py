@@ -9,7 +9,8 @@ device hosts, the worker ranks, `lpm` itself.
 * a worker killed mid-run: rank 0 fails with an error naming the rank and the signal, at
   once (no wait for a collective's timeout), leaves the group and no process behind;
 * a worker that dies before the rendezvous is named too;
-* ``--procs`` with ``--tangents`` is refused before anything starts.
+* ``--tangents`` runs partitioned (counts equal, ∂new/∂β too); with ``--calibrate`` it is
+  refused before anything starts, and workers configured for another run are refused.
 """
 
 from __future__ import annotations
@@ -146,15 +147,45 @@ def test_a_worker_dead_before_the_rendezvous_is_named():
     assert all(w.poll() is not None for w in workers.workers)
 
 
-def test_procs_with_tangents_is_refused_at_start(tmp_path):
+def test_procs_with_tangents_and_calibration_is_refused_at_start(tmp_path):
+    """The full-path calibration replays the whole synthetic population on rank 0."""
     t0 = time.monotonic()
     res = _lpm([*FAST, "--procs", "2", "--tangents", "--db", str(tmp_path / "c.db")], 120)
     assert res.returncode == 2
-    assert "--procs > 1 with --tangents" in res.stderr
+    assert "--procs > 1 with --tangents and --calibrate" in res.stderr
     assert not (tmp_path / "c.db").exists()  # refused before the store or any process
     assert time.monotonic() - t0 < 60
+    from coordinator.calibration import CalibrationSettings
+
     cfg = RunConfig(population="tiny", days=2, devices=20)
-    with pytest.raises(FleetError, match="tangents"):
-        run_fleet(cfg, settings=FederatedSettings(tangents=True), procs=2)
+    with pytest.raises(FleetError, match="tangents and --calibrate"):
+        run_fleet(cfg, settings=FederatedSettings(tangents=True, calibration=CalibrationSettings(
+            params=("beta",))), procs=2)
     with pytest.raises(FleetError, match="at least 1"):
         run_fleet(cfg, procs=0)
+    workers = FleetProcs.start(2, cfg.to_dict(), devices=cfg.devices, tangents=True)
+    with pytest.raises(FleetError, match="configured for another run"):  # rank 0: no tangents
+        run_fleet(cfg, procs=workers)
+    assert all(w.poll() is not None for w in workers.workers)
+
+
+@pytest.mark.slow
+def test_procs_2_with_tangents_equals_one_process():
+    """Exact decentralised gradients (--tangents, no calibration) partitioned: the tangent
+    column travels beside I (simulation/distributed/hybrid_stepper.py); counts equal bit for
+    bit, ∂new/∂β up to float64 summation order (measured: equal bit for bit too). Slow:
+    26–36 s at load 5–6 (two runs with tangents, one of them starting a worker)."""
+    torch.set_num_threads(1)
+    cfg = RunConfig(population="oxford", scale=0.02, days=2, seed=3, devices=10, beta=0.9,
+                    initial_infected=0.05)
+    settings = FederatedSettings(shared_seed=True, tangents=True)
+    one, two = (run_fleet(cfg, settings=settings, procs=p) for p in (1, 2))
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two, strict=True):
+        assert set(a) == set(b)
+        for k in a:
+            if "dbeta" in k:
+                assert b[k] == pytest.approx(a[k], rel=1e-9, abs=1e-9), k
+            else:
+                assert b[k] == a[k], k
+        assert a["d_new_dbeta"] != 0.0
