@@ -152,6 +152,9 @@ class HybridStepper:
             torch.zeros(0)
         self._cross_wsum = sim._cross_wsum[self.ends] if self.rank == 0 else torch.zeros(0)
         self._too_large = False  # a tangent past the protocol's public bound (fleet mode)
+        # the full-path calibration's replay (simulation.distributed.replay), if attached:
+        # its serving ranks answer rank 0's fits between two days
+        self.replay: Any = None
         sim.state = {k: v[self.owned].clone() for k, v in sim.state.items()}
         sim.tangent = {k: v[self.owned].clone() for k, v in sim.tangent.items()}
 
@@ -304,6 +307,11 @@ class HybridStepper:
                                               (self.tangents and cross_dsums is None)):
             raise DistributedError("remote mode: rank 0 needs the protocol's cross sums" +
                                    (" of values and tangents" if self.tangents else ""))
+        if self.replay is not None:  # a fit between two days: rank 0 is done with it
+            if self.rank == 0:
+                self.replay.release()
+            else:
+                self.replay.serve()
         self._sync(day, model)
         self.seconds["sync"] += time.perf_counter() - t_day
         if self.tangents:
