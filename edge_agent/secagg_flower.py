@@ -34,7 +34,7 @@ from edge_agent.store import EdgeStore
 from protocols.daily import SECAGG_ATTEMPTS, secagg_day
 from protocols.keys import IdentityKey
 from protocols.secagg import RoundConfig
-from protocols.secagg.epoch_client import EpochClient
+from protocols.secagg.epoch_client import EpochClient, EpochStage
 
 __all__ = ["app", "demo_input", "NodeStateVault", "SecAggDevice", "SecAggDeviceError",
            "StoreVault", "Vault"]
@@ -207,7 +207,9 @@ class SecAggDevice:
     def stage(self, name: str, day: int, payload: bytes) -> bytes:
         """Advance the epoch by one stage of ``day``'s report: ``masked_input`` (the
         roster on an epoch's first day; or, with a one-byte payload, attempt ``payload[0]``
-        of a day that aborted before anything was revealed), ``consistency``, ``unmask``."""
+        of a day that aborted before anything was revealed), ``consistency`` (again when
+        the coordinator re-issues the survivor set without devices that dropped after
+        masking: only a subset of the set this device tagged is accepted), ``unmask``."""
         client, report = self._load()
         if rec.integer(self.st, "sa_day") != day:
             raise SecAggDeviceError(f"stage {name} for day {day}, the device is at day "
@@ -230,8 +232,9 @@ class SecAggDevice:
                 self._check_new_day(day)
                 client.accept_roster(payload)
                 out = self._masked(client, day, 0, report)
-        elif name == "consistency":
-            out = client.sign_survivors(payload)
+        elif name == "consistency":  # a second one re-issues the set without late devices
+            out = client.resign_survivors(payload) if client.stage is EpochStage.UNMASK \
+                else client.sign_survivors(payload)
         elif name == "unmask":
             out = client.unmask(payload)
             self.st["sa_revealed_day"] = day

@@ -158,6 +158,10 @@ class ReportRound:
         self._setup = self.new_epoch  # key setup still to close (then the day opens)
         self.attempt = 0  # attempts at this day in the epoch (secagg_day(day, attempt))
         self.aborts: list[str] = []  # why earlier attempts aborted (before any reveal)
+        #: per re-issued survivor set: the devices left out (no tags, a neighbour outside S)
+        self.left_out: list[list[str]] = []
+        self._reissued = False  # the current attempt's survivor set was re-issued
+        self._resigning = False  # the open exchange is the re-issued set's consistency
         self.stage: str | None = None  # the exchange the last advance() opened
         if not self.new_epoch:
             epoch.server.open_day(secagg_day(day))
@@ -183,6 +187,12 @@ class ReportRound:
             self.epoch.confirmed.add(name)  # it holds the epoch's keys (roster accepted)
 
     @property
+    def exchange_tag(self) -> str:
+        """A name for the open exchange, unique within the day (message group ids)."""
+        tag = f"{self.stage}-{self.attempt}" if self.attempt else str(self.stage)
+        return tag + "-reissued" if self._resigning else tag
+
+    @property
     def pday(self) -> int:
         """The SecAgg+ protocol day of the current attempt."""
         return secagg_day(self.day, self.attempt)
@@ -193,10 +203,24 @@ class ReportRound:
         setup opens the day. A day that aborts before anything is revealed is attempted
         again in the same epoch while attempts remain (``masked_input`` with the attempt
         number as payload, to the devices that tagged the aborted attempt's survivor set);
-        otherwise SecAggAbortError."""
+        otherwise SecAggAbortError. Before that, closing the consistency round re-issues
+        the survivor set once per attempt without the devices that sent no tags while a
+        neighbour of theirs is outside it (they dropped after masking: their input is left
+        out exactly) — stage ``consistency`` again, to the devices still in the set."""
         srv = self.server
         before, tagged = srv.stage, srv.tagged
+        self._resigning = False
         try:
+            if before is EpochServerStage.CONSISTENCY and not self._reissued:
+                self._reissued = True
+                s_before = srv.survivor_set
+                out = srv.reissue_survivors()
+                if out:
+                    self._resigning = True
+                    self.left_out.append(sorted(self.roster[i] for i in s_before
+                                                if i not in out))
+                    self.stage = "consistency"
+                    return {self.roster[i]: b for i, b in out.items()}
             out = srv.advance()
         except SecAggAbortError as exc:
             if before is not EpochServerStage.CONSISTENCY \
@@ -207,6 +231,7 @@ class ReportRound:
             # keys; the ones that did not are out of the day (dropped before the new input)
             self.aborts.append(str(exc))
             self.attempt += 1
+            self._reissued = False
             srv.open_day(self.pday)
             self.stage = "masked_input"
             return {self.roster[i]: bytes([self.attempt]) for i in sorted(tagged)}

@@ -197,6 +197,8 @@ class FederatedRun:
         self.sim: HybridSimulation | None = None  # synthetic agents only (physical rows 0)
         self.survivors: dict[int, list[int]] = {}  # day -> node ids whose report is in it
         self.epochs: dict[int, int] = {}  # day -> SecAgg+ key epoch of its report round
+        #: day -> {"aborts": why attempts aborted, "left_out": devices per re-issued set}
+        self.secagg_log: dict[int, dict[str, list]] = {}
 
     # ------------------------------------------------------------------ transport
     def _nodes(self, wait: float = 120.0) -> list[int]:
@@ -415,7 +417,7 @@ class FederatedRun:
                 msgs = {name_to_node[n]: StageRequest(stage=stage, day=day - 1,
                                                       payload=b).to_dict()
                         for n, b in out.items()}
-                tag = f"{stage}-{report.attempt}" if report.attempt else stage
+                tag = report.exchange_tag
                 raw, failed = self.transport.exchange(MessageType.STAGE, msgs,
                                                       f"{group}/{tag}", self.settings.timeout)
                 node_to_name = {v: k for k, v in name_to_node.items()}
@@ -437,6 +439,12 @@ class FederatedRun:
                 f"(minimum cohort {self.settings.min_devices}); devices out today: {desc}"
                 + (f"; messages refused ({len(report.rejected)}), e.g. {why}" if why else "")
             ) from exc
+        for gone in report.left_out:
+            _log.warning("day %d: %d device(s) dropped after masking next to an offline "
+                         "one; the survivor set was re-issued without them: %s", day,
+                         len(gone), ", ".join(gone[:5]))
+        self.secagg_log[day] = {"aborts": list(report.aborts),
+                                "left_out": [list(o) for o in report.left_out]}
         for why in report.aborts:
             _log.warning("day %d: SecAgg+ attempt aborted before any reveal (%s); the day "
                          "was attempted again in the same key epoch", day, why)

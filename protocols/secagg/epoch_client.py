@@ -270,6 +270,31 @@ class EpochClient:
         return add_mac(self._mac, SurvivorTags(self._header(EMsg.TAGS, self._day), tags,
                                                day_keys).encode())
 
+    def resign_survivors(self, survivors_blob: bytes) -> bytes:
+        """A re-issued survivor set for the same day, after this client tagged one and
+        before it unmasks: the server left out survivors that sent no tags while they have
+        live neighbours outside S (their masks with those can no longer come off). Accepted
+        only as a subset of the set this client holds, itself still in it; tagged as in
+        :meth:`sign_survivors`, with the day keys of the live neighbours outside the new set.
+        A neighbour still gets a day key or a self-mask share, never both: day keys go to
+        those outside the smallest set this client tagged, shares to those inside it."""
+        self._expect(EpochStage.UNMASK)
+        cfg = self.config
+        assert self._day is not None
+        msg, members = SurvivorSet.decode(self._body(survivors_blob), cfg.n)
+        check_eheader(cfg, msg.header, self._day, SERVER, self.index)
+        if not members <= self._survivors:
+            raise ProtocolViolationError("a re-issued survivor set must be a subset of the "
+                                         "one this client tagged")
+        held = self._bitmap, self._survivors
+        self.stage = EpochStage.CONSISTENCY
+        try:
+            return self.sign_survivors(survivors_blob)
+        except BaseException:
+            self._bitmap, self._survivors = held
+            self.stage = EpochStage.UNMASK
+            raise
+
     # -- day 3/3 -----------------------------------------------------------------------
     def unmask(self, request_blob: bytes) -> bytes:
         """Verify ≥ t neighbours' tags on this client's S, open the self-mask shares, and

@@ -173,6 +173,11 @@ class EpochServer:
         """Clients whose consistency tags arrived for the current day (so far)."""
         return frozenset(self._tags)
 
+    @property
+    def survivor_set(self) -> frozenset[int]:
+        """The current day's survivor set S (empty before the input stage closes)."""
+        return self._s
+
     def neighbours(self, index: int) -> frozenset[int]:
         """The neighbours of roster client ``index`` in the epoch's public graph."""
         return self._nbrs[index]
@@ -430,6 +435,49 @@ class EpochServer:
         self._shares = {i: {} for i in self._s}
         self._head = self._prefix(EMsg.UNMASK_RESPONSE)
         self.stage = EpochServerStage.UNMASK
+        return out
+
+    def reissue_survivors(self) -> dict[int, bytes]:
+        """At CONSISTENCY, instead of :meth:`advance`: survivors that sent no tags while
+        they have live neighbours outside S (they dropped after their masked input) would
+        abort the day, since nobody else holds their day keys with those neighbours. Left
+        out of a re-issued S' ⊂ S (pruned so every member keeps ≥ t neighbours in it),
+        their inputs stay out of the sum exactly: their self masks are never revealed and
+        their neighbours send their day keys with them. Returns the survivor-set messages
+        for S' (clients that tagged S answer with ``EpochClient.resign_survivors``; the
+        stage stays CONSISTENCY), or ``{}`` when no survivor is in that case. Raises
+        :class:`SecAggAbortError` (the day dropped, nothing revealed) if S' is too small."""
+        if self.stage is not EpochServerStage.CONSISTENCY:
+            raise StageError(f"server is {self.stage.value}, not in the consistency round")
+        live, s = self._live_nbrs, set(self._s)
+        silent: set[int] = set()
+        while True:  # leaving one out can put another silent survivor next to an outsider
+            more = {i for i in s if i not in self._tags and live[i] - s}
+            if not more:
+                break
+            silent |= more
+            s -= more
+        if not silent:
+            return {}
+        s2 = self._prune(s)
+        try:
+            self._require(s2, "re-issuing the survivor set")
+        except SecAggAbortError:
+            self.stage = EpochServerStage.READY
+            self._clear_day()
+            raise
+        self._s = s2
+        self._bitmap = encode_bitmap(s2, self.config.n)
+        order = sorted(s2)
+        tail = _U32.pack(len(self._bitmap)) + self._bitmap
+        macs = self._macs
+        out = {i: add_mac(macs[i], head + tail)
+               for i, head in zip(order, self._headers(EMsg.SURVIVORS, order), strict=True)}
+        self._in_s = {i: live[i] & s2 for i in order}
+        self._out_s = {i: live[i] - s2 for i in order}
+        self._tags, self._day_keys = {}, {}  # S' is tagged afresh, day keys with it
+        self._inbox_t = [[] for _ in range(self.config.n)]
+        self._head = self._prefix(EMsg.TAGS)
         return out
 
     # -- day 3/3 -----------------------------------------------------------------------

@@ -124,11 +124,13 @@ def test_dropouts_complete_over_survivors_exactly():
     assert 11 in run.survivors[4]  # dropped at unmask: its masked input still counts
 
 
-def test_day_aborted_before_any_reveal_is_attempted_again(caplog):
+def test_device_dropping_after_masking_is_left_out_without_an_abort(caplog):
     """Node 3 drops before its masked input and node 5 after it (before the consistency
     round); on 9 devices (complete SecAgg+ graph) nobody else can remove their pairwise mask,
-    so the attempt aborts before anything is revealed and the day runs again in the same key
-    epoch without them; the totals equal the survivors' true states."""
+    so node 5's input cannot be in the sum: the coordinator re-issues the survivor set
+    without it (one more consistency round; the fleet's "client N sent no tags" abort
+    before) and the day completes in its first attempt, in the same key epoch; the totals
+    equal the survivors' true states."""
     import logging
 
     cfg = RunConfig(population="tiny", days=3, seed=1, devices=9, initial_infected=0.2,
@@ -150,7 +152,10 @@ def test_day_aborted_before_any_reveal_is_attempted_again(caplog):
     assert [r["survivors"] for r in rows] == [9, 7, 7]
     assert run.epochs[2] == run.epochs[1] and 3 not in run.survivors[2]
     assert 5 not in run.survivors[2]
-    assert any("attempted again" in r.getMessage() for r in caplog.records)
+    assert [len(o) for o in run.secagg_log[2]["left_out"]] == [1]  # node 5, once
+    assert all(not v["aborts"] for v in run.secagg_log.values())
+    assert any("re-issued" in r.getMessage() for r in caplog.records)
+    assert not any("attempted again" in r.getMessage() for r in caplog.records)
     assert all(a == b for a, b in checks), checks
 
 

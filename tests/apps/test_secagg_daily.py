@@ -65,7 +65,7 @@ class Fleet:
         self.log: dict[str, dict[str, bytes]] = {}  # stage -> device -> its reply
         self.refused: dict[str, str] = {}
 
-        def send(stage: str, out: dict[str, bytes]) -> None:
+        def send(stage: str, out: dict[str, bytes], key: str | None = None) -> None:
             for m, b in out.items():
                 if m not in gone:
                     try:
@@ -73,7 +73,7 @@ class Fleet:
                     except (SecAggError, SecAggDeviceError) as exc:
                         self.refused[m] = type(exc).__name__
                         continue
-                    self.log.setdefault(stage, {})[m] = reply
+                    self.log.setdefault(key or stage, {})[m] = reply
                     rr.receive(m, reply)
 
         if tamper is not None:  # the coordinator's own choice of every message
@@ -85,8 +85,8 @@ class Fleet:
             out = rr.advance()
             if rr.stage is None:
                 return rr
-            gone |= silent.get(rr.stage, set())
-            send(rr.stage, out)
+            gone |= silent.get(rr.stage, set()) | silent.get(rr.exchange_tag, set())
+            send(rr.stage, out, rr.exchange_tag)
 
     def expected(self, members: list[str], day: int) -> torch.Tensor:
         return torch.tensor([sum(self.report(m, day)[k] for m in members) for k in range(L)],
@@ -122,23 +122,128 @@ def test_keys_agreed_once_per_epoch_kept_over_absences_and_rekeyed_for_newcomers
     assert newcomer.day(1, newcomer.names).new_epoch and r5.new_epoch
 
 
-def test_a_day_that_aborts_before_any_reveal_is_attempted_again_in_the_epoch() -> None:
-    """One device drops before its masked input and a neighbour of it after its masked
-    input (before tagging): nobody else can remove their pairwise mask, so the consistency
-    round aborts the attempt before anything is revealed; the day runs again in the same
-    epoch under fresh day keys and completes over the others, exactly."""
+def _neighbour_pair(f: Fleet, a: str, k: int = 0) -> str:
+    srv = f.epoch.server  # type: ignore[union-attr]
+    return f.epoch.roster[sorted(srv.neighbours(f.epoch.index[a]))[k]]  # type: ignore[union-attr]
+
+
+def test_a_device_dropping_after_masking_next_to_an_offline_one_is_left_out_exactly() -> None:
+    """The fleet's day-1 abort (1000 devices, 5 % offline: "client N sent no tags"): one
+    device is offline for the day and a neighbour of it masks and drops before tagging.
+    Nobody else holds their pairwise day key, so that input cannot be in the sum: the
+    coordinator re-issues the survivor set without it (one more consistency round, no new
+    masking, nothing revealed before) and the day completes in the first attempt over the
+    others, exactly. Before: the attempt aborted and the day was masked again."""
     f = Fleet(16)
     everyone = list(f.names)
     f.day(0, everyone)
-    srv = f.epoch.server  # type: ignore[union-attr]
     a = "a3"
-    b = f.epoch.roster[sorted(srv.neighbours(f.epoch.index[a]))[0]]  # type: ignore[union-attr]
+    b = _neighbour_pair(f, a)
     r = f.day(1, everyone, silent={"day": {a}, "consistency": {b}})
-    assert r.attempt == 1 and r.aborts and "cannot reveal" in r.aborts[0]
+    assert r.attempt == 0 and not r.aborts and r.left_out == [[b]]
     assert not r.new_epoch and f.advertised == 16
     want = [m for m in everyone if m not in (a, b)]
     assert r.survivors() == want
     _close(r.total(), f.expected(want, 1), 16)
+    assert set(f.log["consistency-reissued"]) == set(want)
+    r2 = f.day(2, everyone)  # both rejoin the epoch the next day
+    assert not r2.new_epoch and r2.survivors() == everyone and not r2.left_out
+    _close(r2.total(), f.expected(everyone, 2), 16)
+
+
+def test_a_day_whose_reissued_set_fails_too_is_attempted_again_in_the_epoch() -> None:
+    """As above, and a device that tagged the first set drops before tagging the re-issued
+    one while a neighbour of it is outside: the attempt aborts before anything is revealed
+    and the day runs again in the same epoch under fresh day keys, exactly."""
+    f = Fleet(16)
+    everyone = list(f.names)
+    f.day(0, everyone)
+    a = "a3"
+    b = _neighbour_pair(f, a)
+    c = next(m for m in (_neighbour_pair(f, a, k) for k in range(1, 8)) if m != b)
+    r = f.day(1, everyone, silent={"day": {a}, "consistency": {b},
+                                   "consistency-reissued": {c}})
+    assert r.attempt == 1 and len(r.aborts) == 1 and "cannot reveal" in r.aborts[0]
+    assert not r.new_epoch and f.advertised == 16
+    want = [m for m in everyone if m not in (a, b, c)]
+    assert r.survivors() == want
+    _close(r.total(), f.expected(want, 1), 16)
+
+
+def _reveals(rr: ReportRound, log: dict[str, dict[str, bytes]]
+             ) -> tuple[set[tuple[int, int]], set[tuple[int, int]]]:
+    """(holder, owner) pairs of every day key and every self-mask share revealed."""
+    from protocols.secagg.epoch_messages import DayUnmaskResponse, SurvivorTags
+    from protocols.secagg.messages import strip_mac
+
+    cfg, srv = rr.config, rr.server
+    keys, shares = set(), set()
+    for stage, replies in log.items():
+        for m, blob in replies.items():
+            i = rr.epoch.index[m]
+            body = strip_mac(srv._macs[i], blob, 10**6)
+            if stage.startswith("consistency"):
+                keys |= {(i, j) for j, _ in SurvivorTags.decode(body, cfg.n,
+                                                                cfg.degree).day_keys}
+            elif stage.startswith("unmask"):
+                shares |= {(i, j) for j, _, _ in DayUnmaskResponse.decode(
+                    body, cfg.n, cfg.degree).reveals}
+    return keys, shares
+
+
+def test_a_reissued_set_reveals_a_day_key_or_a_share_never_both() -> None:
+    """Across both consistency rounds and the unmask, no device reveals both its day key
+    with a neighbour and its share of that neighbour's self mask."""
+    f = Fleet(16)
+    everyone = list(f.names)
+    f.day(0, everyone)
+    a = "a5"
+    b = _neighbour_pair(f, a, 1)
+    r = f.day(1, everyone, silent={"day": {a}, "consistency": {b}})
+    keys, shares = _reveals(r, f.log)
+    ia, ib = r.epoch.index[a], r.epoch.index[b]
+    assert keys and shares and not keys & shares
+    assert {o for _, o in shares}.isdisjoint({ia, ib})  # no self mask of a left-out device
+    assert {(h, o) for h, o in keys if o == ib} == {(h, ib) for h in r.server.neighbours(ib)
+                                                   if h not in (ia,)}
+
+
+def test_a_device_refuses_a_reissued_set_that_is_not_a_subset_of_its_own() -> None:
+    """Attack: after the devices tagged S without target v (a neighbour's day key with v
+    revealed), the coordinator re-issues a set with v back in, to get that neighbour's share
+    of v's self mask at unmask too (day key + share = v's mask off). Refused; so is a set
+    without the device itself, and a re-issue after the device unmasked."""
+    from protocols.secagg.epoch_messages import EHeader, EMsg, SurvivorSet, encode_bitmap
+    from protocols.secagg.messages import SERVER, add_mac
+
+    f = Fleet(16)
+    everyone = list(f.names)
+    f.day(0, everyone)
+    v = "a2"
+    h = _neighbour_pair(f, v)
+    rr = ReportRound("run", 1, everyone, [f.ids[m].public_bytes() for m in everyone],
+                     min_survivors=3, epoch=f.epoch)
+    for m in everyone:
+        if m != v:
+            rr.receive(m, f.device(m).masked_input(1, f.report(m, 1), run_id="run",
+                                                    epoch=rr.config.round))
+    out = rr.advance()
+    assert rr.stage == "consistency"
+    f.device(h).stage("consistency", 1, out[h])  # h tags S (v outside): day key (h, v) out
+    cfg, srv = rr.config, rr.server
+    ih = rr.epoch.index[h]
+
+    def reissue(members: set[int]) -> bytes:
+        hdr = EHeader(EMsg.SURVIVORS, cfg.run_id, cfg.round, rr.pday, SERVER, ih)
+        return add_mac(srv._macs[ih], SurvivorSet(hdr, encode_bitmap(frozenset(members),
+                                                                       cfg.n)).encode())
+
+    with pytest.raises(SecAggError, match="subset"):
+        f.device(h).stage("consistency", 1, reissue(set(range(cfg.n))))  # v back in
+    with pytest.raises(SecAggError, match="not in the survivor set"):
+        f.device(h).stage("consistency", 1, reissue(set(srv.survivor_set) - {ih}))
+    smaller = set(srv.survivor_set) - {rr.epoch.index[_neighbour_pair(f, h, 3)]}
+    f.device(h).stage("consistency", 1, reissue(smaller))  # a true subset: tagged again
 
 
 def test_a_device_that_revealed_never_masks_the_day_again() -> None:
