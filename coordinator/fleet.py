@@ -273,15 +273,15 @@ def run_fleet(cfg: RunConfig, *, settings: FederatedSettings | None = None,
     n_procs = procs.procs if isinstance(procs, FleetProcs) else int(procs)
     settings = settings or FederatedSettings()
     try:
-        check_procs(n_procs, tangents=settings.tangents,
-                    calibrate=settings.calibration is not None)
+        check_procs(n_procs)
         if transport is not None and process is not None:
             raise FleetError("give a transport or a device-host process, not both")
         if cfg.devices < settings.min_devices:
             raise MinCohortError(f"{cfg.devices} devices: the minimum cohort is "
                                  f"{settings.min_devices}")
         spec: dict[str, Any] = {"devices": cfg.devices, "estimator": settings.estimator,
-                                "tangents": settings.tangents}
+                                "tangents": settings.tangents,
+                                "replay": settings.tangents and settings.calibration is not None}
         if given is not None and given.spec != FleetProcs.run_spec(cfg.to_dict(), **spec):
             raise FleetError("the worker processes were configured for another run")
     except BaseException:
@@ -333,17 +333,12 @@ def run_fleet(cfg: RunConfig, *, settings: FederatedSettings | None = None,
             transport.close()
 
 
-def check_procs(procs: int, *, tangents: bool = False, calibrate: bool = False) -> None:
-    """Refuse a process count, or an option the partitioned run does not support, before
-    anything starts (:class:`FleetError`)."""
+def check_procs(procs: int) -> None:
+    """Refuse a process count before anything starts (:class:`FleetError`). Every option of
+    the fleet runs partitioned (calibration, tangents, both: the full-path replay runs over
+    the ranks too)."""
     if procs < 1:
         raise FleetError(f"--procs {procs}: at least 1 process")
-    if procs > 1 and tangents and calibrate:
-        raise FleetError("--procs > 1 with --tangents and --calibrate: the full-path "
-                         "calibration replays the whole synthetic population from day 0 on "
-                         "the coordinator (coordinator/calibration_path.py), which a "
-                         "partitioned run does not hold; drop --procs, or --tangents (the "
-                         "one-step calibration runs partitioned)")
 
 
 def write_summary(out_dir: Path, rows: list[dict[str, object]], day_seconds: list[float],

@@ -92,15 +92,16 @@ class FleetProcs:
 
     @staticmethod
     def run_spec(cfg: Mapping[str, Any], *, devices: int, estimator: str = "straight_through",
-                 tangents: bool = False) -> dict[str, Any]:
+                 tangents: bool = False, replay: bool = False) -> dict[str, Any]:
         """What the workers need to build rank 0's ``HybridSimulation``: the run config
-        (``RunConfig.to_dict()``), the device count, the estimator, tangents."""
+        (``RunConfig.to_dict()``), the device count, the estimator, tangents, and whether
+        the full-path calibration's replay runs over the ranks (tangents + calibration)."""
         return {"cfg": dict(cfg), "devices": int(devices), "estimator": str(estimator),
-                "tangents": bool(tangents)}
+                "tangents": bool(tangents), "replay": bool(replay)}
 
     def configure(self, cfg: Mapping[str, Any], *, devices: int,
                   estimator: str = "straight_through", tangents: bool = False,
-                  timeout: float = 300.0) -> None:
+                  replay: bool = False, timeout: float = 300.0) -> None:
         """Give the workers the run (:meth:`run_spec`) and open the rendezvous;
         ``timeout``: seconds a worker may take to reach it."""
         import torch.distributed as dist
@@ -113,7 +114,8 @@ class FleetProcs:
         self.timeout = float(timeout)
         self.store = dist.TCPStore("127.0.0.1", 0, self.procs, is_master=True,
                                    wait_for_workers=False, timeout=timedelta(seconds=timeout))
-        self.spec = self.run_spec(cfg, devices=devices, estimator=estimator, tangents=tangents)
+        self.spec = self.run_spec(cfg, devices=devices, estimator=estimator, tangents=tangents,
+                                  replay=replay)
         spec = json.dumps({**self.spec, "timeout": self.timeout, "port": int(self.store.port)})
         for w in self.workers:
             try:
@@ -126,12 +128,12 @@ class FleetProcs:
     @classmethod
     def start(cls, procs: int, cfg: Mapping[str, Any], *, devices: int,
               estimator: str = "straight_through", tangents: bool = False,
-              timeout: float = 300.0) -> FleetProcs:
+              replay: bool = False, timeout: float = 300.0) -> FleetProcs:
         """:meth:`launch` then :meth:`configure`."""
         workers = cls.launch(procs)
         try:
             workers.configure(cfg, devices=devices, estimator=estimator, tangents=tangents,
-                              timeout=timeout)
+                              replay=replay, timeout=timeout)
         except BaseException:
             workers.close()
             raise
@@ -260,11 +262,18 @@ def worker_main() -> int:
                                remote=True, tangents=bool(spec["tangents"]),
                                estimator=spec["estimator"], procs_group=True)
         del pop
+        replay = None
+        if spec["replay"]:  # the full-path calibration's replay, as rank 0 builds it
+            from simulation.distributed.replay import PartitionedReplay
+            replay = PartitionedReplay(SIR(cfg.beta, cfg.gamma, cfg.initial_infected), sim,
+                                       cfg.seed, spec["estimator"], beta_devices=cfg.beta)
         cpu = [time.process_time()]
         for _ in range(cfg.days):  # rank 0 steps days 0..days−1, a checkpoint after each
-            sim.step()
+            sim.step()  # (first serves rank 0's calibration fits of the days before)
             sim.state_bytes()
             cpu.append(time.process_time())
+        if replay is not None:  # the fit after the last day, until rank 0 releases
+            replay.serve()
         store.set(_CPU.format(rank), json.dumps(cpu))
     finally:
         dist.destroy_process_group()

@@ -78,7 +78,7 @@ def fleet_command(
     )
 
     try:  # refused before anything starts
-        check_procs(procs, tangents=tangents, calibrate=bool(calibrate))
+        check_procs(procs)
     except FleetError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from None
@@ -153,7 +153,7 @@ def _fleet(host: list[subprocess.Popen], workers: FleetProcs | None, *, devices:
         with store.running(rid):
             if workers is not None:  # launched before the imports: the run, now it is valid
                 workers.configure(cfg.to_dict(), devices=cfg.devices, estimator=estimator,
-                                  tangents=tangents)
+                                  tangents=tangents, replay=tangents and cal is not None)
             rows = run_fleet(cfg, settings=settings, store=store, run_id=rid, on_day=on_day,
                              drop_fraction=drop_fraction, drop_seed=drop_seed, process=host,
                              procs=workers or 1)

@@ -234,7 +234,14 @@ class FederatedRun:
                                cfg.seed, remote=True, tangents=tangents,
                                estimator=settings.estimator, procs_group=self.procs_group)
         self.sim = sim
-        if tangents and self.calibrator is not None:  # full-path calibration (no resume)
+        ranks_replay = None  # the full-path replay over the ranks (they serve rank 0's fits)
+        if tangents and self.calibrator is not None and self.procs_group is not None:
+            from simulation.distributed.replay import PartitionedReplay
+            ranks_replay = PartitionedReplay(
+                SIR(cfg.beta, cfg.gamma, cfg.initial_infected), sim, cfg.seed,
+                settings.estimator, beta_devices=cfg.beta)
+            self.calibrator.replay = cast(Any, ranks_replay)  # SyntheticReplay's API
+        elif tangents and self.calibrator is not None:  # full-path calibration (no resume)
             from coordinator.calibration_path import SyntheticReplay
             self.calibrator.replay = SyntheticReplay(
                 SIR(cfg.beta, cfg.gamma, cfg.initial_infected), sim.split, sim.state, cfg.seed,
@@ -390,6 +397,8 @@ class FederatedRun:
                 self.calibrator.replay.record(sim.day - 1, cross_sums, cross_dsums)
             pending_theta = theta
             self._state_blob = sim.state_bytes()
+        if ranks_replay is not None:  # the last fit is done: free the ranks
+            ranks_replay.release()
         return self.rows
 
     def _finish_report(self, day: int, report: ReportRound | None, roster: list[str],

@@ -9,8 +9,9 @@ device hosts, the worker ranks, `lpm` itself.
 * a worker killed mid-run: rank 0 fails with an error naming the rank and the signal, at
   once (no wait for a collective's timeout), leaves the group and no process behind;
 * a worker that dies before the rendezvous is named too;
-* ``--tangents`` runs partitioned (counts equal, ∂new/∂β too); with ``--calibrate`` it is
-  refused before anything starts, and workers configured for another run are refused.
+* ``--tangents`` runs partitioned (counts and ∂new/∂β equal), with ``--calibrate`` too (the
+  full-path replay over the ranks: θ equal);
+* ``--procs 0`` and workers configured for another run are refused before anything starts.
 """
 
 from __future__ import annotations
@@ -147,25 +148,18 @@ def test_a_worker_dead_before_the_rendezvous_is_named():
     assert all(w.poll() is not None for w in workers.workers)
 
 
-def test_procs_with_tangents_and_calibration_is_refused_at_start(tmp_path):
-    """The full-path calibration replays the whole synthetic population on rank 0."""
-    t0 = time.monotonic()
-    res = _lpm([*FAST, "--procs", "2", "--tangents", "--db", str(tmp_path / "c.db")], 120)
-    assert res.returncode == 2
-    assert "--procs > 1 with --tangents and --calibrate" in res.stderr
-    assert not (tmp_path / "c.db").exists()  # refused before the store or any process
-    assert time.monotonic() - t0 < 60
-    from coordinator.calibration import CalibrationSettings
-
+def test_bad_procs_and_mismatched_workers_are_refused_at_start():
+    """Every fleet option runs partitioned, so what is refused is a process count below 1
+    and workers configured for another run than rank 0's (they would build another
+    population or step another model), before the device hosts start."""
     cfg = RunConfig(population="tiny", days=2, devices=20)
-    with pytest.raises(FleetError, match="tangents and --calibrate"):
-        run_fleet(cfg, settings=FederatedSettings(tangents=True, calibration=CalibrationSettings(
-            params=("beta",))), procs=2)
     with pytest.raises(FleetError, match="at least 1"):
         run_fleet(cfg, procs=0)
     workers = FleetProcs.start(2, cfg.to_dict(), devices=cfg.devices, tangents=True)
+    t0 = time.monotonic()
     with pytest.raises(FleetError, match="configured for another run"):  # rank 0: no tangents
         run_fleet(cfg, procs=workers)
+    assert time.monotonic() - t0 < 15  # no device host was started
     assert all(w.poll() is not None for w in workers.workers)
 
 
@@ -189,3 +183,25 @@ def test_procs_2_with_tangents_equals_one_process():
             else:
                 assert b[k] == a[k], k
         assert a["d_new_dbeta"] != 0.0
+
+
+@pytest.mark.slow
+def test_procs_2_full_path_calibration_equals_one_process(tmp_path):
+    """--tangents --calibrate: the full-path calibration's replay runs over the ranks
+    (simulation.distributed.replay.PartitionedReplay; the workers serve rank 0's fits at
+    the start of each day and once after the last); θ and the loss equal one process's."""
+    from coordinator.calibration import CalibrationSettings
+
+    torch.set_num_threads(1)
+    cfg = RunConfig(population="oxford", scale=0.02, days=3, seed=3, devices=10, beta=0.9,
+                    initial_infected=0.05)
+    settings = FederatedSettings(shared_seed=True, tangents=True, calibration=CalibrationSettings(
+        params=("beta",), beta_init=0.3, every=1, steps=3))
+    one, two = (run_fleet(cfg, settings=settings, procs=p) for p in (1, 2))
+    assert [r["theta_beta"] for r in one][-1] != 0.3
+    for a, b in zip(one, two, strict=True):
+        for c in ("S", "I", "R", "new_infections", "survivors"):
+            assert a[c] == b[c], c
+        for k in ("theta_beta", "loss", "d_new_dbeta"):
+            assert b[k] == pytest.approx(a[k], rel=1e-9), k
+    assert not dist.is_initialized()
