@@ -167,6 +167,8 @@ def _fleet(host: list[subprocess.Popen], workers: FleetProcs | None, *, devices:
             "beta_true": beta, "procs": procs,
             "cpu_seconds_per_day": [round(b - a, 3) for a, b in pairwise([cpu0, *cpu])]}
         if workers is not None:  # each worker rank's CPU seconds: setup, then day by day
+            extra["worker_cpu_seconds_setup"] = {str(r): round(c[0], 3)
+                                                 for r, c in workers.worker_cpu.items()}
             extra["worker_cpu_seconds_per_day"] = {
                 str(r): [round(b - a, 3) for a, b in pairwise(c)]
                 for r, c in workers.worker_cpu.items()}
