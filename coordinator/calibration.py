@@ -274,6 +274,25 @@ class OnlineCalibrator:
                                   for d in self.days], np.float64).reshape(n, 6),
             "cal_hazard_len": np.array([k.size for k in kept], np.int64),
             "cal_hazard": np.concatenate(kept) if kept else np.zeros(0),
+            **self._export_path(),
+        }
+
+    def _export_path(self) -> dict[str, np.ndarray]:
+        """Full-path mode: the per-day device terms and the replay's recorded cross sums
+        (the replay runs from day 0 at every fit, so a resumed run needs them all)."""
+        from coordinator.calibration_path import SyntheticReplay
+
+        if not isinstance(self.replay, SyntheticReplay):  # none, or the ranks' own replay
+            return {}
+        t_days = len(self.path_days)
+        rows = int(self.replay.rows.numel())
+        sums, dsums = self.replay.sums[:t_days], self.replay.dsums[:t_days]
+        return {
+            "cal_path_days": np.array(self.path_days, np.float64).reshape(t_days, 4),
+            "cal_replay_sums": (torch.stack(sums).numpy() if sums
+                                else np.zeros((0, rows))),
+            "cal_replay_dsums": (torch.stack(dsums).numpy() if dsums
+                                 else np.zeros((0, rows))),
         }
 
     def restore_state(self, arrays: Mapping[str, np.ndarray]) -> None:
@@ -292,8 +311,15 @@ class OnlineCalibrator:
         if not theta or not all(self.settings.lo <= b <= self.settings.hi for b in theta):
             raise CalibrationError(f"calibration checkpoint holds θ {theta} outside "
                                    f"[{self.settings.lo}, {self.settings.hi}]")
+        path = self._restore_path(arrays)
         starts = np.concatenate([[0], np.cumsum(lengths)])
         self.theta = theta
+        if path is not None:
+            self.path_days, sums, dsums = path
+            assert self.replay is not None
+            self.replay.sums = [torch.from_numpy(np.array(v, np.float64)) for v in sums]
+            self.replay.dsums = [torch.from_numpy(np.array(v, np.float64)) for v in dsums]
+            self._path_cache = None
         self.given = (int(given[0]), given[1]) if given else None
         self.days = [
             _Day(torch.from_numpy(np.array(m, np.float64)), float(r[0]),
@@ -302,6 +328,33 @@ class OnlineCalibrator:
             for i, (m, r) in enumerate(zip(moments, rows, strict=True))
         ]
 
+
+    def _restore_path(self, arrays: Mapping[str, np.ndarray]
+                      ) -> tuple[list[tuple[float, float, float, int]], np.ndarray,
+                                 np.ndarray] | None:
+        """The full-path terms of :meth:`_export_path`, checked against this calibrator's
+        replay (``None`` without one); CalibrationError when they are missing or do not fit."""
+        from coordinator.calibration_path import SyntheticReplay
+
+        if self.replay is None:
+            return None
+        if not isinstance(self.replay, SyntheticReplay):
+            raise CalibrationError("a partitioned full-path replay does not resume from a "
+                                   "checkpoint")
+        try:
+            days, sums, dsums = (arrays["cal_path_days"], arrays["cal_replay_sums"],
+                                 arrays["cal_replay_dsums"])
+        except KeyError:
+            raise CalibrationError("the checkpoint holds no full-path calibration terms "
+                                   "(written without tangents)") from None
+        rows = int(self.replay.rows.numel())
+        if days.ndim != 2 or days.shape[1] != 4 or sums.shape != (len(days), rows) \
+                or dsums.shape != sums.shape:
+            raise CalibrationError(f"full-path calibration checkpoint has {days.shape} day "
+                                   f"terms and {sums.shape} cross sums; the replay keeps "
+                                   f"{rows} rows")
+        kept = [(float(a), float(b), float(c), int(d)) for a, b, c, d in days]
+        return kept, sums, dsums
 
     def _terms(self, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """ŷ_t and ∂ŷ_t/∂β_t split into the synthetic part (forward-mode autograd through
@@ -364,12 +417,16 @@ class OnlineCalibrator:
         return self.loss_and_grad()[0] if kept else float("nan")
 
 
-def pack_checkpoint(sim_state: bytes, calibrator: OnlineCalibrator | None) -> bytes:
-    """The run's checkpoint: the simulation state, plus the calibrator's history if any."""
-    if calibrator is None:
+def pack_checkpoint(sim_state: bytes, calibrator: OnlineCalibrator | None,
+                    extra: Mapping[str, np.ndarray] | None = None) -> bytes:
+    """The run's checkpoint: the simulation state, plus the calibrator's history if any and
+    ``extra`` arrays (e.g. the synthetic agents' tangents, names not starting ``cal_``)."""
+    if calibrator is None and not extra:
         return sim_state
     buf = io.BytesIO()
-    payload: dict[str, Any] = {"sim": np.frombuffer(sim_state, np.uint8), **calibrator.export_state()}
+    payload: dict[str, Any] = {"sim": np.frombuffer(sim_state, np.uint8),
+                               **(calibrator.export_state() if calibrator is not None else {}),
+                               **dict(extra or {})}
     np.savez_compressed(buf, **payload)
     return _PACKED + buf.getvalue()
 

@@ -197,6 +197,7 @@ class FederatedRun:
         self.sim: HybridSimulation | None = None  # synthetic agents only (physical rows 0)
         self.survivors: dict[int, list[int]] = {}  # day -> node ids whose report is in it
         self.epochs: dict[int, int] = {}  # day -> SecAgg+ key epoch of its report round
+        self._tangent_arrays: dict[str, Any] = {}  # the synthetic tangents (checkpoint)
         #: day -> {"aborts": why attempts aborted, "left_out": devices per re-issued set}
         self.secagg_log: dict[int, dict[str, list]] = {}
 
@@ -248,18 +249,20 @@ class FederatedRun:
                 settings.estimator, beta_devices=cfg.beta)
         start = 0
         point = self.store.resume(self.run_id) if self.resume and self.store else None
-        if point is not None and tangents:  # the checkpoint keeps no synthetic tangents
-            raise FederatedRunError(f"run {self.run_id} carries tangents, which the synthetic "
-                                    "checkpoint does not keep: it cannot resume exactly")
+        if point is not None and tangents and self.procs_group is not None:
+            raise FederatedRunError(f"run {self.run_id} carries tangents over several ranks, "
+                                    "whose checkpoint does not keep them: it cannot resume")
         if point is not None:  # the checkpoint of the last committed day
-            sim_state, cal_state = unpack_checkpoint(point.state)
+            sim_state, arrays = unpack_checkpoint(point.state)
             sim.load_state(sim_state)
             start = sim.day
+            if tangents:  # the synthetic agents' ∂state/∂β at the end of day start − 1
+                sim.tangent = _restore_tangent(self.run_id, sim.tangent, arrays or {})
             if self.calibrator is not None:  # θ and the calibration history of days 1..start
-                if cal_state is None:
+                if arrays is None or "cal_theta" not in arrays:
                     raise FederatedRunError(f"run {self.run_id} was checkpointed without "
                                             "calibration; resume it without --calibrate")
-                self.calibrator.restore_state(cal_state)
+                self.calibrator.restore_state(arrays)
             _log.info("resuming run %s at day %d", self.run_id, start)
         split = sim.split
         devices = {agent_name(int(i)): _Device(node, int(i), agent_name(int(i)))
@@ -397,6 +400,9 @@ class FederatedRun:
                 self.calibrator.replay.record(sim.day - 1, cross_sums, cross_dsums)
             pending_theta = theta
             self._state_blob = sim.state_bytes()
+            if tangents:  # the checkpoint keeps them: a resumed run continues the same path
+                self._tangent_arrays = {f"{_TANGENT}{k}": v.detach().numpy().copy()
+                                        for k, v in sim.tangent.items()}
         if ranks_replay is not None:  # the last fit is done: free the ranks
             ranks_replay.release()
         return self.rows
@@ -498,9 +504,27 @@ class FederatedRun:
             self.store.acquire_lease(self.run_id, self.lease_owner, "serverapp", LEASE_SECONDS)
         if self.store is not None:
             self.store.commit_round(self.run_id, day, row,
-                                    state=pack_checkpoint(self._state_blob, self.calibrator))
+                                    state=pack_checkpoint(self._state_blob, self.calibrator,
+                                                          self._tangent_arrays))
         if self.on_day is not None:
             self.on_day(day, row)
+
+
+_TANGENT = "tangent_"  # checkpoint array names of the synthetic agents' tangents
+
+
+def _restore_tangent(run_id: str, like: Mapping[str, torch.Tensor],
+                     arrays: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The synthetic tangents saved by the run's checkpoint, shaped and typed as ``like``."""
+    out = {}
+    for k, v in like.items():
+        a = arrays.get(f"{_TANGENT}{k}")
+        if a is None or tuple(a.shape) != tuple(v.shape):
+            raise FederatedRunError(f"run {run_id} carries tangents but its checkpoint keeps "
+                                    f"no synthetic ∂{k}/∂β of the right shape: it cannot "
+                                    "resume exactly")
+        out[k] = torch.from_numpy(a.copy()).to(v.dtype)
+    return out
 
 
 def _relay_round(attempt: Any, proxies: Mapping[str, AssistedNeighbourhoodAgent],
