@@ -15,14 +15,24 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from collections.abc import Sequence
 from enum import IntEnum
 
-from protocols.keys import AgreementKey, derive_key, expand_key
+from protocols.keys import (
+    _DOMAIN,
+    KEY_BYTES,
+    AgreementKey,
+    InvalidKeyError,
+    derive_key,
+    expand_key,
+)
 from protocols.secagg.config import RoundConfig
 
 __all__ = ["EStep", "EpochContexts", "PROTOCOL2"]
 
 PROTOCOL2 = "lpm-secagg+/2"
+# expand_key's message prefix for the self-mask label (domain ‖ u16 length ‖ label)
+_SELF_MASK_LABEL = _DOMAIN + len(b"secagg2/self-mask").to_bytes(2, "big") + b"secagg2/self-mask"
 
 
 class EStep(IntEnum):
@@ -109,6 +119,23 @@ class EpochContexts:
     def self_mask_key(self, seed: bytes, index: int, day: int) -> bytes:
         return expand_key(seed, self.info(EStep.MASK, index, index, day),
                           label="secagg2/self-mask")
+
+    def self_mask_keys(self, seeds: Sequence[bytes], indices: Sequence[int],
+                       day: int) -> list[bytes]:
+        """``[self_mask_key(seed, i, day) ...]`` for many clients (the coordinator's unmask
+        stage): the same HKDF-Expand block, HMAC-SHA256(seed, domain ‖ label ‖ info ‖ 1),
+        with the fixed part of the message encoded once."""
+        if len(seeds) != len(indices):
+            raise ValueError("one seed per index")
+        head = b"".join((_SELF_MASK_LABEL, self._head, struct.pack(">QQ", day, EStep.MASK)))
+        ids, digest = self._id, hmac.digest
+        out = []
+        for seed, i in zip(seeds, indices, strict=True):
+            if type(seed) is not bytes or len(seed) != KEY_BYTES:
+                raise InvalidKeyError("expansion key must be 32 bytes")
+            f = ids(i)
+            out.append(digest(seed, b"".join((head, f, f, b"\x01")), "sha256"))
+        return out
 
     def share_aad(self, day: int, sender: int, receiver: int) -> bytes:
         return b"secagg2/share" + self.info(EStep.SHARE, sender, receiver, day)

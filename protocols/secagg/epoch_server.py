@@ -529,8 +529,7 @@ class EpochServer:
         raw = b"".join([self._inputs[i].raw for i in order])
         total = np.frombuffer(raw, dtype="<i8").reshape(len(order), length).sum(
             0, dtype=np.int64)  # wraps mod 2^64, as the ring requires
-        masks = ring_keystreams([ctx.self_mask_key(seed, i, day)
-                                 for seed, i in zip(seeds, order, strict=True)], length)
+        masks = ring_keystreams(ctx.self_mask_keys(seeds, order, day), length)
         total -= masks.sum(0)
         if self._day_keys:  # i added +mask if i < j, else −mask: undo it
             pairs = sorted(self._day_keys.items())

@@ -6,11 +6,11 @@ chunk evaluations at the holder's x-coordinate. Reconstruction interpolates at 0
 Lagrange coefficients cached per set of x-coordinates.
 
 :func:`reconstruct_secrets` is the coordinator's batched path: many secrets at once, each
-from all the shares it received, interpolated once from the ``threshold`` smallest
-x-coordinates, and every further share checked against that polynomial (one random linear
-combination of the checks, secret to the reconstructor: a wrong share among more than
-``threshold`` passes with probability 2^-127). The three chunks of a share travel as
-one Python integer with 2^(8·lane) spacing, so each Lagrange term is one multiplication.
+from all the shares it received: interpolated at 0 over every answering holder, and every
+share checked to lie on one polynomial of degree < threshold (one random linear combination
+of the checks, secret to the reconstructor: a wrong share among more than ``threshold``
+passes with probability 2^-127). Its field arithmetic is compiled limb arithmetic
+(:mod:`protocols.secagg.gf127`), with the per-sharing-set weights cached in Python.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import os
 from collections.abc import Sequence
 from functools import lru_cache
 from math import prod
-from operator import mul
 
 import numpy as np
+
+from protocols.secagg import gf127
 
 __all__ = [
     "CHUNKS",
@@ -177,7 +178,7 @@ def _weights(xs: tuple[int, ...]) -> dict[int, int]:
 
 _NEG_INV: dict[int, int] = {}  # x -> (−x)^-1 mod p
 _R: list[int] = []  # coefficients ρ_s of the secret check polynomial R (see below)
-_R_AT: dict[int, dict[int, int]] = {}  # d -> {x: R_d(x)}
+_X_LIMIT = 1 << 63  # the compiled path keeps x-coordinates in int64
 
 
 def _neg_invs(xs: Sequence[int]) -> dict[int, int]:
@@ -189,51 +190,29 @@ def _neg_invs(xs: Sequence[int]) -> dict[int, int]:
     return table
 
 
-def _r_table(d: int, xs: Sequence[int]) -> dict[int, int]:
-    """x -> R_d(x) = Σ_{s<d} ρ_s x^s, filled for ``xs``; ρ is drawn once per process from
-    the OS CSPRNG and never revealed."""
+def _rho(d: int) -> np.ndarray:
+    """Limbs (d, 5) of ρ_0..ρ_{d−1}, the coefficients of the check polynomial R: drawn from
+    the OS CSPRNG once per process (extended as needed) and never revealed."""
     while len(_R) < d:
         _R.append(_random_element())
-    table = _R_AT.get(d)
-    if table is None:
-        table = _R_AT[d] = {}
-    coeffs = _R[:d][::-1]
-    for x in xs:
-        if x not in table:
-            v = 0
-            for c in coeffs:
-                v = (v * x + c) % PRIME
-            table[x] = v
-    return table
+    return np.array([gf127.from_int(v) for v in _R[:d]], dtype=np.int64).reshape(d, 5)
 
 
 @lru_cache(maxsize=16384)
-def _plan(xs: tuple[int, ...], full: tuple[int, ...] | None,
-          threshold: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(λ, C) for sorted holder x-coordinates ``xs``: λ_j, the Lagrange coefficients at 0
-    over all of ``xs``, and C_j = w_j · R_d(x_j) (d = m − threshold; empty if d = 0), the
-    consistency check (see :func:`reconstruct_secrets`). w_j are the barycentric weights;
-    if ``xs`` is a subset of ``full`` (the holders the secret was shared among) they come
-    from full's cached ones by removing the missing points (w_j · Π_missing (x_j − x_a)),
-    O(k) per missing holder instead of O(k²)."""
-    _check_xs(xs)
-    have = set(xs)
-    if full is not None and full != xs and have <= set(full):
-        wf = _weights(full)
-        missing = [x for x in full if x not in have]
-        w = [wf[xj] * prod([xj - xa for xa in missing]) % PRIME for xj in xs]
-    else:
-        wf = _weights(xs)
-        w = [wf[xj] for xj in xs]
-    # λ_j = Π_{l≠j} (0 − x_l) / (x_j − x_l) = w_j · Π_{l≠j} (−x_l) = w_j · l0 / (−x_j)
-    l0 = prod([-x for x in xs]) % PRIME
-    ni = _neg_invs(xs)
-    lam = tuple([wj * l0 % PRIME * ni[x] % PRIME for x, wj in zip(xs, w, strict=True)])
-    d = len(xs) - threshold
-    if not d:
-        return lam, ()
-    rt = _r_table(d, xs)
-    return lam, tuple([wj * rt[x] % PRIME for x, wj in zip(xs, w, strict=True)])
+def _fplan(full: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(x, uw) of a sharing set (sorted): x as int64, and per holder the limbs of
+    u_j = w_j / (−x_j) and of w_j (barycentric weights), shape (k, 2, 5). For the holders
+    H ⊆ full that answered, with M = full \ H and π_j = Π_{a∈M} (x_j − x_a):
+    w^H_j = w_j · π_j and the Lagrange coefficient at 0 is λ_j = Π_{l∈H} (−x_l) · u_j · π_j
+    (no per-subset inversion); :func:`gf127.interpolate` evaluates both."""
+    _check_xs(full)
+    if full and full[-1] >= _X_LIMIT:
+        raise ShamirError("x-coordinates of the batched path must be < 2^63")
+    w = _weights(full)
+    ni = _neg_invs(full)
+    uw = [gf127.from_int(w[x] * ni[x] % PRIME) + gf127.from_int(w[x]) for x in full]
+    return (np.array(full, dtype=np.int64),
+            np.array(uw, dtype=np.int64).reshape(len(full), 2, 5))
 
 
 _P_BYTES = np.frombuffer(PRIME.to_bytes(ELEMENT_BYTES, "big"), dtype=np.uint8)
@@ -255,6 +234,11 @@ def shares_in_field(shares: Sequence[bytes]) -> bool:
     return bool(_field_ok(raw).all())
 
 
+def _first_bad_item(counts: Sequence[int], flat_ok: np.ndarray) -> int:
+    """The batch position of the first False in ``flat_ok`` (one entry per share)."""
+    return int(np.searchsorted(np.cumsum(counts), int(np.argmin(flat_ok)), side="right"))
+
+
 def reconstruct_secrets(batch: Sequence[dict[int, bytes]], threshold: int,
                         full: Sequence[Sequence[int]] | None = None) -> list[bytes]:
     """Reconstruct many secrets, each from ``{x: share}`` with at least ``threshold``
@@ -263,7 +247,7 @@ def reconstruct_secrets(batch: Sequence[dict[int, bytes]], threshold: int,
     :func:`reconstruct_secret` on consistent shares. ``full[i]`` (optional) names the
     x-coordinates secret i was shared among, so that interpolation weights of the holders
     that answered derive from that set's cached ones. Errors carry ``item``, the position in
-    ``batch`` of the secret that failed.
+    ``batch`` of the secret that failed. x-coordinates must be < 2^63 on this path.
 
     The check: with m shares at points x_j and barycentric weights w_j, the m − t
     functionals φ_s(y) = Σ_j w_j x_j^s y_j (s < m − t) vanish exactly on the values of
@@ -271,62 +255,75 @@ def reconstruct_secrets(batch: Sequence[dict[int, bytes]], threshold: int,
     to a triangular change of basis). One random combination Σ_j w_j R(x_j) y_j, with R of
     degree < m − t drawn from the OS CSPRNG (once per process) and never revealed, is zero
     for inconsistent shares with probability 1/p ≈ 2^-127 (a rejection tells a cheating
-    holder only that its guess was wrong), and costs one multiplication per share."""
+    holder only that its guess was wrong); each chunk is checked on its own. The field
+    arithmetic runs compiled (:mod:`protocols.secagg.gf127`)."""
     if not isinstance(threshold, int) or threshold < 1:
         raise ShamirError(f"threshold {threshold!r} must be a positive int")
     if full is not None and len(full) != len(batch):
         raise ShamirError("full must name one holder set per secret")
-    plans, order = [], []
+    hx: list[int] = []
+    rows: list[bytes] = []
+    counts: list[int] = []
+    sets: list[tuple[int, ...]] = []
     for item, shares in enumerate(batch):
         if len(shares) < threshold:
             raise ShamirError(f"{len(shares)} shares, need {threshold}", item)
-        xs = tuple(sorted(shares))
-        try:
-            f = None if full is None else full[item]
-            plans.append(_plan(xs, f if f is None or type(f) is tuple else tuple(f), threshold))
-        except ShamirError as exc:
-            raise ShamirError(str(exc), item) from exc
-        row = [shares[x] for x in xs]
-        if set(map(type, row)) != {bytes} or set(map(len, row)) != {SHARE_BYTES}:
-            raise ShamirError(f"share must be {SHARE_BYTES} bytes", item)
-        order.append((xs, row))
-    flat = [sh for _, row in order for sh in row]
-    if not flat:
+        xs = sorted(shares)
+        hx += xs
+        rows += map(shares.__getitem__, xs)
+        counts.append(len(xs))
+        f = tuple(xs) if full is None else full[item]
+        sets.append(f if type(f) is tuple else tuple(f))
+    if not batch:
         return []
-    raw = np.frombuffer(b"".join(flat), dtype=np.uint8).reshape(-1, CHUNKS, ELEMENT_BYTES)
+    if set(map(type, hx)) != {int} or min(hx) < 1 or max(hx) >= _X_LIMIT:
+        for item, shares in enumerate(batch):  # name the item
+            try:
+                _check_xs(sorted(shares))
+                if max(shares) >= _X_LIMIT:
+                    raise ShamirError("x-coordinates of the batched path must be < 2^63")
+            except ShamirError as exc:
+                raise ShamirError(str(exc), item) from exc
+    if set(map(type, rows)) != {bytes} or set(map(len, rows)) != {SHARE_BYTES}:
+        good = np.array([type(r) is bytes and len(r) == SHARE_BYTES for r in rows])
+        raise ShamirError(f"share must be {SHARE_BYTES} bytes", _first_bad_item(counts, good))
+    raw = np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(-1, CHUNKS, ELEMENT_BYTES)
     ok = _field_ok(raw)
     if not ok.all():
-        bad, pos = int(np.argmin(ok)), 0
-        for item, (_, row) in enumerate(order):
-            pos += len(row)
-            if bad < pos:
-                raise ShamirError("share element outside the field", item)
-    # lanes wide enough for a sum of up to max(m) products of two field elements
-    most = max(len(row) for _, row in order)
-    lane = -(-(2 * 127 + most.bit_length()) // 8)
-    padded = np.zeros((raw.shape[0], CHUNKS, lane), dtype=np.uint8)
-    padded[:, :, lane - ELEMENT_BYTES :] = raw
-    blob, width, bits = padded.tobytes(), CHUNKS * lane, 8 * lane
-    mask = (1 << bits) - 1
-    shifts = [(CHUNKS - 1 - c) * bits for c in range(CHUNKS)]
-    out, pos = [], 0
-    for item, ((lam, check), (_, row)) in enumerate(zip(plans, order, strict=True)):
-        m = len(row)
-        ys = [int.from_bytes(blob[j * width : (j + 1) * width], "big")
-              for j in range(pos, pos + m)]
-        pos += m
-        if check:
-            r = sum(map(mul, check, ys))
-            if any(((r >> sh) & mask) % PRIME for sh in shifts):
-                raise InconsistentSharesError(
-                    "shares do not lie on one polynomial of degree < threshold", item)
-        acc = sum(map(mul, lam, ys))
-        out.append(_unchunk_item([((acc >> sh) & mask) % PRIME for sh in shifts], item))
-    return out
-
-
-def _unchunk_item(values: Sequence[int], item: int) -> bytes:
-    try:
-        return _unchunk(values)
-    except ShamirError as exc:
-        raise ShamirError(str(exc), item) from exc
+        raise ShamirError("share element outside the field", _first_bad_item(counts, ok))
+    plans = []
+    for item, f in enumerate(sets):
+        try:
+            plans.append(_fplan(f))
+        except ShamirError as exc:
+            raise ShamirError(str(exc), item) from exc
+    ys = gf127.from_be16(raw.reshape(-1, ELEMENT_BYTES)).reshape(-1, CHUNKS, 5)
+    hoff = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=hoff[1:])
+    rho = _rho(max(max(counts) - threshold, 1))
+    out = np.empty((len(batch), CHUNKS, 5), dtype=np.int64)
+    status = np.empty(len(batch), dtype=np.int8)
+    hxa = np.array(hx, dtype=np.int64)
+    while True:
+        fx = np.concatenate([p[0] for p in plans])
+        fuw = np.concatenate([p[1] for p in plans])
+        foff = np.zeros(len(plans) + 1, dtype=np.int64)
+        np.cumsum([len(p[0]) for p in plans], out=foff[1:])
+        gf127.interpolate(fx, fuw, foff, hxa, hoff, ys, threshold, rho, out, status)
+        outside = np.flatnonzero(status == 2)
+        if not len(outside):
+            break
+        for pos in outside.tolist():  # holders outside the named set: their own weights
+            plans[pos] = _fplan(tuple(hx[hoff[pos] : hoff[pos + 1]]))
+    elements = gf127.to_be16(out.reshape(-1, 5)).reshape(len(batch), CHUNKS, ELEMENT_BYTES)
+    # secret = chunk 0 (15 bytes) ‖ chunk 1 (15) ‖ chunk 2 (2): the rest must be zero
+    spill = elements[:, :2, 0].any(axis=1) | elements[:, 2, :14].any(axis=1)
+    if status.any() or spill.any():
+        item = int(np.argmax((status == 1) | spill))
+        if status[item]:
+            raise InconsistentSharesError(
+                "shares do not lie on one polynomial of degree < threshold", item)
+        raise ShamirError("reconstructed value is not a valid secret chunk", item)
+    blob = np.concatenate([elements[:, 0, 1:], elements[:, 1, 1:], elements[:, 2, 14:]],
+                          axis=1).tobytes()
+    return [blob[i : i + SECRET_BYTES] for i in range(0, len(blob), SECRET_BYTES)]

@@ -280,3 +280,62 @@ def test_two_colluding_holders_cannot_shift_a_secret() -> None:
     assert int.from_bytes(first[:15], "big") == int.from_bytes(secret[:15], "big") + 1
     with pytest.raises(InconsistentSharesError):
         reconstruct_secrets([bad], t)
+
+
+def test_batched_self_mask_keys_equal_the_single_derivation() -> None:
+    setup = make_round(6, InputSpec("int", 4, 2**20))
+    from protocols.secagg.epoch_keys import EpochContexts
+
+    ctx = EpochContexts(setup.config)
+    seeds = [os.urandom(32) for _ in range(6)]
+    for day in (0, 1, 2**40):
+        assert ctx.self_mask_keys(seeds, range(6), day) == [
+            ctx.self_mask_key(s, i, day) for i, s in enumerate(seeds)]
+    with pytest.raises(ValueError):
+        ctx.self_mask_keys(seeds, range(5), 0)
+
+
+_EDGES = [0, 1, 2, 7, 8, (1 << 26) - 1, 1 << 26, (1 << 64) - 1, 1 << 64, (1 << 104) - 1,
+          1 << 126, PRIME - 2, PRIME - 1]
+
+
+def test_field_limb_arithmetic_matches_python_ints_at_the_edges() -> None:
+    """The compiled GF(2^127 − 1) limbs: conversions round-trip and a product (also of
+    unreduced limbs up to 2^27, as the kernel feeds it) is canonical and equal to a·b mod p,
+    for edge values and random ones."""
+    import numpy as np
+
+    from protocols.secagg import gf127
+
+    rng = random.Random(3)  # test data only
+    values = _EDGES + [rng.randrange(PRIME) for _ in range(200)]
+    raw = np.frombuffer(b"".join(v.to_bytes(16, "big") for v in values), dtype=np.uint8)
+    limbs = gf127.from_be16(raw.reshape(-1, 16))
+    assert [sum(int(x) << (26 * i) for i, x in enumerate(row)) for row in limbs] == values
+    assert gf127.to_be16(limbs).tobytes() == raw.tobytes()
+    for a in _EDGES + values[-20:]:
+        for b in _EDGES + values[-20:]:
+            got = gf127._canonical(*gf127._mul(*gf127.from_int(a), *gf127.from_int(b)))
+            assert sum(int(x) << (26 * i) for i, x in enumerate(got)) == a * b % PRIME
+    # x + (p − y) limbwise: limbs up to 2^27 in, still exact
+    big = [(1 << 27) - 1] * 4 + [(1 << 24) - 1]
+    val = sum(x << (26 * i) for i, x in enumerate(big))
+    got = gf127._canonical(*gf127._mul(*big, *big))
+    assert sum(int(x) << (26 * i) for i, x in enumerate(got)) == val * val % PRIME
+    assert gf127._canonical(*gf127.from_int(PRIME)) == (0, 0, 0, 0, 0)
+
+
+def test_batched_reconstruction_with_holders_outside_the_named_set() -> None:
+    """``full`` is a hint: holders outside it fall back to their own set's weights; x
+    beyond the compiled path's int64 range is refused naming the item."""
+    rng = random.Random(11)  # test data only
+    batch, fulls, secrets = _batch(rng, 8, 6, 4)
+    wrong = [list(f) for f in fulls]
+    wrong[3] = [x + 1000 for x in wrong[3]]  # none of item 3's holders
+    wrong[5] = wrong[5][1:]  # one holder missing from the named set
+    assert reconstruct_secrets(batch, 4, wrong) == secrets
+    xs = [1, 2, 1 << 63, 5]
+    far = dict(zip(xs, share_secret(os.urandom(32), xs, 3), strict=True))
+    with pytest.raises(ShamirError, match="2\\^63") as err:
+        reconstruct_secrets([batch[0], far], 3)
+    assert err.value.item == 1
