@@ -349,7 +349,10 @@ class HybridSimulation:
         if state is None:
             return b""
         buf = io.BytesIO()
-        arrays: dict[str, Any] = {k: v.numpy().astype(np.uint8) for k, v in state.items()}
+        # 0/1 states as bytes; fractional ones (the ``expected`` estimator) kept exactly
+        arrays: dict[str, Any] = {k: v.numpy().astype(np.uint8) if bool((v == v.round()).all())
+                                  and bool(((v >= 0) & (v <= 255)).all()) else v.numpy().copy()
+                                  for k, v in state.items()}
         np.savez_compressed(buf, day=np.array(self.day), **arrays)
         return buf.getvalue()
 
