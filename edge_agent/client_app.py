@@ -262,6 +262,9 @@ def enrol(message: Message, context: Context) -> Message:
     for c in _COMPARTMENTS:  # ∂state/∂β (run config ``tangents``)
         st[f"d{c}"] = 0.0
     with _device(st) as dev:
+        kept = _enrolment(dev, req.run_id) if req.resume_day > 0 else None
+        if kept is not None:  # a resumed run: the same identity and private seed as before
+            secrets.update(kept)
         if dev.store is not None:
             for name, raw in secrets.items():
                 dev.store.put_private_key(f"{req.run_id}/{name}", raw)
@@ -281,6 +284,23 @@ def enrol(message: Message, context: Context) -> Message:
     nb = AgreementKey.from_private_bytes(secrets["nb_key"]).public_bytes()
     ident = IdentityKey.from_private_bytes(secrets["identity"]).public_bytes()
     return _reply(message, EnrolReply(nb_pub=nb, identity=ident).to_dict())
+
+
+def _enrolment(dev: _Device, run_id: str) -> dict[str, bytes] | None:
+    """This device's identity key and private seed of ``run_id`` from its store (the
+    enrolment a resumed run reuses: its private seed keeps drawing the same events, its
+    identity stays the one the coordinator registered), or ``None`` without a store or an
+    earlier enrolment. The neighbourhood key is drawn afresh: the restarted coordinator's
+    relay and proxies have new keys, and agreements bound to the old one are dropped."""
+    if dev.store is None:
+        return None
+    out = {}
+    for name in ("identity", "u_seed"):
+        try:
+            out[name] = dev.store.get_private_key(f"{run_id}/{name}")
+        except KeyError:
+            return None
+    return out
 
 
 def _day_key(run_id: str, day: int) -> str:
