@@ -60,9 +60,10 @@ from protocols.secagg.graph import neighbour_graph
 from protocols.secagg.keystream import ring_keystreams
 from protocols.secagg.messages import add_mac, strip_mac
 from protocols.secagg.shamir import (
+    SHARE_BYTES,
     InconsistentSharesError,
     ShamirError,
-    reconstruct_secrets,
+    reconstruct_sorted,
     shares_in_field,
 )
 
@@ -157,7 +158,6 @@ class EpochServer:
         self._idx = [_U32.pack(i) for i in range(config.n)]
         self._in_s: dict[int, frozenset[int]] = {}  # survivor -> its live neighbours in S
         self._out_s: dict[int, frozenset[int]] = {}  # survivor -> live neighbours not in S
-        self._shares: dict[int, dict[int, bytes]] = {}  # owner -> {holder x: share}
         self._live_nbrs: list[frozenset[int]] = [frozenset()] * config.n
         self._share_xs: list[tuple[int, ...]] = []
         # per receiver, the day's entries addressed to it: u32 sender index ‖ tag / envelope
@@ -242,7 +242,7 @@ class EpochServer:
     # -- helpers ---------------------------------------------------------------------
     def _clear_day(self) -> None:
         self._inputs, self._tags, self._responses, self._day_keys = {}, {}, {}, {}
-        self._in_s, self._out_s, self._shares = {}, {}, {}
+        self._in_s, self._out_s = {}, {}
         self._inbox_t = [[] for _ in range(self.config.n)]
         self._inbox_e = [[] for _ in range(self.config.n)]
         self._s, self._responders, self._bitmap = frozenset(), frozenset(), b""
@@ -432,7 +432,6 @@ class EpochServer:
             out[i] = add_mac(macs[i], b"".join([head, idx[len(tags)], *tags,
                                                   idx[len(envs)], *envs]))
         self._responders = responders
-        self._shares = {i: {} for i in self._s}
         self._head = self._prefix(EMsg.UNMASK_RESPONSE)
         self.stage = EpochServerStage.UNMASK
         return out
@@ -501,23 +500,34 @@ class EpochServer:
                                             "outside the field")
             got = {j: data for j, _, data in msg.reveals}
         self._responses[sender] = _Response(got)
-        x = sender + 1
-        for j, data in got.items():
-            self._shares[j][x] = data
 
     def _close_unmask(self) -> dict[int, bytes]:
         cfg, ctx = self.config, self._ctx
         day = self.day
         assert day is not None
         order = sorted(self._s)
-        shares = self._shares
-        for i in order:
-            if len(shares[i]) < cfg.threshold:
-                raise SecAggAbortError(f"only {len(shares[i])} shares of client {i}'s self "
+        # every revealed share as one row: owner, holder x = responder + 1, 48 bytes
+        owners: list[int] = []
+        rows: list[bytes] = []
+        holders: list[int] = []
+        for r in sorted(self._responses):
+            got = self._responses[r].shares
+            owners += got
+            rows += got.values()
+            holders.append(len(got))
+        xs = np.repeat(np.array(sorted(self._responses), dtype=np.int64) + 1, holders)
+        own = np.array(owners, dtype=np.int64)
+        by = np.lexsort((xs, own))  # by owner, then holder x
+        counts = np.bincount(own, minlength=cfg.n)[order] if len(own) else np.zeros(
+            len(order), dtype=np.int64)
+        for i, c in zip(order, counts.tolist(), strict=True):
+            if c < cfg.threshold:
+                raise SecAggAbortError(f"only {c} shares of client {i}'s self "
                                        f"mask, threshold {cfg.threshold}")
+        shares = np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(-1, SHARE_BYTES)[by]
         try:  # each seed from all its shares: a wrong one among them is detected
-            seeds = reconstruct_secrets([shares[i] for i in order], cfg.threshold,
-                                        [self._share_xs[i] for i in order])
+            seeds = reconstruct_sorted(xs[by], counts.tolist(), shares, cfg.threshold,
+                                       [self._share_xs[i] for i in order])
         except InconsistentSharesError as exc:
             who = order[exc.item] if exc.item is not None else "?"
             raise ProtocolViolationError(

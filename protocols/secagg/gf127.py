@@ -113,49 +113,76 @@ def _canonical(r0, r1, r2, r3, r4):  # type: ignore[no-untyped-def]
     return r0, r1, r2, r3, r4
 
 
+@nb.njit(cache=True, inline="always")
+def _element(raw, e, c):  # type: ignore[no-untyped-def]
+    """Limbs of the big-endian 16-byte element ``raw[e, 16c : 16c + 16]``; (−1, …) if it
+    is not < p (top bit set, or all 127 low bits set)."""
+    o = 16 * c
+    hh = (np.int64(raw[e, o]) << 24) | (np.int64(raw[e, o + 1]) << 16) | (
+        np.int64(raw[e, o + 2]) << 8) | np.int64(raw[e, o + 3])
+    hl = (np.int64(raw[e, o + 4]) << 24) | (np.int64(raw[e, o + 5]) << 16) | (
+        np.int64(raw[e, o + 6]) << 8) | np.int64(raw[e, o + 7])
+    lh = (np.int64(raw[e, o + 8]) << 24) | (np.int64(raw[e, o + 9]) << 16) | (
+        np.int64(raw[e, o + 10]) << 8) | np.int64(raw[e, o + 11])
+    ll = (np.int64(raw[e, o + 12]) << 24) | (np.int64(raw[e, o + 13]) << 16) | (
+        np.int64(raw[e, o + 14]) << 8) | np.int64(raw[e, o + 15])
+    if hh >= 0x80000000 or (hh == 0x7FFFFFFF and hl == 0xFFFFFFFF and lh == 0xFFFFFFFF
+                            and ll == 0xFFFFFFFF):
+        return np.int64(-1), np.int64(0), np.int64(0), np.int64(0), np.int64(0)
+    return (ll & 0x3FFFFFF, (ll >> 26) | ((lh & 0xFFFFF) << 6),
+            (lh >> 20) | ((hl & 0x3FFF) << 12), (hl >> 14) | ((hh & 0xFF) << 18), hh >> 8)
+
+
 @nb.njit(cache=True)
-def interpolate(fx, fuw, foff, hx, hoff, ys, t, rho, out, status):  # type: ignore[no-untyped-def]
+def interpolate(tx, tuw, tk, fid, hx, hoff, raw, t, rho, out, status):  # type: ignore[no-untyped-def]
     """For each secret i: the holders that answered, ``hx[hoff[i]:hoff[i+1]]`` (ascending),
-    with share limbs ``ys[hoff[i]:hoff[i+1]]`` (E, 3 chunks, 5), among the sharing set
-    ``fx[foff[i]:foff[i+1]]`` (ascending) whose slots carry u_j = w_j / (−x_j) and w_j
-    (barycentric weights) in ``fuw`` (slot, 2, 5). Writes the secret's chunks at 0 to
-    ``out[i]`` (3, 5) and ``status[i]``: 0 ok, 1 shares inconsistent (Σ_j w'_j R(x_j) y_j
-    ≠ 0 for some chunk, w' the answering set's weights, R = Σ_{s<m−t} rho[s] X^s), 2 a
-    holder outside the sharing set (nothing written)."""
-    n = foff.shape[0] - 1
-    kmax = 0
-    for i in range(n):
-        kmax = max(kmax, foff[i + 1] - foff[i])
+    their shares ``raw[hoff[i]:hoff[i+1]]`` (E, 48 bytes: 3 big-endian elements), among
+    the sharing set r = ``fid[i]``: x-coordinates ``tx[r, :tk[r]]`` (ascending), with
+    u_j = w_j / (−x_j) and w_j (barycentric weights) as limbs in ``tuw[r, j]`` (2, 5).
+    Writes the secret's chunks at 0 to ``out[i]`` (3, 5) and ``status[i]``: 0 ok,
+    1 shares inconsistent (Σ_j w'_j R(x_j) y_j ≠ 0 for some chunk, w' the answering set's
+    weights, R = Σ_{s<m−t} rho[s] X^s), 2 a holder outside the sharing set, 3 a share
+    element outside the field (nothing written for 2 and 3)."""
+    n = fid.shape[0]
+    kmax = tx.shape[1]
     hit = np.zeros(kmax, dtype=np.bool_)
     pm = np.zeros((kmax, 5), dtype=np.int64)
+    ys = np.zeros((kmax, 3, 5), dtype=np.int64)
     for i in range(n):
-        f0, k = foff[i], foff[i + 1] - foff[i]
+        r_, k = fid[i], tk[fid[i]]
+        fx = tx[r_]
         h0, m = hoff[i], hoff[i + 1] - hoff[i]
         hit[:k] = False
-        j, ok = 0, True
+        j, why = 0, 0
         for h in range(m):
-            while j < k and fx[f0 + j] < hx[h0 + h]:
+            while j < k and fx[j] < hx[h0 + h]:
                 j += 1
-            if j == k or fx[f0 + j] != hx[h0 + h]:
-                ok = False
+            if j == k or fx[j] != hx[h0 + h]:
+                why = 2
                 break
             hit[j] = True
+            for c in range(3):
+                y = _element(raw, h0 + h, c)
+                if y[0] < 0:
+                    why = 3
+                for b in range(5):
+                    ys[j, c, b] = y[b]
             j += 1
-        if not ok:
-            status[i] = 2
+        if why:
+            status[i] = why
             continue
         # pm_j = Π_{a missing} (x_j − x_a); l0 = Π_{j answering} (−x_j)
         l0 = (1, 0, 0, 0, 0)
         for j in range(k):
             if not hit[j]:
                 continue
-            x = fx[f0 + j]
+            x = fx[j]
             x0, x1, x2 = x & 0x3FFFFFF, (x >> 26) & 0x3FFFFFF, x >> 52  # x < 2^63
             p = (1, 0, 0, 0, 0)
             for a in range(k):
                 if hit[a]:
                     continue
-                y = fx[f0 + a]  # x_j − x_a = x_j + (p − x_a), limbwise (p's limbs are all ones)
+                y = fx[a]  # x_j − x_a = x_j + (p − x_a), limbwise (p's limbs are all ones)
                 p = _mul(p[0], p[1], p[2], p[3], p[4],
                          x0 + 0x3FFFFFF - (y & 0x3FFFFFF),
                          x1 + 0x3FFFFFF - ((y >> 26) & 0x3FFFFFF),
@@ -166,23 +193,21 @@ def interpolate(fx, fuw, foff, hx, hoff, ys, t, rho, out, status):  # type: igno
         d = m - t
         acc = np.zeros((3, 5), dtype=np.int64)
         chk = np.zeros((3, 5), dtype=np.int64)
-        e = h0
         for j in range(k):
             if not hit[j]:
                 continue
-            s = f0 + j
-            u = fuw[s, 0]
+            u = tuw[r_, j, 0]
             lam = _mul(u[0], u[1], u[2], u[3], u[4],
                        pm[j, 0], pm[j, 1], pm[j, 2], pm[j, 3], pm[j, 4])
             lam = _mul(lam[0], lam[1], lam[2], lam[3], lam[4],
                        l0[0], l0[1], l0[2], l0[3], l0[4])
             for c in range(3):
-                y = ys[e, c]
+                y = ys[j, c]
                 q = _mul(lam[0], lam[1], lam[2], lam[3], lam[4], y[0], y[1], y[2], y[3], y[4])
                 for b in range(5):
                     acc[c, b] += q[b]
             if d > 0:
-                x = fx[s]
+                x = fx[j]
                 x0, x1, x2 = x & 0x3FFFFFF, (x >> 26) & 0x3FFFFFF, x >> 52
                 r = (rho[d - 1, 0], rho[d - 1, 1], rho[d - 1, 2], rho[d - 1, 3],
                      rho[d - 1, 4])
@@ -190,16 +215,15 @@ def interpolate(fx, fuw, foff, hx, hoff, ys, t, rho, out, status):  # type: igno
                     r = _mul(r[0], r[1], r[2], r[3], r[4], x0, x1, x2, 0, 0)
                     r = _carry(r[0] + rho[q_, 0], r[1] + rho[q_, 1], r[2] + rho[q_, 2],
                                r[3] + rho[q_, 3], r[4] + rho[q_, 4])
-                w = fuw[s, 1]
+                w = tuw[r_, j, 1]
                 cw = _mul(w[0], w[1], w[2], w[3], w[4],
                           pm[j, 0], pm[j, 1], pm[j, 2], pm[j, 3], pm[j, 4])
                 cw = _mul(cw[0], cw[1], cw[2], cw[3], cw[4], r[0], r[1], r[2], r[3], r[4])
                 for c in range(3):
-                    y = ys[e, c]
+                    y = ys[j, c]
                     q = _mul(cw[0], cw[1], cw[2], cw[3], cw[4], y[0], y[1], y[2], y[3], y[4])
                     for b in range(5):
                         chk[c, b] += q[b]
-            e += 1
         status[i] = 0
         for c in range(3):
             v = _carry(acc[c, 0], acc[c, 1], acc[c, 2], acc[c, 3], acc[c, 4])

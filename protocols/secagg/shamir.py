@@ -32,6 +32,7 @@ __all__ = [
     "ShamirError",
     "reconstruct_secret",
     "reconstruct_secrets",
+    "reconstruct_sorted",
     "shares_in_field",
     "share_secret",
 ]
@@ -198,21 +199,72 @@ def _rho(d: int) -> np.ndarray:
     return np.array([gf127.from_int(v) for v in _R[:d]], dtype=np.int64).reshape(d, 5)
 
 
-@lru_cache(maxsize=16384)
 def _fplan(full: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """(x, uw) of a sharing set (sorted): x as int64, and per holder the limbs of
     u_j = w_j / (−x_j) and of w_j (barycentric weights), shape (k, 2, 5). For the holders
-    H ⊆ full that answered, with M = full \ H and π_j = Π_{a∈M} (x_j − x_a):
+    H ⊆ full that answered, with M = full \\ H and π_j = Π_{a∈M} (x_j − x_a):
     w^H_j = w_j · π_j and the Lagrange coefficient at 0 is λ_j = Π_{l∈H} (−x_l) · u_j · π_j
     (no per-subset inversion); :func:`gf127.interpolate` evaluates both."""
     _check_xs(full)
-    if full and full[-1] >= _X_LIMIT:
+    if full and max(full) >= _X_LIMIT:
         raise ShamirError("x-coordinates of the batched path must be < 2^63")
     w = _weights(full)
     ni = _neg_invs(full)
     uw = [gf127.from_int(w[x] * ni[x] % PRIME) + gf127.from_int(w[x]) for x in full]
     return (np.array(full, dtype=np.int64),
             np.array(uw, dtype=np.int64).reshape(len(full), 2, 5))
+
+
+class _SetTable:
+    """Process-wide table of sharing sets for the kernel: row r holds one set's sorted
+    x-coordinates (``x[r, :k[r]]``) and weight limbs (``uw[r, j]``); ``ids`` maps the set
+    to r. Cleared when it would pass ``limit`` rows (a coordinator sees ~n sets per
+    epoch)."""
+
+    def __init__(self, limit: int = 1 << 13) -> None:
+        self.limit = limit
+        self.clear()
+
+    def clear(self) -> None:
+        self.ids: dict[tuple[int, ...], int] = {}
+        self.x = np.zeros((64, 1), dtype=np.int64)
+        self.uw = np.zeros((64, 1, 2, 5), dtype=np.int64)
+        self.k = np.zeros(64, dtype=np.int64)
+
+    def rows(self, sets: Sequence[tuple[int, ...]]) -> np.ndarray:
+        """Row ids of ``sets`` (added as needed); ShamirError names the item of a bad set."""
+        get = self.ids.get
+        out = list(map(get, sets))
+        if None in out:
+            new = {f for f, r in zip(sets, out, strict=True) if r is None}
+            if len(self.ids) + len(new) > self.limit:
+                self.clear()
+            for item, f in enumerate(sets):
+                if self.ids.get(f) is None:
+                    try:
+                        self._add(f)
+                    except ShamirError as exc:
+                        raise ShamirError(str(exc), item) from exc
+            get = self.ids.get
+            out = list(map(get, sets))
+        return np.array(out, dtype=np.int64)
+
+    def _add(self, f: tuple[int, ...]) -> None:
+        x, uw = _fplan(tuple(sorted(f)))
+        r = len(self.ids)
+        rows, width = self.x.shape
+        if r == rows or len(f) > width:
+            grow = (max(rows, 2 * r + 2 if r == rows else rows), max(width, len(f)))
+            nx = np.zeros(grow, dtype=np.int64)
+            nuw = np.zeros((*grow, 2, 5), dtype=np.int64)
+            nk = np.zeros(grow[0], dtype=np.int64)
+            nx[:rows, :width], nuw[:rows, :width], nk[:rows] = self.x, self.uw, self.k
+            self.x, self.uw, self.k = nx, nuw, nk
+        self.x[r, : len(f)], self.uw[r, : len(f)], self.k[r] = x, uw, len(f)
+        self.ids[f] = r
+
+
+_SETS = _SetTable()
 
 
 _P_BYTES = np.frombuffer(PRIME.to_bytes(ELEMENT_BYTES, "big"), dtype=np.uint8)
@@ -287,35 +339,45 @@ def reconstruct_secrets(batch: Sequence[dict[int, bytes]], threshold: int,
     if set(map(type, rows)) != {bytes} or set(map(len, rows)) != {SHARE_BYTES}:
         good = np.array([type(r) is bytes and len(r) == SHARE_BYTES for r in rows])
         raise ShamirError(f"share must be {SHARE_BYTES} bytes", _first_bad_item(counts, good))
-    raw = np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(-1, CHUNKS, ELEMENT_BYTES)
-    ok = _field_ok(raw)
-    if not ok.all():
-        raise ShamirError("share element outside the field", _first_bad_item(counts, ok))
-    plans = []
-    for item, f in enumerate(sets):
-        try:
-            plans.append(_fplan(f))
-        except ShamirError as exc:
-            raise ShamirError(str(exc), item) from exc
-    ys = gf127.from_be16(raw.reshape(-1, ELEMENT_BYTES)).reshape(-1, CHUNKS, 5)
+    raw = np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(-1, SHARE_BYTES)
+    return reconstruct_sorted(np.array(hx, dtype=np.int64), counts, raw, threshold, sets)
+
+
+def reconstruct_sorted(hx: np.ndarray, counts: Sequence[int], raw: np.ndarray,
+                       threshold: int, sets: Sequence[tuple[int, ...]]) -> list[bytes]:
+    """:func:`reconstruct_secrets` on arrays (the coordinator's path, no per-share Python
+    object): secret i's shares are rows ``hoff[i]:hoff[i+1]`` (hoff = cumulative
+    ``counts``) of ``raw`` (E, SHARE_BYTES) uint8, from holders ``hx`` (int64, ascending
+    within each secret, in (0, 2^63)), shared among ``sets[i]`` (sorted tuples). Each count
+    must be ≥ ``threshold`` (checked by the caller)."""
+    if len(counts) != len(sets):
+        raise ShamirError("one holder set per secret")
+    if not len(sets):
+        return []
     hoff = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=hoff[1:])
-    rho = _rho(max(max(counts) - threshold, 1))
-    out = np.empty((len(batch), CHUNKS, 5), dtype=np.int64)
-    status = np.empty(len(batch), dtype=np.int8)
-    hxa = np.array(hx, dtype=np.int64)
+    if raw.shape != (hoff[-1], SHARE_BYTES) or hx.shape != (hoff[-1],):
+        raise ShamirError("shares and holders do not match the counts")
+    step = np.diff(hx)
+    step[hoff[1:-1] - 1] = 1  # group boundaries need not ascend
+    if (step <= 0).any() or (len(hx) and hx.min() < 1) or min(counts) < 1:
+        raise ShamirError("holders must be ascending x-coordinates in (0, 2^63) per secret")
+    rho = _rho(max(int(max(counts)) - threshold, 1))
+    out = np.empty((len(sets), CHUNKS, 5), dtype=np.int64)
+    status = np.empty(len(sets), dtype=np.int8)
+    sets = list(sets)
     while True:
-        fx = np.concatenate([p[0] for p in plans])
-        fuw = np.concatenate([p[1] for p in plans])
-        foff = np.zeros(len(plans) + 1, dtype=np.int64)
-        np.cumsum([len(p[0]) for p in plans], out=foff[1:])
-        gf127.interpolate(fx, fuw, foff, hxa, hoff, ys, threshold, rho, out, status)
+        fid = _SETS.rows(sets)  # first: adding rows may reallocate the table
+        t = _SETS
+        gf127.interpolate(t.x, t.uw, t.k, fid, hx, hoff, raw, threshold, rho, out, status)
         outside = np.flatnonzero(status == 2)
         if not len(outside):
             break
         for pos in outside.tolist():  # holders outside the named set: their own weights
-            plans[pos] = _fplan(tuple(hx[hoff[pos] : hoff[pos + 1]]))
-    elements = gf127.to_be16(out.reshape(-1, 5)).reshape(len(batch), CHUNKS, ELEMENT_BYTES)
+            sets[pos] = tuple(hx[hoff[pos] : hoff[pos + 1]].tolist())
+    if (status == 3).any():
+        raise ShamirError("share element outside the field", int(np.argmax(status == 3)))
+    elements = gf127.to_be16(out.reshape(-1, 5)).reshape(len(sets), CHUNKS, ELEMENT_BYTES)
     # secret = chunk 0 (15 bytes) ‖ chunk 1 (15) ‖ chunk 2 (2): the rest must be zero
     spill = elements[:, :2, 0].any(axis=1) | elements[:, 2, :14].any(axis=1)
     if status.any() or spill.any():

@@ -339,3 +339,35 @@ def test_batched_reconstruction_with_holders_outside_the_named_set() -> None:
     with pytest.raises(ShamirError, match="2\\^63") as err:
         reconstruct_secrets([batch[0], far], 3)
     assert err.value.item == 1
+
+
+def test_set_table_growth_within_one_batch_and_array_input_checks() -> None:
+    """The sharing-set table grows (reallocates) while a batch's sets are added: the kernel
+    must get the grown table (it once got the old one: an out-of-bounds read). Bad array
+    input to :func:`reconstruct_sorted` is refused, not read out of bounds."""
+    import numpy as np
+
+    from protocols.secagg import shamir
+    from protocols.secagg.shamir import SHARE_BYTES, reconstruct_sorted
+
+    shamir._SETS.clear()
+    rng = random.Random(12)  # test data only
+    batch, fulls, secrets = _batch(rng, 300, 6, 4)
+    assert reconstruct_secrets(batch, 4, fulls) == secrets
+    shamir._SETS.limit = 100  # a batch with more new sets than the limit: cleared, refilled
+    try:
+        assert reconstruct_secrets(batch, 4, fulls) == secrets
+    finally:
+        shamir._SETS.limit = 1 << 13
+    xs = sorted(batch[0])
+    hx = np.array(xs, dtype=np.int64)
+    raw = np.frombuffer(b"".join(batch[0][x] for x in xs), dtype=np.uint8).reshape(
+        -1, SHARE_BYTES)
+    full = tuple(sorted(fulls[0]))
+    assert reconstruct_sorted(hx, [len(xs)], raw, 4, [full]) == secrets[:1]
+    with pytest.raises(ShamirError):
+        reconstruct_sorted(hx[::-1].copy(), [len(xs)], raw, 4, [full])  # not ascending
+    with pytest.raises(ShamirError):
+        reconstruct_sorted(hx, [len(xs) + 1], raw, 4, [full])  # counts beyond the rows
+    with pytest.raises(ShamirError):
+        reconstruct_sorted(hx, [len(xs)], raw[:-1], 4, [full])
