@@ -79,9 +79,10 @@ def _check(kind: str, n: int, days: int, worlds: tuple[int, ...]) -> None:
                 assert exchanges == days * calls_per_day, exchanges
 
 
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("kind", ["sir", "seirm"])
-def test_partitioned_forward_tangents_equal_single_process(kind):
-    _check(kind, N, DAYS, (2, 3))
+def test_partitioned_forward_tangents_equal_single_process(kind, world):
+    _check(kind, N, DAYS, (world,))
 
 
 @pytest.mark.slow

@@ -26,6 +26,8 @@ TOTALS = ("d_new_dbeta", "d_new_dbeta_physical", "d_new_dbeta_synthetic", "one_s
 def _population(kind: str):
     # "random": 2,000 agents, mean degree 10 (METIS cuts ~500 edges: the halo is exercised);
     # "tiny": the preset (households, classes, areas)
+    if kind == "tiny20k":  # 20,000 agents
+        return synthesize("tiny", scale=20.0, seed=0)
     return random_contact_graph(2000, 10.0, seed=1) if kind == "random" else \
         synthesize("tiny", seed=0)
 
@@ -84,31 +86,43 @@ def _compare(rows, want) -> float:
     return worst
 
 
-@pytest.mark.parametrize("kind,every,estimator", [("random", 50, "straight_through"),
-                                                  ("tiny", 17, "expected")])
-def test_fleet_mode_tangents_two_and_three_ranks_equal_one(kind, every, estimator):
+@pytest.mark.parametrize("kind,every,estimator,world", [
+    ("random", 50, "straight_through", 2),
+    pytest.param("random", 50, "straight_through", 3, marks=pytest.mark.slow),
+    pytest.param("tiny", 17, "expected", 2, marks=pytest.mark.slow),
+    pytest.param("tiny", 17, "expected", 3, marks=pytest.mark.slow),
+    pytest.param("tiny20k", 200, "straight_through", 3, marks=pytest.mark.slow)])
+def test_fleet_mode_tangents_equal_one_rank(kind, every, estimator, world):
     one_rows, one_full = _fleet(0, 1, kind, every, estimator)
     assert sum(r["new_infections"] for r in one_rows) > 20
     assert all(r["d_new_dbeta"] != 0.0 for r in one_rows[1:])
     ref = _assemble([one_full], len(one_full["ids"]))
-    for world in (2, 3):
-        out = spawn_local(_fleet, world, kind, every, estimator, timeout=180)
-        worst = _compare(out[0][0], one_rows)
-        print(f"{kind} {estimator} world {world}: tangent totals max rel diff {worst:.3g}")
-        assert worst <= 1e-12, (world, worst)
-        for r in range(1, world):  # every rank returns the same aggregates
-            assert out[r][0] == out[0][0]
-        got = _assemble([o[1] for o in out], len(one_full["ids"]))
-        for k, v in ref.items():  # every agent's state and tangent: bit for bit
-            assert torch.equal(got[k], v), (world, k)
+    out = spawn_local(_fleet, world, kind, every, estimator, timeout=180)
+    worst = _compare(out[0][0], one_rows)
+    print(f"{kind} {estimator} world {world}: tangent totals max rel diff {worst:.3g}")
+    assert worst <= 1e-12, (world, worst)
+    for r in range(1, world):  # every rank returns the same aggregates
+        assert out[r][0] == out[0][0]
+    got = _assemble([o[1] for o in out], len(one_full["ids"]))
+    for k, v in ref.items():  # every agent's state and tangent: bit for bit
+        assert torch.equal(got[k], v), (world, k)
+
+
+EPS = 5e-3
+
+
+def _three_runs(rank: int, world: int) -> dict[float, list] | None:
+    """The same 2-rank run at β − ε, β, β + ε (one process group, three runs in turn)."""
+    out = {b: _fleet(rank, world, "tiny", 17, "expected", b, None)[0]
+           for b in (BETA - EPS, BETA, BETA + EPS)}
+    return out if rank == 0 else None
 
 
 def test_partitioned_tangents_equal_a_central_finite_difference():
     """d(new infections)/dβ carried by the 2-rank run = (run(β+ε) − run(β−ε)) / 2ε of the
     same 2-rank run (``expected`` estimator: smooth in β), to the 1-rank tests' tolerance."""
-    eps = 5e-3
-    runs = {b: spawn_local(_fleet, 2, "tiny", 17, "expected", b, None, timeout=180)[0][0]
-            for b in (BETA - eps, BETA, BETA + eps)}
+    eps = EPS
+    runs = spawn_local(_three_runs, 2, timeout=300)[0]
     d_new = torch.tensor([r["d_new_dbeta"] for r in runs[BETA]], dtype=torch.float64)
     new = {b: torch.tensor([r["new_infections"] for r in rows], dtype=torch.float64)
            for b, rows in runs.items()}
@@ -161,7 +175,7 @@ def _remote(rank: int, world: int, every: int, estimator: str):
     return bad, worst, rows, _full(sim), _full(one)
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_remote_mode_tangents_equal_one_rank(world):
     out = spawn_local(_remote, world, 17, "straight_through", timeout=180)
     bad, worst, rows, full0, one = out[0]
@@ -200,21 +214,25 @@ def _count(rank: int, counter: dict[str, int]) -> None:
         setattr(dist, name, wrap(name, getattr(dist, name)))
 
 
-def _counted(rank: int, world: int, tangents: bool):
+def _counted(rank: int, world: int) -> list[dict]:
+    """The same run without and with tangents (one process group, in turn)."""
     from simulation.distributed.partition import cut_stats
     torch.set_num_threads(1)
     counter = {"bytes": 0, "calls": 0}
     _count(rank, counter)
     pop = _population("random")
-    sim = HybridSimulation(SIR(beta=BETA, gamma=0.1, initial_infected=0.05), pop,
-                           torch.arange(0, pop.n, 50), SEED, tangents=tangents, frac_bits=40,
-                           procs_group=True)
-    counter.update(bytes=0, calls=0)  # setup is paid once, not per day
-    for _ in range(DAYS):
-        sim.step()
-    st = sim._stepper
-    return {**counter, "halo": st.shard.n_halo, "boundary": st.sizes,
-            "cut": cut_stats(sim.split.central, st.partition)["cut_edges"]}
+    out = []
+    for tangents in (False, True):
+        sim = HybridSimulation(SIR(beta=BETA, gamma=0.1, initial_infected=0.05), pop,
+                               torch.arange(0, pop.n, 50), SEED, tangents=tangents,
+                               frac_bits=40, procs_group=True)
+        counter.update(bytes=0, calls=0)  # setup is paid once, not per day
+        for _ in range(DAYS):
+            sim.step()
+        st = sim._stepper
+        out.append({**counter, "halo": st.shard.n_halo, "boundary": st.sizes,
+                    "cut": cut_stats(sim.split.central, st.partition)["cut_edges"]})
+    return out
 
 
 def test_tangent_days_send_both_columns_in_the_same_messages():
@@ -222,8 +240,8 @@ def test_tangent_days_send_both_columns_in_the_same_messages():
     ≤ 8 B × (its halo + its cross boundary) + the header (twice the 4 B of a value-only day
     per agent); all ranks together ≤ 16 B per cut edge + 16 B per boundary agent + headers."""
     from simulation.distributed.hybrid_stepper import HEADER_BYTES
-    plain = spawn_local(_counted, 2, False, timeout=120)
-    tan = spawn_local(_counted, 2, True, timeout=120)
+    both = spawn_local(_counted, 2, timeout=180)
+    plain, tan = [r[0] for r in both], [r[1] for r in both]
     assert tan[0]["cut"] > 100 and tan[0]["halo"] > 0  # the halo is exercised
     total = 0
     for rank, (p, r) in enumerate(zip(plain, tan, strict=True)):

@@ -80,7 +80,7 @@ def _ranks(rank: int, world: int):
     return worst, fits
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_partitioned_replay_equals_the_single_process_replay(world):
     worst, fits = spawn_local(_ranks, world, timeout=240)[0]
     assert fits == 6 and worst <= 1e-12, worst
