@@ -252,3 +252,22 @@ def test_tangent_days_send_both_columns_in_the_same_messages():
         total += r["bytes"]
     bound = DAYS * (16 * tan[0]["cut"] + 16 * sum(tan[0]["boundary"]) + 2 * HEADER_BYTES)
     assert total <= bound, (total, bound)
+
+
+def _noisy(rank: int, world: int):
+    """A noisy protocol policy (noise per agent id over all n: rank 0 keeps the full-length
+    protocol for both rounds); the fleet secret given, so 1 and 2 processes draw alike."""
+    from protocols.neighbourhood import NeighbourhoodPolicy
+    torch.set_num_threads(1)
+    pop = _population("tiny")
+    sim = _hybrid(pop, 17, "straight_through", policy=NeighbourhoodPolicy(noise_scale=0.01),
+                  secret=b"a public test secret, not a key!!",
+                  procs_group=True if world > 1 else None)
+    return [sim.step() for _ in range(6)]
+
+
+@pytest.mark.slow
+def test_noisy_policy_tangents_two_ranks_equal_one():
+    one = _noisy(0, 1)
+    assert all(r["d_new_dbeta"] != 0.0 for r in one[1:])
+    assert _compare(spawn_local(_noisy, 2, timeout=180)[0], one) <= 1e-12
