@@ -27,6 +27,8 @@ message above carries the tangent column beside the value: the halo exchange sen
 in one ``all_to_all`` (8 B per boundary agent and receiving rank), the cross scatter
 [sum, dsum], the boundary gather [I, ∂I/∂β]; the day's tangent totals ride in the counts'
 ``all_reduce``. No reverse-mode window across ranks (the hybrid steps under ``no_grad``).
+With a :class:`~simulation.distributed.replay.PartitionedReplay` attached, each day opens
+with rank 0 releasing the ranks that served its calibration fits since the last day.
 """
 
 from __future__ import annotations
