@@ -4,7 +4,7 @@ device hosts, the worker ranks, `lpm` itself.
 
 * ``--procs 2`` writes the summary (days, survivors, θ, loss, the daily series) and stores
   the rows of one process bit for bit, on a population METIS cuts (Oxford-like, 3,000
-  agents) with online calibration (through the Python API, 20 devices × 4 days; `lpm fleet
+  agents) with online calibration (through the Python API, 10 devices × 3 days, and the last checkpoint too; `lpm fleet
   --devices 50 --days 5 --procs 2` against `--procs 1` is ``-m slow``);
 * a worker killed mid-run: rank 0 fails with an error naming the rank and the signal, at
   once (no wait for a collective's timeout), leaves the group and no process behind;
@@ -16,6 +16,7 @@ device hosts, the worker ranks, `lpm` itself.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -24,10 +25,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
+from coordinator.calibration import unpack_checkpoint
 from coordinator.fleet import FleetError, run_fleet
 from coordinator.fleet_procs import FleetProcs, FleetProcsError
 from coordinator.flower.server_app import FederatedSettings
@@ -38,8 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LPM = [sys.executable, "-c", "from lpm_cli import app; app()"]
 COMMON = ["--population", "oxford", "--scale", "0.02", "--seed", "3", "--beta", "0.9",
           "--initial-infected", "0.05", "--shared-seed", "--calibrate", "beta"]
-ARGS = ["fleet", "--devices", "50", "--days", "5", *COMMON]  # the brief's run (slow test)
-FAST = ["fleet", "--devices", "20", "--days", "4", *COMMON]  # the default test's
+ARGS = ["fleet", "--devices", "50", "--days", "5", *COMMON]
 
 
 def _env() -> dict[str, str]:
@@ -67,21 +69,28 @@ def _cli_run(tmp_path: Path, procs: int, args: list[str]) -> dict:
     return summary
 
 
-def _api_run(tmp_path: Path, procs: int) -> dict:
-    """The run of FAST through the Python API the CLI calls (this process is rank 0)."""
+def _api_run(tmp_path: Path, procs: int, workers: FleetProcs | None = None) -> dict:
+    """A calibrated run through the Python API the CLI calls (this process is rank 0)."""
     from coordinator.calibration import CalibrationSettings
     from coordinator.fleet import write_summary
 
     torch.set_num_threads(1)
-    cfg = RunConfig(population="oxford", scale=0.02, days=4, seed=3, devices=20, beta=0.9,
+    cfg = RunConfig(population="oxford", scale=0.02, days=3, seed=3, devices=10, beta=0.9,
                     initial_infected=0.05)
     store = CoordinatorStore(tmp_path / f"api{procs}.db")
     rid = store.create_run({**cfg.to_dict(), "federated": True}, cfg.days)
     settings = FederatedSettings(shared_seed=True, calibration=CalibrationSettings(
-        params=("beta",), beta_init=0.3, every=1, steps=5))
-    rows = run_fleet(cfg, settings=settings, store=store, run_id=rid, procs=procs)
+        params=("beta",), beta_init=0.3, every=1, steps=1))
+    if workers is not None:  # launched early (as `lpm fleet` does): configure them now
+        workers.configure(cfg.to_dict(), devices=cfg.devices)
+    rows = run_fleet(cfg, settings=settings, store=store, run_id=rid, procs=workers or procs)
     summary = json.loads(write_summary(tmp_path / f"api{procs}", rows, []).read_text())
     summary["rows"] = store.series(rid)
+    point = store.resume(rid)  # the last day's checkpoint (state_bytes: a collective on 2)
+    blob, arrays = unpack_checkpoint(point.state)
+    with np.load(io.BytesIO(blob)) as z:
+        summary["checkpoint"] = (point.day, {k: z[k].tolist() for k in z.files},
+                                 {k: v.tolist() for k, v in (arrays or {}).items()})
     return summary
 
 
@@ -97,7 +106,16 @@ def _assert_same(one: dict, two: dict, days: int) -> None:
 def test_procs_2_writes_the_summary_of_one_process(tmp_path):
     """``run_fleet(procs=2)`` against ``procs=1``: summary and stored rows (this process is
     rank 0 of both, which saves two start-ups of `lpm`; the CLI is the slow test below)."""
-    _assert_same(_api_run(tmp_path, 1), _api_run(tmp_path, 2), 4)
+    workers = FleetProcs.launch(2)  # importing while the 1-process run runs
+    try:
+        one = _api_run(tmp_path, 1)
+    except BaseException:
+        workers.close()
+        raise
+    two = _api_run(tmp_path, 2, workers)
+    _assert_same(one, two, 3)
+    assert one["checkpoint"] == two["checkpoint"]  # state (all agents) and calibration
+    assert one["checkpoint"][0] == 3
     assert not dist.is_initialized()  # rank 0 left the group
 
 
