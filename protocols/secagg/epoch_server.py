@@ -30,6 +30,8 @@ from protocols.secagg.config import RoundConfig
 from protocols.secagg.epoch_client import check_day, check_eheader
 from protocols.secagg.epoch_keys import EpochContexts
 from protocols.secagg.epoch_messages import (
+    ENVELOPE_BYTES,
+    KEY,
     SERVER,
     DayInput,
     DayUnmaskResponse,
@@ -68,8 +70,26 @@ from protocols.secagg.shamir import (
 )
 
 _U32 = struct.Struct(">I")
+_ENV_ROW, _TAG_ROW = 4 + ENVELOPE_BYTES, 4 + KEY
 
-__all__ = ["EpochServer", "EpochServerStage"]
+
+def _by_receiver(regions: dict[int, bytes], size: int, n: int) -> tuple[np.ndarray, list[int]]:
+    """{index: rows of u32 big-endian receiver ‖ ``size`` bytes} (index ascending) →
+    (rows, offsets): rows (E, 4 + size) uint8 of u32 big-endian index ‖ entry, ordered by
+    receiver then index; receiver r's rows are ``rows[offsets[r]:offsets[r + 1]]``."""
+    width = 4 + size
+    data = np.frombuffer(b"".join(regions.values()), dtype=np.uint8).reshape(-1, width)
+    if not len(data):
+        return data, [0] * (n + 1)
+    rcv = data[:, :4].copy().view(">u4")[:, 0].astype(np.int64)
+    by = np.argsort(rcv, kind="stable")  # stable: index order kept per receiver
+    rows = data[by]
+    counts = [len(r) // width for r in regions.values()]
+    index = np.repeat(np.fromiter(regions, dtype=">u4", count=len(regions)), counts)
+    rows[:, :4] = index.view(np.uint8).reshape(-1, 4)[by]
+    off = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rcv, minlength=n), out=off[1:])
+    return rows, off.tolist()
 
 
 class EpochServerStage(Enum):
@@ -149,6 +169,9 @@ class EpochServer:
         self._s: frozenset[int] = frozenset()
         self._bitmap = b""
         self._tags: dict[int, dict[int, bytes]] = {}  # signer -> {receiver: tag}
+        # sender -> its entries as on the wire: rows of u32 receiver ‖ envelope / tag
+        self._env_rows: dict[int, bytes] = {}
+        self._tag_rows: dict[int, bytes] = {}
         self._day_keys: dict[tuple[int, int], bytes] = {}  # (survivor, dropped) -> day key
         self._responders: frozenset[int] = frozenset()
         self._responses: dict[int, _Response] = {}
@@ -160,9 +183,6 @@ class EpochServer:
         self._out_s: dict[int, frozenset[int]] = {}  # survivor -> live neighbours not in S
         self._live_nbrs: list[frozenset[int]] = [frozenset()] * config.n
         self._share_xs: list[tuple[int, ...]] = []
-        # per receiver, the day's entries addressed to it: u32 sender index ‖ tag / envelope
-        self._inbox_t: list[list[bytes]] = [[] for _ in range(config.n)]
-        self._inbox_e: list[list[bytes]] = [[] for _ in range(config.n)]
         self.results: dict[int, torch.Tensor] = {}
         self.survivors: dict[int, frozenset[int]] = {}
         self.result: torch.Tensor | None = None
@@ -242,9 +262,8 @@ class EpochServer:
     # -- helpers ---------------------------------------------------------------------
     def _clear_day(self) -> None:
         self._inputs, self._tags, self._responses, self._day_keys = {}, {}, {}, {}
+        self._env_rows, self._tag_rows = {}, {}
         self._in_s, self._out_s = {}, {}
-        self._inbox_t = [[] for _ in range(self.config.n)]
-        self._inbox_e = [[] for _ in range(self.config.n)]
         self._s, self._responders, self._bitmap = frozenset(), frozenset(), b""
 
     def _prefix(self, mtype: EMsg) -> bytes:
@@ -327,11 +346,12 @@ class EpochServer:
         cfg = self.config
         assert self.day is not None
         body = self._body(sender, blob)
-        got = None
+        got, start = None, len(self._head) + 12  # header, sender, receiver, count
         if sender not in self._inputs and sender in self.live:
             got = fast_input(body, self._head + self._tails[sender], cfg.degree,
                              cfg.spec.length)
         if got is None or got[0].keys() != self._live_nbrs[sender]:
+            start = 0
             msg = DayInput.decode(body, cfg.n, cfg.degree, cfg.spec.length)  # strict path
             self._check(sender, msg.header, self.day, self._inputs, self.live)
             got = dict(msg.envelopes), msg.vector.numpy().astype("<i8").tobytes()
@@ -339,10 +359,9 @@ class EpochServer:
                 raise ProtocolViolationError(f"client {sender} did not share its self mask "
                                              "with exactly its live neighbours")
         self._inputs[sender] = _Input(*got)
-        tag = self._idx[sender]  # sender's index prefix, as in the unmask requests
-        inbox = self._inbox_e
-        for j, env in got[0].items():
-            inbox[j].append(tag + env)
+        self._env_rows[sender] = (  # fast path: the rows exactly as received
+            body[start : start + len(got[0]) * _ENV_ROW] if start else
+            b"".join([_U32.pack(j) + e for j, e in got[0].items()]))
 
     def _headers(self, mtype: EMsg, receivers: Sequence[int]) -> list[bytes]:
         """The encoded headers (server → each receiver) of the current day's ``mtype``:
@@ -374,13 +393,14 @@ class EpochServer:
         cfg = self.config
         assert self.day is not None
         body = self._body(sender, blob)
-        got = None
+        got, start = None, len(self._head) + 12
         if sender not in self._tags and sender in self._s:
             got = fast_tags(body, self._head + self._tails[sender], cfg.degree)
         # one tag per live neighbour in S: the server cannot check a tag (it does not hold
         # the pair's key), only that the sender addressed exactly its neighbours in S
         if (got is None or got[0].keys() != self._in_s[sender]
                 or got[1].keys() != self._out_s[sender]):
+            start = 0
             msg = SurvivorTags.decode(body, cfg.n, cfg.degree)  # strict path
             self._check(sender, msg.header, self.day, self._tags, self._s)
             got = dict(msg.tags), dict(msg.day_keys)
@@ -392,10 +412,9 @@ class EpochServer:
                                              "with exactly its live neighbours outside the "
                                              "survivor set")
         self._tags[sender] = got[0]
-        tag = self._idx[sender]
-        inbox = self._inbox_t
-        for j, t in got[0].items():
-            inbox[j].append(tag + t)
+        self._tag_rows[sender] = (
+            body[start : start + len(got[0]) * _TAG_ROW] if start else
+            b"".join([_U32.pack(j) + t for j, t in got[0].items()]))
         self._day_keys.update(((sender, j), key) for j, key in got[1].items())
 
     def _close_consistency(self) -> dict[int, bytes]:
@@ -418,19 +437,18 @@ class EpochServer:
                                        "before unmasking")
         order = sorted(responders)
         macs, idx = self._macs, self._idx
-        pruned = len(self._s) != len(self._inputs)  # inputs outside S: leave out their shares
+        # DayUnmaskRequest body for i: the tags addressed to i (index = signer), then the
+        # envelopes addressed to i (index = sender, senders in S only), each list sorted by
+        # index: all entries of the day as rows, ordered by (receiver, index) in one sort.
+        tags, t_off = _by_receiver({j: self._tag_rows[j] for j in sorted(self._tag_rows)},
+                                   KEY, cfg.n)
+        envs, e_off = _by_receiver({j: self._env_rows[j] for j in sorted(self._s)},
+                                   ENVELOPE_BYTES, cfg.n)
         out = {}
         for i, head in zip(order, self._headers(EMsg.UNMASK_REQUEST, order), strict=True):
-            # DayUnmaskRequest body: the tags addressed to i (index = signer: every signer
-            # j with i among its neighbours in S, i.e. nb(i) ∩ signers), then the envelopes
-            # addressed to i (index = sender, nb(i) ∩ S). Entries were prefixed with their
-            # sender's big-endian index on receipt, so sorting them sorts by index.
-            tags = sorted(self._inbox_t[i])
-            envs = sorted(self._inbox_e[i])
-            if pruned:
-                envs = [e for e in envs if _U32.unpack_from(e)[0] in self._s]
-            out[i] = add_mac(macs[i], b"".join([head, idx[len(tags)], *tags,
-                                                  idx[len(envs)], *envs]))
+            t0, t1, e0, e1 = t_off[i], t_off[i + 1], e_off[i], e_off[i + 1]
+            out[i] = add_mac(macs[i], b"".join((head, idx[t1 - t0], tags[t0:t1].tobytes(),
+                                                  idx[e1 - e0], envs[e0:e1].tobytes())))
         self._responders = responders
         self._head = self._prefix(EMsg.UNMASK_RESPONSE)
         self.stage = EpochServerStage.UNMASK
@@ -475,7 +493,7 @@ class EpochServer:
         self._in_s = {i: live[i] & s2 for i in order}
         self._out_s = {i: live[i] - s2 for i in order}
         self._tags, self._day_keys = {}, {}  # S' is tagged afresh, day keys with it
-        self._inbox_t = [[] for _ in range(self.config.n)]
+        self._tag_rows = {}
         self._head = self._prefix(EMsg.TAGS)
         return out
 
