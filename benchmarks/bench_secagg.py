@@ -25,6 +25,7 @@ import argparse
 import gc
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -34,9 +35,17 @@ import torch
 
 from protocols.secagg import InputSpec, SecAggError
 from protocols.secagg.epoch_client import EpochClient
-from protocols.secagg.epoch_messages import SERVER, DayInput, EHeader, EMsg
+from protocols.secagg.epoch_messages import (
+    SERVER,
+    DayInput,
+    EHeader,
+    EMsg,
+    fast_input,
+    header_prefix,
+)
 from protocols.secagg.epoch_server import EpochServer, EpochServerStage
 from protocols.secagg.local import RoundSetup, make_round
+from protocols.secagg.messages import add_mac, strip_mac
 
 TARGET_S = {200: 1.0, 1000: 5.0}
 TARGET_RATIO_10K = 3.0
@@ -134,6 +143,37 @@ def plain_split(spec: InputSpec, xs: list[torch.Tensor]) -> tuple[float, float, 
     return tc, ts, sum(map(len, blobs))
 
 
+def plain_variants(spec: InputSpec, xs: list[torch.Tensor]) -> tuple[float, float]:
+    """The plain sum's coordinator done two other ways, to judge the baseline (CPU s):
+    (each report authenticated as every SecAgg+ message is, HMAC-SHA256 under a per-device
+    key, then the strict decoder and a torch add as :func:`plain_split`; the same HMAC, then
+    the exact-layout parser and one NumPy sum, as the SecAgg+ coordinator does)."""
+    keys = [os.urandom(32) for _ in xs]  # benchmark keys only
+    blobs = [add_mac(k, DayInput(EHeader(EMsg.INPUT, "run", 0, 0, i, SERVER), (),
+                                 spec.encode(x)).encode())
+             for i, (k, x) in enumerate(zip(keys, xs, strict=True))]
+    limit = 600 + 8 * spec.length
+    t = clock()
+    total = torch.zeros(spec.length, dtype=torch.int64)
+    for i, b in enumerate(blobs):
+        total.add_(DayInput.decode(strip_mac(keys[i], b, limit), len(xs), 0,
+                                   spec.length).vector)
+    strict = time.process_time() - t
+    prefix = header_prefix(EMsg.INPUT, "run", 0, 0)
+    t = clock()
+    rows = []
+    for i, b in enumerate(blobs):
+        got = fast_input(strip_mac(keys[i], b, limit), prefix + struct.pack(">II", i, SERVER),
+                         0, spec.length)
+        assert got is not None
+        rows.append(got[1])
+    fast_total = np.frombuffer(b"".join(rows), dtype="<i8").reshape(len(xs), -1).sum(0)
+    fast = time.process_time() - t
+    expect = torch.stack(xs).sum(0)
+    assert torch.equal(total, expect) and torch.equal(torch.from_numpy(fast_total), expect)
+    return strict, fast
+
+
 def flower_worker(n: int, length: int, mode: str, rounds: int = 2) -> None:
     """Run Flower's legacy workflow (``mode`` = "secagg" or "plain"); print seconds/round."""
     os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
@@ -212,11 +252,14 @@ def daily(n: int, length: int, days: int, absent: float = 0.0, degree: int = 0) 
                 server.abandon_day()
             continue
         plains = [plain_split(spec, xs) for _ in range(5)]  # the plain sum is short: noisy
+        variants = [plain_variants(spec, xs) for _ in range(3)]
         pc = statistics.median(q[0] for q in plains)
         ps = statistics.median(q[1] for q in plains)
         p = statistics.median(q[0] + q[1] for q in plains)
         devices = len(server.survivors[d])
-        rows.append((tc, ts, up, down, p, plains[0][2], pc, ps, devices))
+        rows.append((tc, ts, up, down, p, plains[0][2], pc, ps, devices,
+                     statistics.median(v[0] for v in variants),
+                     statistics.median(v[1] for v in variants)))
     if not rows:
         print("daily sums: every day aborted", flush=True)
         return
@@ -229,6 +272,8 @@ def daily(n: int, length: int, days: int, absent: float = 0.0, degree: int = 0) 
     pc = statistics.median(r[6] for r in rows)
     ps = statistics.median(r[7] for r in rows)
     dev = statistics.median(r[0] / r[8] for r in rows)  # one device's CPU per day
+    pmac = statistics.median(r[9] for r in rows)
+    pfast = statistics.median(r[10] for r in rows)
     cfg = setup.config
     print(f"daily sums at N={n}, len={length}, k={cfg.degree}, t={cfg.threshold}, "
           f"{absent:.0%} offline per day, CPU seconds (median of days 1..{days - 1}; day 0 "
@@ -239,6 +284,10 @@ def daily(n: int, length: int, days: int, absent: float = 0.0, degree: int = 0) 
     print(f"  coordinator-only / plain sum:          {ts / p:6.3f}x  (target <= 3x: "
           f"{'met' if ts / p <= 3 else 'MISSED'})", flush=True)
     print(f"  coordinator-only / plain coordinator:  {ts / ps:5.2f}x", flush=True)
+    print(f"  baseline check (plain coordinator only, not the target's measure): as above "
+          f"{ps * 1e3:.1f} ms (strict decoder, torch add, no MAC); with an HMAC per report "
+          f"{pmac * 1e3:.1f} ms; HMAC + exact-layout parse + one NumPy sum "
+          f"{pfast * 1e3:.1f} ms (coordinator / that: {ts / pfast:.1f}x)", flush=True)
     print(f"  one device per day: {dev * 1e3:.2f} ms CPU vs {pc / n * 1e3:.3f} ms to encode "
           f"a plain report ({dev / (pc / n):.0f}x)", flush=True)
     crit, pcrit = ts + dev, ps + pc / n
