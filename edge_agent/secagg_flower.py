@@ -22,6 +22,7 @@ node's ``partition-id``.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Protocol
 
@@ -90,6 +91,13 @@ def demo_input(partition_id: int, length: int) -> torch.Tensor:
     return (torch.arange(length, dtype=torch.int64) - length // 2) * (partition_id + 1)
 
 
+@functools.lru_cache(maxsize=4)
+def _config(blob: bytes) -> RoundConfig:
+    """The epoch's config, parsed and validated once per process: its roster makes that
+    O(devices), and a fleet's device host serves every device of the epoch (frozen, shared)."""
+    return RoundConfig.from_bytes(blob)
+
+
 _UNKNOWN = b"\x00" * 32  # placeholder for a roster member this client never verifies
 
 
@@ -125,7 +133,7 @@ class SecAggDevice:
         blob = self.vault.get()
         if blob is None:
             raise SecAggDeviceError("the SecAgg+ epoch state is missing")
-        cfg = RoundConfig.from_bytes(rec.blob(self.st, "sa_config"))
+        cfg = _config(rec.blob(self.st, "sa_config"))
         registry = _full_registry(cfg.n, rec.integers(self.st, "sa_reg_index"),
                                   rec.blobs(self.st, "sa_registry"))
         try:
