@@ -223,3 +223,16 @@ def test_procs_2_full_path_calibration_equals_one_process(tmp_path):
         for k in ("theta_beta", "loss", "d_new_dbeta"):
             assert b[k] == pytest.approx(a[k], rel=1e-9), k
     assert not dist.is_initialized()
+
+
+@pytest.mark.slow
+def test_procs_2_with_dropouts_and_two_device_hosts_equals_one_process():
+    """Dropouts and several device hosts touch only rank 0's side: rows equal bit for bit."""
+    torch.set_num_threads(1)
+    cfg = RunConfig(population="oxford", scale=0.02, days=4, seed=3, devices=30, beta=0.9,
+                    initial_infected=0.05)
+    settings = FederatedSettings(shared_seed=True, min_devices=10)
+    one, two = (run_fleet(cfg, settings=settings, procs=p, drop_fraction=0.2, drop_seed=1,
+                          hosts=2) for p in (1, 2))
+    assert one == two
+    assert min(r["survivors"] for r in one) < 30  # devices did drop out
