@@ -4,13 +4,15 @@ device hosts, the worker ranks, `lpm` itself.
 
 * ``--procs 2`` writes the summary (days, survivors, θ, loss, the daily series) and stores
   the rows of one process bit for bit, on a population METIS cuts (Oxford-like, 3,000
-  agents) with online calibration (through the Python API, 10 devices × 3 days, and the last checkpoint too; `lpm fleet
-  --devices 50 --days 5 --procs 2` against `--procs 1` is ``-m slow``);
+  agents) with online calibration (through the Python API, 10 devices × 3 days, and the
+  last checkpoint too; `lpm fleet --devices 50 --days 5 --procs 2` against `--procs 1` is
+  ``-m slow``);
 * a worker killed mid-run: rank 0 fails with an error naming the rank and the signal, at
   once (no wait for a collective's timeout), leaves the group and no process behind;
 * a worker that dies before the rendezvous is named too;
 * ``--tangents`` runs partitioned (counts and ∂new/∂β equal), with ``--calibrate`` too (the
   full-path replay over the ranks: θ equal);
+* dropouts over two device hosts: rows equal (slow);
 * ``--procs 0`` and workers configured for another run are refused before anything starts.
 """
 
