@@ -27,6 +27,7 @@ from protocols.keys import (
     expand_key,
 )
 from protocols.secagg.config import RoundConfig
+from protocols.secagg.messages import hmac_sha256
 
 __all__ = ["EStep", "EpochContexts", "PROTOCOL2"]
 
@@ -128,7 +129,7 @@ class EpochContexts:
         if len(seeds) != len(indices):
             raise ValueError("one seed per index")
         head = b"".join((_SELF_MASK_LABEL, self._head, struct.pack(">QQ", day, EStep.MASK)))
-        ids, digest = self._id, hmac.digest
+        ids, digest = self._id, hmac_sha256
         out = []
         for seed, i in zip(seeds, indices, strict=True):
             if type(seed) is not bytes or len(seed) != KEY_BYTES:

@@ -371,3 +371,27 @@ def test_set_table_growth_within_one_batch_and_array_input_checks() -> None:
         reconstruct_sorted(hx, [len(xs) + 1], raw, 4, [full])  # counts beyond the rows
     with pytest.raises(ShamirError):
         reconstruct_sorted(hx, [len(xs)], raw[:-1], 4, [full])
+
+
+def test_message_mac_is_hmac_sha256_and_strip_mac_accepts_the_same_inputs() -> None:
+    import hashlib
+    import hmac
+
+    from protocols.secagg.errors import MalformedMessageError, TamperedMessageError
+    from protocols.secagg.messages import add_mac, strip_mac
+
+    key, body = os.urandom(32), os.urandom(300)
+    blob = add_mac(key, body)
+    assert blob == body + hmac.new(key, body, hashlib.sha256).digest()
+
+    class Sub(bytes):
+        pass
+
+    for form in (blob, bytearray(blob), memoryview(blob), Sub(blob)):
+        assert strip_mac(key, form, 300) == body
+    with pytest.raises(TamperedMessageError):
+        strip_mac(key, blob[:-1] + bytes([blob[-1] ^ 1]), 300)
+    with pytest.raises(MalformedMessageError):
+        strip_mac(key, "text", 300)
+    with pytest.raises(MalformedMessageError):
+        strip_mac(key, blob[: MAC_BYTES - 1], 300)
