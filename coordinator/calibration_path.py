@@ -31,7 +31,8 @@ import torch
 import torch.autograd.forward_ad as fwad
 
 from coordinator.hybrid import GraphSplit
-from simulation.engine import step_day, step_uniforms
+from simulation.distributed.replay import replay_day
+from simulation.engine import step_uniforms
 from simulation.estimators import get_estimator
 from simulation.kernels import NeighbourSum
 from simulation.models import SIR
@@ -116,22 +117,10 @@ class SyntheticReplay:
                 dval = dcross.clone() if tan is None else self._central(tan.detach()) + dcross
                 return fwad.make_dual(val, dval)
 
-            with torch.no_grad(), fwad.dual_level():
-                beta_t = fwad.make_dual(beta_days, torch.zeros_like(beta_days).index_fill_(
-                    0, torch.tensor([t]), float(seed[t])))
-                dual = {k: fwad.make_dual(v, tangent[k]) for k, v in state.items()}
-                out = step_day(self.model, dual, t, step_uniforms(self.seed, t, n),
-                               neighbour_sum=neighbour_sum, degree=self.split.degree,
-                               attributes=self.attributes, estimator=self.estimator,
-                               extras={"beta_t": beta_t})
-                torch.set_num_threads(1)  # the numba kernel may have changed torch's threads
-                unpacked = {k: fwad.unpack_dual(x) for k, x in out.items()}
-            state = {k: u.primal.clone() for k, u in unpacked.items()}
-            tangent = {k: torch.zeros_like(u.primal) if u.tangent is None else u.tangent.clone()
-                       for k, u in unpacked.items()}
-            for d in (state, tangent):
-                for x in d.values():
-                    x[phys] = 0.0
+            state, tangent = replay_day(
+                self.model, state, tangent, t, step_uniforms(self.seed, t, n),
+                neighbour_sum=neighbour_sum, degree=self.split.degree, attributes=self.attributes,
+                estimator=self.estimator, beta_days=beta_days, seed=seed, physical=phys)
             counts[t] = float(state["new_infections"].double().sum())
             dcounts[t] = float(tangent["new_infections"].double().sum())
         return counts, dcounts

@@ -53,13 +53,8 @@ def to_be16(limbs: np.ndarray) -> np.ndarray:
 
 
 @nb.njit(cache=True, inline="always")
-def _mul(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4):  # type: ignore[no-untyped-def]
-    """a · b mod p for limbs ≤ 2^27; result limbs < 2^26 (limb 1 < 2^26 + 2^7)."""
-    r0 = a0 * b0 + 8 * (a1 * b4 + a2 * b3 + a3 * b2 + a4 * b1)
-    r1 = a0 * b1 + a1 * b0 + 8 * (a2 * b4 + a3 * b3 + a4 * b2)
-    r2 = a0 * b2 + a1 * b1 + a2 * b0 + 8 * (a3 * b4 + a4 * b3)
-    r3 = a0 * b3 + a1 * b2 + a2 * b1 + a3 * b0 + 8 * (a4 * b4)
-    r4 = a0 * b4 + a1 * b3 + a2 * b2 + a3 * b1 + a4 * b0
+def _carry(r0, r1, r2, r3, r4):  # type: ignore[no-untyped-def]
+    """Limbs < 2^62 → the same value mod p with limbs < 2^26 (limb 1 < 2^26 + 2^7)."""
     r1 += r0 >> 26
     r0 &= 0x3FFFFFF
     r2 += r1 >> 26
@@ -76,21 +71,14 @@ def _mul(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4):  # type: ignore[no-untyped-def
 
 
 @nb.njit(cache=True, inline="always")
-def _carry(r0, r1, r2, r3, r4):  # type: ignore[no-untyped-def]
-    """Limbs < 2^62 → the same value mod p with limbs < 2^26 (limb 1 < 2^26 + 2^7)."""
-    r1 += r0 >> 26
-    r0 &= 0x3FFFFFF
-    r2 += r1 >> 26
-    r1 &= 0x3FFFFFF
-    r3 += r2 >> 26
-    r2 &= 0x3FFFFFF
-    r4 += r3 >> 26
-    r3 &= 0x3FFFFFF
-    r0 += 8 * (r4 >> 26)
-    r4 &= 0x3FFFFFF
-    r1 += r0 >> 26
-    r0 &= 0x3FFFFFF
-    return r0, r1, r2, r3, r4
+def _mul(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4):  # type: ignore[no-untyped-def]
+    """a · b mod p for limbs ≤ 2^27; result limbs < 2^26 (limb 1 < 2^26 + 2^7)."""
+    r0 = a0 * b0 + 8 * (a1 * b4 + a2 * b3 + a3 * b2 + a4 * b1)
+    r1 = a0 * b1 + a1 * b0 + 8 * (a2 * b4 + a3 * b3 + a4 * b2)
+    r2 = a0 * b2 + a1 * b1 + a2 * b0 + 8 * (a3 * b4 + a4 * b3)
+    r3 = a0 * b3 + a1 * b2 + a2 * b1 + a3 * b0 + 8 * (a4 * b4)
+    r4 = a0 * b4 + a1 * b3 + a2 * b2 + a3 * b1 + a4 * b0
+    return _carry(r0, r1, r2, r3, r4)
 
 
 @nb.njit(cache=True, inline="always")

@@ -37,7 +37,7 @@ from .partition import DistributedError
 if TYPE_CHECKING:  # pragma: no cover
     from coordinator.hybrid import HybridSimulation
 
-__all__ = ["PartitionedReplay"]
+__all__ = ["PartitionedReplay", "replay_day"]
 
 _RUN, _RELEASE = 1.0, 2.0
 
@@ -200,22 +200,36 @@ class PartitionedReplay:
                 val, dval = st.op.dual(primal.detach(), tan.detach())
                 return fwad.make_dual(val + cross, dval + dcross)
 
-            with torch.no_grad(), fwad.dual_level():
-                beta_t = fwad.make_dual(beta_days, torch.zeros_like(beta_days).index_fill_(
-                    0, torch.tensor([t]), float(seed[t])))
-                dual = {k: fwad.make_dual(x, tangent[k]) for k, x in state.items()}
-                out = step_day(self.model, dual, t, agent_uniforms(self.seed, t, st.owned, st.n),
-                               neighbour_sum=neighbour_sum, degree=st.degree,
-                               attributes=self.attributes, estimator=self.estimator,
-                               extras={"beta_t": beta_t})
-                torch.set_num_threads(1)  # the numba kernel may have changed torch's threads
-                unpacked = {k: fwad.unpack_dual(x) for k, x in out.items()}
-            state = {k: u.primal.clone() for k, u in unpacked.items()}
-            tangent = {k: torch.zeros_like(u.primal) if u.tangent is None else u.tangent.clone()
-                       for k, u in unpacked.items()}
-            for d in (state, tangent):
-                for x in d.values():
-                    x[self.phys] = 0.0
+            state, tangent = replay_day(
+                self.model, state, tangent, t, agent_uniforms(self.seed, t, st.owned, st.n),
+                neighbour_sum=neighbour_sum, degree=st.degree, attributes=self.attributes,
+                estimator=self.estimator, beta_days=beta_days, seed=seed, physical=self.phys)
             counts[t] = state["new_infections"].double().sum()
             dcounts[t] = tangent["new_infections"].double().sum()
         return counts, dcounts
+
+
+def replay_day(model: Any, state: dict[str, torch.Tensor], tangent: dict[str, torch.Tensor],
+               t: int, uniforms: torch.Tensor, *, neighbour_sum: Any, degree: torch.Tensor,
+               attributes: Any, estimator: Any, beta_days: torch.Tensor, seed: torch.Tensor,
+               physical: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Day ``t`` of a synthetic replay under dual numbers: β_t = ``beta_days`` with tangent
+    ``seed[t]`` on day t, the state carrying ``tangent``; returns the next (state, tangent),
+    the ``physical`` rows zeroed (the replay holds synthetic agents only). Shared by
+    :class:`coordinator.calibration_path.SyntheticReplay` (one process) and
+    :class:`PartitionedReplay` (this rank's agents)."""
+    with torch.no_grad(), fwad.dual_level():
+        beta_t = fwad.make_dual(beta_days, torch.zeros_like(beta_days).index_fill_(
+            0, torch.tensor([t]), float(seed[t])))
+        dual = {k: fwad.make_dual(x, tangent[k]) for k, x in state.items()}
+        out = step_day(model, dual, t, uniforms, neighbour_sum=neighbour_sum, degree=degree,
+                       attributes=attributes, estimator=estimator, extras={"beta_t": beta_t})
+        torch.set_num_threads(1)  # the numba kernel may have changed torch's threads
+        unpacked = {k: fwad.unpack_dual(x) for k, x in out.items()}
+    state = {k: u.primal.clone() for k, u in unpacked.items()}
+    tangent = {k: torch.zeros_like(u.primal) if u.tangent is None else u.tangent.clone()
+               for k, u in unpacked.items()}
+    for d in (state, tangent):
+        for x in d.values():
+            x[physical] = 0.0
+    return state, tangent
