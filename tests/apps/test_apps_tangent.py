@@ -45,7 +45,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).abs() / b.abs().clamp(min=1e-12)).max())
 
 
-@pytest.mark.parametrize("estimator", ["expected", "straight_through"])
+@pytest.mark.parametrize("estimator", ["expected",
+                                       pytest.param("straight_through", marks=pytest.mark.slow)])
 def test_flower_devices_carry_tangents_exact_gradient(estimator):
     cfg = RunConfig(population="tiny", days=6, seed=3, devices=50, initial_infected=0.05,
                     beta=0.6)

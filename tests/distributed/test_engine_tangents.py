@@ -80,7 +80,7 @@ def _check(kind: str, n: int, days: int, worlds: tuple[int, ...]) -> None:
 
 
 @pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("kind", ["sir", "seirm"])
+@pytest.mark.parametrize("kind", [pytest.param("sir", marks=pytest.mark.slow), "seirm"])
 def test_partitioned_forward_tangents_equal_single_process(kind, world):
     _check(kind, N, DAYS, (world,))
 

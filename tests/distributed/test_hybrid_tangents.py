@@ -175,7 +175,8 @@ def _remote(rank: int, world: int, every: int, estimator: str):
     return bad, worst, rows, _full(sim), _full(one)
 
 
-@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.slow  # remote mode on 2 ranks without tangents stays in the default run
+@pytest.mark.parametrize("world", [2, 3])
 def test_remote_mode_tangents_equal_one_rank(world):
     out = spawn_local(_remote, world, 17, "straight_through", timeout=180)
     bad, worst, rows, full0, one = out[0]
@@ -235,6 +236,7 @@ def _counted(rank: int, world: int) -> list[dict]:
     return out
 
 
+@pytest.mark.slow
 def test_tangent_days_send_both_columns_in_the_same_messages():
     """Per day and rank, with tangents: the same number of collectives as without, and
     ≤ 8 B × (its halo + its cross boundary) + the header (twice the 4 B of a value-only day
