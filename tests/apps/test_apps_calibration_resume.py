@@ -40,6 +40,7 @@ class _Crash(Exception):
     pass
 
 
+@pytest.mark.slow  # ~16 s; resume after SIGKILL stays in the default run (test_apps_resume)
 def test_resumed_calibration_keeps_its_history(tmp_path):
     ref_t = _transport(tmp_path, "ref")
     try:

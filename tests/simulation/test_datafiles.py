@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -35,6 +37,7 @@ def _run(cwd: Path, env_extra: dict[str, str]) -> subprocess.CompletedProcess[st
     )
 
 
+@pytest.mark.slow  # ~11 s; the default e2e deployment test runs the FAB for real
 def test_fab_copy_reads_the_installed_data(tmp_path: Path) -> None:
     app = _fab_like_copy(tmp_path / "fab")
     assert not (app / "simulation" / "data" / "nyc_boroughs.csv").exists()
