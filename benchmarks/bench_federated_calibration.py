@@ -1,0 +1,301 @@
+"""β recovery by online federated calibration across a grid (issue 12's "β within 5 % in a
+30-day, 100k-agent, 50-device run", measured on more than one point).
+
+Each grid point is one real ``lpm fleet`` run in a subprocess (the coordinator, a device-host
+process with 50 real ClientApps, SecAgg+ reports; ``OMP_NUM_THREADS=1``; one run at a time):
+
+    lpm fleet --devices 50 --days 30 --population oxford --scale 0.67 --calibrate beta
+      --calibrate-every 2 --beta RUN_BETA --beta-init START --seed SEED
+      --drop-fraction DROP [--tangents] [--observed-csv SERIES]
+
+Observed series (``--observed``):
+
+* ``own`` (the issue's check): the run's own reported new infections; the run's dynamics
+  (devices and synthetic agents) are at the truth, RUN_BETA = TRUTH.
+* ``independent``: the new-infections series of another fleet run at the truth with seed
+  SEED + 1 (another population draw: wiring, initial infections, uniforms, device seeds),
+  given as ``--observed-csv``; the calibrating run itself runs at RUN_BETA = START (it does
+  not know the truth). The series comes from an ``own`` point at (TRUTH, SEED + 1, drop 0)
+  of the results file when there is one, else from an uncalibrated fleet run.
+
+Per point: final β and its error, the day from which |β − truth| ≤ 5 % holds on every later
+day, the last 5 days' spread of θ, the rolling-window fits (θ fitted on days 1..t, t = 10,
+20, 30), the observed series' daily new infections (min, peak, day-30 value). Results are
+appended to a JSON-lines file (one line per finished point; points already in it are
+skipped, so an interrupted grid resumes); ``--report`` prints the table of a results file.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_federated_calibration.py \\
+        --design half --results /tmp/calgrid.jsonl        # 36 own-count points
+    .venv/bin/python benchmarks/bench_federated_calibration.py --observed independent \\
+        --truths 0.3 0.5 0.8 --starts 0.9 --seeds 0 --drops 0 --results /tmp/calgrid.jsonl
+    .venv/bin/python benchmarks/bench_federated_calibration.py --report --results FILE
+
+``--design full`` runs the full factorial truths × starts × seeds × drops × tangents;
+``--design half`` (default) runs, per (truth, tangents), 6 of the 12 (seed, start, drop)
+combinations — every seed with both starts, each start with both drop fractions —
+(0, lo, 0), (0, hi, drop), (1, lo, drop), (1, hi, 0), (2, lo, 0), (2, hi, drop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+TOLERANCE = 0.05
+WINDOWS = (10, 20, 30)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point: the truth, calibration start, seed, dropout share, model, series."""
+
+    truth: float
+    start: float
+    seed: int
+    drop: float
+    tangents: bool
+    observed: str  # "own" or "independent"
+
+    @property
+    def key(self) -> str:
+        return (f"{self.observed}:truth={self.truth}:start={self.start}:seed={self.seed}:"
+                f"drop={self.drop}:tangents={int(self.tangents)}")
+
+    @property
+    def run_beta(self) -> float:
+        """β of the calibrating run's own dynamics (the truth only for own counts)."""
+        return self.truth if self.observed == "own" else self.start
+
+
+def grid(truths: Sequence[float], starts: Sequence[float], seeds: Sequence[int],
+         drops: Sequence[float], tangents: Sequence[bool], observed: str,
+         design: str) -> list[Point]:
+    """The points of the grid, ordered so that a partial run covers every truth and model."""
+    if design == "full":
+        combos = list(itertools.product(seeds, range(len(starts)), range(len(drops))))
+    else:  # per seed: both starts, each start with both drops over the seeds
+        combos = [(s, j % len(starts), (j + k) % len(drops))
+                  for k, s in enumerate(seeds) for j in range(len(starts))]
+    return [Point(t, starts[j], s, drops[d], tg, observed)
+            for s, j, d in combos for tg in tangents for t in truths]
+
+
+def lpm_command() -> list[str]:
+    """The ``lpm`` entry point of this interpreter's environment."""
+    exe = Path(sys.executable).parent / "lpm"
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("lpm")
+    if found is None:
+        raise SystemExit("no `lpm` command (install the package: pip install -e .)")
+    return [found]
+
+
+def run_fleet_cli(args: argparse.Namespace, *, run_beta: float, seed: int, out: Path,
+                  calibrate: Point | None = None, observed_csv: Path | None = None,
+                  drop: float = 0.0) -> dict[str, Any]:
+    """One ``lpm fleet`` run; returns its summary.json (plus the wall seconds, the load)."""
+    cmd = [*lpm_command(), "fleet", "--devices", str(args.devices), "--days", str(args.days),
+           "--population", args.population, "--scale", str(args.scale),
+           "--beta", str(run_beta), "--seed", str(seed), "--drop-fraction", str(drop),
+           "--estimator", args.estimator, "--db", str(out / "run.db"), "--out", str(out)]
+    if calibrate is not None:
+        cmd += ["--calibrate", "beta", "--beta-init", str(calibrate.start),
+                "--calibrate-every", str(args.every), "--calibrate-steps", str(args.steps)]
+        if calibrate.tangents:
+            cmd.append("--tangents")
+    if observed_csv is not None:
+        cmd += ["--observed-csv", str(observed_csv)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+    out.mkdir(parents=True, exist_ok=True)
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout,
+                          check=False)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"lpm fleet failed ({done.returncode}): {done.stderr[-2000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    summary.update(wall_seconds=round(wall, 1), load_start=round(load0, 2),
+                   load_end=round(os.getloadavg()[0], 2), command=" ".join(cmd[1:]))
+    return summary
+
+
+def within_from(theta: Sequence[float], truth: float, tol: float = TOLERANCE) -> int | None:
+    """The first day (1-based) from which every later θ is within ``tol`` of the truth."""
+    day = None
+    for d in range(len(theta), 0, -1):
+        if abs(theta[d - 1] - truth) > tol * truth:
+            break
+        day = d
+    return day
+
+
+def measure(theta: Sequence[float], truth: float, observed: Sequence[float]) -> dict[str, Any]:
+    """The point's figures from its θ trajectory (θ after fitting days 1..d, per day d)."""
+    final = theta[-1]
+    tail = theta[-5:]
+    return {
+        "final_beta": final,
+        "error": (final - truth) / truth,
+        "within_from_day": within_from(theta, truth),
+        "spread_last5": (max(tail) - min(tail)) / truth,
+        "windows": {str(t): {"beta": theta[t - 1], "error": (theta[t - 1] - truth) / truth}
+                    for t in WINDOWS if t <= len(theta)},
+        "observed_min": min(observed), "observed_peak": max(observed),
+        "observed_peak_day": 1 + max(range(len(observed)), key=observed.__getitem__),
+        "observed_last": observed[-1], "observed_total": sum(observed),
+    }
+
+
+def load_results(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            out[rec["key"]] = rec
+    return out
+
+
+def series_for(args: argparse.Namespace, results: dict[str, dict[str, Any]], truth: float,
+               seed: int, work: Path) -> tuple[Path, list[float], str]:
+    """An observed series at the truth with ``seed`` (CSV path, values, where it came from)."""
+    for rec in results.values():
+        p = rec["point"]
+        if (p["observed"] == "own" and p["truth"] == truth and p["seed"] == seed
+                and p["drop"] == 0.0):
+            values, source = rec["new_infections"], rec["key"]
+            break
+    else:
+        out = work / f"series-{truth}-{seed}"
+        summary = run_fleet_cli(args, run_beta=truth, seed=seed, out=out)
+        values, source = summary["new_infections"], f"uncalibrated run truth={truth} seed={seed}"
+    path = work / f"observed-{truth}-{seed}.csv"
+    path.write_text("day,new_infections\n" + "".join(f"{d + 1},{v}\n"
+                                                     for d, v in enumerate(values)))
+    return path, list(values), source
+
+
+def run_point(args: argparse.Namespace, point: Point, results: dict[str, dict[str, Any]],
+              work: Path) -> dict[str, Any]:
+    out = work / point.key.replace(":", "_").replace("=", "")
+    csv, source = None, "own"
+    if point.observed == "independent":
+        csv, _, source = series_for(args, results, point.truth, point.seed + 1, work)
+    summary = run_fleet_cli(args, run_beta=point.run_beta, seed=point.seed, out=out,
+                            calibrate=point, observed_csv=csv, drop=point.drop)
+    theta = summary["theta"]["beta"]
+    observed = (summary["new_infections"] if csv is None else
+                [float(r.split(",")[1]) for r in csv.read_text().splitlines()[1:]])
+    shutil.rmtree(out, ignore_errors=True)
+    return {"key": point.key, "point": asdict(point), "series_source": source,
+            **measure(theta, point.truth, observed[:len(theta)]),
+            "theta": theta, "loss_last": summary["loss"][-1] if summary["loss"] else None,
+            "new_infections": summary["new_infections"],
+            "survivors_min": min(summary["survivors"]),
+            "seconds_per_day_median": sorted(summary["seconds_per_day"])[
+                len(summary["seconds_per_day"]) // 2],
+            "wall_seconds": summary["wall_seconds"], "load_start": summary["load_start"],
+            "load_end": summary["load_end"], "command": summary["command"]}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f} %"
+
+
+def report(results: dict[str, dict[str, Any]], file: Any = None) -> None:
+    """Markdown table of every point, then the summary counts."""
+    rows = sorted(results.values(), key=lambda r: (
+        r["point"]["observed"], r["point"]["tangents"], r["point"]["truth"],
+        r["point"]["seed"], r["point"]["start"], r["point"]["drop"]))
+    print("| observed | model | truth | start | seed | drop | final β | error | within 5 % "
+          "from day | last-5 spread | fit 1..10 | fit 1..20 | fit 1..30 | new/day min · "
+          "peak (day) | s/day | load |", file=file)
+    print("|" + "---|" * 16, file=file)
+    for r in rows:
+        p, w = r["point"], r["windows"]
+        print(f"| {p['observed']} | {'full path' if p['tangents'] else 'Eq. 11'} | "
+              f"{p['truth']} | {p['start']} | {p['seed']} | {p['drop']} | "
+              f"{r['final_beta']:.4f} | {_pct(r['error'])} | {r['within_from_day'] or 'never'} | "
+              f"{100 * r['spread_last5']:.2f} % | "
+              + " | ".join(_pct(w[str(t)]["error"]) if str(t) in w else "—" for t in WINDOWS)
+              + f" | {r['observed_min']:.0f} · {r['observed_peak']:.0f} "
+              f"({r['observed_peak_day']}) | {r['seconds_per_day_median']:.1f} | "
+              f"{r['load_start']:.1f}/{r['load_end']:.1f} |", file=file)
+    groups: dict[tuple[str, bool], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["point"]["observed"], r["point"]["tangents"]), []).append(r)
+    print(file=file)
+    total = sum(abs(r["error"]) <= TOLERANCE for r in rows)
+    print(f"final β within 5 %: {total} of {len(rows)} points", file=file)
+    for (obs, tg), rs in sorted(groups.items()):
+        ok = sum(abs(r["error"]) <= TOLERANCE for r in rs)
+        win = {t: sum(str(t) in r["windows"] and abs(r["windows"][str(t)]["error"]) <= TOLERANCE
+                      for r in rs) for t in WINDOWS}
+        worst = max(rs, key=lambda r: abs(r["error"]))
+        print(f"  {obs:11s} {'full path' if tg else 'Eq. 11':9s}: {ok}/{len(rs)} within 5 % "
+              f"(fit on days 1..t within 5 %: "
+              + ", ".join(f"t={t} {win[t]}/{len(rs)}" for t in WINDOWS)
+              + f"); worst {_pct(worst['error'])} at {worst['key']}", file=file)
+
+
+def points_from(args: argparse.Namespace) -> Iterator[Point]:
+    tangents = {"off": [False], "on": [True], "both": [False, True]}[args.tangents]
+    yield from grid(args.truths, args.starts, args.seeds, args.drops, tangents, args.observed,
+                    args.design)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--truths", type=float, nargs="+", default=[0.3, 0.5, 0.8])
+    ap.add_argument("--starts", type=float, nargs="+", default=[0.2, 0.9])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--drops", type=float, nargs="+", default=[0.0, 0.1])
+    ap.add_argument("--tangents", choices=["off", "on", "both"], default="both")
+    ap.add_argument("--observed", choices=["own", "independent"], default="own")
+    ap.add_argument("--design", choices=["half", "full"], default="half")
+    ap.add_argument("--devices", type=int, default=50)
+    ap.add_argument("--days", type=int, default=30)
+    ap.add_argument("--population", default="oxford")
+    ap.add_argument("--scale", type=float, default=0.67)
+    ap.add_argument("--estimator", default="straight_through")
+    ap.add_argument("--every", type=int, default=2, help="--calibrate-every")
+    ap.add_argument("--steps", type=int, default=5, help="--calibrate-steps")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per fleet run")
+    ap.add_argument("--max-points", type=int, default=0, help="stop after this many new runs")
+    ap.add_argument("--results", type=Path, default=Path("federated_calibration_grid.jsonl"))
+    ap.add_argument("--report", action="store_true", help="only print the results' table")
+    args = ap.parse_args()
+    results = load_results(args.results)
+    if not args.report:
+        todo = [p for p in points_from(args) if p.key not in results]
+        print(f"{len(todo)} points to run ({len(results)} already in {args.results})",
+              flush=True)
+        with tempfile.TemporaryDirectory(prefix="calgrid-") as tmp:
+            for i, point in enumerate(todo[:args.max_points or None]):
+                rec = run_point(args, point, results, Path(tmp))
+                results[rec["key"]] = rec
+                with args.results.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                print(f"[{i + 1}/{len(todo)}] {point.key}: β {rec['final_beta']:.4f} "
+                      f"({_pct(rec['error'])}), within 5 % from day "
+                      f"{rec['within_from_day']}, {rec['wall_seconds']:.0f} s, load "
+                      f"{rec['load_start']}/{rec['load_end']}", flush=True)
+    report(results)
+
+
+if __name__ == "__main__":
+    main()
