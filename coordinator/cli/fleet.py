@@ -47,6 +47,10 @@ def fleet_command(
     drop_fraction: Annotated[float, typer.Option(min=0.0, max=0.99, help="Share of devices "
                                                  "that go offline at random days.")] = 0.0,
     drop_seed: int = 0,
+    dropout_plan: Annotated[float | None, typer.Option(
+        min=0.0, max=0.49, help="Planned share of devices missing a day, which sizes the "
+        "daily reports' SecAgg+ graph (docs/secagg.md). Default: the larger of 0.05 and "
+        "--drop-fraction.")] = None,
     min_devices: Annotated[int, typer.Option(min=1, help="Minimum cohort.")] = 10,
     shared_seed: Annotated[bool, typer.Option(help="Equivalence-test mode: devices use the "
                                               "public seed (their states become public).")
@@ -103,10 +107,11 @@ def _fleet(host: list[subprocess.Popen], workers: FleetProcs | None, *, devices:
            initial_infected: float | None, db: Path, calibrate: str, beta_init: float,
            calibrate_every: int, calibrate_steps: int, beta_segment_days: int,
            observed_csv: Path | None, drop_fraction: float, drop_seed: int,
-           min_devices: int, shared_seed: bool, out: Path | None, tangents: bool,
+           dropout_plan: float | None, min_devices: int, shared_seed: bool, out: Path | None, tangents: bool,
            estimator: str, device_hosts: int, procs: int) -> None:
     from coordinator.calibration import CalibrationError, CalibrationSettings, read_observed_csv
     from coordinator.fleet import FleetError, run_fleet, timed, write_summary
+    from coordinator.flower.secagg import DROPOUT_PLAN
     from coordinator.flower.server_app import FederatedRunError, FederatedSettings
     from coordinator.run_config import RunConfig, RunConfigError
     from coordinator.store import CoordinatorStore, StoreError
@@ -124,8 +129,11 @@ def _fleet(host: list[subprocess.Popen], workers: FleetProcs | None, *, devices:
         if devices < min_devices:
             raise FederatedRunError(f"--devices {devices} is below the minimum cohort "
                                     f"--min-devices {min_devices}")
+        if dropout_plan is None:  # plan for the simulated dropouts (capped below a majority)
+            dropout_plan = min(max(DROPOUT_PLAN, drop_fraction), 0.45)
         settings = FederatedSettings(min_devices=min_devices, shared_seed=shared_seed,
-                                     calibration=cal, tangents=tangents, estimator=estimator)
+                                     calibration=cal, tangents=tangents, estimator=estimator,
+                                     dropout_plan=dropout_plan)
     except (RunConfigError, CalibrationError, FederatedRunError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from None

@@ -73,7 +73,12 @@ def report_degree(n: int, dropout: float = DROPOUT_PLAN, failure: float = FAILUR
     default threshold, a strict majority) — the union bound on a day that cannot rebuild
     some survivor's self mask (Bell et al. CCS 2020 size the graph the same way). The
     complete graph below 9 devices. At 5 % and 1e-3: k = 12 at 50 devices, 16 at 1000
-    (``default_degree`` alone gives 10 at 1000: a day failed about one time in three)."""
+    (``default_degree`` alone gives 10 at 1000: a day failed about one time in three).
+    A plan the graph cannot meet (a majority of neighbours missing) gives the complete graph;
+    ``dropout`` must lie in [0, 0.5): the threshold is a strict majority of the neighbours."""
+    if not 0.0 <= dropout < 0.5:
+        raise ValueError(f"planned dropout {dropout!r} outside [0, 0.5): SecAgg+ needs a "
+                         "strict majority of each device's neighbours to answer")
     if n - 1 <= 8:
         return n - 1
     k = max(default_degree(n), 8)
@@ -88,17 +93,18 @@ def report_degree(n: int, dropout: float = DROPOUT_PLAN, failure: float = FAILUR
 class ReportEpoch:
     """The coordinator's side of one SecAgg+ key epoch over ``roster`` (device names, in
     order; ``registry`` their Ed25519 identity keys). ``epoch`` numbers it within the run
-    (the first report day it serves)."""
+    (the first report day it serves); ``dropout`` is the planned share of devices missing
+    per day that sizes the graph (:func:`report_degree`)."""
 
     def __init__(self, run_id: str, epoch: int, roster: Sequence[str],
                  registry: Sequence[bytes], spec: InputSpec | None = None,
-                 min_survivors: int = 0) -> None:
+                 min_survivors: int = 0, dropout: float = DROPOUT_PLAN) -> None:
         self.roster = list(roster)
         self.index = {name: i for i, name in enumerate(self.roster)}
         self.identities = {name: bytes(k) for name, k in zip(self.roster, registry, strict=True)}
         key = AgreementKey.generate()
         n = len(self.roster)
-        degree = report_degree(n)
+        degree = report_degree(n, dropout)
         # SecAgg+'s security floor: never reveal a sum of fewer than threshold + 1 (and 3)
         floor = max(3, default_threshold(degree) + 1)
         self.config = RoundConfig(run_id, epoch, tuple(self.roster), spec or report_spec(),
@@ -142,14 +148,14 @@ class ReportRound:
 
     def __init__(self, run_id: str, day: int, roster: Sequence[str], registry: Sequence[bytes],
                  spec: InputSpec | None = None, min_survivors: int = 0,
-                 epoch: ReportEpoch | None = None) -> None:
+                 epoch: ReportEpoch | None = None, dropout: float = DROPOUT_PLAN) -> None:
         spec = spec or report_spec()
         identities = {n: bytes(k) for n, k in zip(roster, registry, strict=True)}
         self.day = day
         self.new_epoch = epoch is None or not epoch.serves(roster, identities, spec,
                                                            min_survivors)
         if self.new_epoch:
-            epoch = ReportEpoch(run_id, day, roster, registry, spec, min_survivors)
+            epoch = ReportEpoch(run_id, day, roster, registry, spec, min_survivors, dropout)
         assert epoch is not None
         self.epoch = epoch
         self.config = epoch.config

@@ -58,7 +58,7 @@ from coordinator.calibration import (
     read_observed_csv,
     unpack_checkpoint,
 )
-from coordinator.flower.secagg import ReportEpoch, ReportRound
+from coordinator.flower.secagg import DROPOUT_PLAN, ReportEpoch, ReportRound
 from coordinator.hybrid import HybridSimulation, agent_name
 from coordinator.runner import DEFAULT_MIN_DEVICES, RunConfig, physical_agents, take_lease
 from coordinator.store import CoordinatorStore
@@ -150,7 +150,8 @@ class FlowerTransport:
 @dataclass(frozen=True)
 class FederatedSettings:
     """How the run treats devices: minimum cohort, the equivalence-test seed mode,
-    calibration and the per-exchange timeout."""
+    calibration, the per-exchange timeout and the planned share of devices missing per day
+    (``dropout_plan``: sizes the daily reports' SecAgg+ graph, docs/secagg.md)."""
 
     min_devices: int = DEFAULT_MIN_DEVICES
     shared_seed: bool = False
@@ -159,6 +160,12 @@ class FederatedSettings:
     tangents: bool = False  # exact decentralised gradients (forward tangents ∂state/∂β)
     estimator: str = "straight_through"  # the step's estimator, devices and synthetic alike
     frac_bits: int | None = None  # neighbourhood ring precision (default 16; 40 with tangents)
+    dropout_plan: float = DROPOUT_PLAN
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout_plan < 0.5:
+            raise FederatedRunError(f"dropout-plan {self.dropout_plan!r} outside [0, 0.5): "
+                                    "SecAgg+ needs a majority of each device's neighbours")
 
 
 @dataclass
@@ -220,7 +227,7 @@ class FederatedRun:
         if len(survivors) >= self.settings.min_devices:
             return
         missing = sorted(set(devices) - set(survivors))
-        desc = ", ".join(f"node {devices[m].node_id} ({m})" for m in missing)
+        desc = _describe(devices, missing)
         raise MinCohortError(f"day {day}: {len(survivors)} device(s) left at {stage}, the "
                              f"minimum cohort is {self.settings.min_devices}; missing: {desc}")
 
@@ -340,7 +347,7 @@ class FederatedRun:
                 report = ReportRound(self.run_id, day - 1, roster,
                                      [devices[r].identity for r in roster],
                                      min_survivors=min(settings.min_devices, len(roster)),
-                                     epoch=epoch) \
+                                     epoch=epoch, dropout=settings.dropout_plan) \
                     if len(roster) >= 3 else None  # SecAgg+ needs ≥ 3 (never a sum of 1–2)
                 epoch = report.epoch if report is not None else None
             msgs: dict[int, dict[str, Any]] = {}
@@ -446,7 +453,7 @@ class FederatedRun:
                     _log.warning("day %d %s: node %d out: %s", day, stage, node, why)
         except SecAggAbortError as exc:
             lost = sorted(n for n in devices if day in devices[n].missed or n in report.rejected)
-            desc = ", ".join(f"node {devices[n].node_id} ({n})" for n in lost) or "none"
+            desc = _describe(devices, lost)
             short = len(set(roster) - set(lost)) < self.settings.min_devices
             why = "; ".join(f"{n}: {r}" for n, r in sorted(report.rejected.items())[:3])
             raise (MinCohortError if short else FederatedRunError)(
@@ -570,6 +577,12 @@ def _parties(plan: Any) -> set[str]:
     return {"relay", *(plan.own.roster if plan.own else ()), *(m.target for m in plan.memberships)}
 
 
+def _describe(devices: Mapping[str, _Device], names: Sequence[str], limit: int = 20) -> str:
+    """``node 4 (a300), node 9 (a799)`` for an error message; the first ``limit`` and a count."""
+    desc = ", ".join(f"node {devices[n].node_id} ({n})" for n in names[:limit]) or "none"
+    return desc + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def _cfg_get(rc: Mapping[str, Any], k: str, default: Any) -> Any:
     v = rc.get(k, default)
     if isinstance(default, bool):
@@ -609,7 +622,8 @@ def settings_from_context(context: Context) -> FederatedSettings:
                              shared_seed=_cfg_get(rc, "shared-seed", False), calibration=cal,
                              timeout=_cfg_get(rc, "exchange-timeout", 600.0),
                              tangents=_cfg_get(rc, "tangents", False),
-                             estimator=_cfg_get(rc, "estimator", "straight_through"))
+                             estimator=_cfg_get(rc, "estimator", "straight_through"),
+                             dropout_plan=_cfg_get(rc, "dropout-plan", DROPOUT_PLAN))
 
 
 @app.main()
