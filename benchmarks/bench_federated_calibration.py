@@ -18,9 +18,11 @@ Observed series (``--observed``):
   not know the truth). The series comes from an ``own`` point at (TRUTH, SEED + 1, drop 0)
   of the results file when there is one, else from an uncalibrated fleet run.
 
-Per point: final β and its error, the day from which |β − truth| ≤ 5 % holds on every later
-day, the last 5 days' spread of θ, the rolling-window fits (θ fitted on days 1..t, t = 10,
-20, 30), the observed series' daily new infections (min, peak, day-30 value). Results are
+Per point (θ_d = the calibrator's β after day d's update, i.e. fitted on days 1..d, read
+from the run's committed rows; with ``--calibrate-every 2`` it changes on even days): final
+β and its error, the day from which |θ_d − truth| ≤ 5 % holds on every later day, the last
+5 days' spread of θ_d, the rolling-window fits θ_t for t = 10, 20, 30, the observed series'
+daily new infections (min, peak and its day). Results are
 appended to a JSON-lines file (one line per finished point; points already in it are
 skipped, so an interrupted grid resumes); ``--report`` prints the table of a results file.
 
@@ -52,8 +54,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 TOLERANCE = 0.05
 WINDOWS = (10, 20, 30)
+DEFAULT_ESTIMATOR = "straight_through"  # lpm fleet's
 
 
 @dataclass(frozen=True)
@@ -66,11 +71,13 @@ class Point:
     drop: float
     tangents: bool
     observed: str  # "own" or "independent"
+    estimator: str = DEFAULT_ESTIMATOR
 
     @property
     def key(self) -> str:
+        est = "" if self.estimator == DEFAULT_ESTIMATOR else f":estimator={self.estimator}"
         return (f"{self.observed}:truth={self.truth}:start={self.start}:seed={self.seed}:"
-                f"drop={self.drop}:tangents={int(self.tangents)}")
+                f"drop={self.drop}:tangents={int(self.tangents)}{est}")
 
     @property
     def run_beta(self) -> float:
@@ -80,14 +87,14 @@ class Point:
 
 def grid(truths: Sequence[float], starts: Sequence[float], seeds: Sequence[int],
          drops: Sequence[float], tangents: Sequence[bool], observed: str,
-         design: str) -> list[Point]:
+         design: str, estimator: str = DEFAULT_ESTIMATOR) -> list[Point]:
     """The points of the grid, ordered so that a partial run covers every truth and model."""
     if design == "full":
         combos = list(itertools.product(seeds, range(len(starts)), range(len(drops))))
     else:  # per seed: both starts, each start with both drops over the seeds
         combos = [(s, j % len(starts), (j + k) % len(drops))
                   for k, s in enumerate(seeds) for j in range(len(starts))]
-    return [Point(t, starts[j], s, drops[d], tg, observed)
+    return [Point(t, starts[j], s, drops[d], tg, observed, estimator)
             for s, j, d in combos for tg in tangents for t in truths]
 
 
@@ -104,12 +111,12 @@ def lpm_command() -> list[str]:
 
 def run_fleet_cli(args: argparse.Namespace, *, run_beta: float, seed: int, out: Path,
                   calibrate: Point | None = None, observed_csv: Path | None = None,
-                  drop: float = 0.0) -> dict[str, Any]:
+                  drop: float = 0.0, estimator: str = DEFAULT_ESTIMATOR) -> dict[str, Any]:
     """One ``lpm fleet`` run; returns its summary.json (plus the wall seconds, the load)."""
     cmd = [*lpm_command(), "fleet", "--devices", str(args.devices), "--days", str(args.days),
            "--population", args.population, "--scale", str(args.scale),
            "--beta", str(run_beta), "--seed", str(seed), "--drop-fraction", str(drop),
-           "--estimator", args.estimator, "--db", str(out / "run.db"), "--out", str(out)]
+           "--estimator", estimator, "--db", str(out / "run.db"), "--out", str(out)]
     if calibrate is not None:
         cmd += ["--calibrate", "beta", "--beta-init", str(calibrate.start),
                 "--calibrate-every", str(args.every), "--calibrate-steps", str(args.steps)]
@@ -127,9 +134,24 @@ def run_fleet_cli(args: argparse.Namespace, *, run_beta: float, seed: int, out: 
     if done.returncode != 0:
         raise RuntimeError(f"lpm fleet failed ({done.returncode}): {done.stderr[-2000:]}")
     summary = json.loads((out / "summary.json").read_text())
+    if calibrate is not None:  # θ fitted on days 1..d, per day d (the store's rows)
+        summary["theta_fitted"] = fitted_theta(out / "run.db", summary["run_id"])
     summary.update(wall_seconds=round(wall, 1), load_start=round(load0, 2),
                    load_end=round(os.getloadavg()[0], 2), command=" ".join(cmd[1:]))
     return summary
+
+
+def fitted_theta(db: Path, run_id: str) -> list[float]:
+    """β fitted on days 1..d for every day d, from the run's committed rows (``theta``:
+    the calibrator's θ after day d's update; the summary's ``theta_beta`` is the β handed to
+    day d + 1, picked before day d's update)."""
+    from coordinator.store import CoordinatorStore
+
+    store = CoordinatorStore(db)
+    try:
+        return [float(r["theta"]["beta"][-1]) for r in store.series(run_id)]
+    finally:
+        store.close()
 
 
 def within_from(theta: Sequence[float], truth: float, tol: float = TOLERANCE) -> int | None:
@@ -171,19 +193,20 @@ def load_results(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def series_for(args: argparse.Namespace, results: dict[str, dict[str, Any]], truth: float,
-               seed: int, work: Path) -> tuple[Path, list[float], str]:
+               seed: int, estimator: str, work: Path) -> tuple[Path, list[float], str]:
     """An observed series at the truth with ``seed`` (CSV path, values, where it came from)."""
     for rec in results.values():
         p = rec["point"]
         if (p["observed"] == "own" and p["truth"] == truth and p["seed"] == seed
-                and p["drop"] == 0.0):
+                and p["drop"] == 0.0 and p.get("estimator", DEFAULT_ESTIMATOR) == estimator):
             values, source = rec["new_infections"], rec["key"]
             break
     else:
         out = work / f"series-{truth}-{seed}"
-        summary = run_fleet_cli(args, run_beta=truth, seed=seed, out=out)
-        values, source = summary["new_infections"], f"uncalibrated run truth={truth} seed={seed}"
-    path = work / f"observed-{truth}-{seed}.csv"
+        summary = run_fleet_cli(args, run_beta=truth, seed=seed, out=out, estimator=estimator)
+        values = summary["new_infections"]
+        source = f"uncalibrated run truth={truth} seed={seed} estimator={estimator}"
+    path = work / f"observed-{truth}-{seed}-{estimator}.csv"
     path.write_text("day,new_infections\n" + "".join(f"{d + 1},{v}\n"
                                                      for d, v in enumerate(values)))
     return path, list(values), source
@@ -194,16 +217,18 @@ def run_point(args: argparse.Namespace, point: Point, results: dict[str, dict[st
     out = work / point.key.replace(":", "_").replace("=", "")
     csv, source = None, "own"
     if point.observed == "independent":
-        csv, _, source = series_for(args, results, point.truth, point.seed + 1, work)
+        csv, _, source = series_for(args, results, point.truth, point.seed + 1,
+                                    point.estimator, work)
     summary = run_fleet_cli(args, run_beta=point.run_beta, seed=point.seed, out=out,
-                            calibrate=point, observed_csv=csv, drop=point.drop)
-    theta = summary["theta"]["beta"]
+                            calibrate=point, observed_csv=csv, drop=point.drop,
+                            estimator=point.estimator)
+    theta = summary["theta_fitted"]
     observed = (summary["new_infections"] if csv is None else
                 [float(r.split(",")[1]) for r in csv.read_text().splitlines()[1:]])
     shutil.rmtree(out, ignore_errors=True)
     return {"key": point.key, "point": asdict(point), "series_source": source,
             **measure(theta, point.truth, observed[:len(theta)]),
-            "theta": theta, "loss_last": summary["loss"][-1] if summary["loss"] else None,
+            "theta": theta, "theta_handed": summary["theta"]["beta"], "loss_last": summary["loss"][-1] if summary["loss"] else None,
             "new_infections": summary["new_infections"],
             "survivors_min": min(summary["survivors"]),
             "seconds_per_day_median": sorted(summary["seconds_per_day"])[
@@ -218,16 +243,19 @@ def _pct(x: float) -> str:
 
 def report(results: dict[str, dict[str, Any]], file: Any = None) -> None:
     """Markdown table of every point, then the summary counts."""
+    for r in results.values():
+        r["point"].setdefault("estimator", DEFAULT_ESTIMATOR)
     rows = sorted(results.values(), key=lambda r: (
-        r["point"]["observed"], r["point"]["tangents"], r["point"]["truth"],
+        r["point"]["observed"], r["point"]["estimator"], r["point"]["tangents"],
+        r["point"]["truth"],
         r["point"]["seed"], r["point"]["start"], r["point"]["drop"]))
-    print("| observed | model | truth | start | seed | drop | final β | error | within 5 % "
+    print("| observed | estimator | model | truth | start | seed | drop | final β | error | within 5 % "
           "from day | last-5 spread | fit 1..10 | fit 1..20 | fit 1..30 | new/day min · "
           "peak (day) | s/day | load |", file=file)
-    print("|" + "---|" * 16, file=file)
+    print("|" + "---|" * 17, file=file)
     for r in rows:
         p, w = r["point"], r["windows"]
-        print(f"| {p['observed']} | {'full path' if p['tangents'] else 'Eq. 11'} | "
+        print(f"| {p['observed']} | {p['estimator']} | {'full path' if p['tangents'] else 'Eq. 11'} | "
               f"{p['truth']} | {p['start']} | {p['seed']} | {p['drop']} | "
               f"{r['final_beta']:.4f} | {_pct(r['error'])} | {r['within_from_day'] or 'never'} | "
               f"{100 * r['spread_last5']:.2f} % | "
@@ -235,18 +263,19 @@ def report(results: dict[str, dict[str, Any]], file: Any = None) -> None:
               + f" | {r['observed_min']:.0f} · {r['observed_peak']:.0f} "
               f"({r['observed_peak_day']}) | {r['seconds_per_day_median']:.1f} | "
               f"{r['load_start']:.1f}/{r['load_end']:.1f} |", file=file)
-    groups: dict[tuple[str, bool], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, bool], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["point"]["observed"], r["point"]["tangents"]), []).append(r)
+        p = r["point"]
+        groups.setdefault((p["observed"], p["estimator"], p["tangents"]), []).append(r)
     print(file=file)
     total = sum(abs(r["error"]) <= TOLERANCE for r in rows)
     print(f"final β within 5 %: {total} of {len(rows)} points", file=file)
-    for (obs, tg), rs in sorted(groups.items()):
+    for (obs, est, tg), rs in sorted(groups.items()):
         ok = sum(abs(r["error"]) <= TOLERANCE for r in rs)
         win = {t: sum(str(t) in r["windows"] and abs(r["windows"][str(t)]["error"]) <= TOLERANCE
                       for r in rs) for t in WINDOWS}
         worst = max(rs, key=lambda r: abs(r["error"]))
-        print(f"  {obs:11s} {'full path' if tg else 'Eq. 11':9s}: {ok}/{len(rs)} within 5 % "
+        print(f"  {obs:11s} {est:16s} {'full path' if tg else 'Eq. 11':9s}: {ok}/{len(rs)} within 5 % "
               f"(fit on days 1..t within 5 %: "
               + ", ".join(f"t={t} {win[t]}/{len(rs)}" for t in WINDOWS)
               + f"); worst {_pct(worst['error'])} at {worst['key']}", file=file)
@@ -255,7 +284,7 @@ def report(results: dict[str, dict[str, Any]], file: Any = None) -> None:
 def points_from(args: argparse.Namespace) -> Iterator[Point]:
     tangents = {"off": [False], "on": [True], "both": [False, True]}[args.tangents]
     yield from grid(args.truths, args.starts, args.seeds, args.drops, tangents, args.observed,
-                    args.design)
+                    args.design, args.estimator)
 
 
 def main() -> None:
@@ -271,7 +300,8 @@ def main() -> None:
     ap.add_argument("--days", type=int, default=30)
     ap.add_argument("--population", default="oxford")
     ap.add_argument("--scale", type=float, default=0.67)
-    ap.add_argument("--estimator", default="straight_through")
+    ap.add_argument("--estimator", default=DEFAULT_ESTIMATOR,
+                    help="the fleet's gradient estimator (straight_through, expected, ...)")
     ap.add_argument("--every", type=int, default=2, help="--calibrate-every")
     ap.add_argument("--steps", type=int, default=5, help="--calibrate-steps")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per fleet run")
