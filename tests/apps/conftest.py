@@ -1,11 +1,14 @@
-"""Shared helpers of the app tests: a real uvicorn server on a free port of 127.0.0.1."""
+"""Shared helpers of the app tests: a real uvicorn server on a free port of 127.0.0.1, and the
+set-up of the federated resume tests (device-host processes with their own stores, a crash
+after day k)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import uvicorn
@@ -35,3 +38,38 @@ def serve_app(app, *, log_level: str = "warning") -> Iterator[tuple[str, int]]:
     finally:
         srv.should_exit = True
         th.join(10)
+
+
+class Crash(Exception):
+    """Raised by :func:`crash_at`'s ``on_day`` hook: the runner dies after committing a day."""
+
+
+def crash_at(k: int) -> Callable[[int, dict], None]:
+    """An ``on_day`` hook that raises :class:`Crash` once day ``k`` is committed."""
+
+    def on_day(day: int, row: dict) -> None:
+        if day == k:
+            raise Crash
+
+    return on_day
+
+
+@pytest.fixture()
+def federated_resume(monkeypatch, tmp_path):
+    """Set-up of the federated resume tests: no telemetry, the devices' store passphrase, one
+    torch thread; ``transport(tag, devices)`` starts device-host processes whose node n keeps
+    its encrypted EdgeStore at ``tmp_path/<tag><n>.db``; ``Crash`` / ``crash_at(k)`` kill the
+    runner after day k."""
+    import torch
+
+    from coordinator.fleet import ProcessTransport
+
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    monkeypatch.setenv("LPM_EDGE_PASSPHRASE", "device passphrase 12")
+    torch.set_num_threads(1)
+
+    def transport(tag: str, devices: int) -> ProcessTransport:
+        return ProcessTransport(devices, node_configs={
+            n: {"lpm-store": str(tmp_path / f"{tag}{n}.db")} for n in range(1, devices + 1)})
+
+    return SimpleNamespace(transport=transport, Crash=Crash, crash_at=crash_at)

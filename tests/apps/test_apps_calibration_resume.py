@@ -14,7 +14,6 @@ from coordinator.calibration import (
     pack_checkpoint,
     unpack_checkpoint,
 )
-from coordinator.fleet import ProcessTransport
 from coordinator.flower.server_app import FederatedRun, FederatedRunError, FederatedSettings
 from coordinator.runner import RunConfig
 from coordinator.store import CoordinatorStore
@@ -24,25 +23,10 @@ CAL = CalibrationSettings(beta_init=0.3, every=1, steps=3)
 SETTINGS = FederatedSettings(min_devices=10, shared_seed=True, calibration=CAL)
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
-    monkeypatch.setenv("LPM_EDGE_PASSPHRASE", "device passphrase 12")
-    torch.set_num_threads(1)
-
-
-def _transport(tmp_path, tag: str) -> ProcessTransport:
-    return ProcessTransport(CFG.devices, node_configs={
-        n: {"lpm-store": str(tmp_path / f"{tag}{n}.db")} for n in range(1, CFG.devices + 1)})
-
-
-class _Crash(Exception):
-    pass
-
-
 @pytest.mark.slow  # ~16 s; resume after SIGKILL stays in the default run (test_apps_resume)
-def test_resumed_calibration_keeps_its_history(tmp_path):
-    ref_t = _transport(tmp_path, "ref")
+def test_resumed_calibration_keeps_its_history(tmp_path, federated_resume):
+    kit = federated_resume
+    ref_t = kit.transport("ref", CFG.devices)
     try:
         ref = FederatedRun(ref_t, CFG, settings=SETTINGS).run()
     finally:
@@ -50,14 +34,11 @@ def test_resumed_calibration_keeps_its_history(tmp_path):
 
     store = CoordinatorStore(tmp_path / "c.db")
     rid = store.create_run({**CFG.to_dict(), "federated": True}, CFG.days, run_id="cal-resume")
-    t = _transport(tmp_path, "d")
-
-    def crash(day: int, row: dict) -> None:
-        if day == 3:
-            raise _Crash
+    t = kit.transport("d", CFG.devices)
+    crash = kit.crash_at(3)
 
     try:
-        with pytest.raises(_Crash):
+        with pytest.raises(kit.Crash):
             FederatedRun(t, CFG, settings=SETTINGS, store=store, run_id=rid, on_day=crash).run()
         resumed = FederatedRun(t, CFG, settings=SETTINGS, store=store, run_id=rid,
                                resume=True)
@@ -75,9 +56,9 @@ def test_resumed_calibration_keeps_its_history(tmp_path):
     # a checkpoint written without calibration cannot silently restart the calibrator
     plain = FederatedSettings(min_devices=10, shared_seed=True)
     rid2 = store.create_run({**CFG.to_dict(), "federated": True}, CFG.days, run_id="plain")
-    t2 = _transport(tmp_path, "p")
+    t2 = kit.transport("p", CFG.devices)
     try:
-        with pytest.raises(_Crash):
+        with pytest.raises(kit.Crash):
             FederatedRun(t2, CFG, settings=plain, store=store, run_id=rid2, on_day=crash).run()
         with pytest.raises(FederatedRunError, match="without calibration"):
             FederatedRun(t2, CFG, settings=SETTINGS, store=store, run_id=rid2, resume=True).run()

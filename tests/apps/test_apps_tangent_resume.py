@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from coordinator.calibration import CalibrationError, CalibrationSettings, unpack_checkpoint
-from coordinator.fleet import ProcessTransport
 from coordinator.flower.server_app import FederatedRun, FederatedRunError, FederatedSettings
 from coordinator.runner import RunConfig
 from coordinator.store import CoordinatorStore
@@ -20,37 +19,15 @@ CAL = CalibrationSettings(beta_init=0.3, every=1, steps=3)
 SETTINGS = FederatedSettings(min_devices=10, shared_seed=True, calibration=CAL, tangents=True)
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
-    monkeypatch.setenv("LPM_EDGE_PASSPHRASE", "device passphrase 12")
-    torch.set_num_threads(1)
-
-
-def _transport(tmp_path, tag: str) -> ProcessTransport:
-    return ProcessTransport(CFG.devices, node_configs={
-        n: {"lpm-store": str(tmp_path / f"{tag}{n}.db")} for n in range(1, CFG.devices + 1)})
-
-
-class _Crash(Exception):
-    pass
-
-
-def _crash_at(k: int):  # type: ignore[no-untyped-def]
-    def on_day(day: int, row: dict) -> None:
-        if day == k:
-            raise _Crash
-    return on_day
-
-
 _KEYS = ("S", "I", "R", "new_infections", "physical_I", "physical_new_infections",
          "d_new_dbeta", "d_new_dbeta_physical", "theta_beta", "loss", "grad_synthetic",
          "grad_devices")
 
 
 @pytest.mark.slow  # two 5-day tangent runs of 10 device processes: 99 s at load 9
-def test_tangent_run_resumes_equal_to_the_uninterrupted_run(tmp_path):
-    ref_t = _transport(tmp_path, "ref")
+def test_tangent_run_resumes_equal_to_the_uninterrupted_run(tmp_path, federated_resume):
+    kit = federated_resume
+    ref_t = kit.transport("ref", CFG.devices)
     try:
         ref = FederatedRun(ref_t, CFG, settings=SETTINGS).run()
     finally:
@@ -59,11 +36,11 @@ def test_tangent_run_resumes_equal_to_the_uninterrupted_run(tmp_path):
 
     store = CoordinatorStore(tmp_path / "c.db")
     rid = store.create_run({**CFG.to_dict(), "federated": True}, CFG.days, run_id="tan-resume")
-    t = _transport(tmp_path, "d")
+    t = kit.transport("d", CFG.devices)
     try:
-        with pytest.raises(_Crash):
+        with pytest.raises(kit.Crash):
             FederatedRun(t, CFG, settings=SETTINGS, store=store, run_id=rid,
-                         on_day=_crash_at(2)).run()
+                         on_day=kit.crash_at(2)).run()
         assert store.resume(rid).day == 2
         _, arrays = unpack_checkpoint(store.resume(rid).state)
         assert arrays is not None and "tangent_I" in arrays and len(arrays["cal_path_days"]) == 2
@@ -79,17 +56,18 @@ def test_tangent_run_resumes_equal_to_the_uninterrupted_run(tmp_path):
             assert got[k] == pytest.approx(want[k], rel=1e-9, abs=1e-12), (got["day"], k)
 
 
-def test_tangent_resume_refuses_a_checkpoint_without_tangents(tmp_path):
+def test_tangent_resume_refuses_a_checkpoint_without_tangents(tmp_path, federated_resume):
     """A checkpoint written by a run without tangents (or before they were kept) cannot
     silently restart the synthetic tangents at zero."""
+    kit = federated_resume
     plain = FederatedSettings(min_devices=10, shared_seed=True, calibration=CAL)
     store = CoordinatorStore(tmp_path / "c.db")
     rid = store.create_run({**CFG.to_dict(), "federated": True}, CFG.days, run_id="plain")
-    t = _transport(tmp_path, "p")
+    t = kit.transport("p", CFG.devices)
     try:
-        with pytest.raises(_Crash):
+        with pytest.raises(kit.Crash):
             FederatedRun(t, CFG, settings=plain, store=store, run_id=rid,
-                         on_day=_crash_at(1)).run()
+                         on_day=kit.crash_at(1)).run()
         with pytest.raises(FederatedRunError, match="tangents"):
             FederatedRun(t, CFG, settings=SETTINGS, store=store, run_id=rid, resume=True).run()
     finally:
