@@ -6,11 +6,13 @@ day t with observed new infections y_t,
     ŷ_t(θ) = Σ_{i synthetic} p_i(β_t) + Σ_{i physical} p_i(β_t),
     L(θ)   = mean_t (y_t − ŷ_t(θ))² / mean_t(y_t)²,
 
-where p_i = 1 − exp(−β S_i/n_i Σ_j w_ij I_j) is agent i's infection probability given the
-day's actual neighbour states. ∂L/∂θ has two parts:
+where p_i = S_i (1 − exp(−β/n_i Σ_j w_ij I_j)) is agent i's expected new infection given the
+day's actual neighbour states (S_i ∈ {0, 1} with a sampled estimator; fractional with the
+``expected`` one, where 1 − exp(−β S_i/n_i Σ_j w_ij I_j) would undercount). ∂L/∂θ has two
+parts:
 
 * synthetic: forward-mode autograd (``torch.func.jvp``) through the synthetic agents' p_i
-  (the coordinator holds their hazard base h_i = S_i/n_i Σ_j w_ij I_j for each day);
+  (the coordinator holds their hazard base h_i = S_i/n_i Σ_j w_ij I_j and S_i for each day);
 * physical: Σ_i ∂p_i/∂β over the devices, securely aggregated (SecAgg+) from their
   reports together with Σ_i p_i; the coordinator never sees a device's own p_i or state.
   The device part is evaluated at the θ_t the devices were given that day and enters the
@@ -103,42 +105,58 @@ class CalibrationSettings:
                                    f"{self.lo}, {self.beta_init}, {self.hi}")
 
 
-_MOMENTS = 48  # Σ_i (1 − e^{−βh_i}) = Σ_k (−1)^{k+1} β^k Σ_i h_i^k / k!, exact to ~1e-13
+_MOMENTS = 48  # Σ_i S_i (1 − e^{−βx_i}) = Σ_k (−1)^{k+1} β^k Σ_i S_i x_i^k / k!, to ~1e-13
 _SERIES_LIMIT = 10.0  # … while β·max h ≤ 10; beyond, the day's hazards are summed directly
 _BETA_MAX = 5.0  # CalibrationSettings.hi's upper limit
 
 
 @dataclass
 class _Day:
-    moments: torch.Tensor  # m_k = Σ_i h_i^k / k!, k = 1..K, over the synthetic agents
-    h_max: float
-    hazard: torch.Tensor  # the h_i themselves, kept only when the moments do not suffice
+    moments: torch.Tensor  # m_k = Σ_i S_i x_i^k / k!, k = 1..K, over the synthetic agents
+    h_max: float  # max x_i
+    hazard: torch.Tensor  # the x_i themselves, kept only when the moments do not suffice
     phys_p: float
     phys_dp: float
     theta: float  # β the devices evaluated p and ∂p/∂β at
     y: float
     segment: int
+    weight: torch.Tensor | None = None  # the kept x_i's S_i (None: all 1)
 
     @classmethod
     def from_hazard(cls, hazard: torch.Tensor, phys_p: float, phys_dp: float, theta: float,
-                    y: float, segment: int) -> _Day:
-        """One day's terms from the synthetic agents' hazard bases h_i (float64)."""
+                    y: float, segment: int, susceptible: torch.Tensor | None = None) -> _Day:
+        """One day's terms from the synthetic agents' hazard bases h_i = S_i x_i (float64)
+        and their S_i before the day (``None``: every S_i is 1, as with a sampled estimator),
+        x_i = 1/n_i Σ_j w_ij I_j."""
         h = hazard.to(torch.float64)
+        w = None
+        if susceptible is not None:
+            w = susceptible.to(torch.float64)
+            if w.shape != h.shape:
+                raise CalibrationError(f"{w.numel()} susceptible values for {h.numel()} "
+                                       "hazard bases")
+            if w.numel() and not bool(((w > 0) & (w <= 1)).all()):
+                raise CalibrationError("the susceptible values of agents with a hazard must "
+                                       "lie in (0, 1]")
+            h = h / w
+            if bool((w == 1).all()):
+                w = None  # a sampled estimator's day: the plain sums, bit for bit
         h_max = float(h.max()) if h.numel() else 0.0
-        m, term = [], h.clone()
+        m, term = [], h.clone() if w is None else w * h
         for k in range(1, _MOMENTS + 1):
             m.append(term.sum())
             term = term * h / (k + 1)
         moments = torch.stack(m) if m else torch.zeros(_MOMENTS, dtype=torch.float64)
         if _BETA_MAX * h_max <= _SERIES_LIMIT:  # the moments suffice for every β allowed
-            h = torch.zeros(0, dtype=torch.float64)
+            h, w = torch.zeros(0, dtype=torch.float64), None
         return cls(moments, h_max, h, float(phys_p), float(phys_dp), float(theta), float(y),
-                   int(segment))
+                   int(segment), w)
 
     def synthetic(self, beta: torch.Tensor) -> torch.Tensor:
         """Σ_i p_i(β) over the day's synthetic agents (differentiable in β)."""
         if float(beta) * self.h_max > _SERIES_LIMIT:
-            return -torch.expm1(-beta * self.hazard).sum()
+            p = -torch.expm1(-beta * self.hazard)
+            return (p if self.weight is None else self.weight * p).sum()
         k = torch.arange(1, _MOMENTS + 1, dtype=torch.float64)
         signs = torch.where(k % 2 == 1, 1.0, -1.0).to(torch.float64)
         return (signs * beta ** k * self.moments).sum()
@@ -191,9 +209,11 @@ class OnlineCalibrator:
         return float(obs[day_index])
 
     def add_day(self, day_index: int, hazard: torch.Tensor, phys_p: float, phys_dp: float,
-                theta: float, y: float) -> None:
+                theta: float, y: float, susceptible: torch.Tensor | None = None) -> None:
+        """Eq. 11: day ``day_index``'s synthetic hazard bases h_i = S_i x_i with their S_i
+        (``None``: all 1), the devices' Σp and Σ∂p/∂β at ``theta`` and the observation."""
         self.days.append(_Day.from_hazard(hazard, phys_p, phys_dp, theta, y,
-                                          self.segment_of(day_index)))
+                                          self.segment_of(day_index), susceptible))
 
     def add_path_day(self, day_index: int, phys_new: float, phys_dnew: float,
                      y: float) -> None:
@@ -265,6 +285,8 @@ class OnlineCalibrator:
         calibrates against its whole history, not only the days after the restart."""
         n = len(self.days)
         kept = [d.hazard.numpy() for d in self.days]
+        weights = [np.ones(k.size) if d.weight is None else d.weight.numpy()
+                   for d, k in zip(self.days, kept, strict=True)]
         return {
             "cal_theta": np.array(self.theta, np.float64),
             "cal_given": np.array([] if self.given is None else self.given, np.float64),
@@ -274,6 +296,7 @@ class OnlineCalibrator:
                                   for d in self.days], np.float64).reshape(n, 6),
             "cal_hazard_len": np.array([k.size for k in kept], np.int64),
             "cal_hazard": np.concatenate(kept) if kept else np.zeros(0),
+            "cal_weight": np.concatenate(weights) if weights else np.zeros(0),
             **self._export_path(),
         }
 
@@ -304,8 +327,12 @@ class OnlineCalibrator:
                 raise ValueError("cal_given must hold (day, β)")
             moments, rows = arrays["cal_moments"], arrays["cal_days"]
             lengths, hazard = arrays["cal_hazard_len"], arrays["cal_hazard"]
+            # the kept x_i's S_i (absent in checkpoints written before it was kept: all 1)
+            weight = arrays.get("cal_weight", np.ones(hazard.size))
             if not (len(moments) == len(rows) == len(lengths)) or int(lengths.sum()) != hazard.size:
                 raise ValueError("inconsistent day counts")
+            if weight.shape != hazard.shape or not bool(((weight > 0) & (weight <= 1)).all()):
+                raise ValueError("cal_weight does not match cal_hazard")
         except (KeyError, ValueError, TypeError) as exc:
             raise CalibrationError(f"calibration checkpoint is unreadable: {exc}") from None
         if not theta or not all(self.settings.lo <= b <= self.settings.hi for b in theta):
@@ -321,10 +348,15 @@ class OnlineCalibrator:
             self.replay.dsums = [torch.from_numpy(np.array(v, np.float64)) for v in dsums]
             self._path_cache = None
         self.given = (int(given[0]), given[1]) if given else None
+        def kept_weight(i: int) -> torch.Tensor | None:
+            w = np.array(weight[starts[i]:starts[i + 1]], np.float64)
+            return None if bool((w == 1).all()) else torch.from_numpy(w)
+
         self.days = [
             _Day(torch.from_numpy(np.array(m, np.float64)), float(r[0]),
                  torch.from_numpy(np.array(hazard[starts[i]:starts[i + 1]], np.float64)),
-                 float(r[1]), float(r[2]), float(r[3]), float(r[4]), int(r[5]))
+                 float(r[1]), float(r[2]), float(r[3]), float(r[4]), int(r[5]),
+                 kept_weight(i))
             for i, (m, r) in enumerate(zip(moments, rows, strict=True))
         ]
 

@@ -152,6 +152,9 @@ class HybridSimulation:
             self._zero_physical()
         self.day = 0  # next day to simulate
         self.last_synthetic_hazard = torch.zeros(0, dtype=torch.float64)
+        # the same agents' S_i before the day (fractional with the expected estimator): the
+        # calibration's expected count is Σ S_i (1 − exp(−β h_i / S_i))
+        self.last_synthetic_susceptible = torch.zeros(0, dtype=torch.float64)
         self._estimator = get_estimator(estimator)
         self.tangents = tangents
         # ∂state/∂β, carried forward in time (forward mode): every agent keeps its own
@@ -238,6 +241,7 @@ class HybridSimulation:
             h[phys] = 0.0
             # synthetic agents' hazard base S_i/n_i Σ_j w_ij I_j of this day (calibration)
             self.last_synthetic_hazard = h[h > 0].double()
+            self.last_synthetic_susceptible = susceptible[h > 0].double()
             beta = self.model.beta.detach()
             sums_p = captured["sums"][phys]
             p = infection_probability(sums_p, susceptible[phys], self.split.degree[phys], beta)
@@ -327,6 +331,7 @@ class HybridSimulation:
         h = s_before / self.split.degree.clamp(min=1.0) * captured["sums"]
         h[phys] = 0.0
         self.last_synthetic_hazard = h[h > 0].double()  # as in step() (calibration)
+        self.last_synthetic_susceptible = s_before[h > 0].double()
         d_new = self.tangent["new_infections"]
         return {**self.counts(),
                 "d_new_dbeta": float(d_new.double().sum()),

@@ -500,7 +500,7 @@ class FederatedRun:
                 cal.add_path_day(day - 1, phys["new_infections"], phys["d_new_dbeta"], y)
             else:
                 cal.add_day(day - 1, sim.last_synthetic_hazard, phys["p"], phys["dp_dbeta"],
-                            theta, y)
+                            theta, y, susceptible=sim.last_synthetic_susceptible)
             loss, g_syn, g_dev = cal.loss_and_grad()
             cal.update(day - 1)
             row.update({"theta_beta": cal.beta_for(day), "theta": {"beta": list(cal.theta)},

@@ -249,22 +249,24 @@ class HybridStepper:
             self.bytes_received += nb
         return x
 
-    def _gather_hazard(self, h: torch.Tensor) -> torch.Tensor:
-        """Rank 0: the hazard bases h > 0 of all ranks in global id order (else: local)."""
+    def _gather_hazard(self, h: torch.Tensor, s: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank 0: the hazard bases h > 0 of all ranks in global id order and the same
+        agents' S before the day (else: local)."""
         keep = h > 0
-        ids, vals = self.owned[keep].double(), h[keep].double()
+        ids, vals, sus = self.owned[keep].double(), h[keep].double(), s[keep].double()
         if self.size == 1:
-            return vals
+            return vals, sus
         k = torch.tensor([ids.numel() if q == 0 else 0 for q in range(self.size)])
         counts = self._a2a(k, [1] * self.size, [1] * self.size)  # rank 0: every rank's k
-        recv = [2 * int(c) for c in counts] if self.rank == 0 else [0] * self.size
-        send = [2 * ids.numel() if q == 0 else 0 for q in range(self.size)]
-        got = self._a2a(torch.stack([ids, vals], 1).flatten(), send, recv)
+        recv = [3 * int(c) for c in counts] if self.rank == 0 else [0] * self.size
+        send = [3 * ids.numel() if q == 0 else 0 for q in range(self.size)]
+        got = self._a2a(torch.stack([ids, vals, sus], 1).flatten(), send, recv)
         if self.rank != 0:
-            return vals
-        pairs = got.view(-1, 2)
-        order = torch.argsort(pairs[:, 0])
-        return pairs[order, 1].contiguous()
+            return vals, sus
+        rows = got.view(-1, 3)
+        order = torch.argsort(rows[:, 0])
+        return rows[order, 1].contiguous(), rows[order, 2].contiguous()
 
     # ------------------------------------------------------------------ the day
     def cross_infected(self) -> torch.Tensor:
@@ -371,9 +373,10 @@ class HybridStepper:
             t0 = time.perf_counter()
             red = self._all_reduce(head)
             self._gather_boundary(new["I"])
-            hazard = self._gather_hazard(h) if self.gather_hazard else h[h > 0].double()
+            hazard, sus = self._gather_hazard(h, susceptible) if self.gather_hazard else \
+                (h[h > 0].double(), susceptible[h > 0].double())
             self.seconds["reduce"] += time.perf_counter() - t0
-        sim.state, sim.last_synthetic_hazard = new, hazard
+        sim.state, sim.last_synthetic_hazard, sim.last_synthetic_susceptible = new, hazard, sus
         sim.day += 1
         self.seconds["day"] += time.perf_counter() - t_day
         k = len(names)
@@ -489,9 +492,11 @@ class HybridStepper:
         t0 = time.perf_counter()
         red = self._all_reduce(head)
         self._gather_boundary(new["I"], dnew["I"])
-        hazard = self._gather_hazard(h) if self.gather_hazard else h[h > 0].double()
+        hazard, sus = self._gather_hazard(h, s_before) if self.gather_hazard else \
+            (h[h > 0].double(), s_before[h > 0].double())
         self.seconds["reduce"] += time.perf_counter() - t0
         sim.state, sim.tangent, sim.last_synthetic_hazard = new, dnew, hazard
+        sim.last_synthetic_susceptible = sus
         sim.day += 1
         k = len(names)
         self._too_large = bool(red[k + 3] > 0)

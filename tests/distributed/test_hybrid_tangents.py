@@ -169,6 +169,8 @@ def _remote(rank: int, world: int, every: int, estimator: str):
         worst = max(worst, _compare([row], [row1]))
         if not torch.equal(sim.last_synthetic_hazard, one.last_synthetic_hazard):
             bad.append((day, "hazard"))
+        if not torch.equal(sim.last_synthetic_susceptible, one.last_synthetic_susceptible):
+            bad.append((day, "susceptible"))  # gathered beside the hazards (calibration)
         syn = want["d_new_dbeta_synthetic"]  # = the fleet-mode run's synthetic part
         worst = max(worst, _rel(row["d_new_dbeta_synthetic"], syn))
         rows.append(row)

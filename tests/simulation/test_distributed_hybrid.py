@@ -184,6 +184,8 @@ def _run_remote(rank: int, world: int, every: int):
             bad.append((day, "aggregates"))
         if not torch.equal(sim.last_synthetic_hazard, one.last_synthetic_hazard):
             bad.append((day, "hazard"))
+        if not torch.equal(sim.last_synthetic_susceptible, one.last_synthetic_susceptible):
+            bad.append((day, "susceptible"))  # gathered beside the hazards (calibration)
         for c in ("S", "I", "R", "new_infections"):  # synthetic = fleet run − its devices
             if row[c] != want[c] - float(ref.state[c][phys].sum()):
                 bad.append((day, c))
