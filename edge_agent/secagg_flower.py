@@ -92,33 +92,44 @@ def demo_input(partition_id: int, length: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=4)
-def _config(blob: bytes) -> RoundConfig:
-    """The epoch's config, parsed and validated once per process: its roster makes that
-    O(devices), and a fleet's device host serves every device of the epoch (frozen, shared)."""
-    return RoundConfig.from_bytes(blob)
+def _config(blob: bytes) -> tuple[RoundConfig, dict[str, int]]:
+    """The epoch's config, parsed and validated once per process, with its roster's index:
+    its roster makes that O(devices), and a fleet's device host serves every device of the
+    epoch (frozen, shared; keyed by the config's exact bytes)."""
+    cfg = RoundConfig.from_bytes(blob)
+    return cfg, {c: i for i, c in enumerate(cfg.client_ids)}
 
 
-_UNKNOWN = b"\x00" * 32  # placeholder for a roster member this client never verifies
-
-
-def _full_registry(n: int, index: list[int], keys: list[bytes]) -> list[bytes]:
+def _registry(n: int, index: list[int], keys: list[bytes]) -> dict[int, bytes]:
+    """The identity keys the coordinator sent, by roster index (a client reads only its own
+    and its neighbours', whichever entries are here)."""
     if len(index) != len(keys) or any(not 0 <= int(j) < n for j in index):
         raise SecAggDeviceError("malformed registry")
-    full = [_UNKNOWN] * n
-    for j, k in zip(index, keys, strict=True):
-        full[int(j)] = bytes(k)
-    return full
+    return {int(j): bytes(k) for j, k in zip(index, keys, strict=True)}
 
 
 class SecAggDevice:
     """One device's SecAgg+ epoch client. Public epoch data (config, the identity keys it
-    verifies, its index) lives in ``st`` (a node-state record); secrets in ``vault``."""
+    verifies, its index) lives in ``st`` (a node-state record); secrets in ``vault``.
+
+    A message after the advertisement costs O(k) on the device (k = its neighbours): the
+    registry kept is its own and its neighbours' keys, its neighbours are recomputed from
+    the config's graph seed (the placement cached per process), the parsed config cached
+    per process, and the identity key is loaded only to sign the advertisement."""
 
     def __init__(self, st: ConfigRecord, identity_private: bytes,
                  vault: Vault | None = None) -> None:
         self.st = st
-        self.identity = IdentityKey.from_private_bytes(identity_private)
+        self._identity_private = bytes(identity_private)
+        self._identity: IdentityKey | None = None
         self.vault = vault if vault is not None else NodeStateVault(st)
+
+    @property
+    def identity(self) -> IdentityKey:
+        """The device's Ed25519 identity key (loaded on first use)."""
+        if self._identity is None:
+            self._identity = IdentityKey.from_private_bytes(self._identity_private)
+        return self._identity
 
     # -- persistence -------------------------------------------------------------------
     def _int(self, key: str) -> int:
@@ -133,12 +144,12 @@ class SecAggDevice:
         blob = self.vault.get()
         if blob is None:
             raise SecAggDeviceError("the SecAgg+ epoch state is missing")
-        cfg = _config(rec.blob(self.st, "sa_config"))
-        registry = _full_registry(cfg.n, rec.integers(self.st, "sa_reg_index"),
-                                  rec.blobs(self.st, "sa_registry"))
+        cfg, _ = _config(rec.blob(self.st, "sa_config"))
+        registry = _registry(cfg.n, rec.integers(self.st, "sa_reg_index"),
+                             rec.blobs(self.st, "sa_registry"))
         try:
             d = json.loads(blob.decode())
-            client = EpochClient.restore(cfg, rec.integer(self.st, "sa_index"), self.identity,
+            client = EpochClient.restore(cfg, rec.integer(self.st, "sa_index"), None,
                                          registry, d["client"].encode())
             report = None if d["report"] is None else [float(v) for v in d["report"]]
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -173,24 +184,30 @@ class SecAggDevice:
         advertisement; the report waits (in the vault) for the roster. ``registry`` is the
         roster's identity keys, or — with ``registry_index`` — only those of the listed
         roster indices (itself and its neighbours: all a client verifies)."""
-        cfg = RoundConfig.from_bytes(bytes(config))
-        if registry_index is not None:
-            registry = _full_registry(cfg.n, registry_index, registry)
+        config = bytes(config)
+        cfg, roster = _config(config)
+        if registry_index is None:
+            if len(registry) != cfg.n:
+                raise SecAggDeviceError("the registry must hold one key per roster device, "
+                                        "or name its indices")
+            registry_index = list(range(cfg.n))
         if cfg.run_id != run_id:
             raise SecAggDeviceError(f"epoch bound to run {cfg.run_id!r}, expected {run_id!r}")
         if cfg.round > day:
             raise SecAggDeviceError(f"epoch {cfg.round} starts after day {day}")
-        if client_id not in cfg.client_ids:
+        index = roster.get(client_id)
+        if index is None:
             raise SecAggDeviceError(f"{client_id} is not in the epoch's roster")
         self._check_new_day(day)
         x = self._tensor(cfg, report)
         cfg.spec.encode(x)  # refuse a report outside the spec before anything is sent
-        index = cfg.client_ids.index(client_id)
-        client = EpochClient(cfg, index, self.identity, [bytes(b) for b in registry])
+        client = EpochClient(cfg, index, self.identity,
+                             _registry(cfg.n, registry_index, registry))
         out = client.advertise_keys()
-        known = [j for j, b in enumerate(registry) if b != _UNKNOWN]
-        self.st["sa_config"] = bytes(config)
-        self.st["sa_reg_index"], self.st["sa_registry"] = known, [bytes(registry[j]) for j in known]
+        known = sorted(client.registry)  # itself and those of its neighbours it was sent
+        self.st["sa_config"] = config
+        self.st["sa_reg_index"] = known
+        self.st["sa_registry"] = [client.registry[j] for j in known]
         self.st["sa_index"], self.st["sa_day"] = index, day
         self._save(client, [float(v) for v in x.tolist()])
         return out
@@ -274,7 +291,7 @@ def secagg(message: Message, context: Context) -> Message:
     if stage == "enrol":
         return _reply(message, identity=dev.identity.public_bytes(), partition_id=pid)
     if stage == "advertise":
-        rc = RoundConfig.from_bytes(rec.blob(cfg, "config"))
+        rc, _ = _config(rec.blob(cfg, "config"))
         x = demo_input(pid, rc.spec.length)
         out = dev.advertise(rec.blob(cfg, "config"), rec.blobs(cfg, "registry"),
                             rc.client_ids[rec.integer(cfg, "index")], run_id=rc.run_id,

@@ -23,8 +23,10 @@ from __future__ import annotations
 import hmac
 import json
 import os
-from collections.abc import Sequence
+import struct
+from collections.abc import Mapping, Sequence
 from enum import Enum
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -72,6 +74,32 @@ from protocols.secagg.shamir import ShamirError, decode_share, share_secret
 __all__ = ["EpochClient", "EpochStage", "check_eheader", "check_day"]
 
 MAX_DAY = 2**63 - 1
+_PEER = struct.Struct(">I")
+_PEER_ROW = _PEER.size + 3 * 32  # index, channel key, root key, consistency key
+
+
+def _unpack_peers(raw: bytes) -> tuple[tuple[int, ...], dict[int, bytes], dict[int, bytes],
+                                       dict[int, bytes]]:
+    """Inverse of the packed peer keys of :meth:`EpochClient.export_state`."""
+    if len(raw) % _PEER_ROW:
+        raise ValueError("packed peer keys of the wrong size")
+    peers: list[int] = []
+    channel, roots, cons = {}, {}, {}
+    for o in range(0, len(raw), _PEER_ROW):
+        (j,) = _PEER.unpack_from(raw, o)
+        if peers and j <= peers[-1]:
+            raise ValueError("peers must be sorted and distinct")
+        peers.append(j)
+        channel[j] = raw[o + 4:o + 36]
+        roots[j] = raw[o + 36:o + 68]
+        cons[j] = raw[o + 68:o + 100]
+    return tuple(peers), channel, roots, cons
+
+
+def _bits_within(new: bytes, old: bytes) -> bool:
+    """Whether survivor bitmap ``new`` names a subset of ``old`` (same length)."""
+    return len(new) == len(old) and \
+        int.from_bytes(new, "little") & ~int.from_bytes(old, "little") == 0
 
 
 class EpochStage(Enum):
@@ -106,29 +134,46 @@ def check_eheader(cfg: RoundConfig, header: EHeader, day: int, sender: int,
 class EpochClient:
     """One device's side of a SecAgg+ key epoch (many daily sums).
 
-    ``identity_registry[j]`` is the Ed25519 public key of roster client ``j`` (distributed
-    authentically, e.g. at enrolment): neighbours' key advertisements and survivor-set
-    signatures must verify under it.
+    ``identity_registry`` gives the Ed25519 public keys of roster clients (distributed
+    authentically, e.g. at enrolment): either one per roster client (a sequence of n), or
+    a mapping from roster index to key that holds at least this client's own. Neighbours'
+    key advertisements must verify under them; only this client's and its neighbours'
+    entries are read or kept (the neighbours always come from the config's graph seed,
+    never from which entries the registry happens to hold), so building a client costs
+    O(k) once the process has placed this config's graph (:mod:`protocols.secagg.graph`).
     """
 
     def __init__(self, config: RoundConfig, index: int, identity: IdentityKey,
-                 identity_registry: Sequence[bytes]) -> None:
+                 identity_registry: Sequence[bytes] | Mapping[int, bytes]) -> None:
+        self._setup(config, index, identity_registry)
+        if identity.public_bytes() != self._registry[index]:
+            raise ConfigError("identity key does not match the registry entry")
+        self._identity: IdentityKey | None = identity
+
+    def _setup(self, config: RoundConfig, index: int,
+               identity_registry: Sequence[bytes] | Mapping[int, bytes]) -> None:
         if not isinstance(config, RoundConfig):
             raise ConfigError("config must be a RoundConfig")
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < config.n:
             raise ConfigError(f"index {index!r} outside the roster of {config.n}")
-        if len(identity_registry) != config.n:
-            raise ConfigError("identity registry must have one key per roster client")
-        if identity.public_bytes() != bytes(identity_registry[index]):
-            raise ConfigError("identity key does not match the registry entry")
+        nbrs = neighbours_of(config.graph_seed, config.n, config.degree, index)
+        registry: dict[int, bytes] = {}
+        if isinstance(identity_registry, Mapping):
+            for j in (index, *nbrs):
+                key = identity_registry.get(j)
+                if key is not None:
+                    registry[j] = bytes(key)
+        else:
+            if len(identity_registry) != config.n:
+                raise ConfigError("identity registry must have one key per roster client")
+            registry = {j: bytes(identity_registry[j]) for j in (index, *nbrs)}
+        if index not in registry:
+            raise ConfigError("the identity registry lacks this client's own key")
         self.config = config
         self.index = index
         self._ctx = EpochContexts(config)
-        self._identity = identity
-        self._registry = tuple(bytes(k) for k in identity_registry)
-        self.neighbours = frozenset(
-            neighbours_of(config.graph_seed, config.n, config.degree, index)
-        )
+        self._registry = registry  # this client and its neighbours only
+        self.neighbours = frozenset(nbrs)
         self.stage = EpochStage.ADVERTISE
         self.last_day: int | None = None
         self._c_key: AgreementKey | None = None
@@ -139,8 +184,14 @@ class EpochClient:
         self._roots: dict[int, bytes] = {}
         self._cons: dict[int, bytes] = {}  # pairwise consistency keys (survivor-set tags)
         self._day: int | None = None
-        self._bitmap = b""
-        self._survivors: frozenset[int] = frozenset()
+        self._bitmap = b""  # the day's survivor set S this client tagged (bitmap of n)
+        self._live_in: tuple[int, ...] = ()  # its live neighbours in S
+
+    @property
+    def registry(self) -> Mapping[int, bytes]:
+        """The identity keys this client keeps: its own and those of its neighbours it was
+        given (read-only)."""
+        return MappingProxyType(self._registry)
 
     # -- helpers ---------------------------------------------------------------------
     def _expect(self, stage: EpochStage) -> None:
@@ -162,6 +213,8 @@ class EpochClient:
         self._expect(EpochStage.ADVERTISE)
         c_key, s_key = AgreementKey.generate(), AgreementKey.generate()
         c_pk, s_pk = c_key.public_bytes(), s_key.public_bytes()
+        if self._identity is None:
+            raise StageError(f"client {self.index} was restored without its identity key")
         sig = self._identity.sign(self._ctx.advertise_statement(self.index, c_pk, s_pk))
         try:
             mac = self._ctx.server_mac_key(c_key, self.index, self.config.server_pk)
@@ -183,8 +236,12 @@ class EpochClient:
             if e.index not in self.neighbours:
                 raise ProtocolViolationError(f"roster names {e.index}, not a neighbour")
             stmt = self._ctx.advertise_statement(e.index, e.c_pk, e.s_pk)
+            known = self._registry.get(e.index)
+            if known is None:
+                raise BadSignatureError(f"no identity key for neighbour {e.index}: its key "
+                                        "advertisement cannot be verified")
             try:
-                verify_signature(self._registry[e.index], e.signature, stmt)
+                verify_signature(known, e.signature, stmt)
             except (SignatureError, InvalidKeyError) as exc:
                 raise BadSignatureError(f"key advertisement of {e.index} does not verify") from exc
             try:
@@ -217,7 +274,7 @@ class EpochClient:
         y = cfg.spec.encode(x)  # validates before any state changes
         # An unfinished earlier day (the server never completed it) is abandoned: nothing
         # of it was revealed, and its keys are never used again.
-        self._bitmap, self._survivors = b"", frozenset()
+        self._bitmap, self._live_in = b"", ()
         b_seed = os.urandom(32)
         shares = share_secret(b_seed, [j + 1 for j in self._peers], cfg.threshold)
         envs = tuple(
@@ -244,30 +301,34 @@ class EpochClient:
         """Check the day's survivor set S and authenticate it to each live neighbour in S
         (consistency round: one HMAC tag per neighbour)."""
         self._expect(EpochStage.CONSISTENCY)
-        cfg = self.config
         assert self._day is not None
-        msg, members = SurvivorSet.decode(self._body(survivors_blob), cfg.n)
-        check_eheader(cfg, msg.header, self._day, SERVER, self.index)
+        msg, members = SurvivorSet.decode(self._body(survivors_blob), self.config.n)
+        check_eheader(self.config, msg.header, self._day, SERVER, self.index)
+        return self._sign(msg, members)
+
+    def _sign(self, msg: SurvivorSet, members: frozenset[int]) -> bytes:
+        cfg, day = self.config, self._day
+        assert day is not None
         if self.index not in members:
             raise ProtocolViolationError("this client is not in the survivor set")
         if len(members) < cfg.min_survivors:
             raise SecAggAbortError(f"{len(members)} survivors, fewer than the minimum "
                                    f"{cfg.min_survivors}")
-        live_in = [j for j in self._peers if j in members]
+        live_in = tuple(j for j in self._peers if j in members)
         if len(live_in) < cfg.threshold:
             raise SecAggAbortError("fewer than threshold live neighbours survive")
-        digest = self._ctx.survivors_digest(self._day, msg.bitmap)
+        digest = self._ctx.survivors_digest(day, msg.bitmap)
         tags = tuple((j, self._ctx.survivors_tag(self._cons[j], self.index, j, digest))
                      for j in live_in)
         # The day keys with live neighbours outside S go now, not at unmask: if this client
         # dies after tagging, its input is still in S and its masks with them must come off.
         # A neighbour gets a day key or (at unmask) a self-mask share, never both: both
         # follow from the one S this client holds for the day.
-        day_keys = tuple((j, self._ctx.day_pair_key(self._roots[j], self._day, self.index, j))
+        day_keys = tuple((j, self._ctx.day_pair_key(self._roots[j], day, self.index, j))
                          for j in self._peers if j not in members)
-        self._bitmap, self._survivors = msg.bitmap, members
+        self._bitmap, self._live_in = msg.bitmap, live_in
         self.stage = EpochStage.UNMASK
-        return add_mac(self._mac, SurvivorTags(self._header(EMsg.TAGS, self._day), tags,
+        return add_mac(self._mac, SurvivorTags(self._header(EMsg.TAGS, day), tags,
                                                day_keys).encode())
 
     def resign_survivors(self, survivors_blob: bytes) -> bytes:
@@ -283,15 +344,14 @@ class EpochClient:
         assert self._day is not None
         msg, members = SurvivorSet.decode(self._body(survivors_blob), cfg.n)
         check_eheader(cfg, msg.header, self._day, SERVER, self.index)
-        if not members <= self._survivors:
+        if not _bits_within(msg.bitmap, self._bitmap):
             raise ProtocolViolationError("a re-issued survivor set must be a subset of the "
                                          "one this client tagged")
-        held = self._bitmap, self._survivors
-        self.stage = EpochStage.CONSISTENCY
+        held = self._bitmap, self._live_in
         try:
-            return self.sign_survivors(survivors_blob)
+            return self._sign(msg, members)
         except BaseException:
-            self._bitmap, self._survivors = held
+            self._bitmap, self._live_in = held
             self.stage = EpochStage.UNMASK
             raise
 
@@ -306,8 +366,7 @@ class EpochClient:
         assert day is not None
         req = DayUnmaskRequest.decode(self._body(request_blob), cfg.n, cfg.degree)
         check_eheader(cfg, req.header, day, SERVER, me)
-        surv = self._survivors
-        live_in = [j for j in self._peers if j in surv]
+        live_in = self._live_in
         signers = {j for j, _ in req.tags}
         if not signers <= set(live_in):
             raise ProtocolViolationError("a tag comes from a client that is not a live "
@@ -342,38 +401,45 @@ class EpochClient:
                 raise MalformedMessageError(f"invalid share from {j}: {exc}") from exc
             held[j] = payload.share
         reveals = tuple((j, RevealKind.SELF_MASK_SHARE, held[j]) for j in live_in)
-        self._bitmap, self._survivors, self._day = b"", frozenset(), None
+        self._bitmap, self._live_in, self._day = b"", (), None
         self.stage = EpochStage.READY
         msg = DayUnmaskResponse(self._header(EMsg.UNMASK_RESPONSE, day), reveals)
         return add_mac(self._mac, msg.encode())
 
     # -- persistence -------------------------------------------------------------------
     def export_state(self) -> bytes:
-        """Serialise the epoch state, derived secret keys included: keep it on the device."""
+        """Serialise the epoch state, derived secret keys included: keep it on the device.
+        O(k) in size (k = neighbours) plus the day's n-bit survivor bitmap."""
         def hx(b: bytes | None) -> str:
             return "" if b is None else b.hex()
 
+        keys = b"".join(_PEER.pack(j) + self._channel[j] + self._roots[j] + self._cons[j]
+                        for j in self._peers)
         return json.dumps({
-            "v": 3, "stage": self.stage.value, "last_day": self.last_day, "day": self._day,
+            "v": 4, "stage": self.stage.value, "last_day": self.last_day, "day": self._day,
             "c": hx(self._c_key.private_bytes() if self._c_key else None),
             "s": hx(self._s_key.private_bytes() if self._s_key else None),
-            "mac": self._mac.hex(), "peers": list(self._peers),
-            "channel": {str(j): k.hex() for j, k in self._channel.items()},
-            "roots": {str(j): k.hex() for j, k in self._roots.items()},
-            "cons": {str(j): k.hex() for j, k in self._cons.items()},
-            "bitmap": self._bitmap.hex(), "survivors": sorted(self._survivors),
+            "mac": self._mac.hex(), "peers": keys.hex(),
+            "bitmap": self._bitmap.hex(), "live_in": list(self._live_in),
         }).encode()
 
     @classmethod
-    def restore(cls, config: RoundConfig, index: int, identity: IdentityKey,
-                identity_registry: Sequence[bytes], state: bytes) -> EpochClient:
-        """Rebuild a client from :meth:`export_state` output."""
-        c = cls(config, index, identity, identity_registry)
+    def restore(cls, config: RoundConfig, index: int, identity: IdentityKey | None,
+                identity_registry: Sequence[bytes] | Mapping[int, bytes],
+                state: bytes) -> EpochClient:
+        """Rebuild a client from :meth:`export_state` output. ``identity`` is needed only
+        before the advertisement (the one message it signs); ``None`` skips loading it."""
+        if identity is not None:
+            c = cls(config, index, identity, identity_registry)
+        else:
+            c = cls.__new__(cls)
+            c._setup(config, index, identity_registry)
+            c._identity = None
         if not isinstance(state, (bytes, bytearray)):
             raise MalformedMessageError("client state must be bytes")
         try:
             d = json.loads(bytes(state).decode())
-            if d["v"] != 3:
+            if d["v"] not in (3, 4):
                 raise ValueError("unknown state version")
             c.stage = EpochStage(d["stage"])
             c.last_day = None if d["last_day"] is None else check_day(d["last_day"])
@@ -381,16 +447,30 @@ class EpochClient:
             c._c_key = AgreementKey.from_private_bytes(bytes.fromhex(d["c"])) if d["c"] else None
             c._s_key = AgreementKey.from_private_bytes(bytes.fromhex(d["s"])) if d["s"] else None
             c._mac = bytes.fromhex(d["mac"])
-            c._peers = tuple(int(j) for j in d["peers"])
-            c._channel = {int(j): bytes.fromhex(k) for j, k in d["channel"].items()}
-            c._roots = {int(j): bytes.fromhex(k) for j, k in d["roots"].items()}
-            c._cons = {int(j): bytes.fromhex(k) for j, k in d["cons"].items()}
             c._bitmap = bytes.fromhex(d["bitmap"])
-            c._survivors = frozenset(int(j) for j in d["survivors"])
+            if d["v"] == 3:  # one hex string per key, and the whole survivor set
+                c._peers = tuple(int(j) for j in d["peers"])
+                c._channel = {int(j): bytes.fromhex(k) for j, k in d["channel"].items()}
+                c._roots = {int(j): bytes.fromhex(k) for j, k in d["roots"].items()}
+                c._cons = {int(j): bytes.fromhex(k) for j, k in d["cons"].items()}
+                surv = {int(j) for j in d["survivors"]}
+                c._live_in = tuple(j for j in c._peers if j in surv)
+            else:
+                c._peers, c._channel, c._roots, c._cons = _unpack_peers(
+                    bytes.fromhex(d["peers"]))
+                c._live_in = tuple(int(j) for j in d["live_in"])
         except (ValueError, KeyError, TypeError, AttributeError, InvalidKeyError,
                 UnicodeDecodeError) as exc:
             raise MalformedMessageError(f"invalid client state: {exc}") from exc
         if not set(c._peers) <= c.neighbours or set(c._roots) != set(c._peers) \
-                or set(c._cons) != set(c._peers):
+                or set(c._cons) != set(c._peers) or set(c._channel) != set(c._peers):
             raise MalformedMessageError("client state names peers outside the neighbourhood")
+        if c._bitmap and (len(c._bitmap) != -(-config.n // 8) or c._live_in != tuple(
+                j for j in c._peers if c._bitmap[j >> 3] >> (j & 7) & 1)):
+            raise MalformedMessageError("client state's survivor set does not match its "
+                                        "live neighbours in it")
+        if not c._bitmap and c._live_in:
+            raise MalformedMessageError("client state names survivors without a survivor set")
+        if c._identity is None and c.stage is EpochStage.ADVERTISE:
+            raise ConfigError("a client that has not advertised needs its identity key")
         return c
