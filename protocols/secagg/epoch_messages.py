@@ -37,6 +37,7 @@ __all__ = [
     "DayUnmaskResponse",
     "pack_indexed",
     "parse_eheader",
+    "reveals_ok",
 ]
 
 MAGIC = b"SAG2"
@@ -477,3 +478,19 @@ def fast_reveals(body: bytes, head: bytes, limit: int) -> dict[int, bytes] | Non
         return None
     out = dict(_ROW_SHARE.iter_unpack(region))
     return out if len(out) == count else None
+
+
+_REVEAL_ROW = 5 + SHARE_BYTES
+
+
+def reveals_ok(blob: bytes, pos: int, count: int) -> bool:
+    """Every reveal row of ``blob[pos:]`` (u32 owner ‖ kind ‖ three 16-byte big-endian
+    elements) has kind 0 (SELF_MASK_SHARE) and elements < 2^127 − 1. Common case: every
+    element's top byte < 0x7f (three strided slices); otherwise the exact pattern. The
+    caller has checked that ``blob`` holds all ``count`` rows."""
+    end = pos + count * _REVEAL_ROW
+    if blob[pos + 4 : end : _REVEAL_ROW] != bytes(count):
+        return False
+    tops = (blob[pos + 5 : end : _REVEAL_ROW] + blob[pos + 21 : end : _REVEAL_ROW]
+            + blob[pos + 37 : end : _REVEAL_ROW])
+    return not tops or max(tops) < 0x7F or _REVEALS.fullmatch(blob, pos, end) is not None

@@ -12,12 +12,14 @@ when the dropouts are known in advance, and leaves the epoch usable for the next
 
 from __future__ import annotations
 
+import functools
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from enum import Enum
 
 import numpy as np
 import torch
+from numpy.lib.stride_tricks import sliding_window_view
 
 from protocols.keys import (
     AgreementKey,
@@ -47,6 +49,7 @@ from protocols.secagg.epoch_messages import (
     fast_reveals,
     fast_tags,
     header_prefix,
+    reveals_ok,
 )
 from protocols.secagg.errors import (
     BadSignatureError,
@@ -60,7 +63,7 @@ from protocols.secagg.errors import (
 )
 from protocols.secagg.graph import neighbour_graph
 from protocols.secagg.keystream import ring_keystreams
-from protocols.secagg.messages import add_mac, strip_mac
+from protocols.secagg.messages import MAC_BYTES, MacKey, add_mac, strip_mac
 from protocols.secagg.shamir import (
     SHARE_BYTES,
     InconsistentSharesError,
@@ -70,26 +73,68 @@ from protocols.secagg.shamir import (
 )
 
 _U32 = struct.Struct(">I")
-_ENV_ROW, _TAG_ROW = 4 + ENVELOPE_BYTES, 4 + KEY
+_ENV_ROW, _TAG_ROW, _SHARE_ROW = 4 + ENVELOPE_BYTES, 4 + KEY, 5 + SHARE_BYTES
 
 
-def _by_receiver(regions: dict[int, bytes], size: int, n: int) -> tuple[np.ndarray, list[int]]:
-    """{index: rows of u32 big-endian receiver ‖ ``size`` bytes} (index ascending) →
-    (rows, offsets): rows (E, 4 + size) uint8 of u32 big-endian index ‖ entry, ordered by
-    receiver then index; receiver r's rows are ``rows[offsets[r]:offsets[r + 1]]``."""
-    width = 4 + size
-    data = np.frombuffer(b"".join(regions.values()), dtype=np.uint8).reshape(-1, width)
-    if not len(data):
-        return data, [0] * (n + 1)
-    rcv = data[:, :4].copy().view(">u4")[:, 0].astype(np.int64)
-    by = np.argsort(rcv, kind="stable")  # stable: index order kept per receiver
-    rows = data[by]
-    counts = [len(r) // width for r in regions.values()]
-    index = np.repeat(np.fromiter(regions, dtype=">u4", count=len(regions)), counts)
-    rows[:, :4] = index.view(np.uint8).reshape(-1, 4)[by]
+@functools.lru_cache(maxsize=4096)
+def _layout(fmt: str) -> Callable[[bytes, int], tuple[int, ...]]:
+    """``Struct(fmt).unpack_from`` (cached): the fixed integer fields of an exact layout."""
+    return struct.Struct(fmt).unpack_from
+
+
+def _input_layout(count: int) -> Callable[[bytes, int], tuple[int, ...]]:
+    """DayInput after the header prefix: sender, receiver, count, receivers, length."""
+    return _layout(">III" + f"I{ENVELOPE_BYTES}x" * count + "I")
+
+
+def _tags_layout(tags: int, keys: int) -> Callable[[bytes, int], tuple[int, ...]]:
+    """SurvivorTags after the header prefix: sender, receiver, count, receivers, count,
+    dropped neighbours."""
+    return _layout(">III" + f"I{KEY}x" * tags + "I" + f"I{KEY}x" * keys)
+
+
+def _reveals_layout(count: int) -> Callable[[bytes, int], tuple[int, ...]]:
+    """DayUnmaskResponse after the header prefix: sender, receiver, count, owners (the
+    kind byte and the share skipped: checked apart)."""
+    return _layout(">III" + f"I1x{SHARE_BYTES}x" * count)
+
+
+def _gather(blobs: list[bytes], offset: int, counts: np.ndarray, width: int,
+            skip: np.ndarray | None = None) -> np.ndarray:
+    """Rows of ``width`` bytes from each blob: ``counts[b]`` rows starting at byte
+    ``offset`` (+ ``skip[b]``) of blob b, concatenated in blob order → (Σ counts, width)
+    uint8 (a copy)."""
+    total = int(counts.sum())
+    if not total:
+        return np.zeros((0, width), dtype=np.uint8)
+    sizes = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs))
+    starts = np.cumsum(sizes) - sizes + offset
+    if skip is not None:
+        starts += skip
+    ends = np.cumsum(counts)
+    pos = np.repeat(starts - width * (ends - counts), counts) + width * np.arange(total)
+    joined = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+    return sliding_window_view(joined, width)[pos]
+
+
+def _by_receiver(rows: np.ndarray, senders: Sequence[int], counts: np.ndarray, n: int
+                 ) -> tuple[bytes, list[int]]:
+    """Rows (E, 4 + size) of u32 big-endian receiver ‖ entry, sender b's ``counts[b]``
+    rows in order of ``senders`` (ascending) → (rows as bytes, offsets): rows ordered by
+    receiver then sender with the receiver replaced by the sender (u32 big-endian);
+    receiver r's rows are ``[offsets[r], offsets[r + 1])``."""
+    if not len(rows):
+        return b"", [0] * (n + 1)
+    rcv = rows[:, :4].copy().view(">u4")[:, 0]
+    key = rcv.astype(np.uint16) if n <= 1 << 16 else rcv.astype(np.int64)
+    by = np.argsort(key, kind="stable")  # stable: senders stay ascending per receiver
+    width = rows.shape[1]
+    out = np.ascontiguousarray(rows).view(f"V{width}")[:, 0][by].view(np.uint8).reshape(
+        -1, width)
+    out[:, :4] = np.repeat(np.array(senders, dtype=">u4"), counts).view(np.uint8).reshape(-1, 4)[by]
     off = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(rcv, minlength=n), out=off[1:])
-    return rows, off.tolist()
+    return out.tobytes(), off.tolist()
 
 
 class EpochServerStage(Enum):
@@ -101,36 +146,16 @@ class EpochServerStage(Enum):
     ABORTED = "aborted"
 
 
-class _Input:
-    """A masked input as the server keeps it: {receiver: envelope} and the vector's int64
-    little-endian bytes (``envelopes`` and ``vector`` as on :class:`DayInput`)."""
+class _Matrix:
+    """The neighbour lists as an (n, k) int64 matrix, rows padded with n (a sentinel that
+    is never a member of a set); compared by identity, as the graph object it stands for."""
 
-    __slots__ = ("envs", "raw")
+    __slots__ = ("m",)
 
-    def __init__(self, envs: dict[int, bytes], raw: bytes) -> None:
-        self.envs, self.raw = envs, raw
-
-    @property
-    def envelopes(self) -> tuple[tuple[int, bytes], ...]:
-        return tuple(sorted(self.envs.items()))
-
-    @property
-    def vector(self) -> torch.Tensor:
-        return torch.from_numpy(np.frombuffer(self.raw, dtype="<i8").astype(np.int64))
-
-
-class _Response:
-    """An unmask response as the server keeps it: {owner: share of its self-mask seed}
-    (``reveals`` as on :class:`DayUnmaskResponse`)."""
-
-    __slots__ = ("shares",)
-
-    def __init__(self, shares: dict[int, bytes]) -> None:
-        self.shares = shares
-
-    @property
-    def reveals(self) -> tuple[tuple[int, RevealKind, bytes], ...]:
-        return tuple((j, RevealKind.SELF_MASK_SHARE, d) for j, d in sorted(self.shares.items()))
+    def __init__(self, graph: Sequence[Sequence[int]], n: int) -> None:
+        self.m = np.full((n, max(map(len, graph), default=0)), n, dtype=np.int64)
+        for i, g in enumerate(graph):
+            self.m[i, : len(g)] = g
 
 
 _HANDLERS = {
@@ -143,7 +168,14 @@ _HANDLERS = {
 
 class EpochServer:
     """The coordinator's side of a SecAgg+ key epoch. :attr:`results` maps each completed
-    day to its int64 ring sum, :attr:`survivors` to the clients in it."""
+    day to its int64 ring sum, :attr:`survivors` to the clients in it.
+
+    A day's client messages are kept as received (MAC included) once accepted, and the
+    entry rows the coordinator routes or uses are cut out of all of them at once when a
+    stage closes. Receipt runs every check of the strict decoders: one ``struct`` read of
+    the fixed fields (sender, receiver, counts, indices) compared with the expected tuple
+    accepts the canonical encoding; anything else goes to the strict decoder, which accepts
+    the same messages and raises the precise error."""
 
     def __init__(self, config: RoundConfig, identity_registry: Sequence[bytes],
                  server_key: AgreementKey) -> None:
@@ -157,32 +189,36 @@ class EpochServer:
         self._key = server_key
         self._ctx = EpochContexts(config)
         self._registry = tuple(bytes(k) for k in identity_registry)
-        self._nbrs = [frozenset(g) for g in neighbour_graph(config.graph_seed, config.n,
-                                                            config.degree)]
+        graph = neighbour_graph(config.graph_seed, config.n, config.degree)
+        self._nbrs = [frozenset(g) for g in graph]
+        self._graph = _Matrix(graph, config.n)
         self.stage = EpochServerStage.ADVERTISE
         self._macs: dict[int, bytes] = {}
+        self._mk: list[MacKey | None] = [None] * config.n
         self._adverts: dict[int, EpochAdvertise] = {}
         self.live: frozenset[int] = frozenset()
         self.day: int | None = None
         self.last_day: int | None = None
-        self._inputs: dict[int, _Input] = {}
         self._s: frozenset[int] = frozenset()
+        self._s_order: list[int] = []
         self._bitmap = b""
-        self._tags: dict[int, dict[int, bytes]] = {}  # signer -> {receiver: tag}
-        # sender -> its entries as on the wire: rows of u32 receiver ‖ envelope / tag
-        self._env_rows: dict[int, bytes] = {}
-        self._tag_rows: dict[int, bytes] = {}
-        self._day_keys: dict[tuple[int, int], bytes] = {}  # (survivor, dropped) -> day key
+        # the day's accepted client messages as received (MAC included), by sender
+        self._in_blobs: dict[int, bytes] = {}
+        self._tag_blobs: dict[int, bytes] = {}
+        self._un_blobs: dict[int, bytes] = {}
         self._responders: frozenset[int] = frozenset()
-        self._responses: dict[int, _Response] = {}
         # exact header bytes of the current stage's client messages, up to the sender
         self._head = b""
         self._tails = [struct.pack(">II", i, SERVER) for i in range(config.n)]
         self._idx = [_U32.pack(i) for i in range(config.n)]
-        self._in_s: dict[int, frozenset[int]] = {}  # survivor -> its live neighbours in S
-        self._out_s: dict[int, frozenset[int]] = {}  # survivor -> live neighbours not in S
         self._live_nbrs: list[frozenset[int]] = [frozenset()] * config.n
         self._share_xs: list[tuple[int, ...]] = []
+        # exact layouts: the expected fixed fields and the size of each client's messages
+        self._in_exp: list[tuple[int, ...]] = [()] * config.n  # sender, SERVER, c, nbrs, L
+        self._in_size = [-1] * config.n
+        self._in_t: dict[int, tuple[int, ...]] = {}  # survivor -> (count, live nbrs in S)
+        self._out_t: dict[int, tuple[int, ...]] = {}  # survivor -> (count, live nbrs not in S)
+        self._tag_size: dict[int, int] = {}
         self.results: dict[int, torch.Tensor] = {}
         self.survivors: dict[int, frozenset[int]] = {}
         self.result: torch.Tensor | None = None
@@ -191,7 +227,7 @@ class EpochServer:
     @property
     def tagged(self) -> frozenset[int]:
         """Clients whose consistency tags arrived for the current day (so far)."""
-        return frozenset(self._tags)
+        return frozenset(self._tag_blobs)
 
     @property
     def survivor_set(self) -> frozenset[int]:
@@ -259,12 +295,32 @@ class EpochServer:
             raise StageError("no result: the day has not completed")
         return self.config.spec.decode(total)
 
+    # -- the day's accepted messages, decoded (for inspection; the stages cut rows) ----
+    @property
+    def _inputs(self) -> dict[int, DayInput]:
+        cfg = self.config
+        return {i: DayInput.decode(b[:-MAC_BYTES], cfg.n, cfg.degree, cfg.spec.length)
+                for i, b in sorted(self._in_blobs.items())}
+
+    @property
+    def _responses(self) -> dict[int, DayUnmaskResponse]:
+        cfg = self.config
+        return {i: DayUnmaskResponse.decode(b[:-MAC_BYTES], cfg.n, cfg.degree)
+                for i, b in sorted(self._un_blobs.items())}
+
+    @property
+    def _day_keys(self) -> dict[tuple[int, int], bytes]:
+        """(survivor, dropped neighbour) → the day's pairwise mask key, as revealed."""
+        cfg = self.config
+        return {(i, j): key for i, b in sorted(self._tag_blobs.items())
+                for j, key in SurvivorTags.decode(b[:-MAC_BYTES], cfg.n, cfg.degree).day_keys}
+
     # -- helpers ---------------------------------------------------------------------
     def _clear_day(self) -> None:
-        self._inputs, self._tags, self._responses, self._day_keys = {}, {}, {}, {}
-        self._env_rows, self._tag_rows = {}, {}
-        self._in_s, self._out_s = {}, {}
-        self._s, self._responders, self._bitmap = frozenset(), frozenset(), b""
+        self._in_blobs, self._tag_blobs, self._un_blobs = {}, {}, {}
+        self._in_t, self._out_t, self._tag_size = {}, {}, {}
+        self._s, self._s_order, self._responders = frozenset(), [], frozenset()
+        self._bitmap = b""
 
     def _prefix(self, mtype: EMsg) -> bytes:
         assert self.day is not None
@@ -289,23 +345,33 @@ class EpochServer:
         if sender not in allowed:
             raise ProtocolViolationError(f"client {sender} is not part of this stage")
 
-    def _prune(self, alive: set[int], within: frozenset[int] | None = None) -> frozenset[int]:
-        """Largest subset in which every member keeps ≥ threshold neighbours in it."""
-        t = self.config.threshold
-        alive = set(alive)
-        changed = True
-        while changed:
-            changed = False
-            for i in list(alive):
-                if len(self._nbrs[i] & alive) < t:
-                    alive.discard(i)
-                    changed = True
-        return frozenset(alive)
+    def _mask(self, members: Iterable[int]) -> np.ndarray:
+        """Membership of roster indices as bools, n + 1 of them (the last is the
+        sentinel of the neighbour matrix, never a member)."""
+        mask = np.zeros(self.config.n + 1, dtype=bool)
+        mask[np.fromiter(members, dtype=np.int64)] = True
+        return mask
+
+    def _prune(self, alive: Iterable[int]) -> frozenset[int]:
+        """Largest subset in which every member keeps ≥ threshold neighbours in it (the
+        threshold-core: removing all members below it at once, until none is, reaches the
+        same set as removing them one at a time)."""
+        t, mask = self.config.threshold, self._mask(alive)
+        while True:
+            low = mask[:-1] & (mask[self._graph.m].sum(axis=1) < t)
+            if not low.any():
+                return frozenset(np.flatnonzero(mask[:-1]).tolist())
+            mask[:-1] &= ~low
 
     def _require(self, alive: frozenset[int], what: str) -> None:
         if len(alive) < self.config.min_survivors:
             raise SecAggAbortError(f"{len(alive)} clients left after {what}, minimum is "
                                    f"{self.config.min_survivors}")
+
+    def _keep(self, store: dict[int, bytes], sender: int, body: bytes, blob: object) -> None:
+        """Keep a message the strict path accepted as the fast path would: body ‖ MAC
+        (its layout is the exact one, entries perhaps in another order)."""
+        store[sender] = body + bytes(blob)[-MAC_BYTES:]  # type: ignore[call-overload]
 
     # -- setup -------------------------------------------------------------------------
     def _on_advertise(self, sender: int, blob: bytes) -> None:
@@ -324,9 +390,11 @@ class EpochServer:
                                          "key") from exc
         self._adverts[sender] = msg
         self._macs[sender] = mac
+        self._mk[sender] = MacKey(mac)
 
     def _close_advertise(self) -> dict[int, bytes]:
-        live = self._prune(set(self._adverts))
+        cfg = self.config
+        live = self._prune(self._adverts)
         self._require(live, "advertise keys")
         out = {}
         for i in sorted(live):
@@ -338,30 +406,38 @@ class EpochServer:
         self._live_nbrs = [nb & live for nb in self._nbrs]
         # x-coordinates each client shares its self-mask seed among (its live neighbours)
         self._share_xs = [tuple(sorted(j + 1 for j in nb)) for nb in self._live_nbrs]
+        # a day's masked input from i: its live neighbours (ascending), then the length
+        head, length = len(header_prefix(EMsg.INPUT, cfg.run_id, cfg.round, 0)), cfg.spec.length
+        for i in live:
+            c = len(self._live_nbrs[i])
+            self._in_exp[i] = (i, SERVER, c, *sorted(self._live_nbrs[i]), length)
+            self._in_size[i] = head + 12 + c * _ENV_ROW + 4 + 8 * length + MAC_BYTES
         self.stage = EpochServerStage.READY
         return out
 
     # -- day 1/3 -----------------------------------------------------------------------
     def _on_input(self, sender: int, blob: bytes) -> None:
+        exp = self._in_exp[sender]
+        if (type(blob) is bytes and len(blob) == self._in_size[sender]
+                and sender not in self._in_blobs and blob.startswith(self._head)
+                and _input_layout(exp[2])(blob, len(self._head)) == exp
+                and self._mk[sender].verify(blob)):  # type: ignore[union-attr]
+            self._in_blobs[sender] = blob  # the exact layout: rows are cut out at close
+            return
         cfg = self.config
         assert self.day is not None
         body = self._body(sender, blob)
-        got, start = None, len(self._head) + 12  # header, sender, receiver, count
-        if sender not in self._inputs and sender in self.live:
+        got = None
+        if sender not in self._in_blobs and sender in self.live:
             got = fast_input(body, self._head + self._tails[sender], cfg.degree,
                              cfg.spec.length)
         if got is None or got[0].keys() != self._live_nbrs[sender]:
-            start = 0
             msg = DayInput.decode(body, cfg.n, cfg.degree, cfg.spec.length)  # strict path
-            self._check(sender, msg.header, self.day, self._inputs, self.live)
-            got = dict(msg.envelopes), msg.vector.numpy().astype("<i8").tobytes()
-            if got[0].keys() != self._live_nbrs[sender]:
+            self._check(sender, msg.header, self.day, self._in_blobs, self.live)
+            if {j for j, _ in msg.envelopes} != self._live_nbrs[sender]:
                 raise ProtocolViolationError(f"client {sender} did not share its self mask "
                                              "with exactly its live neighbours")
-        self._inputs[sender] = _Input(*got)
-        self._env_rows[sender] = (  # fast path: the rows exactly as received
-            body[start : start + len(got[0]) * _ENV_ROW] if start else
-            b"".join([_U32.pack(j) + e for j, e in got[0].items()]))
+        self._keep(self._in_blobs, sender, body, blob)
 
     def _headers(self, mtype: EMsg, receivers: Sequence[int]) -> list[bytes]:
         """The encoded headers (server → each receiver) of the current day's ``mtype``:
@@ -370,85 +446,114 @@ class EpochServer:
         prefix = self._out(mtype, 0, self.day).encode()[: -_U32.size]
         return [prefix + _U32.pack(i) for i in receivers]
 
-    def _close_input(self) -> dict[int, bytes]:
-        assert self.day is not None
-        s = self._prune(set(self._inputs))
-        self._require(s, "masked input")
+    def _announce(self, s: frozenset[int]) -> dict[int, bytes]:
+        """Make ``s`` the day's survivor set: its SurvivorSet messages, and the layout of
+        the tags each member must send (its live neighbours in S, then those outside S,
+        each ascending)."""
+        cfg = self.config
         self._s = s
-        self._bitmap = encode_bitmap(s, self.config.n)
-        order = sorted(s)
+        self._s_order = order = sorted(s)
+        self._bitmap = encode_bitmap(s, cfg.n)
         tail = _U32.pack(len(self._bitmap)) + self._bitmap  # SurvivorSet body after header
-        macs = self._macs
-        out = {i: add_mac(macs[i], head + tail)
-               for i, head in zip(order, self._headers(EMsg.SURVIVORS, order), strict=True)}
-        live = self._live_nbrs
-        self._in_s = {i: live[i] & s for i in order}
-        self._out_s = {i: live[i] - s for i in order}
+        mk, out = self._mk, {}
+        for i, head in zip(order, self._headers(EMsg.SURVIVORS, order), strict=True):
+            body = head + tail
+            out[i] = body + mk[i].tag(body)  # type: ignore[union-attr]
+        nb = self._graph.m[order]
+        live, member = self._mask(self.live)[nb], self._mask(s)[nb]
+        inside, outside = live & member, live & ~member
+        ins, outs = nb[inside].tolist(), nb[outside].tolist()
         self._head = self._prefix(EMsg.TAGS)
+        fixed = len(self._head) + 16 + MAC_BYTES  # header, sender, receiver, two counts
+        self._in_t, self._out_t, self._tag_size = {}, {}, {}
+        a = b = 0
+        for i, ci, co in zip(order, inside.sum(axis=1).tolist(), outside.sum(axis=1).tolist(),
+                             strict=True):
+            self._in_t[i] = (ci, *ins[a : a + ci])
+            self._out_t[i] = (co, *outs[b : b + co])
+            self._tag_size[i] = fixed + (ci + co) * _TAG_ROW
+            a += ci
+            b += co
+        return out
+
+    def _close_input(self) -> dict[int, bytes]:
+        s = self._prune(self._in_blobs)
+        self._require(s, "masked input")
+        out = self._announce(s)
         self.stage = EpochServerStage.CONSISTENCY
         return out
 
     # -- day 2/3 -----------------------------------------------------------------------
     def _on_signature(self, sender: int, blob: bytes) -> None:
+        if (type(blob) is bytes and len(blob) == self._tag_size.get(sender)
+                and sender not in self._tag_blobs and blob.startswith(self._head)):
+            ins, outs = self._in_t[sender], self._out_t[sender]
+            if (_tags_layout(ins[0], outs[0])(blob, len(self._head))
+                    == (sender, SERVER, *ins, *outs)
+                    and self._mk[sender].verify(blob)):  # type: ignore[union-attr]
+                self._tag_blobs[sender] = blob
+                return
         cfg = self.config
         assert self.day is not None
         body = self._body(sender, blob)
-        got, start = None, len(self._head) + 12
-        if sender not in self._tags and sender in self._s:
+        in_s = frozenset(self._in_t.get(sender, (0,))[1:])
+        out_s = frozenset(self._out_t.get(sender, (0,))[1:])
+        got = None
+        if sender not in self._tag_blobs and sender in self._s:
             got = fast_tags(body, self._head + self._tails[sender], cfg.degree)
         # one tag per live neighbour in S: the server cannot check a tag (it does not hold
         # the pair's key), only that the sender addressed exactly its neighbours in S
-        if (got is None or got[0].keys() != self._in_s[sender]
-                or got[1].keys() != self._out_s[sender]):
-            start = 0
+        if got is None or got[0].keys() != in_s or got[1].keys() != out_s:
             msg = SurvivorTags.decode(body, cfg.n, cfg.degree)  # strict path
-            self._check(sender, msg.header, self.day, self._tags, self._s)
-            got = dict(msg.tags), dict(msg.day_keys)
-            if got[0].keys() != self._in_s[sender]:
+            self._check(sender, msg.header, self.day, self._tag_blobs, self._s)
+            if {j for j, _ in msg.tags} != in_s:
                 raise ProtocolViolationError(f"client {sender} did not tag the survivor set "
                                              "for exactly its live neighbours in it")
-            if got[1].keys() != self._out_s[sender]:
+            if {j for j, _ in msg.day_keys} != out_s:
                 raise ProtocolViolationError(f"client {sender} did not reveal its day keys "
                                              "with exactly its live neighbours outside the "
                                              "survivor set")
-        self._tags[sender] = got[0]
-        self._tag_rows[sender] = (
-            body[start : start + len(got[0]) * _TAG_ROW] if start else
-            b"".join([_U32.pack(j) + t for j, t in got[0].items()]))
-        self._day_keys.update(((sender, j), key) for j, key in got[1].items())
+        self._keep(self._tag_blobs, sender, body, blob)
 
     def _close_consistency(self) -> dict[int, bytes]:
         cfg = self.config
         assert self.day is not None
-        signers = frozenset(self._tags)
-        responders = self._prune(set(signers))
+        responders = self._prune(self._tag_blobs)
         # Check, before any self-mask share is revealed, that the day can complete if every
         # responder answers: each b_i needs t holders, and every mask between a survivor and
         # a neighbour outside S needs the day key the survivor sent with its tags.
-        for i in sorted(self._s):
-            holders = len(self._nbrs[i] & responders)
-            if holders < cfg.threshold:
-                raise SecAggAbortError(f"self mask of client {i} has {holders} holders able to "
-                                       f"reveal, threshold {cfg.threshold}: aborting the day "
-                                       "before unmasking")
-            if i not in signers and self._live_nbrs[i] - self._s:
-                raise SecAggAbortError(f"client {i} sent no tags, so it cannot reveal its day "
-                                       "keys with dropped neighbours: aborting the day "
-                                       "before unmasking")
-        order = sorted(responders)
-        macs, idx = self._macs, self._idx
+        order = self._s_order
+        holders = self._mask(responders)[self._graph.m[order]].sum(axis=1)
+        few = holders < cfg.threshold
+        silent = ~self._mask(self._tag_blobs)[order] & np.array(
+            [self._out_t[i][0] > 0 for i in order], dtype=bool)
+        if few.any() or silent.any():
+            at = int(np.argmax(few | silent))  # the first in roster order, as one by one
+            if few[at]:
+                raise SecAggAbortError(f"self mask of client {order[at]} has {holders[at]} "
+                                       f"holders able to reveal, threshold {cfg.threshold}: "
+                                       "aborting the day before unmasking")
+            raise SecAggAbortError(f"client {order[at]} sent no tags, so it cannot reveal its "
+                                   "day keys with dropped neighbours: aborting the day "
+                                   "before unmasking")
         # DayUnmaskRequest body for i: the tags addressed to i (index = signer), then the
         # envelopes addressed to i (index = sender, senders in S only), each list sorted by
         # index: all entries of the day as rows, ordered by (receiver, index) in one sort.
-        tags, t_off = _by_receiver({j: self._tag_rows[j] for j in sorted(self._tag_rows)},
-                                   KEY, cfg.n)
-        envs, e_off = _by_receiver({j: self._env_rows[j] for j in sorted(self._s)},
-                                   ENVELOPE_BYTES, cfg.n)
-        out = {}
-        for i, head in zip(order, self._headers(EMsg.UNMASK_REQUEST, order), strict=True):
+        pos = len(self._head) + 12  # header, sender, receiver, count
+        signers = sorted(self._tag_blobs)
+        t_cnt = np.array([self._in_t[j][0] for j in signers], dtype=np.int64)
+        tb, t_off = _by_receiver(_gather([self._tag_blobs[j] for j in signers], pos, t_cnt,
+                                         _TAG_ROW), signers, t_cnt, cfg.n)
+        e_cnt = np.array([self._in_exp[j][2] for j in order], dtype=np.int64)
+        eb, e_off = _by_receiver(_gather([self._in_blobs[j] for j in order], pos, e_cnt,
+                                         _ENV_ROW), order, e_cnt, cfg.n)
+        mk, idx, out = self._mk, self._idx, {}
+        resp = sorted(responders)
+        for i, head in zip(resp, self._headers(EMsg.UNMASK_REQUEST, resp), strict=True):
             t0, t1, e0, e1 = t_off[i], t_off[i + 1], e_off[i], e_off[i + 1]
-            out[i] = add_mac(macs[i], b"".join((head, idx[t1 - t0], tags[t0:t1].tobytes(),
-                                                  idx[e1 - e0], envs[e0:e1].tobytes())))
+            body = b"".join((head, idx[t1 - t0], tb[t0 * _TAG_ROW : t1 * _TAG_ROW],
+                             idx[e1 - e0], eb[e0 * _ENV_ROW : e1 * _ENV_ROW]))
+            out[i] = body + mk[i].tag(body)  # type: ignore[union-attr]
         self._responders = responders
         self._head = self._prefix(EMsg.UNMASK_RESPONSE)
         self.stage = EpochServerStage.UNMASK
@@ -469,7 +574,7 @@ class EpochServer:
         live, s = self._live_nbrs, set(self._s)
         silent: set[int] = set()
         while True:  # leaving one out can put another silent survivor next to an outsider
-            more = {i for i in s if i not in self._tags and live[i] - s}
+            more = {i for i in s if i not in self._tag_blobs and live[i] - s}
             if not more:
                 break
             silent |= more
@@ -483,32 +588,31 @@ class EpochServer:
             self.stage = EpochServerStage.READY
             self._clear_day()
             raise
-        self._s = s2
-        self._bitmap = encode_bitmap(s2, self.config.n)
-        order = sorted(s2)
-        tail = _U32.pack(len(self._bitmap)) + self._bitmap
-        macs = self._macs
-        out = {i: add_mac(macs[i], head + tail)
-               for i, head in zip(order, self._headers(EMsg.SURVIVORS, order), strict=True)}
-        self._in_s = {i: live[i] & s2 for i in order}
-        self._out_s = {i: live[i] - s2 for i in order}
-        self._tags, self._day_keys = {}, {}  # S' is tagged afresh, day keys with it
-        self._tag_rows = {}
-        self._head = self._prefix(EMsg.TAGS)
-        return out
+        self._tag_blobs = {}  # S' is tagged afresh, day keys with it
+        return self._announce(s2)
 
     # -- day 3/3 -----------------------------------------------------------------------
     def _on_unmask(self, sender: int, blob: bytes) -> None:
+        ins = self._in_t.get(sender) if sender in self._responders else None
+        pos = len(self._head)
+        if (ins is not None and type(blob) is bytes and sender not in self._un_blobs
+                and len(blob) == pos + 12 + ins[0] * _SHARE_ROW + MAC_BYTES
+                and blob.startswith(self._head)
+                and _reveals_layout(ins[0])(blob, pos) == (sender, SERVER, *ins)
+                and reveals_ok(blob, pos + 12, ins[0])
+                and self._mk[sender].verify(blob)):  # type: ignore[union-attr]
+            self._un_blobs[sender] = blob
+            return
         cfg = self.config
         assert self.day is not None
         body = self._body(sender, blob)
         expected = self._nbrs[sender] & self._s
         got = None
-        if sender not in self._responses and sender in self._responders:
+        if sender not in self._un_blobs and sender in self._responders:
             got = fast_reveals(body, self._head + self._tails[sender], cfg.degree)
         if got is None or got.keys() != expected:
             msg = DayUnmaskResponse.decode(body, cfg.n, cfg.degree)  # strict path
-            self._check(sender, msg.header, self.day, self._responses, self._responders)
+            self._check(sender, msg.header, self.day, self._un_blobs, self._responders)
             if {j: k for j, k, _ in msg.reveals} != dict.fromkeys(
                     expected, RevealKind.SELF_MASK_SHARE):
                 raise ProtocolViolationError(f"unmask response of {sender} does not match "
@@ -516,35 +620,30 @@ class EpochServer:
             if not shares_in_field([data for _, _, data in msg.reveals]):
                 raise MalformedMessageError(f"invalid share from {sender}: share element "
                                             "outside the field")
-            got = {j: data for j, _, data in msg.reveals}
-        self._responses[sender] = _Response(got)
+        self._keep(self._un_blobs, sender, body, blob)
 
     def _close_unmask(self) -> dict[int, bytes]:
         cfg, ctx = self.config, self._ctx
         day = self.day
         assert day is not None
-        order = sorted(self._s)
-        # every revealed share as one row: owner, holder x = responder + 1, 48 bytes
-        owners: list[int] = []
-        rows: list[bytes] = []
-        holders: list[int] = []
-        for r in sorted(self._responses):
-            got = self._responses[r].shares
-            owners += got
-            rows += got.values()
-            holders.append(len(got))
-        xs = np.repeat(np.array(sorted(self._responses), dtype=np.int64) + 1, holders)
-        own = np.array(owners, dtype=np.int64)
-        by = np.lexsort((xs, own))  # by owner, then holder x
-        counts = np.bincount(own, minlength=cfg.n)[order] if len(own) else np.zeros(
-            len(order), dtype=np.int64)
+        order = self._s_order
+        pos = len(self._head) + 12
+        # every revealed share as one row (owner ‖ kind ‖ share), grouped by owner, holders
+        # ascending within an owner (the responders are taken in ascending order)
+        resp = sorted(self._un_blobs)
+        r_cnt = np.array([self._in_t[r][0] for r in resp], dtype=np.int64)
+        rows = _gather([self._un_blobs[r] for r in resp], pos, r_cnt, _SHARE_ROW)
+        own = rows[:, :4].copy().view(">u4")[:, 0].astype(np.int64)
+        by = np.argsort(own.astype(np.uint16) if cfg.n <= 1 << 16 else own, kind="stable")
+        xs = np.repeat(np.array(resp, dtype=np.int64) + 1, r_cnt)[by]
+        counts = np.bincount(own, minlength=cfg.n)[order]
         for i, c in zip(order, counts.tolist(), strict=True):
             if c < cfg.threshold:
                 raise SecAggAbortError(f"only {c} shares of client {i}'s self "
                                        f"mask, threshold {cfg.threshold}")
-        shares = np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(-1, SHARE_BYTES)[by]
+        shares = np.ascontiguousarray(rows[by, 5:])
         try:  # each seed from all its shares: a wrong one among them is detected
-            seeds = reconstruct_sorted(xs[by], counts.tolist(), shares, cfg.threshold,
+            seeds = reconstruct_sorted(xs, counts.tolist(), shares, cfg.threshold,
                                        [self._share_xs[i] for i in order])
         except InconsistentSharesError as exc:
             who = order[exc.item] if exc.item is not None else "?"
@@ -554,16 +653,23 @@ class EpochServer:
         except ShamirError as exc:
             raise ProtocolViolationError(f"self-mask reconstruction failed: {exc}") from exc
         length = cfg.spec.length
-        raw = b"".join([self._inputs[i].raw for i in order])
-        total = np.frombuffer(raw, dtype="<i8").reshape(len(order), length).sum(
-            0, dtype=np.int64)  # wraps mod 2^64, as the ring requires
-        masks = ring_keystreams(ctx.self_mask_keys(seeds, order, day), length)
-        total -= masks.sum(0)
-        if self._day_keys:  # i added +mask if i < j, else −mask: undo it
-            pairs = sorted(self._day_keys.items())
-            sign = np.array([-1 if i < j else 1 for (i, j), _ in pairs], dtype=np.int64)
-            pads = ring_keystreams([key for _, key in pairs], length)
-            total += (pads * sign[:, None]).sum(0)
+        inputs = [self._in_blobs[i] for i in order]  # the vector: the last 8·L bytes
+        ones = np.ones(len(order), dtype=np.int64)
+        raw = _gather(inputs, -MAC_BYTES - 8 * length, ones, 8 * length,
+                      skip=np.fromiter(map(len, inputs), dtype=np.int64, count=len(inputs)))
+        total = raw.view("<i8").sum(0, dtype=np.int64)  # wraps mod 2^64, as the ring requires
+        total -= ring_keystreams(ctx.self_mask_keys(seeds, order, day), length).sum(0)
+        # i added +mask if i < j, else −mask, for each live neighbour j outside S: undo it
+        keyed = [i for i in sorted(self._tag_blobs) if self._out_t[i][0]]
+        if keyed:
+            k_cnt = np.array([self._out_t[i][0] for i in keyed], dtype=np.int64)
+            skip = np.array([self._in_t[i][0] * _TAG_ROW + 4 for i in keyed], dtype=np.int64)
+            krows = _gather([self._tag_blobs[i] for i in keyed], pos, k_cnt, _TAG_ROW, skip)
+            j = krows[:, :4].copy().view(">u4")[:, 0].astype(np.int64)
+            sign = np.where(np.repeat(np.array(keyed, dtype=np.int64), k_cnt) < j, -1, 1)
+            kb = krows[:, 4:].tobytes()
+            pads = ring_keystreams([kb[a : a + KEY] for a in range(0, len(kb), KEY)], length)
+            total += (pads * sign.astype(np.int64)[:, None]).sum(0)
         self.results[day] = self.result = torch.from_numpy(total)
         self.survivors[day] = self._s
         self._clear_day()
