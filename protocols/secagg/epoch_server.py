@@ -186,6 +186,7 @@ class EpochServer:
         if server_key.public_bytes() != config.server_pk:
             raise ConfigError("server key does not match the epoch's server_pk")
         self.config = config
+        self._n = config.n
         self._key = server_key
         self._ctx = EpochContexts(config)
         self._registry = tuple(bytes(k) for k in identity_registry)
@@ -241,12 +242,24 @@ class EpochServer:
     def receive(self, sender: int, blob: bytes) -> None:
         """Accept one client message for the current stage (``sender`` = the roster index
         the transport received it from)."""
-        if type(sender) is not int or not 0 <= sender < self.config.n:
+        if type(sender) is not int or not 0 <= sender < self._n:
             raise MalformedMessageError(f"unknown sender {sender!r}")
-        name = _HANDLERS.get(self.stage)
-        if name is None:
+        handler = self._recv
+        if handler is None:
             raise StageError(f"server is {self.stage.value}; no messages accepted")
-        getattr(self, name)(sender, blob)
+        handler(self, sender, blob)
+
+    @property
+    def stage(self) -> EpochServerStage:
+        """Where the epoch stands (which messages :meth:`receive` accepts)."""
+        return self._stage
+
+    @stage.setter
+    def stage(self, value: EpochServerStage) -> None:
+        self._stage = value
+        name = _HANDLERS.get(value)
+        self._recv: Callable[[EpochServer, int, bytes], None] | None = (
+            None if name is None else getattr(EpochServer, name))
 
     def open_day(self, day: int) -> None:
         """Start collecting day ``day``'s inputs (days strictly increase)."""
