@@ -132,7 +132,11 @@ def run_fleet_cli(args: argparse.Namespace, *, run_beta: float, seed: int, out: 
                           check=False)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
-        raise RuntimeError(f"lpm fleet failed ({done.returncode}): {done.stderr[-2000:]}")
+        days = [ln for ln in done.stdout.splitlines() if ln.startswith("day ")]
+        lines = [ln.strip(" │") for ln in done.stderr.splitlines()
+                 if ln.strip(" │") and not ln.lstrip().startswith(("╭", "╰"))]
+        raise FleetRunFailed(f"lpm fleet exited {done.returncode} after {len(days)} days: "
+                             + " ".join(lines[-2:])[-400:], len(days), wall)
     summary = json.loads((out / "summary.json").read_text())
     if calibrate is not None:  # θ fitted on days 1..d, per day d (the store's rows)
         summary["theta_fitted"] = fitted_theta(out / "run.db", summary["run_id"])
@@ -212,8 +216,28 @@ def series_for(args: argparse.Namespace, results: dict[str, dict[str, Any]], tru
     return path, list(values), source
 
 
+class FleetRunFailed(RuntimeError):
+    """An ``lpm fleet`` run that did not finish (its last error lines, days committed)."""
+
+    def __init__(self, message: str, days: int, wall: float) -> None:
+        super().__init__(message)
+        self.days, self.wall = days, wall
+
+
 def run_point(args: argparse.Namespace, point: Point, results: dict[str, dict[str, Any]],
               work: Path) -> dict[str, Any]:
+    """The point's record; a run that fails is recorded as a miss with its error."""
+    load0 = os.getloadavg()[0]
+    try:
+        return _run_point(args, point, results, work)
+    except FleetRunFailed as exc:
+        return {"key": point.key, "point": asdict(point), "failed": True, "error": str(exc),
+                "days_completed": exc.days, "wall_seconds": round(exc.wall, 1),
+                "load_start": round(load0, 2), "load_end": round(os.getloadavg()[0], 2)}
+
+
+def _run_point(args: argparse.Namespace, point: Point, results: dict[str, dict[str, Any]],
+               work: Path) -> dict[str, Any]:
     out = work / point.key.replace(":", "_").replace("=", "")
     csv, source = None, "own"
     if point.observed == "independent":
@@ -228,13 +252,18 @@ def run_point(args: argparse.Namespace, point: Point, results: dict[str, dict[st
     shutil.rmtree(out, ignore_errors=True)
     return {"key": point.key, "point": asdict(point), "series_source": source,
             **measure(theta, point.truth, observed[:len(theta)]),
-            "theta": theta, "theta_handed": summary["theta"]["beta"], "loss_last": summary["loss"][-1] if summary["loss"] else None,
+            "theta": theta, "theta_handed": summary["theta"]["beta"],
+            "loss_last": summary["loss"][-1] if summary["loss"] else None,
             "new_infections": summary["new_infections"],
             "survivors_min": min(summary["survivors"]),
             "seconds_per_day_median": sorted(summary["seconds_per_day"])[
                 len(summary["seconds_per_day"]) // 2],
             "wall_seconds": summary["wall_seconds"], "load_start": summary["load_start"],
             "load_end": summary["load_end"], "command": summary["command"]}
+
+
+def _within(r: dict[str, Any]) -> bool:
+    return not r.get("failed") and abs(r["error"]) <= TOLERANCE
 
 
 def _pct(x: float) -> str:
@@ -254,7 +283,15 @@ def report(results: dict[str, dict[str, Any]], file: Any = None) -> None:
           "peak (day) | s/day | load |", file=file)
     print("|" + "---|" * 17, file=file)
     for r in rows:
-        p, w = r["point"], r["windows"]
+        p = r["point"]
+        if r.get("failed"):
+            print(f"| {p['observed']} | {p['estimator']} | "
+                  f"{'full path' if p['tangents'] else 'Eq. 11'} | {p['truth']} | {p['start']} "
+                  f"| {p['seed']} | {p['drop']} | **failed** on day {r['days_completed'] + 1} "
+                  f"| {r['error'][-160:]} |" + " |" * 8
+                  + f" {r['load_start']:.1f}/{r['load_end']:.1f} |", file=file)
+            continue
+        w = r["windows"]
         print(f"| {p['observed']} | {p['estimator']} | {'full path' if p['tangents'] else 'Eq. 11'} | "
               f"{p['truth']} | {p['start']} | {p['seed']} | {p['drop']} | "
               f"{r['final_beta']:.4f} | {_pct(r['error'])} | {r['within_from_day'] or 'never'} | "
@@ -268,17 +305,22 @@ def report(results: dict[str, dict[str, Any]], file: Any = None) -> None:
         p = r["point"]
         groups.setdefault((p["observed"], p["estimator"], p["tangents"]), []).append(r)
     print(file=file)
-    total = sum(abs(r["error"]) <= TOLERANCE for r in rows)
+    total = sum(_within(r) for r in rows)
     print(f"final β within 5 %: {total} of {len(rows)} points", file=file)
     for (obs, est, tg), rs in sorted(groups.items()):
-        ok = sum(abs(r["error"]) <= TOLERANCE for r in rs)
-        win = {t: sum(str(t) in r["windows"] and abs(r["windows"][str(t)]["error"]) <= TOLERANCE
-                      for r in rs) for t in WINDOWS}
-        worst = max(rs, key=lambda r: abs(r["error"]))
+        ok = sum(_within(r) for r in rs)
+        win = {t: sum(not r.get("failed") and str(t) in r["windows"]
+                      and abs(r["windows"][str(t)]["error"]) <= TOLERANCE for r in rs)
+               for t in WINDOWS}
+        failed = sum(bool(r.get("failed")) for r in rs)
+        done = [r for r in rs if not r.get("failed")] or rs
+        worst = max(done, key=lambda r: abs(r.get("error", 0.0)))
         print(f"  {obs:11s} {est:16s} {'full path' if tg else 'Eq. 11':9s}: {ok}/{len(rs)} within 5 % "
               f"(fit on days 1..t within 5 %: "
               + ", ".join(f"t={t} {win[t]}/{len(rs)}" for t in WINDOWS)
-              + f"); worst {_pct(worst['error'])} at {worst['key']}", file=file)
+              + f"); {failed} failed; worst finished "
+              + (f"{_pct(worst['error'])} at {worst['key']}" if "error" in worst
+                 and not worst.get("failed") else "none"), file=file)
 
 
 def points_from(args: argparse.Namespace) -> Iterator[Point]:
@@ -320,10 +362,11 @@ def main() -> None:
                 results[rec["key"]] = rec
                 with args.results.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
-                print(f"[{i + 1}/{len(todo)}] {point.key}: β {rec['final_beta']:.4f} "
-                      f"({_pct(rec['error'])}), within 5 % from day "
-                      f"{rec['within_from_day']}, {rec['wall_seconds']:.0f} s, load "
-                      f"{rec['load_start']}/{rec['load_end']}", flush=True)
+                what = (f"FAILED: {rec['error']}" if rec.get("failed") else
+                        f"β {rec['final_beta']:.4f} ({_pct(rec['error'])}), within 5 % from "
+                        f"day {rec['within_from_day']}")
+                print(f"[{i + 1}/{len(todo)}] {point.key}: {what}, {rec['wall_seconds']:.0f} s, "
+                      f"load {rec['load_start']}/{rec['load_end']}", flush=True)
     report(results)
 
 
