@@ -29,12 +29,15 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from protocols.keys import _DOMAIN, expand_key
 from protocols.secagg import InputSpec, SecAggError
 from protocols.secagg.epoch_client import EpochClient
+from protocols.secagg.epoch_keys import EpochContexts, EStep
 from protocols.secagg.epoch_messages import (
     SERVER,
     DayInput,
@@ -44,8 +47,9 @@ from protocols.secagg.epoch_messages import (
     header_prefix,
 )
 from protocols.secagg.epoch_server import EpochServer, EpochServerStage
+from protocols.secagg.keystream import ring_keystreams
 from protocols.secagg.local import RoundSetup, make_round
-from protocols.secagg.messages import add_mac, strip_mac
+from protocols.secagg.messages import MacKey, add_mac, hmac_sha256, strip_mac
 
 TARGET_S = {200: 1.0, 1000: 5.0}
 TARGET_RATIO_10K = 3.0
@@ -84,10 +88,13 @@ def epoch_setup(setup: RoundSetup) -> tuple[EpochServer, list[EpochClient], floa
 
 
 def epoch_day(server: EpochServer, clients: list[EpochClient], day: int,
-              xs: list[torch.Tensor], absent: frozenset[int] = frozenset()
+              xs: list[torch.Tensor], absent: frozenset[int] = frozenset(),
+              sizes: dict[str, list[list[int]]] | None = None
               ) -> tuple[float, float, int, int]:
     """One day (input, consistency round with pairwise tags, unmask) with the clients in
-    ``absent`` offline (dropped before input): (client s, server s, bytes up, down)."""
+    ``absent`` offline (dropped before input): (client s, server s, bytes up, down). With
+    ``sizes``, the message sizes of each stage are appended to ``sizes["in"]`` (inputs,
+    tags, unmask responses) and ``sizes["out"]`` (survivor sets, unmask requests)."""
     tc = ts = 0.0
     up = down = 0
     server.open_day(day)
@@ -95,10 +102,14 @@ def epoch_day(server: EpochServer, clients: list[EpochClient], day: int,
     msgs = {i: clients[i].masked_input(day, xs[i]) for i in sorted(server.live - absent)}
     tc += time.process_time() - t
     for stage in ("consistency", "unmask", None):
+        if sizes is not None:
+            sizes["in"].append(list(map(len, msgs.values())))
         out, dt, u = _feed(server, msgs)
         ts += dt
         up += u
         down += sum(map(len, out.values()))
+        if sizes is not None and out:
+            sizes["out"].append(list(map(len, out.values())))
         if stage is None:
             break
         t = clock()
@@ -146,8 +157,9 @@ def plain_split(spec: InputSpec, xs: list[torch.Tensor]) -> tuple[float, float, 
 def plain_variants(spec: InputSpec, xs: list[torch.Tensor]) -> tuple[float, float]:
     """The plain sum's coordinator done two other ways, to judge the baseline (CPU s):
     (each report authenticated as every SecAgg+ message is, HMAC-SHA256 under a per-device
-    key, then the strict decoder and a torch add as :func:`plain_split`; the same HMAC, then
-    the exact-layout parser and one NumPy sum, as the SecAgg+ coordinator does)."""
+    key, then the strict decoder and a torch add as :func:`plain_split`; the same HMAC from
+    precomputed pad states, the exact-layout parser and one NumPy sum: the SecAgg+
+    coordinator's techniques)."""
     keys = [os.urandom(32) for _ in xs]  # benchmark keys only
     blobs = [add_mac(k, DayInput(EHeader(EMsg.INPUT, "run", 0, 0, i, SERVER), (),
                                  spec.encode(x)).encode())
@@ -160,10 +172,11 @@ def plain_variants(spec: InputSpec, xs: list[torch.Tensor]) -> tuple[float, floa
                                    spec.length).vector)
     strict = time.process_time() - t
     prefix = header_prefix(EMsg.INPUT, "run", 0, 0)
+    mks = [MacKey(k) for k in keys]  # per-device pad states, kept as the coordinator does
     t = clock()
     rows = []
     for i, b in enumerate(blobs):
-        got = fast_input(strip_mac(keys[i], b, limit), prefix + struct.pack(">II", i, SERVER),
+        got = fast_input(strip_mac(mks[i], b, limit), prefix + struct.pack(">II", i, SERVER),
                          0, spec.length)
         assert got is not None
         rows.append(got[1])
@@ -231,6 +244,143 @@ def flower_time(n: int, length: int, mode: str, timeout: float = 300) -> str:
     return lines[-1].split()[1] if lines else "failed"
 
 
+def coordinator_floor(devices: int, sizes_in: list[int], sizes_out: list[int],
+                      reps: int = 3) -> float:
+    """CPU s of the bare message pattern SecAgg+ needs at the coordinator per day: per
+    device, each message in (``sizes_in``, MAC included) MAC-verified and kept, each message
+    out (``sizes_out``) MAC'd from a ready body; no parsing, no protocol logic, with the
+    fastest MAC path the coordinator uses (:class:`MacKey`). Median of ``reps``."""
+    keys = [MacKey(os.urandom(32)) for _ in range(devices)]  # benchmark keys only
+    ins = [[add_mac(k, os.urandom(size - 32)) for k in keys] for size in sizes_in]
+    outs = [[os.urandom(size - 32) for _ in keys] for size in sizes_out]
+    took = []
+    for _ in range(reps):
+        t = clock()
+        for stage, blobs in enumerate(ins):
+            kept = {}
+            for i, b in enumerate(blobs):
+                if not keys[i].verify(b):
+                    raise AssertionError("floor: MAC does not verify")
+                kept[i] = b
+            if stage < len(outs):
+                sent = {i: body + keys[i].tag(body) for i, body in enumerate(outs[stage])}
+        took.append(time.process_time() - t)
+        assert len(kept) == devices and len(sent) == devices
+    return statistics.median(took)
+
+
+def device_floor(setup: RoundSetup, reps: int = 300) -> float:
+    """CPU s per device-day of the masks alone: k day-key derivations (HKDF-Expand of the
+    epoch's pairwise roots, from precomputed HMAC pad states: the fastest primitive here)
+    + the self-mask key (one-shot HMAC: a fresh seed each day) + k + 1 ChaCha20 keystreams
+    (one batched call) + the signed sum onto the report."""
+    cfg, ctx, day, me = setup.config, EpochContexts(setup.config), 1, 0
+    peers = list(range(1, cfg.degree + 1))
+    label = b"secagg2/pairwise-mask"
+    roots = [os.urandom(32) for _ in peers]  # benchmark keys only
+    msgs = [b"".join((_DOMAIN, len(label).to_bytes(2, "big"), label,
+                      ctx.info(EStep.MASK, me, j, day), b"\x01")) for j in peers]
+    mks = [MacKey(r) for r in roots]
+    assert [m.tag(x) for m, x in zip(mks, msgs, strict=True)] == [
+        ctx.day_pair_key(r, day, me, j) for r, j in zip(roots, peers, strict=True)]
+    seed = os.urandom(32)  # benchmark key only
+    slabel = b"secagg2/self-mask"
+    smsg = b"".join((_DOMAIN, len(slabel).to_bytes(2, "big"), slabel,
+                     ctx.info(EStep.MASK, me, me, day), b"\x01"))
+    assert hmac_sha256(seed, smsg, "sha256") == expand_key(seed, ctx.info(EStep.MASK, me, me,
+                                                                          day), label="secagg2/self-mask")
+    sign = np.ones((cfg.degree, 1), dtype=np.int64)  # me < every peer
+    x = np.zeros(cfg.spec.length, dtype=np.int64)
+    t = clock()
+    for _ in range(reps):
+        keys = [m.tag(msg) for m, msg in zip(mks, msgs, strict=True)]
+        keys.append(hmac_sha256(seed, smsg, "sha256"))
+        pads = ring_keystreams(keys, cfg.spec.length)
+        y = x + pads[-1] + (pads[:-1] * sign).sum(0)
+    assert y.shape == x.shape
+    return (time.process_time() - t) / reps
+
+
+@dataclass
+class DayStats:
+    """Medians over the measured days (CPU s): ``tc``/``ts`` all devices / coordinator;
+    ``p`` the whole plain sum = ``pc`` devices' encode + ``ps`` plain coordinator; ``pmac``
+    / ``pfast`` the plain coordinator's variants (:func:`plain_variants`); ``dev`` one
+    device; ``floor`` the coordinator's message pattern alone (:func:`coordinator_floor`)."""
+
+    tc: float
+    ts: float
+    p: float
+    pc: float
+    ps: float
+    pmac: float
+    pfast: float
+    dev: float
+    devices: int
+    up: int
+    plain_bytes: int
+    first_total: float
+    first_ts: float
+    aborted: int
+    sizes_in: list[int]
+    sizes_out: list[int]
+    floor: float
+
+
+def measure_days(server: EpochServer, clients: list[EpochClient], spec: InputSpec,
+                 days: range, absent: float) -> DayStats | None:
+    """Days ``days`` of an agreed epoch with ``absent`` of the devices offline each day (a
+    fresh draw), each against the same day's plain sums: medians over the days after the
+    first (day 0 also fills the per-holder-set interpolation caches), or None if every day
+    aborted."""
+    n, length = server.config.n, spec.length
+    rows: list[dict[str, float]] = []
+    sizes: dict[str, list[list[int]]] = {"in": [], "out": []}
+    aborted = 0
+    for d in days:
+        g = torch.Generator().manual_seed(d)  # benchmark data only
+        xs = [torch.randint(-(2**20), 2**20, (length,), generator=g) for _ in range(n)]
+        rng = np.random.default_rng(1000 + d)  # benchmark draw only
+        away = frozenset(int(i) for i in np.flatnonzero(rng.random(n) < absent))
+        try:
+            tc, ts, up, _ = epoch_day(server, clients, d, xs, away, sizes)
+        except SecAggError as exc:  # e.g. > k − t of one survivor's neighbours offline
+            print(f"  day {d} aborted ({type(exc).__name__}: {exc})", flush=True)
+            aborted += 1
+            if server.stage is not EpochServerStage.READY:  # aborts leave it READY
+                server.abandon_day()
+            continue
+        plains = [plain_split(spec, xs) for _ in range(5)]  # the plain sum is short: noisy
+        variants = [plain_variants(spec, xs) for _ in range(3)]
+        rows.append({
+            "tc": tc, "ts": ts, "up": up, "plain_bytes": plains[0][2],
+            "p": statistics.median(q[0] + q[1] for q in plains),
+            "pc": statistics.median(q[0] for q in plains),
+            "ps": statistics.median(q[1] for q in plains),
+            "devices": len(server.survivors[d]),
+            "pmac": statistics.median(v[0] for v in variants),
+            "pfast": statistics.median(v[1] for v in variants)})
+    if not rows:
+        return None
+    first = rows[0]
+    kept = rows[1:] if len(rows) > 1 else rows
+
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in kept)
+
+    devices = int(med("devices"))
+    sizes_in = [int(statistics.median(v)) for v in sizes["in"][:3]]
+    sizes_out = [int(statistics.median(v)) for v in sizes["out"][:2]]
+    return DayStats(
+        tc=med("tc"), ts=med("ts"), p=med("p"), pc=med("pc"), ps=med("ps"),
+        pmac=med("pmac"), pfast=med("pfast"),
+        dev=statistics.median(r["tc"] / r["devices"] for r in kept), devices=devices,
+        up=int(med("up")), plain_bytes=int(first["plain_bytes"]),
+        first_total=first["tc"] + first["ts"], first_ts=first["ts"], aborted=aborted,
+        sizes_in=sizes_in, sizes_out=sizes_out,
+        floor=coordinator_floor(devices, sizes_in, sizes_out))
+
+
 def daily(n: int, length: int, days: int, absent: float = 0.0, degree: int = 0) -> None:
     """Daily report aggregation once keys are agreed (issue 12's target: <= 3x a plain
     unmasked sum): per-day CPU seconds, all clients in one process, vs the plain sum; with
@@ -238,46 +388,16 @@ def daily(n: int, length: int, days: int, absent: float = 0.0, degree: int = 0) 
     spec = InputSpec("int", length, 2**20)
     setup = make_round(n, spec, degree=degree)
     server, clients, tc0, ts0, _, _ = epoch_setup(setup)
-    rows = []
-    for d in range(days):
-        g = torch.Generator().manual_seed(d)  # benchmark data only
-        xs = [torch.randint(-(2**20), 2**20, (length,), generator=g) for _ in range(n)]
-        rng = np.random.default_rng(1000 + d)  # benchmark draw only
-        away = frozenset(int(i) for i in np.flatnonzero(rng.random(n) < absent))
-        try:
-            tc, ts, up, down = epoch_day(server, clients, d, xs, away)
-        except SecAggError as exc:  # e.g. > k − t of one survivor's neighbours offline
-            print(f"day {d} aborted ({type(exc).__name__}: {exc})", flush=True)
-            if server.stage is not EpochServerStage.READY:  # aborts leave it READY
-                server.abandon_day()
-            continue
-        plains = [plain_split(spec, xs) for _ in range(5)]  # the plain sum is short: noisy
-        variants = [plain_variants(spec, xs) for _ in range(3)]
-        pc = statistics.median(q[0] for q in plains)
-        ps = statistics.median(q[1] for q in plains)
-        p = statistics.median(q[0] + q[1] for q in plains)
-        devices = len(server.survivors[d])
-        rows.append((tc, ts, up, down, p, plains[0][2], pc, ps, devices,
-                     statistics.median(v[0] for v in variants),
-                     statistics.median(v[1] for v in variants)))
-    if not rows:
+    m = measure_days(server, clients, spec, range(days), absent)
+    if m is None:
         print("daily sums: every day aborted", flush=True)
         return
-    first = rows[0]
-    if len(rows) > 1:  # day 0 also fills the per-holder-set interpolation caches
-        rows = rows[1:]
-    tc = statistics.median(r[0] for r in rows)
-    ts = statistics.median(r[1] for r in rows)
-    p = statistics.median(r[4] for r in rows)
-    pc = statistics.median(r[6] for r in rows)
-    ps = statistics.median(r[7] for r in rows)
-    dev = statistics.median(r[0] / r[8] for r in rows)  # one device's CPU per day
-    pmac = statistics.median(r[9] for r in rows)
-    pfast = statistics.median(r[10] for r in rows)
+    tc, ts, p, pc, ps = m.tc, m.ts, m.p, m.pc, m.ps
+    dev, pmac, pfast, floor = m.dev, m.pmac, m.pfast, m.floor
     cfg = setup.config
     print(f"daily sums at N={n}, len={length}, k={cfg.degree}, t={cfg.threshold}, "
           f"{absent:.0%} offline per day, CPU seconds (median of days 1..{days - 1}; day 0 "
-          f"{first[0] + first[1]:.3f} s, coordinator {first[1]:.3f} s):", flush=True)
+          f"{m.first_total:.3f} s, coordinator {m.first_ts:.3f} s):", flush=True)
     print(f"  key agreement once {tc0 + ts0:.3f} s; per day {tc + ts:.3f} s = all devices "
           f"{tc:.3f} s + coordinator {ts:.3f} s; plain sum {p:.4f} s (devices encode "
           f"{pc:.4f} s + coordinator parse/sum {ps:.4f} s)", flush=True)
@@ -286,10 +406,19 @@ def daily(n: int, length: int, days: int, absent: float = 0.0, degree: int = 0) 
     print(f"  coordinator-only / plain coordinator:  {ts / ps:5.2f}x", flush=True)
     print(f"  baseline check (plain coordinator only, not the target's measure): as above "
           f"{ps * 1e3:.1f} ms (strict decoder, torch add, no MAC); with an HMAC per report "
-          f"{pmac * 1e3:.1f} ms; HMAC + exact-layout parse + one NumPy sum "
-          f"{pfast * 1e3:.1f} ms (coordinator / that: {ts / pfast:.1f}x)", flush=True)
+          f"{pmac * 1e3:.1f} ms; HMAC (precomputed pads) + exact-layout parse + one NumPy "
+          f"sum {pfast * 1e3:.1f} ms (coordinator / that: {ts / pfast:.1f}x)", flush=True)
+    print(f"  floor (the message pattern alone: per device {len(m.sizes_in)} MAC-verified "
+          f"messages in of {'/'.join(map(str, m.sizes_in))} B, {len(m.sizes_out)} "
+          f"MAC'd out of {'/'.join(map(str, m.sizes_out))} B, no protocol logic): "
+          f"{floor * 1e3:.1f} ms = {floor / ps:.2f}x the plain coordinator, "
+          f"{floor / pfast:.1f}x its HMAC + fast version; the coordinator is "
+          f"{ts / floor:.2f}x the floor ({(ts - floor) * 1e3:.1f} ms above it)", flush=True)
+    dfloor = device_floor(setup)
     print(f"  one device per day: {dev * 1e3:.2f} ms CPU vs {pc / n * 1e3:.3f} ms to encode "
-          f"a plain report ({dev / (pc / n):.0f}x)", flush=True)
+          f"a plain report ({dev / (pc / n):.0f}x); floor (k = {cfg.degree} day keys + the "
+          f"self-mask key + k + 1 keystreams, fastest primitives) {dfloor * 1e3:.3f} ms = "
+          f"{dfloor / (pc / n):.1f}x the plain encode", flush=True)
     crit, pcrit = ts + dev, ps + pc / n
     print(f"  critical path (coordinator + one device; devices run in parallel, transport "
           f"not included): {crit:.3f} s vs plain {pcrit:.4f} s = {crit / pcrit:.2f}x",
@@ -299,7 +428,49 @@ def daily(n: int, length: int, days: int, absent: float = 0.0, degree: int = 0) 
           f"{(tc0 + ts0 + tc + ts) / (tc + ts):.1f}x a day", flush=True)
     print(f"  messages per device per day: 3 up / 2 down vs 1 up for a plain sum (in the "
           f"daily loop the masked report rides in the day reply: +2 exchanges); bytes "
-          f"up/day {rows[0][2] / 1e6:.2f} MB vs {rows[0][5] / 1e6:.2f} MB plain", flush=True)
+          f"up/day {m.up / 1e6:.2f} MB vs {m.plain_bytes / 1e6:.2f} MB plain",
+          flush=True)
+
+
+def grid(sizes: list[int], length: int, days: int, offline: list[float],
+         degrees: list[int]) -> None:
+    """The daily measure over N x k x offline share, one line per point (one key epoch
+    per (N, k), its days split over the offline shares). k = 0: the daily reports'
+    degree for that N (``report_degree``)."""
+    from coordinator.flower.secagg import report_degree  # the daily reports' sizing
+
+    spec = InputSpec("int", length, 2**20)
+    print(f"grid: daily sums, len={length}, {days} days per point (median of days 2..), CPU "
+          "ms; headline = coordinator / plain sum (target <= 3x); floor = the message "
+          "pattern alone (see the daily mode)")
+    print(f"{'N':>5} {'k':>3} {'t':>2} {'off':>4} | {'coord':>6} {'plain':>6} | "
+          f"{'headline':>8} {'/p.coord':>8} {'/hmac+fast':>10} {'crit':>6} | "
+          f"{'floor':>6} {'/p.coord':>8} {'c/floor':>7} | {'dev ms':>6} {'dfloor':>6} | "
+          "aborted")
+    for n in sizes:
+        for k in dict.fromkeys(d or report_degree(n) for d in degrees):
+            try:
+                setup = make_round(n, spec, degree=k)
+            except SecAggError as exc:
+                print(f"{n:>5} {k:>3}  refused: {exc}", flush=True)
+                continue
+            server, clients, *_ = epoch_setup(setup)
+            dfloor = device_floor(setup)
+            for j, off in enumerate(offline):
+                m = measure_days(server, clients, spec, range(j * days, (j + 1) * days), off)
+                cfg = setup.config
+                if m is None:
+                    print(f"{n:>5} {k:>3} {cfg.threshold:>2} {off:>4.0%} | every day "
+                          "aborted", flush=True)
+                    continue
+                ts, ps, pc = m.ts, m.ps, m.pc
+                crit = (ts + m.dev) / (ps + pc / n)
+                print(f"{n:>5} {k:>3} {cfg.threshold:>2} {off:>4.0%} | {ts * 1e3:>6.1f} "
+                      f"{m.p * 1e3:>6.1f} | {ts / m.p:>7.2f}x {ts / ps:>7.2f}x "
+                      f"{ts / m.pfast:>9.1f}x {crit:>5.2f}x | {m.floor * 1e3:>6.1f} "
+                      f"{m.floor / ps:>7.2f}x {ts / m.floor:>6.2f}x | "
+                      f"{m.dev * 1e3:>6.3f} {dfloor * 1e3:>6.3f} | "
+                      f"{int(m.aborted)}/{days}", flush=True)
 
 
 def main() -> None:
@@ -316,6 +487,13 @@ def main() -> None:
     ap.add_argument("--daily-degree", type=int, default=0,
                     help="neighbours per device in the --days run (0: the protocol default, "
                          "10 at 1000; the daily reports use 16 at 1000)")
+    ap.add_argument("--grid", action="store_true",
+                    help="only the daily measure over --grid-n x --grid-k x --grid-offline "
+                         "(--days days per point, --daily-len entries), one line per point")
+    ap.add_argument("--grid-n", type=int, nargs="+", default=[500, 1000, 2000])
+    ap.add_argument("--grid-k", type=int, nargs="+", default=[10, 0],
+                    help="degrees (0: the daily reports' degree for that N)")
+    ap.add_argument("--grid-offline", type=float, nargs="+", default=[0.0, 0.05, 0.10])
     ap.add_argument("--flower", action="store_true", help="also time Flower's legacy path")
     ap.add_argument("--flower-worker", nargs=3, metavar=("N", "LEN", "MODE"),
                     help=argparse.SUPPRESS)
@@ -325,6 +503,11 @@ def main() -> None:
         flower_worker(int(n), int(length), mode)
         return
     torch.set_num_threads(1)
+    if args.grid:
+        grid(args.grid_n, args.daily_len, max(args.days, 3), args.grid_offline, args.grid_k)
+        print(f"numpy {np.__version__}, torch {torch.__version__}, one thread, one process, "
+              "CPU seconds")
+        return
     print("secagg = key agreement + one day with the consistency round (multi-round protocol)")
     print(f"{'N':>5} {'len':>6} {'k':>3} {'t':>3} | {'secagg s':>9} {'(min-max)':>13} "
           f"{'client':>7} {'server':>7} | {'plain s':>8} | {'ratio':>7} | "
