@@ -37,7 +37,6 @@ from protocols.keys import (
     IdentityKey,
     InvalidKeyError,
     SignatureError,
-    ring_keystream,
     verify_signature,
 )
 from protocols.secagg.config import RoundConfig
@@ -68,6 +67,7 @@ from protocols.secagg.errors import (
     TamperedShareError,
 )
 from protocols.secagg.graph import neighbours_of
+from protocols.secagg.keystream import ring_keystreams
 from protocols.secagg.messages import add_mac, strip_mac
 from protocols.secagg.shamir import ShamirError, decode_share, share_secret
 
@@ -282,15 +282,16 @@ class EpochClient:
                      SharePayload(me, j, sh).encode()))
             for j, sh in zip(self._peers, shares, strict=True)
         )
-        buf = torch.empty(cfg.spec.length, dtype=torch.int64)
-        ring_keystream(ctx.self_mask_key(b_seed, me, day), buf.numel(), out=buf)
-        y.add_(buf)
-        for j in self._peers:
-            ring_keystream(ctx.day_pair_key(self._roots[j], day, me, j), buf.numel(), out=buf)
-            if me < j:
-                y.add_(buf)
-            else:
-                y.sub_(buf)
+        peers = self._peers
+        pads = ring_keystreams(  # self mask, then one pairwise mask per live neighbour
+            [ctx.self_mask_key(b_seed, me, day),
+             *ctx.day_pair_keys([self._roots[j] for j in peers], day, me, peers)],
+            cfg.spec.length)
+        up = np.fromiter((j > me for j in peers), dtype=bool, count=len(peers))
+        acc = y.numpy()  # the same int64 storage: mod-2^64 sums, as the ring
+        acc += pads[0]
+        acc += pads[1:][up].sum(0, dtype=np.int64)
+        acc -= pads[1:][~up].sum(0, dtype=np.int64)
         del b_seed
         self.last_day = self._day = day
         self.stage = EpochStage.CONSISTENCY

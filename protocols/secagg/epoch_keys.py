@@ -34,6 +34,8 @@ __all__ = ["EStep", "EpochContexts", "PROTOCOL2"]
 PROTOCOL2 = "lpm-secagg+/2"
 # expand_key's message prefix for the self-mask label (domain ‖ u16 length ‖ label)
 _SELF_MASK_LABEL = _DOMAIN + len(b"secagg2/self-mask").to_bytes(2, "big") + b"secagg2/self-mask"
+_PAIR_MASK_LABEL = (_DOMAIN + len(b"secagg2/pairwise-mask").to_bytes(2, "big")
+                    + b"secagg2/pairwise-mask")
 
 
 class EStep(IntEnum):
@@ -116,6 +118,23 @@ class EpochContexts:
     def day_pair_key(self, root: bytes, day: int, a: int, b: int) -> bytes:
         """HKDF-Expand(root, (…, day, lo, hi)): the day's pairwise mask key."""
         return expand_key(root, self._pair(EStep.MASK, a, b, day), label="secagg2/pairwise-mask")
+
+    def day_pair_keys(self, roots: Sequence[bytes], day: int, me: int,
+                      peers: Sequence[int]) -> list[bytes]:
+        """``[day_pair_key(root, day, me, j) ...]`` for one client's peers (a device's day):
+        the same HKDF-Expand block, HMAC-SHA256(root, domain ‖ label ‖ info ‖ 1), with the
+        fixed part of the message encoded once."""
+        if len(roots) != len(peers):
+            raise ValueError("one root per peer")
+        head = b"".join((_PAIR_MASK_LABEL, self._head, struct.pack(">QQ", day, EStep.MASK)))
+        ids, digest, own = self._id, hmac_sha256, self._id(me)
+        out = []
+        for root, j in zip(roots, peers, strict=True):
+            if type(root) is not bytes or len(root) != KEY_BYTES:
+                raise InvalidKeyError("expansion key must be 32 bytes")
+            pair = (own, ids(j)) if me < j else (ids(j), own)
+            out.append(digest(root, b"".join((head, *pair, b"\x01")), "sha256"))
+        return out
 
     def self_mask_key(self, seed: bytes, index: int, day: int) -> bytes:
         return expand_key(seed, self.info(EStep.MASK, index, index, day),

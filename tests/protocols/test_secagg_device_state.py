@@ -3,7 +3,7 @@ not let the coordinator choose its neighbours: the neighbour set always comes fr
 config's graph seed (cached per process by the exact (seed, n)), the registry kept is only
 the device's own key and its neighbours', the persisted state holds its live neighbours in
 the day's survivor set (not the whole set), and a restored state must agree with the config
-and with itself."""
+and with itself. The batched derivations a device's day uses equal the single ones."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from protocols.keys import IdentityKey
+from protocols.keys import IdentityKey, InvalidKeyError, ring_keystream
 from protocols.secagg import (
     BadSignatureError,
     ConfigError,
@@ -32,6 +32,7 @@ from protocols.secagg.epoch_messages import (
     RosterEntry,
 )
 from protocols.secagg.graph import _placement, neighbour_graph, neighbours_of
+from protocols.secagg.keystream import BATCH_MAX_BLOCKS, BATCH_MIN_KEYS, ring_keystreams
 from protocols.secagg.local import RoundSetup, make_round
 from protocols.secagg.messages import add_mac
 
@@ -217,3 +218,29 @@ def test_version_3_state_still_restores() -> None:
     back = EpochClient.restore(setup.config, 0, setup.identities[0], setup.registry,
                                json.dumps(v3).encode())
     assert back.export_state() == blob
+
+
+@pytest.mark.parametrize("keys", [1, 17, BATCH_MIN_KEYS - 1, BATCH_MIN_KEYS])
+@pytest.mark.parametrize("n", [1, 8, 8 * BATCH_MAX_BLOCKS, 8 * BATCH_MAX_BLOCKS + 1])
+def test_keystreams_both_paths_equal_ring_keystream(keys: int, n: int) -> None:
+    """A device's masks (1 + k keys, OpenSSL per key) and a coordinator's (many keys of
+    short vectors, NumPy rounds) are the one ChaCha20 keystream of ring_keystream."""
+    ks = [os.urandom(32) for _ in range(keys)]
+    ref = torch.stack([ring_keystream(k, n) for k in ks]).numpy()
+    got = ring_keystreams(ks, n)
+    assert got.flags.writeable and (got == ref).all()
+
+
+def test_batched_day_pair_keys_equal_single() -> None:
+    setup = make_round(N, InputSpec("int", L, 100), degree=K, threshold=T)
+    ctx = EpochContexts(setup.config)
+    roots = [os.urandom(32) for _ in range(5)]
+    peers = [0, 3, 7, 8, 15]
+    for me in (0, 1, 7, 15):  # below, between and above its peers (and equal: no order)
+        want = [ctx.day_pair_key(r, 9, me, j) for r, j in zip(roots, peers, strict=True)]
+        assert ctx.day_pair_keys(roots, 9, me, peers) == want
+    assert ctx.day_pair_keys(roots, 9, 1, peers) != ctx.day_pair_keys(roots, 10, 1, peers)
+    with pytest.raises(InvalidKeyError):
+        ctx.day_pair_keys([*roots[:4], b"short"], 9, 1, peers)
+    with pytest.raises(ValueError, match="one root per peer"):
+        ctx.day_pair_keys(roots[:4], 9, 1, peers)
