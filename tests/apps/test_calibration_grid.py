@@ -183,3 +183,29 @@ def test_benchmark_grid_design_and_rolling_measures():
     m = bench.measure(theta, 0.5, [1.0, 3.0, 2.0, 2.0, 1.0, 1.0])
     assert m["final_beta"] == 0.5 and m["observed_peak_day"] == 2
     assert math.isclose(m["spread_last5"], (0.52 - 0.47) / 0.5)
+
+
+@pytest.mark.slow  # 34 s at load 9 (a device host, enrolment, two days of tangent rounds)
+def test_tangent_past_the_public_bound_fails_the_run_with_a_clear_error(monkeypatch):
+    """Straight-through tangents grow without bound over a long run (the fleet grid's
+    --tangents points at truth 0.8 died on day ~22 with a NeighbourhoodError traceback from
+    a coordinator proxy). The coordinator checks its synthetic contributions first and
+    fails the run with an error naming the day, the value and the remedy (here the bound
+    is lowered so that a 3-day tiny run reaches it)."""
+    import coordinator.flower.server_app as server_app
+    from coordinator.fleet import ProcessTransport
+    from coordinator.flower.server_app import FederatedRun, FederatedRunError, FederatedSettings
+    from coordinator.runner import RunConfig
+
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    monkeypatch.setattr(server_app, "TANGENT_BOUND", 1e-3)
+    cfg = RunConfig(population="tiny", days=3, seed=2, devices=12, initial_infected=0.05,
+                    beta=0.8)
+    t = ProcessTransport(cfg.devices)
+    try:
+        run = FederatedRun(t, cfg, settings=FederatedSettings(tangents=True))
+        with pytest.raises(FederatedRunError,
+                           match=r"day 2: .* public tangent bound 0.001 .*--estimator expected"):
+            run.run()
+    finally:
+        t.close()
