@@ -19,7 +19,6 @@ from enum import Enum
 
 import numpy as np
 import torch
-from numpy.lib.stride_tricks import sliding_window_view
 
 from protocols.keys import (
     AgreementKey,
@@ -99,42 +98,54 @@ def _reveals_layout(count: int) -> Callable[[bytes, int], tuple[int, ...]]:
     return _layout(">III" + f"I1x{SHARE_BYTES}x" * count)
 
 
-def _gather(blobs: list[bytes], offset: int, counts: np.ndarray, width: int,
-            skip: np.ndarray | None = None) -> np.ndarray:
-    """Rows of ``width`` bytes from each blob: ``counts[b]`` rows starting at byte
-    ``offset`` (+ ``skip[b]``) of blob b, concatenated in blob order → (Σ counts, width)
-    uint8 (a copy)."""
-    total = int(counts.sum())
-    if not total:
-        return np.zeros((0, width), dtype=np.uint8)
-    sizes = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs))
-    starts = np.cumsum(sizes) - sizes + offset
-    if skip is not None:
-        starts += skip
-    ends = np.cumsum(counts)
-    pos = np.repeat(starts - width * (ends - counts), counts) + width * np.arange(total)
-    joined = np.frombuffer(b"".join(blobs), dtype=np.uint8)
-    return sliding_window_view(joined, width)[pos]
+class _Rows:
+    """Entry rows cut out of many messages without a copy per message: the messages joined
+    once, and the byte position of each row (message b's ``counts[b]`` rows of ``width``
+    bytes start at byte ``offset`` (+ ``skip[b]``) of it)."""
+
+    def __init__(self, blobs: list[bytes], offset: int, counts: np.ndarray, width: int,
+                 skip: np.ndarray | None = None) -> None:
+        self.width, self.total = width, int(counts.sum())
+        sizes = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs))
+        starts = np.cumsum(sizes) - sizes + offset
+        if skip is not None:
+            starts += skip
+        ends = np.cumsum(counts)
+        self.pos = (np.repeat(starts - width * (ends - counts), counts)
+                    + width * np.arange(self.total))
+        self.joined = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+
+    def take(self, pos: np.ndarray, width: int, at: int = 0) -> np.ndarray:
+        """Bytes ``at .. at + width`` of the rows at ``pos`` → (len(pos), width) uint8 (one
+        gather of ``width``-byte items)."""
+        if not len(pos):
+            return np.zeros((0, width), dtype=np.uint8)
+        items = np.ndarray(shape=(len(self.joined) - width + 1,), dtype=f"V{width}",
+                           buffer=self.joined, strides=(1,))
+        return items[pos + at].view(np.uint8).reshape(-1, width)
+
+    def u32(self, pos: np.ndarray, at: int = 0) -> np.ndarray:
+        """The u32 big-endian field at byte ``at`` of the rows at ``pos``, as int64."""
+        return self.take(pos, 4, at).view(">u4")[:, 0].astype(np.int64)
 
 
-def _by_receiver(rows: np.ndarray, senders: Sequence[int], counts: np.ndarray, n: int
-                 ) -> tuple[bytes, list[int]]:
-    """Rows (E, 4 + size) of u32 big-endian receiver ‖ entry, sender b's ``counts[b]``
-    rows in order of ``senders`` (ascending) → (rows as bytes, offsets): rows ordered by
-    receiver then sender with the receiver replaced by the sender (u32 big-endian);
-    receiver r's rows are ``[offsets[r], offsets[r + 1])``."""
-    if not len(rows):
-        return b"", [0] * (n + 1)
-    rcv = rows[:, :4].copy().view(">u4")[:, 0]
-    key = rcv.astype(np.uint16) if n <= 1 << 16 else rcv.astype(np.int64)
+def _by_receiver(rows: _Rows, senders: Sequence[int], counts: np.ndarray, n: int
+                 ) -> tuple[memoryview, list[int]]:
+    """Rows of u32 big-endian receiver ‖ entry, sender b's ``counts[b]`` rows in the order
+    of ``senders`` (ascending) → (rows, offsets): ordered by receiver then sender, with the
+    receiver replaced by the sender (u32 big-endian); receiver r's rows are bytes
+    ``[offsets[r] · width, offsets[r + 1] · width)``."""
+    if not rows.total:
+        return memoryview(b""), [0] * (n + 1)
+    rcv = rows.u32(rows.pos)
+    key = rcv.astype(np.uint16) if n <= 1 << 16 else rcv
     by = np.argsort(key, kind="stable")  # stable: senders stay ascending per receiver
-    width = rows.shape[1]
-    out = np.ascontiguousarray(rows).view(f"V{width}")[:, 0][by].view(np.uint8).reshape(
-        -1, width)
-    out[:, :4] = np.repeat(np.array(senders, dtype=">u4"), counts).view(np.uint8).reshape(-1, 4)[by]
+    out = rows.take(rows.pos[by], rows.width)
+    out[:, :4] = np.repeat(np.array(senders, dtype=">u4"), counts)[by].view(
+        np.uint8).reshape(-1, 4)
     off = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(rcv, minlength=n), out=off[1:])
-    return out.tobytes(), off.tolist()
+    return out.reshape(-1).data, off.tolist()
 
 
 class EpochServerStage(Enum):
@@ -555,11 +566,11 @@ class EpochServer:
         pos = len(self._head) + 12  # header, sender, receiver, count
         signers = sorted(self._tag_blobs)
         t_cnt = np.array([self._in_t[j][0] for j in signers], dtype=np.int64)
-        tb, t_off = _by_receiver(_gather([self._tag_blobs[j] for j in signers], pos, t_cnt,
-                                         _TAG_ROW), signers, t_cnt, cfg.n)
+        tb, t_off = _by_receiver(_Rows([self._tag_blobs[j] for j in signers], pos, t_cnt,
+                                       _TAG_ROW), signers, t_cnt, cfg.n)
         e_cnt = np.array([self._in_exp[j][2] for j in order], dtype=np.int64)
-        eb, e_off = _by_receiver(_gather([self._in_blobs[j] for j in order], pos, e_cnt,
-                                         _ENV_ROW), order, e_cnt, cfg.n)
+        eb, e_off = _by_receiver(_Rows([self._in_blobs[j] for j in order], pos, e_cnt,
+                                       _ENV_ROW), order, e_cnt, cfg.n)
         mk, idx, out = self._mk, self._idx, {}
         resp = sorted(responders)
         for i, head in zip(resp, self._headers(EMsg.UNMASK_REQUEST, resp), strict=True):
@@ -645,8 +656,8 @@ class EpochServer:
         # ascending within an owner (the responders are taken in ascending order)
         resp = sorted(self._un_blobs)
         r_cnt = np.array([self._in_t[r][0] for r in resp], dtype=np.int64)
-        rows = _gather([self._un_blobs[r] for r in resp], pos, r_cnt, _SHARE_ROW)
-        own = rows[:, :4].copy().view(">u4")[:, 0].astype(np.int64)
+        rows = _Rows([self._un_blobs[r] for r in resp], pos, r_cnt, _SHARE_ROW)
+        own = rows.u32(rows.pos)
         by = np.argsort(own.astype(np.uint16) if cfg.n <= 1 << 16 else own, kind="stable")
         xs = np.repeat(np.array(resp, dtype=np.int64) + 1, r_cnt)[by]
         counts = np.bincount(own, minlength=cfg.n)[order]
@@ -654,7 +665,7 @@ class EpochServer:
             if c < cfg.threshold:
                 raise SecAggAbortError(f"only {c} shares of client {i}'s self "
                                        f"mask, threshold {cfg.threshold}")
-        shares = np.ascontiguousarray(rows[by, 5:])
+        shares = rows.take(rows.pos[by], SHARE_BYTES, 5)
         try:  # each seed from all its shares: a wrong one among them is detected
             seeds = reconstruct_sorted(xs, counts.tolist(), shares, cfg.threshold,
                                        [self._share_xs[i] for i in order])
@@ -667,9 +678,9 @@ class EpochServer:
             raise ProtocolViolationError(f"self-mask reconstruction failed: {exc}") from exc
         length = cfg.spec.length
         inputs = [self._in_blobs[i] for i in order]  # the vector: the last 8·L bytes
-        ones = np.ones(len(order), dtype=np.int64)
-        raw = _gather(inputs, -MAC_BYTES - 8 * length, ones, 8 * length,
-                      skip=np.fromiter(map(len, inputs), dtype=np.int64, count=len(inputs)))
+        vec = _Rows(inputs, -MAC_BYTES - 8 * length, np.ones(len(order), dtype=np.int64),
+                    8 * length, np.fromiter(map(len, inputs), dtype=np.int64, count=len(inputs)))
+        raw = vec.take(vec.pos, 8 * length)
         total = raw.view("<i8").sum(0, dtype=np.int64)  # wraps mod 2^64, as the ring requires
         total -= ring_keystreams(ctx.self_mask_keys(seeds, order, day), length).sum(0)
         # i added +mask if i < j, else −mask, for each live neighbour j outside S: undo it
@@ -677,10 +688,10 @@ class EpochServer:
         if keyed:
             k_cnt = np.array([self._out_t[i][0] for i in keyed], dtype=np.int64)
             skip = np.array([self._in_t[i][0] * _TAG_ROW + 4 for i in keyed], dtype=np.int64)
-            krows = _gather([self._tag_blobs[i] for i in keyed], pos, k_cnt, _TAG_ROW, skip)
-            j = krows[:, :4].copy().view(">u4")[:, 0].astype(np.int64)
+            krows = _Rows([self._tag_blobs[i] for i in keyed], pos, k_cnt, _TAG_ROW, skip)
+            j = krows.u32(krows.pos)
             sign = np.where(np.repeat(np.array(keyed, dtype=np.int64), k_cnt) < j, -1, 1)
-            kb = krows[:, 4:].tobytes()
+            kb = krows.take(krows.pos, KEY, 4).tobytes()
             pads = ring_keystreams([kb[a : a + KEY] for a in range(0, len(kb), KEY)], length)
             total += (pads * sign.astype(np.int64)[:, None]).sum(0)
         self.results[day] = self.result = torch.from_numpy(total)
