@@ -481,16 +481,22 @@ def fast_reveals(body: bytes, head: bytes, limit: int) -> dict[int, bytes] | Non
 
 
 _REVEAL_ROW = 5 + SHARE_BYTES
+_PRIME_BYTES = b"\x7f" + b"\xff" * 15  # 2^127 − 1, the smallest element outside the field
 
 
 def reveals_ok(blob: bytes, pos: int, count: int) -> bool:
     """Every reveal row of ``blob[pos:]`` (u32 owner ‖ kind ‖ three 16-byte big-endian
     elements) has kind 0 (SELF_MASK_SHARE) and elements < 2^127 − 1. Common case: every
-    element's top byte < 0x7f (three strided slices); otherwise the exact pattern. The
-    caller has checked that ``blob`` holds all ``count`` rows."""
+    element's top byte < 0x7f (three strided slices); a top byte 0x7f is below 2^127 − 1
+    unless the element is exactly 0x7f ff…ff, which then occurs in the rows as a substring
+    (if it does anywhere, the exact pattern decides). The caller has checked that ``blob``
+    holds all ``count`` rows."""
     end = pos + count * _REVEAL_ROW
     if blob[pos + 4 : end : _REVEAL_ROW] != bytes(count):
         return False
     tops = (blob[pos + 5 : end : _REVEAL_ROW] + blob[pos + 21 : end : _REVEAL_ROW]
             + blob[pos + 37 : end : _REVEAL_ROW])
-    return not tops or max(tops) < 0x7F or _REVEALS.fullmatch(blob, pos, end) is not None
+    top = max(tops, default=0)
+    if top != 0x7F:
+        return top < 0x7F
+    return blob.find(_PRIME_BYTES, pos, end) < 0 or _REVEALS.fullmatch(blob, pos, end) is not None

@@ -51,13 +51,14 @@ def test_mac_key_tags_are_hmac_sha256(key_len: int) -> None:
 
 def _element(rng: random.Random, kind: str) -> bytes:
     value = {"low": rng.randrange(0, 1 << 120), "top": rng.randrange(0x7F << 120, PRIME),
-             "p-1": PRIME - 1, "p": PRIME, "above": rng.randrange(PRIME + 1, 1 << 128)}[kind]
+             "p-1": PRIME - 1, "p": PRIME, "above": rng.randrange(PRIME + 1, 1 << 128),
+             "p-2": PRIME - 2}[kind]
     return value.to_bytes(16, "big")
 
 
 def test_strided_reveal_check_equals_the_exact_pattern() -> None:
     rng = random.Random(5)  # test data only
-    kinds = ["low"] * 6 + ["top", "p-1", "p", "above"]
+    kinds = ["low"] * 6 + ["top", "p-1", "p-2", "p", "above"]
     for _ in range(3000):
         count = rng.randint(0, 5)
         rows = b"".join(
