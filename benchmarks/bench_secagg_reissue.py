@@ -7,6 +7,10 @@ object per message; CPU seconds of the whole day, summed over all parties.
 
     python benchmarks/bench_secagg_reissue.py --devices 1000 --offline 0.01 --late 4 --repeat 3
 
+``--device-stages``: instead, the devices' CPU per device and day by stage over ``--days``
+clean days after the key setup (the adapters' state load/save and the client's protocol
+work split out): what a fleet's device host spends per simulated device on SecAgg+.
+
 ``--config-cache-ab``: instead, the clean day with the devices' parsed-config cache
 (``edge_agent.secagg_flower._config``) and without it (RoundConfig parsed per message, as
 before), alternating.
@@ -87,8 +91,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--config-cache-ab", action="store_true")
+    ap.add_argument("--device-stages", action="store_true")
+    ap.add_argument("--days", type=int, default=3, help="clean days for --device-stages")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.device_stages:
+        _device_stages(args)
+        return
     if args.config_cache_ab:
         _cache_ab(args)
         return
@@ -117,6 +126,53 @@ def main() -> None:
           f"abort+re-mask {med['abort']:.2f}; abort+re-mask / re-issue "
           f"{med['abort'] / med['reissue']:.2f}x; extra over clean: re-issue "
           f"{med['reissue'] - med['clean']:.2f} s, abort+re-mask {med['abort'] - med['clean']:.2f} s")
+
+
+def _device_stages(args: argparse.Namespace) -> None:
+    from collections.abc import Callable
+    from typing import Any
+
+    import edge_agent.secagg_flower as sf
+    from protocols.secagg.epoch_client import EpochClient
+
+    acc: dict[str, float] = {}
+    timed = [(sf.SecAggDevice, "masked_input", "device: masked input (day message)"),
+             (sf.SecAggDevice, "stage", "device: consistency + unmask stages"),
+             (sf.SecAggDevice, "_load", "  adapter: load state"),
+             (sf.SecAggDevice, "_save", "  adapter: save state"),
+             (EpochClient, "masked_input", "  client: masked_input"),
+             (EpochClient, "sign_survivors", "  client: sign_survivors"),
+             (EpochClient, "unmask", "  client: unmask")]
+
+    def wrap(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+        def timed_fn(*a: Any, **k: Any) -> Any:
+            t = time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[label] = acc.get(label, 0.0) + time.process_time() - t
+        return timed_fn
+
+    f = _Fleet(args.devices)
+    f.day(0, set(), set())  # key setup + day 0, not timed
+    saved = [(cls, name, getattr(cls, name)) for cls, name, _ in timed]
+    for cls, name, label in timed:
+        setattr(cls, name, wrap(getattr(cls, name), label))
+    try:
+        t0 = time.process_time()
+        for d in range(1, args.days + 1):
+            f.day(d, set(), set())
+        total = time.process_time() - t0
+    finally:
+        for cls, name, fn in saved:
+            setattr(cls, name, fn)
+    per = args.devices * args.days
+    print(f"{args.devices} devices, {args.days} clean days: all parties {total / args.days:.3f} "
+          "CPU-s per day; per device per day, CPU ms:")
+    for _, _, label in timed:
+        print(f"  {label:40s} {acc.get(label, 0.0) / per * 1e3:7.3f}")
+    dev = acc.get(timed[0][2], 0.0) + acc.get(timed[1][2], 0.0)
+    print(f"  {'device total':40s} {dev / per * 1e3:7.3f}")
 
 
 def _cache_ab(args: argparse.Namespace) -> None:
