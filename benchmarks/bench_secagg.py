@@ -440,9 +440,13 @@ def grid(sizes: list[int], length: int, days: int, offline: list[float],
     from coordinator.flower.secagg import report_degree  # the daily reports' sizing
 
     spec = InputSpec("int", length, 2**20)
-    print(f"grid: daily sums, len={length}, {days} days per point (median of days 2..), CPU "
-          "ms; headline = coordinator / plain sum (target <= 3x); floor = the message "
-          "pattern alone (see the daily mode)")
+    print(f"grid: daily sums, len={length}, {days} days per point (median of its days after "
+          "the first), CPU ms; headline = coordinator / plain sum (target <= 3x); /p.coord = "
+          "coordinator / plain coordinator; /hmac+fast = coordinator / plain coordinator with "
+          "MACs, exact-layout parse, one NumPy sum; crit = (coordinator + one device) / "
+          "(plain coordinator + one encode); floor = the message pattern alone (see the "
+          "daily mode), c/floor = coordinator / floor; dev, dfloor = one device's ms and its "
+          "mask floor")
     print(f"{'N':>5} {'k':>3} {'t':>2} {'off':>4} | {'coord':>6} {'plain':>6} | "
           f"{'headline':>8} {'/p.coord':>8} {'/hmac+fast':>10} {'crit':>6} | "
           f"{'floor':>6} {'/p.coord':>8} {'c/floor':>7} | {'dev ms':>6} {'dfloor':>6} | "
