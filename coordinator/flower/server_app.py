@@ -118,11 +118,16 @@ class Transport(Protocol):
         ...
 
 
-class FlowerTransport:
-    """:class:`Transport` over a Flower ``Grid`` (deployment or simulation engine)."""
+POLL_SECONDS = 0.25  # how often an exchange asks the Grid for replies
 
-    def __init__(self, grid: Grid) -> None:
-        self.grid = grid
+
+class FlowerTransport:
+    """:class:`Transport` over a Flower ``Grid`` (deployment or simulation engine). Replies
+    are pulled every ``poll`` seconds: Flower's deployment ``Grid.send_and_receive`` sleeps
+    3 s between pulls, a wait every exchange of a day would pay."""
+
+    def __init__(self, grid: Grid, poll: float = POLL_SECONDS) -> None:
+        self.grid, self.poll = grid, poll
 
     def node_ids(self) -> list[int]:
         return sorted(self.grid.get_node_ids())
@@ -134,7 +139,7 @@ class FlowerTransport:
                 for node, c in contents.items()]
         out: dict[int, dict[str, Any]] = {}
         failed: dict[int, str] = {}
-        for r in self.grid.send_and_receive(msgs, timeout=timeout):
+        for r in self._send_and_receive(msgs, timeout):
             src = r.metadata.src_node_id
             if r.has_error():
                 failed[src] = str(r.error.reason)
@@ -145,6 +150,21 @@ class FlowerTransport:
         # a reply from a node we did not ask, or an error attributed to one: not ours
         return ({n: c for n, c in out.items() if n in contents},
                 {n: f for n, f in failed.items() if n in contents})
+
+    def _send_and_receive(self, msgs: list[Message], timeout: float) -> list[Message]:
+        """``Grid.send_and_receive`` with a ``poll``-second pull interval: push, then pull
+        until every message has its reply or ``timeout`` seconds have passed."""
+        pending = {m for m in self.grid.push_messages(msgs) if m}  # None: not pushed
+        end = time.time() + timeout
+        got: list[Message] = []
+        while pending:
+            replies = list(self.grid.pull_messages(pending))
+            got.extend(replies)
+            pending -= {r.metadata.reply_to_message_id for r in replies}
+            if not pending or time.time() >= end:
+                break
+            time.sleep(self.poll)
+        return got
 
 
 @dataclass(frozen=True)
