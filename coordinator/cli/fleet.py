@@ -126,6 +126,11 @@ def _fleet(host: list[subprocess.Popen], workers: FleetProcs | None, *, devices:
                 params=tuple(p for p in calibrate.split(",") if p), beta_init=beta_init,
                 every=calibrate_every, steps=calibrate_steps, segment_days=beta_segment_days,
                 observed=tuple(read_observed_csv(observed_csv)) if observed_csv else None)
+            if observed_csv and not tangents:
+                typer.echo("warning: --observed-csv without --tangents fits θ with Eq. 11, "
+                           "which conditions on this run's own states: against another "
+                           "series it recovers β only near the truth (docs/calibration.md, "
+                           "grid); --tangents fits the full path", err=True)
         if devices < min_devices:
             raise FederatedRunError(f"--devices {devices} is below the minimum cohort "
                                     f"--min-devices {min_devices}")
