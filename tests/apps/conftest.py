@@ -73,3 +73,28 @@ def federated_resume(monkeypatch, tmp_path):
             n: {"lpm-store": str(tmp_path / f"{tag}{n}.db")} for n in range(1, devices + 1)})
 
     return SimpleNamespace(transport=transport, Crash=Crash, crash_at=crash_at)
+
+
+class SurvivorTotals:
+    """``on_day`` of a federated run in the device-host fleet: each day, the SecAgg'd device
+    ``I`` beside the sum of that day's survivors' true states (read from the device host).
+    Set :attr:`run` to the run before it starts."""
+
+    def __init__(self, transport) -> None:
+        self.transport, self.run, self.checks = transport, None, []
+
+    def __call__(self, day: int, row: dict) -> None:
+        states = self.transport.device_states()
+        alive = self.run.survivors[day]
+        assert row["survivors"] == len(alive)
+        self.checks.append((row["physical_I"], int(sum(states[n]["I"] for n in alive))))
+
+    def assert_exact(self, days: int) -> None:
+        assert len(self.checks) == days and all(a == b for a, b in self.checks), self.checks
+
+
+@pytest.fixture()
+def survivor_totals():
+    """The :class:`SurvivorTotals` class (a fixture, so test modules need no import)."""
+    return SurvivorTotals
+

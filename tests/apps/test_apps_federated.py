@@ -89,7 +89,7 @@ def test_calibration_recovers_beta_and_coordinator_holds_no_device_state():
     assert rows[-1]["loss"] < rows[0]["loss"]
 
 
-def test_dropouts_complete_over_survivors_exactly():
+def test_dropouts_complete_over_survivors_exactly(survivor_totals):
     cfg = RunConfig(population="tiny", days=5, seed=1, devices=16, initial_infected=0.2,
                     beta=0.9)
     # node: offline from (day, stage) until back_day; stages cover every SecAgg+ step.
@@ -101,22 +101,15 @@ def test_dropouts_complete_over_survivors_exactly():
     offline = {3: [1, "day", 3], 5: [2, "day", 99], 8: [1, "masked_input", 99],
                11: [4, "unmask", 99]}
     t = ProcessTransport(cfg.devices, offline=offline)
-    checks: list[tuple[int, int]] = []
-    run: FederatedRun
-
-    def on_day(day: int, row: dict) -> None:
-        states = t.device_states()
-        alive = run.survivors[day]
-        checks.append((row["physical_I"], int(sum(states[n]["I"] for n in alive))))
-        assert row["survivors"] == len(alive)
-
-    run = FederatedRun(t, cfg, settings=FederatedSettings(min_devices=10), on_day=on_day)
+    totals = survivor_totals(t)
+    run = totals.run = FederatedRun(t, cfg, settings=FederatedSettings(min_devices=10),
+                                    on_day=totals)
     try:
         rows = run.run()
     finally:
         t.close()
     assert [r["survivors"] for r in rows] == [14, 13, 13, 14, 13]
-    assert all(a == b for a, b in checks), checks
+    totals.assert_exact(cfg.days)
     # re-keyed when an unkeyed device joins (8 advertised but never masked; 3 returns
     # after missing the whole first epoch), kept when keyed devices go offline (5, 11)
     assert run.epochs == {1: 0, 2: 1, 3: 1, 4: 3, 5: 3}
@@ -124,7 +117,7 @@ def test_dropouts_complete_over_survivors_exactly():
     assert 11 in run.survivors[4]  # dropped at unmask: its masked input still counts
 
 
-def test_device_dropping_after_masking_is_left_out_without_an_abort(caplog):
+def test_device_dropping_after_masking_is_left_out_without_an_abort(caplog, survivor_totals):
     """Node 3 drops before its masked input and node 5 after it (before the consistency
     round); on 9 devices (complete SecAgg+ graph) nobody else can remove their pairwise mask,
     so node 5's input cannot be in the sum: the coordinator re-issues the survivor set
@@ -136,14 +129,9 @@ def test_device_dropping_after_masking_is_left_out_without_an_abort(caplog):
     cfg = RunConfig(population="tiny", days=3, seed=1, devices=9, initial_infected=0.2,
                     beta=0.9)
     t = ProcessTransport(cfg.devices, offline={3: [2, "day", 99], 5: [2, "consistency", 99]})
-    checks: list[tuple[int, int]] = []
-    run: FederatedRun
-
-    def on_day(day: int, row: dict) -> None:
-        states = t.device_states()
-        checks.append((row["physical_I"], int(sum(states[n]["I"] for n in run.survivors[day]))))
-
-    run = FederatedRun(t, cfg, settings=FederatedSettings(min_devices=6), on_day=on_day)
+    totals = survivor_totals(t)
+    run = totals.run = FederatedRun(t, cfg, settings=FederatedSettings(min_devices=6),
+                                    on_day=totals)
     with caplog.at_level(logging.WARNING, logger="coordinator.flower.server_app"):
         try:
             rows = run.run()
@@ -156,7 +144,7 @@ def test_device_dropping_after_masking_is_left_out_without_an_abort(caplog):
     assert all(not v["aborts"] for v in run.secagg_log.values())
     assert any("re-issued" in r.getMessage() for r in caplog.records)
     assert not any("attempted again" in r.getMessage() for r in caplog.records)
-    assert all(a == b for a, b in checks), checks
+    totals.assert_exact(cfg.days)
 
 
 def test_below_min_cohort_names_missing_nodes():

@@ -28,7 +28,7 @@ def test_degree_grows_with_the_plan_and_rejects_a_minority_threshold():
             FederatedSettings(dropout_plan=bad)
 
 
-def test_heavy_dropouts_complete_exactly_under_a_covering_plan(monkeypatch):
+def test_heavy_dropouts_complete_exactly_under_a_covering_plan(monkeypatch, survivor_totals):
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
     torch.set_num_threads(1)
     cfg = RunConfig(population="tiny", days=4, seed=5, devices=24, initial_infected=0.2,
@@ -43,16 +43,10 @@ def test_heavy_dropouts_complete_exactly_under_a_covering_plan(monkeypatch):
                                                              strict=True)}
     assert default_threshold(report_degree(cfg.devices, 0.3)) == 12
     t = ProcessTransport(cfg.devices, offline=offline)
-    checks: list[tuple[int, int]] = []
-    run: FederatedRun
-
-    def on_day(day: int, row: dict) -> None:
-        states = t.device_states()
-        alive = run.survivors[day]
-        checks.append((row["physical_I"], int(sum(states[n]["I"] for n in alive))))
-
-    run = FederatedRun(t, cfg, settings=FederatedSettings(min_devices=10, dropout_plan=0.3),
-                       on_day=on_day)
+    totals = survivor_totals(t)
+    run = totals.run = FederatedRun(t, cfg, settings=FederatedSettings(min_devices=10,
+                                                                       dropout_plan=0.3),
+                                    on_day=totals)
     try:
         rows = run.run()
     finally:
@@ -61,4 +55,4 @@ def test_heavy_dropouts_complete_exactly_under_a_covering_plan(monkeypatch):
     survivors = [r["survivors"] for r in rows]
     assert survivors[0] == 24 and all(s >= 13 for s in survivors[1:]), survivors
     assert all(not set(offline) & set(run.survivors[d]) for d in (3, 4))
-    assert all(a == b for a, b in checks), checks
+    totals.assert_exact(cfg.days)
