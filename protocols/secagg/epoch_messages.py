@@ -404,7 +404,9 @@ class SharePayload:
         return cls(s, rcv, data[8:])
 
 
-# -- exact-layout fast paths (the coordinator's per-day hot loop) ---------------------------
+# -- exact-layout parsers (the benchmark's fast plain coordinator; the epoch server now checks
+# the exact layout with one struct read of the whole message and otherwise runs the strict
+# decoder) ---------------------------------------------------------------------------------
 # Each takes a MAC-stripped body and the exact header bytes the receiver expects, and returns
 # the parsed fields only if the body is *exactly* well formed with that header (right type,
 # run, epoch, day, sender and receiver; counts and sizes consistent; no duplicate index; no

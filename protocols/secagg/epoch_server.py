@@ -44,9 +44,6 @@ from protocols.secagg.epoch_messages import (
     RosterEntry,
     SurvivorTags,
     encode_bitmap,
-    fast_input,
-    fast_reveals,
-    fast_tags,
     header_prefix,
     reveals_ok,
 )
@@ -129,6 +126,12 @@ class _Rows:
         return self.take(pos, 4, at).view(">u4")[:, 0].astype(np.int64)
 
 
+def _stable_order(keys: np.ndarray, n: int) -> np.ndarray:
+    """Stable argsort of roster indices ``keys`` (< ``n``): as uint16 when they fit, where
+    NumPy's stable sort is a radix sort."""
+    return np.argsort(keys.astype(np.uint16) if n <= 1 << 16 else keys, kind="stable")
+
+
 def _by_receiver(rows: _Rows, senders: Sequence[int], counts: np.ndarray, n: int
                  ) -> tuple[memoryview, list[int]]:
     """Rows of u32 big-endian receiver ‖ entry, sender b's ``counts[b]`` rows in the order
@@ -138,8 +141,7 @@ def _by_receiver(rows: _Rows, senders: Sequence[int], counts: np.ndarray, n: int
     if not rows.total:
         return memoryview(b""), [0] * (n + 1)
     rcv = rows.u32(rows.pos)
-    key = rcv.astype(np.uint16) if n <= 1 << 16 else rcv
-    by = np.argsort(key, kind="stable")  # stable: senders stay ascending per receiver
+    by = _stable_order(rcv, n)  # senders stay ascending per receiver
     out = rows.take(rows.pos[by], rows.width)
     out[:, :4] = np.repeat(np.array(senders, dtype=">u4"), counts)[by].view(
         np.uint8).reshape(-1, 4)
@@ -221,7 +223,6 @@ class EpochServer:
         self._responders: frozenset[int] = frozenset()
         # exact header bytes of the current stage's client messages, up to the sender
         self._head = b""
-        self._tails = [struct.pack(">II", i, SERVER) for i in range(config.n)]
         self._idx = [_U32.pack(i) for i in range(config.n)]
         self._live_nbrs: list[frozenset[int]] = [frozenset()] * config.n
         self._share_xs: list[tuple[int, ...]] = []
@@ -451,16 +452,11 @@ class EpochServer:
         cfg = self.config
         assert self.day is not None
         body = self._body(sender, blob)
-        got = None
-        if sender not in self._in_blobs and sender in self.live:
-            got = fast_input(body, self._head + self._tails[sender], cfg.degree,
-                             cfg.spec.length)
-        if got is None or got[0].keys() != self._live_nbrs[sender]:
-            msg = DayInput.decode(body, cfg.n, cfg.degree, cfg.spec.length)  # strict path
-            self._check(sender, msg.header, self.day, self._in_blobs, self.live)
-            if {j for j, _ in msg.envelopes} != self._live_nbrs[sender]:
-                raise ProtocolViolationError(f"client {sender} did not share its self mask "
-                                             "with exactly its live neighbours")
+        msg = DayInput.decode(body, cfg.n, cfg.degree, cfg.spec.length)  # strict path
+        self._check(sender, msg.header, self.day, self._in_blobs, self.live)
+        if {j for j, _ in msg.envelopes} != self._live_nbrs[sender]:
+            raise ProtocolViolationError(f"client {sender} did not share its self mask "
+                                         "with exactly its live neighbours")
         self._keep(self._in_blobs, sender, body, blob)
 
     def _headers(self, mtype: EMsg, receivers: Sequence[int]) -> list[bytes]:
@@ -522,21 +518,17 @@ class EpochServer:
         body = self._body(sender, blob)
         in_s = frozenset(self._in_t.get(sender, (0,))[1:])
         out_s = frozenset(self._out_t.get(sender, (0,))[1:])
-        got = None
-        if sender not in self._tag_blobs and sender in self._s:
-            got = fast_tags(body, self._head + self._tails[sender], cfg.degree)
         # one tag per live neighbour in S: the server cannot check a tag (it does not hold
         # the pair's key), only that the sender addressed exactly its neighbours in S
-        if got is None or got[0].keys() != in_s or got[1].keys() != out_s:
-            msg = SurvivorTags.decode(body, cfg.n, cfg.degree)  # strict path
-            self._check(sender, msg.header, self.day, self._tag_blobs, self._s)
-            if {j for j, _ in msg.tags} != in_s:
-                raise ProtocolViolationError(f"client {sender} did not tag the survivor set "
-                                             "for exactly its live neighbours in it")
-            if {j for j, _ in msg.day_keys} != out_s:
-                raise ProtocolViolationError(f"client {sender} did not reveal its day keys "
-                                             "with exactly its live neighbours outside the "
-                                             "survivor set")
+        msg = SurvivorTags.decode(body, cfg.n, cfg.degree)  # strict path
+        self._check(sender, msg.header, self.day, self._tag_blobs, self._s)
+        if {j for j, _ in msg.tags} != in_s:
+            raise ProtocolViolationError(f"client {sender} did not tag the survivor set "
+                                         "for exactly its live neighbours in it")
+        if {j for j, _ in msg.day_keys} != out_s:
+            raise ProtocolViolationError(f"client {sender} did not reveal its day keys "
+                                         "with exactly its live neighbours outside the "
+                                         "survivor set")
         self._keep(self._tag_blobs, sender, body, blob)
 
     def _close_consistency(self) -> dict[int, bytes]:
@@ -631,19 +623,15 @@ class EpochServer:
         assert self.day is not None
         body = self._body(sender, blob)
         expected = self._nbrs[sender] & self._s
-        got = None
-        if sender not in self._un_blobs and sender in self._responders:
-            got = fast_reveals(body, self._head + self._tails[sender], cfg.degree)
-        if got is None or got.keys() != expected:
-            msg = DayUnmaskResponse.decode(body, cfg.n, cfg.degree)  # strict path
-            self._check(sender, msg.header, self.day, self._un_blobs, self._responders)
-            if {j: k for j, k, _ in msg.reveals} != dict.fromkeys(
-                    expected, RevealKind.SELF_MASK_SHARE):
-                raise ProtocolViolationError(f"unmask response of {sender} does not match "
-                                             "the survivor set")
-            if not shares_in_field([data for _, _, data in msg.reveals]):
-                raise MalformedMessageError(f"invalid share from {sender}: share element "
-                                            "outside the field")
+        msg = DayUnmaskResponse.decode(body, cfg.n, cfg.degree)  # strict path
+        self._check(sender, msg.header, self.day, self._un_blobs, self._responders)
+        if {j: k for j, k, _ in msg.reveals} != dict.fromkeys(
+                expected, RevealKind.SELF_MASK_SHARE):
+            raise ProtocolViolationError(f"unmask response of {sender} does not match "
+                                         "the survivor set")
+        if not shares_in_field([data for _, _, data in msg.reveals]):
+            raise MalformedMessageError(f"invalid share from {sender}: share element "
+                                        "outside the field")
         self._keep(self._un_blobs, sender, body, blob)
 
     def _close_unmask(self) -> dict[int, bytes]:
@@ -658,7 +646,7 @@ class EpochServer:
         r_cnt = np.array([self._in_t[r][0] for r in resp], dtype=np.int64)
         rows = _Rows([self._un_blobs[r] for r in resp], pos, r_cnt, _SHARE_ROW)
         own = rows.u32(rows.pos)
-        by = np.argsort(own.astype(np.uint16) if cfg.n <= 1 << 16 else own, kind="stable")
+        by = _stable_order(own, cfg.n)
         xs = np.repeat(np.array(resp, dtype=np.int64) + 1, r_cnt)[by]
         counts = np.bincount(own, minlength=cfg.n)[order]
         for i, c in zip(order, counts.tolist(), strict=True):
